@@ -1,0 +1,138 @@
+"""The error hierarchy: every failure a client can see, with its status and code, rendered in one place.
+
+Code anywhere in the server raises one of these; the connection handler turns it into
+``{"error": {"code", "message", "detail"}}`` with the right status (and headers such as ``Allow`` or
+``Retry-After``). Nothing else builds an error response.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import orjson
+
+
+class UploadServerError(Exception):
+    """Base of every error that becomes an HTTP answer."""
+
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "INTERNAL_ERROR"
+    #: Whether the connection must be closed after answering (the request body may be unread).
+    closes_connection: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        detail: dict[str, Any] | None = None,
+        headers: list[tuple[bytes, bytes]] | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail = detail or {}
+        self.headers = headers or []
+        if code is not None:
+            self.code = code  # an instance-level code refines the class default
+
+    def body(self) -> bytes:
+        """The JSON document sent to the client."""
+        return orjson.dumps({"error": {"code": self.code, "message": self.message, "detail": self.detail}})
+
+
+class BadRequest(UploadServerError):
+    status = 400
+    code = "BAD_REQUEST"
+    closes_connection = True
+
+
+class NotFound(UploadServerError):
+    status = 404
+    code = "NOT_FOUND"
+
+
+class MethodNotAllowed(UploadServerError):
+    status = 405
+    code = "METHOD_NOT_ALLOWED"
+
+
+class RequestTimeout(UploadServerError):
+    status = 408
+    code = "REQUEST_TIMEOUT"
+    closes_connection = True
+
+
+class PayloadTooLarge(UploadServerError):
+    status = 413
+    code = "PAYLOAD_TOO_LARGE"
+    closes_connection = True
+
+
+class UnsupportedMediaType(UploadServerError):
+    status = 415
+    code = "UNSUPPORTED_MEDIA_TYPE"
+    closes_connection = True
+
+
+class NotAcceptable(UploadServerError):
+    status = 406
+    code = "NOT_ACCEPTABLE"
+
+
+class Unprocessable(UploadServerError):
+    """The upload arrived whole but its content cannot be processed (bad zip, zip bomb, no JSON, strict)."""
+
+    status = 422
+    code = "UNPROCESSABLE"
+
+
+class BadZip(Unprocessable):
+    code = "BAD_ZIP"
+
+
+class ZipBomb(Unprocessable):
+    code = "ZIP_BOMB"
+
+
+class NoJsonFiles(Unprocessable):
+    code = "NO_JSON_FILES"
+
+
+class StrictModeFailure(Unprocessable):
+    code = "FILES_FAILED"
+
+
+class HeaderTooLarge(UploadServerError):
+    status = 431
+    code = "REQUEST_HEADER_TOO_LARGE"
+    closes_connection = True
+
+
+class InternalError(UploadServerError):
+    status = 500
+    code = "INTERNAL_ERROR"
+    closes_connection = True
+
+
+class WorkerCrashed(InternalError):
+    code = "WORKER_CRASHED"
+
+
+class ServiceUnavailable(UploadServerError):
+    status = 503
+    code = "SERVICE_UNAVAILABLE"
+
+
+class ServerBusy(ServiceUnavailable):
+    code = "SERVER_BUSY"
+    closes_connection = True
+
+
+class ProcessingTimeout(ServiceUnavailable):
+    code = "PROCESSING_TIMEOUT"
+
+
+class InsufficientStorage(UploadServerError):
+    status = 507
+    code = "INSUFFICIENT_STORAGE"
+    closes_connection = True
