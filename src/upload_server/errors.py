@@ -35,9 +35,23 @@ class UploadServerError(Exception):
         if code is not None:
             self.code = code  # an instance-level code refines the class default
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Errors raised inside worker processes cross back by pickle; keep code and detail on the way.
+        return (_rebuild, (type(self), self.message, self.detail, self.headers, self.code))
+
     def body(self) -> bytes:
         """The JSON document sent to the client."""
         return orjson.dumps({"error": {"code": self.code, "message": self.message, "detail": self.detail}})
+
+
+def _rebuild(
+    cls: type[UploadServerError],
+    message: str,
+    detail: dict[str, Any],
+    headers: list[tuple[bytes, bytes]],
+    code: str,
+) -> UploadServerError:
+    return cls(message, detail=detail, headers=headers, code=code)
 
 
 class BadRequest(UploadServerError):

@@ -1,0 +1,66 @@
+"""The command line: flags and UPLOAD_SERVER_* variables → Config, logging, and the Trio run.
+
+SIGINT/SIGTERM start a graceful shutdown (stop accepting, let requests finish for ``--shutdown-grace``
+seconds); a second signal stops at once. Temporary files are removed either way.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+import trio
+
+from .config import Config, ConfigError, load_config
+from .server import ServerState, serve
+
+log = logging.getLogger("upload_server")
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+async def run(config: Config) -> None:
+    async with trio.open_nursery() as nursery:
+        state = await nursery.start(_serve_then_stop, config, nursery.cancel_scope)
+        nursery.start_soon(_watch_signals, state, nursery.cancel_scope)
+
+
+async def _serve_then_stop(
+    config: Config, everything: trio.CancelScope, *, task_status: trio.TaskStatus[ServerState]
+) -> None:
+    await serve(config, task_status=task_status)
+    everything.cancel()  # serve returned after a shutdown: the signal watcher is done too
+
+
+async def _watch_signals(state: ServerState, everything: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            if state.shutting_down:
+                log.info("second signal: stopping now")
+                everything.cancel()
+                return
+            log.info("%s: shutting down gracefully", signal.Signals(signum).name)
+            state.shutdown()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        config = load_config(argv)
+    except ConfigError as error:
+        print(f"upload-server: configuration error: {error}", file=sys.stderr)
+        return 2
+    configure_logging(config.log_level)
+    trio.run(run, config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

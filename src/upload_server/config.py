@@ -1,0 +1,191 @@
+"""Configuration: one frozen dataclass, filled from defaults, ``UPLOAD_SERVER_*`` variables and flags.
+
+Every setting is declared once in ``SETTINGS``; the CLI, the environment reader, ``--help`` and the README
+table all come from that list. Values are validated here so that a bad setting stops the server at
+start-up with a message that names the setting, never later at request time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+ENV_PREFIX = "UPLOAD_SERVER_"
+
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+
+
+class ConfigError(ValueError):
+    """A setting has a value the server cannot run with; the message names the setting."""
+
+
+def parse_size(text: str) -> int:
+    """Parse a byte count: ``1048576``, ``64M``, ``2GiB``, ``512k`` (binary units)."""
+    match = _SIZE_RE.match(text)
+    if not match:
+        raise ValueError(f"{text!r} is not a size (examples: 1048576, 64M, 2GiB)")
+    number, unit = match.groups()
+    return int(float(number) * _SIZE_UNITS[unit.lower()])
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"{text!r} is not a boolean (use true or false)")
+
+
+@dataclass(frozen=True)
+class Config:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_connections: int = 1024
+    header_timeout: float = 10.0
+    body_idle_timeout: float = 30.0
+    keepalive_timeout: float = 5.0
+    max_header_bytes: int = 16 << 10
+    max_upload_bytes: int = 2 << 30
+    max_concurrent_uploads: int = 2 * (os.cpu_count() or 1)
+    tmp_dir: str = tempfile.gettempdir()
+    min_free_bytes: int = 1 << 30
+    workers: int = os.cpu_count() or 1
+    worker_memory_budget: int = 64 << 20
+    process_timeout: float = 300.0
+    max_entries: int = 10_000
+    max_uncompressed_bytes: int = 16 << 30
+    max_ratio: float = 200.0
+    shutdown_grace: float = 10.0
+    log_level: str = "info"
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    parse: Callable[[str], Any]
+    help: str
+    check: Callable[[Any], str | None] = lambda value: None  # returns a complaint, or None when fine
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def _non_negative(value: float) -> str | None:
+    return None if value >= 0 else "must be 0 or more"
+
+
+def _port(value: int) -> str | None:
+    return None if 0 <= value <= 65535 else "must be a port number from 0 to 65535 (0 picks a free port)"
+
+
+def _directory(value: str) -> str | None:
+    if not os.path.isdir(value):
+        return "must be an existing directory"
+    if not os.access(value, os.W_OK | os.X_OK):
+        return "must be a directory the server can write to"
+    return None
+
+
+def _log_level(value: str) -> str | None:
+    return None if value in {"debug", "info", "warning", "error"} else "must be debug, info, warning or error"
+
+
+def _ratio(value: float) -> str | None:
+    return None if value >= 1 else "must be at least 1 (a ratio of uncompressed to compressed size)"
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("host", str, "address to listen on"),
+    Setting("port", int, "port to listen on (0 picks a free one)", _port),
+    Setting("max_connections", int, "open connections at most; further ones wait to be accepted", _positive),
+    Setting("header_timeout", float, "seconds for a request head to arrive (408 after)", _positive),
+    Setting("body_idle_timeout", float, "seconds without a body byte before 408", _positive),
+    Setting("keepalive_timeout", float, "seconds an idle keep-alive connection is kept open", _positive),
+    Setting("max_header_bytes", parse_size, "largest request head (431 above)", _positive),
+    Setting("max_upload_bytes", parse_size, "largest upload body (413 above)", _positive),
+    Setting("max_concurrent_uploads", int, "uploads received or processed at once (503 above)", _positive),
+    Setting("tmp_dir", str, "directory for temporary upload files", _directory),
+    Setting(
+        "min_free_bytes", parse_size, "health reports degraded (503) below this free space", _non_negative
+    ),
+    Setting("workers", int, "worker processes that parse uploads", _positive),
+    Setting(
+        "worker_memory_budget",
+        parse_size,
+        "files under this size are parsed whole in a worker; larger ones are streamed",
+        _positive,
+    ),
+    Setting("process_timeout", float, "seconds one upload may spend in the workers (503 after)", _positive),
+    Setting("max_entries", int, "entries a ZIP archive may hold", _positive),
+    Setting("max_uncompressed_bytes", parse_size, "total uncompressed size of one upload", _positive),
+    Setting("max_ratio", float, "largest compression ratio of an entry above 1 MiB", _ratio),
+    Setting("shutdown_grace", float, "seconds in-flight requests get to finish on SIGTERM", _non_negative),
+    Setting("log_level", lambda text: text.strip().lower(), "debug, info, warning or error", _log_level),
+)
+
+
+def flag_name(setting: Setting) -> str:
+    return "--" + setting.name.replace("_", "-")
+
+
+def env_name(setting: Setting) -> str:
+    return ENV_PREFIX + setting.name.upper()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="upload-server",
+        description="Receive GitHub-Archive-style uploads (ZIP, gzip, JSON) and extract actors and events.",
+        epilog=f"Every flag can also be set as an environment variable {ENV_PREFIX}<NAME>, e.g. "
+        f"{ENV_PREFIX}MAX_UPLOAD_BYTES=1G. Flags win over the environment. Sizes accept K, M, G suffixes.",
+    )
+    defaults = Config()
+    for setting in SETTINGS:
+        parser.add_argument(
+            flag_name(setting),
+            dest=setting.name,
+            metavar=setting.name.upper(),
+            default=None,
+            help=f"{setting.help} (default: {getattr(defaults, setting.name)}; env {env_name(setting)})",
+        )
+    return parser
+
+
+def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Build the Config from flags over environment over defaults; raise ConfigError on a bad value."""
+    environ = os.environ if environ is None else environ
+    arguments = build_parser().parse_args(argv)
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        raw = getattr(arguments, setting.name)
+        source = flag_name(setting)
+        if raw is None and env_name(setting) in environ:
+            raw, source = environ[env_name(setting)], env_name(setting)
+        if raw is None:
+            continue
+        try:
+            value = setting.parse(raw)
+        except ValueError as error:
+            raise ConfigError(f"{source}: {error}") from None
+        values[setting.name] = value
+    config = Config(**values)
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    by_name = {setting.name: setting for setting in SETTINGS}
+    for field in fields(config):
+        complaint = by_name[field.name].check(getattr(config, field.name))
+        if complaint:
+            raise ConfigError(
+                f"{flag_name(by_name[field.name])} ({getattr(config, field.name)!r}) {complaint}"
+            )

@@ -1,0 +1,53 @@
+"""GET|HEAD /api/v1/health: the server's own counters, answered at once, for load balancers."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from .. import __version__
+from ..http.connection import HttpConnection
+from ..http.messages import Request, Response
+
+if TYPE_CHECKING:
+    from ..server import ServerState
+
+
+def health_document(state: ServerState) -> tuple[int, dict[str, Any]]:
+    """The status code and body; 503 "degraded" when the temp dir is short of space."""
+    config, stats = state.config, state.stats
+    degraded = stats.tmp_free_bytes < config.min_free_bytes
+    return (503 if degraded else 200), {
+        "status": "degraded" if degraded else "ok",
+        "version": __version__,
+        "uptime_s": round(stats.uptime_s, 3),
+        "pid": os.getpid(),
+        "connections": {"open": stats.connections_open, "max": config.max_connections},
+        "uploads": {
+            "in_flight": stats.uploads_in_flight,
+            "max_concurrent": config.max_concurrent_uploads,
+            "completed": stats.uploads_completed,
+            "failed": stats.uploads_failed,
+        },
+        "workers": state.workers.snapshot(),
+        "limits": {
+            "max_upload_bytes": config.max_upload_bytes,
+            "max_entries": config.max_entries,
+            "max_uncompressed_bytes": config.max_uncompressed_bytes,
+            "max_ratio": config.max_ratio,
+            "process_timeout_s": config.process_timeout,
+        },
+        "tmp_dir": {
+            "path": config.tmp_dir,
+            "free_bytes": stats.tmp_free_bytes,
+            "min_free_bytes": config.min_free_bytes,
+        },
+    }
+
+
+async def handle_health(request: Request, conn: HttpConnection, state: ServerState) -> None:
+    status, document = health_document(state)
+    response = Response(status=status, body=orjson.dumps(document), headers=[(b"cache-control", b"no-store")])
+    await conn.send_response(response, head_only=request.method == "HEAD")

@@ -1,0 +1,344 @@
+"""One client connection: the h11 state machine driven over a Trio stream.
+
+h11 decides everything about the protocol (framing, keep-alive, pipelining, 100-continue bookkeeping);
+this module only moves bytes between it and the socket, under deadlines held in cancel scopes:
+
+* the request head must arrive within ``header_timeout`` (an idle keep-alive connection gets
+  ``keepalive_timeout`` for its first byte, and is closed quietly when that runs out);
+* each read of the body must bring a byte within ``body_idle_timeout``;
+* the body is read only when the handler asks for the next chunk, so a slow consumer (the disk)
+  slows the socket: that is the backpressure.
+
+Handlers raise ``UploadServerError``; ``serve`` renders it once, here, and decides whether the
+connection survives.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import time
+from http import HTTPStatus
+from collections.abc import Awaitable, Callable
+
+import h11
+import trio
+
+from .. import __version__
+from ..errors import BadRequest, HeaderTooLarge, InternalError, RequestTimeout, UploadServerError
+from .messages import Headers, Request, Response
+
+log = logging.getLogger("upload_server.http")
+access_log = logging.getLogger("upload_server.access")
+
+RECEIVE_SIZE = 256 * 1024
+SERVER_HEADER = f"upload-server/{__version__}".encode()
+# After an error answer whose request body was not read, the client may still be sending: keep reading
+# and discarding for a while before closing, or the kernel answers the unread bytes with a reset that can
+# destroy our answer before the client reads it (nginx's "lingering close").
+LINGER_SECONDS = 5.0
+LINGER_IDLE_SECONDS = 1.0
+
+
+class ClientDisconnected(Exception):
+    """The peer went away (EOF or reset) before the exchange was over; there is nobody to answer."""
+
+
+Handler = Callable[[Request, "HttpConnection"], Awaitable[None]]
+
+
+class HttpConnection:
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        *,
+        header_timeout: float,
+        body_idle_timeout: float,
+        keepalive_timeout: float,
+        max_header_bytes: int,
+    ) -> None:
+        self.stream = stream
+        self.header_timeout = header_timeout
+        self.body_idle_timeout = body_idle_timeout
+        self.keepalive_timeout = keepalive_timeout
+        self.max_header_bytes = max_header_bytes
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
+        self.requests_served = 0
+        self.peer_closed = False
+        # Per-request accounting for the access log.
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.status: int | None = None
+
+    # ----------------------------------------------------------------------------------- receiving
+    async def _receive_into_h11(self) -> None:
+        try:
+            data = await self.stream.receive_some(RECEIVE_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
+            self.peer_closed = True
+            raise ClientDisconnected("connection reset by peer") from error
+        if not data:
+            self.peer_closed = True
+        self.bytes_in += len(data)
+        self.h11.receive_data(data)
+
+    def _next_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
+        try:
+            return self.h11.next_event()
+        except h11.RemoteProtocolError as error:
+            if self.peer_closed:
+                raise ClientDisconnected("peer closed the connection mid-message") from error
+            if error.error_status_hint == 431:
+                raise HeaderTooLarge(
+                    "The request head is larger than this server accepts.",
+                    detail={"max_header_bytes": self.max_header_bytes},
+                ) from error
+            raise BadRequest(f"Malformed HTTP request: {error}.") from error
+
+    async def next_request(self) -> Request | None:
+        """Wait for the next request head; None when the client closed or idled out between requests."""
+        first = self.requests_served == 0
+        started = trio.current_time()
+        # The deadline starts as the idle allowance and tightens to the head allowance at the first byte.
+        with trio.CancelScope(
+            deadline=started + (self.header_timeout if first else self.keepalive_timeout)
+        ) as scope:
+            while True:
+                event = self._next_event()
+                if isinstance(event, h11.Request):
+                    return Request.from_h11(event)
+                if isinstance(event, h11.ConnectionClosed):
+                    return None
+                if event is h11.NEED_DATA:
+                    if self.h11.trailing_data[0] and not first:
+                        scope.deadline = min(scope.deadline, trio.current_time() + self.header_timeout)
+                    await self._receive_into_h11()
+                    continue
+                raise BadRequest("Unexpected data before the request head.")
+        if first or self.h11.trailing_data[0]:
+            raise RequestTimeout(
+                f"The request head did not arrive within {self.header_timeout:g} seconds.",
+                detail={"header_timeout_s": self.header_timeout},
+            )
+        return None  # an idle keep-alive connection: close quietly, as nginx does
+
+    async def receive_body_chunk(self) -> bytes:
+        """The next piece of the request body; b"" at its end.
+
+        The first call sends ``100 Continue`` when the client waits for it, so a handler that raises
+        before asking for the body never invites the client to send it.
+        """
+        if self.h11.they_are_waiting_for_100_continue:
+            await self._send(h11.InformationalResponse(status_code=100, headers=[]))
+        while True:
+            event = self._next_event()
+            if isinstance(event, h11.Data):
+                return bytes(event.data)
+            if isinstance(event, h11.EndOfMessage):
+                return b""
+            if event is h11.NEED_DATA:
+                try:
+                    with trio.fail_after(self.body_idle_timeout):
+                        await self._receive_into_h11()
+                except trio.TooSlowError:
+                    raise RequestTimeout(
+                        f"No request body byte arrived for {self.body_idle_timeout:g} seconds.",
+                        detail={"body_idle_timeout_s": self.body_idle_timeout},
+                    ) from None
+                continue
+            raise BadRequest("The request body ended unexpectedly.")
+
+    def _discard_buffered_body(self) -> None:
+        """Consume whatever body h11 already holds, so a fully received request can keep the connection."""
+        while self.h11.their_state is h11.SEND_BODY:
+            try:
+                event = self.h11.next_event()
+            except h11.RemoteProtocolError:
+                return
+            if event is h11.NEED_DATA or event is h11.PAUSED:
+                return
+
+    async def wait_for_disconnect(self) -> None:
+        """Return when the client closes or resets the connection (used to cancel work nobody awaits).
+
+        Bytes a client pipelines meanwhile go to h11's buffer and are served later.
+        """
+        while not self.peer_closed:
+            try:
+                await self._receive_into_h11()
+            except ClientDisconnected:
+                return
+
+    # ------------------------------------------------------------------------------------- sending
+    async def _send(self, event: h11.Event) -> None:
+        data = self.h11.send(event)
+        if data:
+            self.bytes_out += len(data)
+            try:
+                await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
+                raise ClientDisconnected("connection lost while answering") from error
+
+    def _response_headers(self, content_type: str | None, extra: Headers) -> Headers:
+        headers: Headers = [(b"server", SERVER_HEADER), (b"date", _http_date())]
+        if content_type:
+            headers.append((b"content-type", content_type.encode()))
+        headers.extend(extra)
+        self._discard_buffered_body()
+        if self.h11.their_state is not h11.DONE and self.h11.their_state is not h11.MUST_CLOSE:
+            # The request body was not (fully) read: the connection cannot carry another request.
+            headers.append((b"connection", b"close"))
+        return headers
+
+    async def send_response(self, response: Response, *, head_only: bool = False) -> None:
+        headers = self._response_headers(response.content_type, response.headers)
+        headers.append((b"content-length", str(len(response.body)).encode()))
+        self.status = response.status
+        await self._send(
+            h11.Response(status_code=response.status, headers=headers, reason=_reason(response.status))
+        )
+        if response.body and not head_only:
+            await self._send(h11.Data(data=response.body))
+        await self._send(h11.EndOfMessage())
+
+    async def start_stream(self, status: int, content_type: str, extra: Headers | None = None) -> None:
+        """Begin a response whose length is not known: chunked for HTTP/1.1, close-delimited for 1.0."""
+        self.status = status
+        await self._send(
+            h11.Response(status_code=status, headers=self._response_headers(content_type, extra or []))
+        )
+
+    async def send_chunk(self, data: bytes) -> None:
+        if data:
+            await self._send(h11.Data(data=data))
+
+    async def end_stream(self) -> None:
+        await self._send(h11.EndOfMessage())
+
+    @property
+    def response_started(self) -> bool:
+        return self.h11.our_state is not h11.SEND_RESPONSE and self.h11.our_state is not h11.IDLE
+
+    async def send_error(self, error: UploadServerError, *, head_only: bool = False) -> None:
+        headers = list(error.headers)
+        if error.closes_connection:
+            headers.append((b"connection", b"close"))
+        await self.send_response(
+            Response(status=error.status, body=error.body(), headers=headers), head_only=head_only
+        )
+
+    # ------------------------------------------------------------------------------------ lifecycle
+    async def serve(self, handle: Handler) -> None:
+        """Answer requests until the connection ends; never lets an exception escape."""
+        try:
+            while await self._serve_one(handle):
+                self.h11.start_next_cycle()
+        except ClientDisconnected:
+            pass
+        finally:
+            await self._close()
+
+    async def _serve_one(self, handle: Handler) -> bool:
+        """Serve one request; return whether the connection may carry another."""
+        started = time.perf_counter()
+        request: Request | None = None
+        self.bytes_in = self.bytes_out = 0
+        self.status = None
+        try:
+            request = await self.next_request()
+            if request is None:
+                return False
+            await handle(request, self)
+        except Exception as raised:
+            error = _root_cause(raised)
+            if isinstance(error, ClientDisconnected):
+                self._log_request(request, started, note="client disconnected")
+                raise error from None
+            if not isinstance(error, UploadServerError):
+                log.exception("internal error while serving %s", _describe(request), exc_info=raised)
+                error = InternalError("The server failed while handling this request.")
+            await self._answer_error(error, request)
+        self.requests_served += 1
+        self._log_request(request, started)
+        return self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE
+
+    async def _answer_error(self, error: UploadServerError, request: Request | None) -> None:
+        if error.status >= 500:
+            log.warning("%s -> %d %s: %s", _describe(request), error.status, error.code, error.message)
+        if self.response_started:
+            # The status line is gone already: cut the stream so the client sees it end badly.
+            self.h11.send_failed()
+            return
+        # h11 lets a server answer from IDLE too, which covers a head that never (fully) arrived.
+        await self.send_error(error, head_only=request is not None and request.method == "HEAD")
+
+    async def _close(self) -> None:
+        """Close, lingering to drain a client that may still be sending a body we never read."""
+        try:
+            if not self.peer_closed and self.h11.their_state in (h11.SEND_BODY, h11.ERROR):
+                with trio.move_on_after(LINGER_SECONDS):
+                    if isinstance(self.stream, trio.SocketStream):
+                        await self.stream.send_eof()
+                    while True:
+                        with trio.move_on_after(LINGER_IDLE_SECONDS) as idle:
+                            data = await self.stream.receive_some(RECEIVE_SIZE)
+                        if idle.cancelled_caught or not data:
+                            break
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.stream.aclose()
+
+    def _log_request(self, request: Request | None, started: float, note: str = "") -> None:
+        if request is None and self.status is None:
+            return
+        access_log.info(
+            "%s %s %s %d in=%d out=%d %.1fms%s",
+            request.method if request else "-",
+            request.target if request else "-",
+            f"HTTP/{request.http_version}" if request else "-",
+            self.status or 0,
+            self.bytes_in,
+            self.bytes_out,
+            (time.perf_counter() - started) * 1000,
+            f" ({note})" if note else "",
+        )
+
+
+def _describe(request: Request | None) -> str:
+    return f"{request.method} {request.target}" if request else "(no request head)"
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The error that matters inside a (possibly nested) exception group from a handler's nursery.
+
+    A vanished client wins (nobody to answer), then an error meant for the client, then anything else.
+    """
+    if not isinstance(error, BaseExceptionGroup):
+        return error
+    leaves = [_root_cause(inner) for inner in error.exceptions]
+    for wanted in (ClientDisconnected, UploadServerError):
+        for leaf in leaves:
+            if isinstance(leaf, wanted):
+                return leaf
+    return leaves[0]
+
+
+_date_cache: tuple[int, bytes] = (0, b"")
+
+
+def _http_date() -> bytes:
+    """The Date header, formatted once per second rather than per response."""
+    global _date_cache
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, email.utils.formatdate(now, usegmt=True).encode())
+    return _date_cache[1]

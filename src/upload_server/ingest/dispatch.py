@@ -1,0 +1,142 @@
+"""Plan an upload's work as jobs and run them in trio-parallel worker processes.
+
+Workers run at a lower scheduling priority (``os.nice``) so that on a machine with few cores the event
+loop, and with it every health check, wins the CPU over parsing. Jobs carry paths, never file contents,
+and bring back small results. Small ZIP entries are batched so that thousands of tiny files do not cost
+thousands of round trips; large ones get a job each so that the workers share the work.
+
+Cancellation is structural: ``kill_on_cancel=True`` means a cancelled job (timeout, client gone,
+shutdown) kills its worker process rather than waiting for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import trio
+import trio_parallel
+
+from ..errors import WorkerCrashed
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from ..config import Config
+    from .archive import EntryPlan
+
+T = TypeVar("T")
+
+WORKER_NICENESS = 10
+#: A batch of small entries is closed at this many uncompressed bytes or entries.
+BATCH_MAX_BYTES = 16 << 20
+BATCH_MAX_ENTRIES = 2000
+#: Entries per worker we aim for at least, so that all workers get a share of a medium archive.
+SHARES_PER_WORKER = 4
+
+
+def _init_worker(retire_above_bytes: int) -> None:
+    """Runs once in each new worker process."""
+    global _retire_above_bytes
+    _retire_above_bytes = retire_above_bytes
+    with contextlib.suppress(OSError):
+        os.nice(WORKER_NICENESS)
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+_retire_above_bytes = 512 << 20
+
+
+def _retire_bloated_worker() -> bool:
+    """After each job: retire a worker whose memory stayed high, so one huge file does not pin it."""
+    return _rss_bytes() > _retire_above_bytes
+
+
+@dataclass
+class WorkerPool:
+    context: trio_parallel.WorkerContext
+    limiter: trio.CapacityLimiter
+    count: int
+    running: int = 0
+    waiting: int = 0
+    done: int = 0
+    crashed: int = 0
+
+    def snapshot(self) -> dict[str, int]:
+        return {
+            "count": self.count,
+            "jobs_running": self.running,
+            "jobs_waiting": self.waiting,
+            "jobs_done": self.done,
+            "crashed": self.crashed,
+        }
+
+    async def run(self, function: Callable[..., T], *args: Any) -> T:
+        """Run ``function(*args)`` in a worker process; kill the worker if this is cancelled."""
+        self.waiting += 1
+        try:
+            await self.limiter.acquire()
+        finally:
+            self.waiting -= 1
+        self.running += 1
+        try:
+            return await self.context.run_sync(function, *args, kill_on_cancel=True)
+        except trio_parallel.BrokenWorkerError as error:
+            self.crashed += 1
+            raise WorkerCrashed(
+                "A worker process died while processing this upload; the next upload gets a fresh one.",
+                detail={"cause": str(error.args[0]) if error.args else "unknown"},
+            ) from None
+        finally:
+            self.running -= 1
+            self.done += 1
+            self.limiter.release()
+
+    async def warm_up(self) -> None:
+        """Start the worker processes before the first upload needs them (a spawn takes ~0.2 s)."""
+        async with trio.open_nursery() as nursery:
+            for _ in range(self.count):
+                nursery.start_soon(self.context.run_sync, os.getpid)
+
+
+@contextlib.asynccontextmanager
+async def open_worker_pool(config: Config) -> AsyncIterator[WorkerPool]:
+    # A worker that keeps far more than its budget after a job is replaced rather than reused.
+    retire_above = 4 * config.worker_memory_budget + (256 << 20)
+    async with trio_parallel.open_worker_context(
+        init=functools.partial(_init_worker, retire_above), retire=_retire_bloated_worker, grace_period=5.0
+    ) as context:
+        pool = WorkerPool(context=context, limiter=trio.CapacityLimiter(config.workers), count=config.workers)
+        yield pool
+
+
+def batch_entries(entries: Sequence[EntryPlan], workers: int) -> list[tuple[EntryPlan, ...]]:
+    """Group entries into jobs: consecutive small entries together, each large one alone.
+
+    The byte target shrinks for a medium archive so that every worker gets several jobs.
+    """
+    total = sum(entry.declared_size for entry in entries)
+    target = max(1 << 20, min(BATCH_MAX_BYTES, total // max(1, workers * SHARES_PER_WORKER)))
+    batches: list[tuple[EntryPlan, ...]] = []
+    current: list[EntryPlan] = []
+    current_bytes = 0
+    for entry in entries:
+        if current and (current_bytes + entry.declared_size > target or len(current) >= BATCH_MAX_ENTRIES):
+            batches.append(tuple(current))
+            current, current_bytes = [], 0
+        current.append(entry)
+        current_bytes += entry.declared_size
+    if current:
+        batches.append(tuple(current))
+    return batches

@@ -1,0 +1,162 @@
+"""The temporary file an upload streams into: batched writes off the event loop, a size cap, a sha256,
+and removal in every outcome.
+
+Body chunks are gathered into batches of about ``BATCH_BYTES`` and handed to a writer task that writes
+them (``os.writev``, no joining copy) and hashes them in a worker thread while the connection keeps
+reading. The hand-over channel holds one batch: when the disk falls behind, ``write`` blocks, the
+connection stops reading and TCP slows the client. That bounds memory per upload to about three batches.
+
+Every file this module creates is named ``upload-server-<pid>-<token>...`` so that files left behind by a
+killed process can be recognised and removed at the next start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import re
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import trio
+
+from ..errors import InsufficientStorage, PayloadTooLarge
+
+log = logging.getLogger("upload_server.spool")
+
+BATCH_BYTES = 1 << 20
+FILE_PREFIX = "upload-server-"
+_OWNED_NAME = re.compile(rf"^{re.escape(FILE_PREFIX)}(\d+)-[0-9a-f]+")
+
+
+class Spool:
+    """A temporary upload file, open for writing until ``finish``; its siblings are removed with it."""
+
+    def __init__(
+        self, path: Path, max_bytes: int, fd: int, to_writer: trio.MemorySendChannel[list[bytes]]
+    ) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.size = 0
+        self.sha256 = ""
+        self._fd = fd
+        self._hasher = hashlib.sha256()
+        self._batch: list[bytes] = []
+        self._batch_bytes = 0
+        self._to_writer = to_writer
+        self._drained = trio.Event()
+        self._siblings: list[Path] = []
+
+    def sibling(self, suffix: str) -> Path:
+        """A further temporary path tied to this upload (e.g. a worker's output), removed with it."""
+        path = self.path.with_name(f"{self.path.stem}-{suffix}")
+        self._siblings.append(path)
+        return path
+
+    async def write(self, data: bytes) -> None:
+        if self.size + len(data) > self.max_bytes:
+            raise PayloadTooLarge(
+                f"The upload is larger than this server accepts ({self.max_bytes} bytes).",
+                detail={"max_upload_bytes": self.max_bytes},
+            )
+        self.size += len(data)
+        self._batch.append(data)
+        self._batch_bytes += len(data)
+        if self._batch_bytes >= BATCH_BYTES:
+            await self._hand_over()
+
+    async def finish(self) -> None:
+        """Flush the last batch and wait until every byte is written; then ``sha256`` is set."""
+        await self._hand_over()
+        await self._to_writer.aclose()
+        await self._drained.wait()
+        self.sha256 = self._hasher.hexdigest()
+
+    async def _hand_over(self) -> None:
+        batch, self._batch, self._batch_bytes = self._batch, [], 0
+        if batch:
+            await self._to_writer.send(batch)
+
+    async def run_writer(self, batches: trio.MemoryReceiveChannel[list[bytes]]) -> None:
+        async with batches:
+            async for batch in batches:
+                try:
+                    await trio.to_thread.run_sync(self._write_blocking, batch)
+                except OSError as error:
+                    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                        raise InsufficientStorage(
+                            "The server ran out of temporary disk space while receiving the upload.",
+                            detail={"tmp_dir": str(self.path.parent)},
+                        ) from error
+                    raise
+        self._drained.set()
+
+    def _write_blocking(self, batch: list[bytes]) -> None:
+        for piece in batch:
+            self._hasher.update(piece)  # hashlib releases the GIL on large buffers
+        view = memoryview(b"".join(batch)) if len(batch) > 1000 else None  # writev's IOV_MAX is 1024
+        if view is not None:
+            while view:
+                view = view[os.write(self._fd, view) :]
+            return
+        pending = sum(len(piece) for piece in batch)
+        written = os.writev(self._fd, batch)
+        if written < pending:  # a short write: finish it the plain way
+            rest = memoryview(b"".join(batch))[written:]
+            while rest:
+                rest = rest[os.write(self._fd, rest) :]
+
+    def remove_files(self) -> None:
+        for leftover in (self.path, *self._siblings):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
+
+
+@contextlib.asynccontextmanager
+async def open_spool(tmp_dir: str | os.PathLike[str], max_bytes: int) -> AsyncIterator[Spool]:
+    """Create the temporary file; on exit (any exit: success, error, cancellation) remove it."""
+    path = Path(tmp_dir) / f"{FILE_PREFIX}{os.getpid()}-{secrets.token_hex(8)}.part"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+    send, receive = trio.open_memory_channel[list[bytes]](1)
+    spool = Spool(path, max_bytes, fd, send)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(spool.run_writer, receive)
+            async with send:
+                yield spool
+    finally:
+        os.close(fd)
+        spool.remove_files()
+
+
+def remove_stale_files(tmp_dir: str | os.PathLike[str]) -> int:
+    """Remove temporary files left by server processes that no longer run; return how many."""
+    removed = 0
+    for entry in os.scandir(tmp_dir):
+        match = _OWNED_NAME.match(entry.name)
+        if not match or not entry.is_file(follow_symlinks=False):
+            continue
+        if _process_alive(int(match.group(1))):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(entry.path)
+            removed += 1
+    if removed:
+        log.info("removed %d stale temporary file(s) from %s", removed, tmp_dir)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True

@@ -1,0 +1,138 @@
+"""Listeners, the connection cap, the server's nurseries and shutdown; the state handlers share.
+
+Task tree (every task lives in a nursery, every deadline in a cancel scope)::
+
+    serve ─┬─ disk watcher (refreshes free space for health, off the event loop)
+           └─ connections ─┬─ one task per connection (HttpConnection.serve)
+                           └─ accepting ── one accept loop per listener
+
+Shutdown (``ServerState.shutdown``) cancels accepting and closes the listeners, gives open connections
+``shutdown_grace`` seconds to finish, then cancels them; their temp files go in their own ``finally``.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from dataclasses import dataclass, field
+
+import trio
+
+from . import routes
+from .config import Config
+from .http.connection import HttpConnection
+from .http.messages import Request
+from .ingest.dispatch import WorkerPool, open_worker_pool
+from .metrics import Stats
+from .receive.spool import remove_stale_files
+
+log = logging.getLogger("upload_server")
+
+DISK_WATCH_INTERVAL = 1.0
+
+
+@dataclass
+class ServerState:
+    config: Config
+    workers: WorkerPool
+    stats: Stats = field(default_factory=Stats)
+    upload_slots: trio.CapacityLimiter = field(init=False)
+    connection_slots: trio.Semaphore = field(init=False)
+    port: int = 0
+    _accepting: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+    def __post_init__(self) -> None:
+        self.upload_slots = trio.CapacityLimiter(self.config.max_concurrent_uploads)
+        self.connection_slots = trio.Semaphore(self.config.max_connections)
+
+    def shutdown(self) -> None:
+        """Stop accepting; open connections get the grace period to finish."""
+        self._accepting.cancel()
+
+    @property
+    def shutting_down(self) -> bool:
+        return self._accepting.cancel_called
+
+    async def dispatch(self, request: Request, conn: HttpConnection) -> None:
+        await routes.resolve(request.method, request.path)(request, conn, self)
+
+
+def _free_bytes(path: str) -> int:
+    stat = os.statvfs(path)
+    return stat.f_bavail * stat.f_frsize
+
+
+async def _watch_disk(state: ServerState) -> None:
+    while True:
+        await trio.sleep(DISK_WATCH_INTERVAL)
+        try:
+            state.stats.tmp_free_bytes = await trio.to_thread.run_sync(_free_bytes, state.config.tmp_dir)
+        except OSError as error:
+            log.warning("cannot read free space of %s: %s", state.config.tmp_dir, error)
+            state.stats.tmp_free_bytes = 0
+
+
+async def _serve_connection(stream: trio.SocketStream, state: ServerState) -> None:
+    config = state.config
+    state.stats.connections_open += 1
+    try:
+        conn = HttpConnection(
+            stream,
+            header_timeout=config.header_timeout,
+            body_idle_timeout=config.body_idle_timeout,
+            keepalive_timeout=config.keepalive_timeout,
+            max_header_bytes=config.max_header_bytes,
+        )
+        await conn.serve(state.dispatch)
+    finally:
+        state.stats.connections_open -= 1
+        state.connection_slots.release()
+
+
+async def _accept_loop(listener: trio.SocketListener, state: ServerState, nursery: trio.Nursery) -> None:
+    async with listener:
+        while True:
+            # Past the cap, connections wait in the kernel's backlog rather than being accepted.
+            await state.connection_slots.acquire()
+            try:
+                stream = await listener.accept()
+            except OSError as error:
+                state.connection_slots.release()
+                if error.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.warning("cannot accept a connection (%s); retrying shortly", error)
+                    await trio.sleep(0.1)
+                    continue
+                raise
+            except BaseException:
+                state.connection_slots.release()
+                raise
+            nursery.start_soon(_serve_connection, stream, state)
+
+
+async def serve(
+    config: Config, *, task_status: trio.TaskStatus[ServerState] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Run the server until cancelled or shut down; ``task_status.started`` hands back the state."""
+    remove_stale_files(config.tmp_dir)
+    listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+    async with open_worker_pool(config) as workers:
+        state = ServerState(config=config, workers=workers)
+        state.stats.tmp_free_bytes = _free_bytes(config.tmp_dir)
+        state.port = listeners[0].socket.getsockname()[1]
+        async with trio.open_nursery() as outer:
+            outer.start_soon(_watch_disk, state)
+            async with trio.open_nursery() as connections:
+                with state._accepting:
+                    async with trio.open_nursery() as acceptors:
+                        for listener in listeners:
+                            acceptors.start_soon(_accept_loop, listener, state, connections)
+                        host = config.host if ":" not in config.host else f"[{config.host}]"
+                        log.info("upload-server listening on http://%s:%d", host, state.port)
+                        task_status.started(state)
+                # No longer accepting: let open connections finish within the grace period.
+                for listener in listeners:
+                    await listener.aclose()
+                connections.cancel_scope.deadline = trio.current_time() + config.shutdown_grace
+                log.info("shutting down: %d connection(s) open", state.stats.connections_open)
+            outer.cancel_scope.cancel()
