@@ -18,8 +18,8 @@ from __future__ import annotations
 import email.utils
 import logging
 import time
-from http import HTTPStatus
 from collections.abc import Awaitable, Callable
+from http import HTTPStatus
 
 import h11
 import trio
