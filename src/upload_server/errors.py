@@ -150,3 +150,22 @@ class InsufficientStorage(UploadServerError):
     status = 507
     code = "INSUFFICIENT_STORAGE"
     closes_connection = True
+
+
+class ClientDisconnected(Exception):
+    """The peer went away (EOF or reset) before the exchange was over; there is nobody to answer."""
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """The error that matters inside a (possibly nested) exception group from a nursery.
+
+    A vanished client wins (nobody to answer), then an error meant for the client, then anything else.
+    """
+    if not isinstance(error, BaseExceptionGroup):
+        return error
+    leaves = [root_cause(inner) for inner in error.exceptions]
+    for wanted in (ClientDisconnected, UploadServerError):
+        for leaf in leaves:
+            if isinstance(leaf, wanted):
+                return leaf
+    return leaves[0]

@@ -25,7 +25,15 @@ import h11
 import trio
 
 from .. import __version__
-from ..errors import BadRequest, HeaderTooLarge, InternalError, RequestTimeout, UploadServerError
+from ..errors import (
+    BadRequest,
+    ClientDisconnected,
+    HeaderTooLarge,
+    InternalError,
+    RequestTimeout,
+    UploadServerError,
+    root_cause,
+)
 from .messages import Headers, Request, Response
 
 log = logging.getLogger("upload_server.http")
@@ -38,10 +46,6 @@ SERVER_HEADER = f"upload-server/{__version__}".encode()
 # destroy our answer before the client reads it (nginx's "lingering close").
 LINGER_SECONDS = 5.0
 LINGER_IDLE_SECONDS = 1.0
-
-
-class ClientDisconnected(Exception):
-    """The peer went away (EOF or reset) before the exchange was over; there is nobody to answer."""
 
 
 Handler = Callable[[Request, "HttpConnection"], Awaitable[None]]
@@ -250,7 +254,7 @@ class HttpConnection:
                 return False
             await handle(request, self)
         except Exception as raised:
-            error = _root_cause(raised)
+            error = root_cause(raised)
             if isinstance(error, ClientDisconnected):
                 self._log_request(request, started, note="client disconnected")
                 raise error from None
@@ -315,21 +319,6 @@ def _reason(status: int) -> bytes:
         return HTTPStatus(status).phrase.encode()
     except ValueError:
         return b""
-
-
-def _root_cause(error: BaseException) -> BaseException:
-    """The error that matters inside a (possibly nested) exception group from a handler's nursery.
-
-    A vanished client wins (nobody to answer), then an error meant for the client, then anything else.
-    """
-    if not isinstance(error, BaseExceptionGroup):
-        return error
-    leaves = [_root_cause(inner) for inner in error.exceptions]
-    for wanted in (ClientDisconnected, UploadServerError):
-        for leaf in leaves:
-            if isinstance(leaf, wanted):
-                return leaf
-    return leaves[0]
 
 
 _date_cache: tuple[int, bytes] = (0, b"")
