@@ -1,0 +1,67 @@
+"""Fixtures: the real server, in this process on an ephemeral port, with a temp dir of its own."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from upload_server.config import Config
+from upload_server.server import ServerState, serve
+
+
+@dataclasses.dataclass
+class RunningServer:
+    state: ServerState
+    tmp_dir: Path
+
+    @property
+    def port(self) -> int:
+        return self.state.port
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.state.port}"
+
+    def leftover_files(self) -> list[str]:
+        """Files the server left in its temp dir (there must be none once an upload is answered)."""
+        return sorted(path.name for path in self.tmp_dir.iterdir())
+
+
+StartServer = Callable[..., Awaitable[RunningServer]]
+
+
+@pytest.fixture
+def server_tmp(tmp_path: Path) -> Path:
+    path = tmp_path / "spool"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+async def start_server(nursery: trio.Nursery, server_tmp: Path) -> StartServer:
+    """Start a server with settings overridden as keyword arguments; it stops when the test ends."""
+
+    async def start(**overrides: Any) -> RunningServer:
+        settings: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "tmp_dir": str(server_tmp), "workers": 2}
+        settings.update(overrides)
+        state = await nursery.start(serve, Config(**settings))
+        return RunningServer(state=state, tmp_dir=Path(settings["tmp_dir"]))
+
+    return start
+
+
+@pytest.fixture
+async def server(start_server: StartServer) -> RunningServer:
+    return await start_server()
+
+
+async def wait_until(condition: Callable[[], bool], within: float = 30.0) -> None:
+    """Wait for a condition on server counters (they offer no event to wait on); fail after ``within``."""
+    with trio.fail_after(within):
+        while not condition():  # noqa: ASYNC110 (observing another component's counters from outside)
+            await trio.sleep(0.01)
