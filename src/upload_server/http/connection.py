@@ -110,6 +110,7 @@ class HttpConnection:
             while True:
                 event = self._next_event()
                 if isinstance(event, h11.Request):
+                    self._check_head(event)
                     return Request.from_h11(event)
                 if isinstance(event, h11.ConnectionClosed):
                     return None
@@ -125,6 +126,21 @@ class HttpConnection:
                 detail={"header_timeout_s": self.header_timeout},
             )
         return None  # an idle keep-alive connection: close quietly, as nginx does
+
+    def _check_head(self, event: h11.Request) -> None:
+        """Refuse a head over ``max_header_bytes`` that h11 parsed whole.
+
+        h11 bounds only an *incomplete* head; one that arrives complete in a single read is parsed
+        whatever its size, so it is measured here (from the parsed parts, which are never longer than
+        the bytes on the wire).
+        """
+        size = len(event.method) + len(event.target) + len(b"  HTTP/1.1\r\n\r\n")
+        size += sum(len(name) + len(b": \r\n") + len(value) for name, value in event.headers)
+        if size > self.max_header_bytes:
+            raise HeaderTooLarge(
+                "The request head is larger than this server accepts.",
+                detail={"max_header_bytes": self.max_header_bytes},
+            )
 
     async def receive_body_chunk(self) -> bytes:
         """The next piece of the request body; b"" at its end.
