@@ -103,7 +103,9 @@ class HttpConnection:
         """Wait for the next request head; None when the client closed or idled out between requests."""
         first = self.requests_served == 0
         started = trio.current_time()
-        # The deadline starts as the idle allowance and tightens to the head allowance at the first byte.
+        # A new connection gets the head allowance at once. A kept-alive one gets the idle allowance until
+        # the first byte of its next head, and from that byte on the head allowance (as nginx does).
+        head_started = first
         with trio.CancelScope(
             deadline=started + (self.header_timeout if first else self.keepalive_timeout)
         ) as scope:
@@ -115,8 +117,9 @@ class HttpConnection:
                 if isinstance(event, h11.ConnectionClosed):
                     return None
                 if event is h11.NEED_DATA:
-                    if self.h11.trailing_data[0] and not first:
-                        scope.deadline = min(scope.deadline, trio.current_time() + self.header_timeout)
+                    if not head_started and self.h11.trailing_data[0]:
+                        head_started = True
+                        scope.deadline = trio.current_time() + self.header_timeout
                     await self._receive_into_h11()
                     continue
                 raise BadRequest("Unexpected data before the request head.")
