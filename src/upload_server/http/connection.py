@@ -131,12 +131,19 @@ class HttpConnection:
         return None  # an idle keep-alive connection: close quietly, as nginx does
 
     def _check_head(self, event: h11.Request) -> None:
-        """Refuse a head over ``max_header_bytes`` that h11 parsed whole.
+        """Refuse what h11 lets through: an HTTP major version other than 1, and a head over
+        ``max_header_bytes`` that h11 parsed whole.
 
         h11 bounds only an *incomplete* head; one that arrives complete in a single read is parsed
         whatever its size, so it is measured here (from the parsed parts, which are never longer than
         the bytes on the wire).
         """
+        if not event.http_version.startswith(b"1."):
+            version = event.http_version.decode("ascii", "replace")
+            raise BadRequest(
+                f"HTTP/{version} is not supported; send HTTP/1.1 or HTTP/1.0.",
+                detail={"http_version": version, "supported": ["1.0", "1.1"]},
+            )
         size = len(event.method) + len(event.target) + len(b"  HTTP/1.1\r\n\r\n")
         size += sum(len(name) + len(b": \r\n") + len(value) for name, value in event.headers)
         if size > self.max_header_bytes:
