@@ -138,6 +138,9 @@ class Server:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
+        # Stragglers in its group (orphaned pool workers, a forkserver) would keep stderr open.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
         self._pump.join(5)
         return self.proc.returncode
 

@@ -168,7 +168,8 @@ def create_app(settings: Settings) -> FastAPI:
             *(loop.run_in_executor(app.state.pool, warm_up) for _ in range(settings.workers))
         )
         yield
-        app.state.pool.shutdown(wait=False, cancel_futures=True)
+        # Wait for the workers to exit: left running, they outlive the server holding its stderr open.
+        app.state.pool.shutdown(wait=True, cancel_futures=True)
 
     app = FastAPI(title="upload-server reference peer", lifespan=lifespan, docs_url=None, redoc_url=None)
 
