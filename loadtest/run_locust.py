@@ -1,6 +1,6 @@
 """One command for a locust run: start a server, make datasets, run locust headless, stop, summarise.
 
-    uv run python loadtest/run_locust.py                       # our server, 10 users, 60 s
+    uv run python loadtest/run_locust.py                       # our server, 5 users, 60 s
     uv run python loadtest/run_locust.py --target reference    # the FastAPI reference peer
     uv run python loadtest/run_locust.py -u 20 -r 5 -t 2m --sizes small,medium,large --workers 2
 
@@ -25,7 +25,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -77,15 +77,15 @@ def ensure_datasets(names: list[str], data_dir: Path, timeout: float = 300.0) ->
     return files
 
 
-def server_command(target: str, tmp_dir: str, workers: int | None) -> list[str]:
-    """The command line that starts ``target`` on a free port."""
+def server_command(target: str, tmp_dir: str, workers: int | None, extra: Sequence[str] = ()) -> list[str]:
+    """The command line that starts ``target`` on a free port (``extra`` flags appended)."""
     if target == "ours":
         cmd = [sys.executable, "-m", "upload_server", "--port", "0", "--tmp-dir", tmp_dir]
     else:
         cmd = [sys.executable, "-m", "loadtest.reference", "--port", "0", "--tmp-dir", tmp_dir]
     if workers is not None:
         cmd += ["--workers", str(workers)]
-    return cmd
+    return [*cmd, *extra]
 
 
 class Server:
@@ -271,12 +271,20 @@ def print_summary(target: str, rows: list[Row], failures: list[tuple[str, str, i
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--target", choices=("ours", "reference"), default="ours")
-    p.add_argument("-u", "--users", type=int, default=10)
-    p.add_argument("-r", "--spawn-rate", type=float, default=10)
+    # 5 users at weights 3,1,1 make at most 4 uploads at once: upload-server's default admission limit.
+    p.add_argument("-u", "--users", type=int, default=5)
+    p.add_argument("-r", "--spawn-rate", type=float, default=5)
     p.add_argument("-t", "--run-time", default="60s", help="locust run time: 30s, 2m, ... (default 60s)")
     p.add_argument("--sizes", default="small,medium,hour", help=f"datasets from {','.join(CATALOGUE)}")
     p.add_argument("--weights", default="3,1,1", help="user weights upload,health,stream (default 3,1,1)")
     p.add_argument("--workers", type=int, default=None, help="server worker processes (default: its own)")
+    p.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        metavar="FLAG",
+        help="extra server flag, repeatable: --server-arg=--max-concurrent-uploads=16",
+    )
     p.add_argument("--data-dir", type=Path, default=HERE / "data")
     p.add_argument("--results-dir", type=Path, default=HERE / "results")
     p.add_argument("--upload-wait", default="0,0.5", help="min,max seconds between uploads of one user")
@@ -308,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     with tempfile.TemporaryDirectory(prefix=f"loadtest-{args.target}-") as tmp_dir:
-        server = Server(server_command(args.target, tmp_dir, args.workers), Path(f"{prefix}_server.log"))
+        cmd = server_command(args.target, tmp_dir, args.workers, args.server_arg)
+        server = Server(cmd, Path(f"{prefix}_server.log"))
         try:
             port = server.wait_ready()
             print(f"{args.target} on 127.0.0.1:{port}; locust -u {args.users} -t {args.run_time} ...")

@@ -38,6 +38,7 @@ from .extract import (
     Job,
     Plan,
     extract_batch,
+    init_worker,
     plan_zip,
     sniff,
     warm_up,
@@ -106,7 +107,12 @@ def _new_pool(workers: int) -> ProcessPoolExecutor:
     # forkserver, not fork: forking a process that already runs threads (anyio's pool, the executor's
     # own manager thread) can copy held locks into the child, and a forked child would also count the
     # server's whole heap in its RSS, which would make the memory comparison unfair to this peer.
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("forkserver"))
+    return ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=multiprocessing.get_context("forkserver"),
+        initializer=init_worker,
+        initargs=(os.getpid(),),
+    )
 
 
 def merge(

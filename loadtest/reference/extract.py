@@ -12,6 +12,8 @@ import gzip
 import itertools
 import json
 import os
+import threading
+import time
 import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -319,6 +321,24 @@ def _failed(name: str, code: str, message: str) -> dict[str, Any]:
         "actors": {},
         "records": [],
     }
+
+
+def init_worker(server_pid: int) -> None:
+    """Pool initializer: exit when the server is gone.
+
+    A server killed outright (SIGKILL, OOM) never tells its pool to stop, and forkserver workers are
+    not its children, so without this they would linger on a shared machine holding their memory.
+    """
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(server_pid, 0)
+            except ProcessLookupError:
+                os._exit(0)
+
+    threading.Thread(target=watch, name="server-watchdog", daemon=True).start()
 
 
 def warm_up() -> int:
