@@ -9,8 +9,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
+import trio.testing
 
 from conftest import RunningServer, StartServer
+from upload_server.http.connection import HttpConnection
+from upload_server.http.messages import Request
 
 #: Upper bound for any single wait on the server; generous, since a passing test never reaches it.
 WAIT = 5.0
@@ -551,3 +554,32 @@ async def test_query_string_does_not_change_the_route(server: RunningServer) -> 
     client = await RawClient.connect(server)
     await client.send(get("/api/v1/health?verbose=1"))
     assert (await client.read_response()).status == 200
+
+
+# ------------------------------------------------------------------------------------- robustness
+async def test_cancellation_racing_a_disconnect_does_not_escape_the_connection() -> None:
+    """Shutdown cancels a handler whose nursery also saw the client vanish: only the cancellation leaves.
+
+    (Seen for real when a test ended with an upload in flight: the server's nursery crashed with
+    ``ExceptionGroup(ClientDisconnected)``.) Driven on a memory stream so the race is deterministic.
+    """
+    server_end, client_end = trio.testing.memory_stream_pair()
+    conn = HttpConnection(
+        server_end, header_timeout=5, body_idle_timeout=5, keepalive_timeout=5, max_header_bytes=16384
+    )
+
+    with trio.CancelScope() as outer:
+
+        async def handler(request: Request, conn: HttpConnection) -> None:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.sleep_forever)  # e.g. the spool's writer task
+                try:
+                    while await conn.receive_body_chunk():  # the peer is gone: ClientDisconnected ...
+                        pass
+                finally:
+                    outer.cancel()  # ... just as the server stops
+
+        await client_end.send_all(upload_head(10) + b"[1,")
+        await client_end.aclose()
+        await conn.serve(handler)
+    assert outer.cancelled_caught

@@ -259,12 +259,23 @@ class HttpConnection:
 
     # ------------------------------------------------------------------------------------ lifecycle
     async def serve(self, handle: Handler) -> None:
-        """Answer requests until the connection ends; never lets an exception escape."""
+        """Answer requests until the connection ends; only cancellation (or KeyboardInterrupt) escapes."""
         try:
             while await self._serve_one(handle):
                 self.h11.start_next_cycle()
         except ClientDisconnected:
             pass
+        except Exception:
+            log.exception("connection failed")
+        except BaseExceptionGroup as group:
+            # Cancellation (shutdown) met a failure inside a handler's nursery, e.g. the client left just
+            # as the server stopped: nobody can be answered now. The cancellation goes on; the rest ends
+            # here, or it would crash the server's nursery.
+            failures, cancellation = group.split(Exception)
+            if failures is not None and not isinstance(root_cause(failures), ClientDisconnected):
+                log.error("connection failed during cancellation", exc_info=failures)
+            if cancellation is not None:
+                raise cancellation from None
         finally:
             await self._close()
 
