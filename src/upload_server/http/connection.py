@@ -215,7 +215,8 @@ class HttpConnection:
             headers.append((b"content-type", content_type.encode()))
         headers.extend(extra)
         self._discard_buffered_body()
-        if self.h11.their_state is not h11.DONE and self.h11.their_state is not h11.MUST_CLOSE:
+        unread = self.h11.their_state is not h11.DONE and self.h11.their_state is not h11.MUST_CLOSE
+        if unread and (b"connection", b"close") not in headers:
             # The request body was not (fully) read: the connection cannot carry another request.
             headers.append((b"connection", b"close"))
         return headers
