@@ -260,17 +260,18 @@ def create_app(settings: Settings) -> FastAPI:
                 batches = await asyncio.wait_for(asyncio.gather(*futures), settings.process_timeout)
             except TimeoutError:
                 raise ApiError(503, "PROCESSING_TIMEOUT", "processing took too long") from None
-            summary, files, by_id = merge((r for batch in batches for r in batch), len(plan.ignored))
+            results = [r for batch in batches for r in batch]
+            # Merging and rendering ~100k actors is CPU work: in a thread, the loop gets the GIL back
+            # every switch interval (5 ms) and keeps answering health checks meanwhile.
+            summary, files, by_id = await run_in_threadpool(merge, results, len(plan.ignored))
             if strict and summary["files_failed"]:
                 raise ApiError(
                     422, "FILES_FAILED", f"{summary['files_failed']} file(s) failed in strict mode"
                 )
             timing["process"] = round((time.perf_counter() - received) * 1000, 3)
             doc: dict[str, Any] = {**meta, "summary": summary, "files": files, "ignored": plan.ignored}
-            if actors:
-                doc["actors"] = _actor_docs(by_id)
-            doc["timing_ms"] = timing
-            return _json(doc)
+            body = await run_in_threadpool(_render, doc, by_id if actors else None, timing)
+            return Response(body, media_type="application/json")
         except ApiError as exc:
             return exc.response()
         finally:
@@ -310,7 +311,7 @@ def create_app(settings: Settings) -> FastAPI:
                     done.append((index, batch))
                     for r in batch:
                         if r["error"] is None:
-                            yield _event_lines(r)
+                            yield await run_in_threadpool(_event_lines, r)
             except ApiError as exc:
                 yield orjson.dumps({"kind": "error", "code": exc.code, "message": exc.message}) + b"\n"
                 return
@@ -320,10 +321,9 @@ def create_app(settings: Settings) -> FastAPI:
             finally:
                 for future in futures:
                     future.cancel()
-            summary, files, by_id = merge((r for _, batch in done for r in batch), len(plan.ignored))
-            out = [orjson.dumps({"kind": "actor", **a}) for a in _actor_docs(by_id)]
-            out += [orjson.dumps({"kind": "file", **f}) for f in files]
-            yield b"\n".join(out) + b"\n"
+            results = [r for _, batch in done for r in batch]
+            summary, files, by_id = await run_in_threadpool(merge, results, len(plan.ignored))
+            yield await run_in_threadpool(_tail_lines, by_id, files)
             timing["process"] = round((time.perf_counter() - received) * 1000, 3)
             last: dict[str, Any] = {
                 "kind": "summary",
@@ -343,6 +343,21 @@ def create_app(settings: Settings) -> FastAPI:
             os.unlink(path)
 
     return app
+
+
+def _render(doc: dict[str, Any], actors: dict[int, list[Any]] | None, timing: dict[str, float]) -> bytes:
+    """The JSON answer's bytes: the document, the sorted actor list (unless left out), then timings."""
+    if actors is not None:
+        doc["actors"] = _actor_docs(actors)
+    doc["timing_ms"] = timing
+    return orjson.dumps(doc)
+
+
+def _tail_lines(actors: dict[int, list[Any]], files: list[dict[str, Any]]) -> bytes:
+    """The NDJSON answer's actor lines (sorted by id) and file lines, as one chunk."""
+    out = [orjson.dumps({"kind": "actor", **a}) for a in _actor_docs(actors)]
+    out += [orjson.dumps({"kind": "file", **f}) for f in files]
+    return b"\n".join(out) + b"\n"
 
 
 def _event_lines(r: dict[str, Any]) -> bytes:
