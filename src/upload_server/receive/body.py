@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import PayloadTooLarge
 from ..http.connection import HttpConnection
 from .multipart import MultipartFileReader
 from .sniff import ContentKind, sniff
@@ -25,7 +26,16 @@ async def receive_upload(conn: HttpConnection, spool: Spool, boundary: bytes | N
     reader = MultipartFileReader(boundary) if boundary is not None else None
     prefix = bytearray()  # held only until the first bytes tell what the upload is
     kind: ContentKind | None = None
+    body_bytes = 0
     while chunk := await conn.receive_body_chunk():
+        # The whole body is capped, as a declared Content-Length is: the spool caps only the file
+        # bytes, and a multipart epilogue (which the parser drops) would otherwise be read for ever.
+        body_bytes += len(chunk)
+        if body_bytes > spool.max_bytes:
+            raise PayloadTooLarge(
+                f"The upload is larger than this server accepts ({spool.max_bytes} bytes).",
+                detail={"max_upload_bytes": spool.max_bytes},
+            )
         for piece in reader.feed(chunk) if reader is not None else (chunk,):
             if kind is None:
                 prefix += piece
