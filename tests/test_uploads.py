@@ -1,0 +1,529 @@
+"""POST /api/v1/upload through the real server: byte-exact receipts, limits, early refusals, clean-up.
+
+Assertions stay on ``upload_id``, ``size_bytes``, ``sha256``, ``content_kind``, status and error codes, and
+every accepted upload is valid JSON (or a gzip/ZIP of JSON), so the tests hold once processing is real.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import socket
+import subprocess
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from conftest import RunningServer, StartServer
+from test_http_protocol import (
+    RawClient,
+    RawResponse,
+    assert_no_leftovers,
+    assert_still_serving,
+    chunked,
+    eventually,
+    upload_head,
+)
+
+UPLOAD = "/api/v1/upload"
+
+
+def events_json(count: int, pad: int = 0) -> bytes:
+    """A JSON array of GitHub-Archive-like events (``pad`` bytes of filler in each)."""
+    events = [
+        {
+            "id": str(n),
+            "type": "PushEvent",
+            "actor": {"id": n % 97, "login": f"user{n % 97}"},
+            "repo": {"id": n, "name": f"org/repo{n}"},
+            "payload": {"note": "x" * pad},
+            "created_at": "2015-01-01T15:00:00Z",
+        }
+        for n in range(count)
+    ]
+    return json.dumps(events).encode()
+
+
+def ndjson(count: int) -> bytes:
+    return b"".join(json.dumps({"id": str(n), "type": "WatchEvent"}).encode() + b"\n" for n in range(count))
+
+
+def zipped(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def multipart(boundary: bytes, file_bytes: bytes, *, filename: str = "events.json") -> bytes:
+    """A multipart/form-data body with a text field before the ``file`` part and one after it."""
+    return b"".join(
+        [
+            b"--%s\r\n" % boundary,
+            b'Content-Disposition: form-data; name="note"\r\n\r\nhello\r\n',
+            b"--%s\r\n" % boundary,
+            b'Content-Disposition: form-data; name="file"; filename="%s"\r\n' % filename.encode(),
+            b"Content-Type: application/octet-stream\r\n\r\n",
+            file_bytes,
+            b"\r\n--%s\r\n" % boundary,
+            b'Content-Disposition: form-data; name="after"\r\n\r\nbye\r\n',
+            b"--%s--\r\n" % boundary,
+        ]
+    )
+
+
+SMALL = events_json(20)
+LARGE = events_json(6000, pad=400)  # a few MiB: several spool batches, many socket reads
+BOUNDARY = b"----upload-server-test-boundary"
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def assert_receipt(response: httpx.Response | RawResponse, data: bytes, kind: str) -> None:
+    """A 200 whose receipt describes exactly ``data``."""
+    status = response.status_code if isinstance(response, httpx.Response) else response.status
+    assert status == 200, response.json()
+    body = response.json()
+    assert isinstance(body["upload_id"], str) and body["upload_id"]
+    assert body["size_bytes"] == len(data)
+    assert body["sha256"] == sha(data)
+    assert body["content_kind"] == kind
+
+
+def error_code(response: httpx.Response) -> str:
+    """The code of a JSON error answer, checking its shape."""
+    document = response.json()
+    assert set(document["error"]) == {"code", "message", "detail"}
+    return document["error"]["code"]
+
+
+async def settled_health(server: RunningServer) -> dict:
+    """The health document once no upload is in flight (the counters move just after an answer)."""
+    assert await eventually(lambda: server.state.stats.uploads_in_flight == 0)
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        return (await client.get("/api/v1/health")).json()
+
+
+async def send_until_answered(client: RawClient, head: bytes, pieces: Iterator[bytes]) -> RawResponse:
+    """Send ``head`` then ``pieces`` while reading; return the response that arrives meanwhile.
+
+    The sender stops at the answer (or when the server stops reading and the socket breaks).
+    """
+    response: RawResponse | None = None
+    async with trio.open_nursery() as nursery:
+
+        async def sender() -> None:
+            try:
+                await client.send(head)
+                for piece in pieces:
+                    await client.send(piece)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+        nursery.start_soon(sender)
+        response = await client.read_response()
+        nursery.cancel_scope.cancel()
+    assert response is not None
+    return response
+
+
+def endless_json(piece_bytes: int, total: int) -> Iterator[bytes]:
+    """``total`` bytes of the start of a JSON array, in pieces (never closed: it is cut by the limit)."""
+    item = b'{"id":"1","type":"PushEvent"},'
+    piece = item * (piece_bytes // len(item))
+    yield b"["
+    for _ in range(total // len(piece)):
+        yield piece
+
+
+# ------------------------------------------------------------------------------------ byte-exact uploads
+async def test_multipart_upload_is_byte_exact(server: RunningServer) -> None:
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        response = await client.post(
+            UPLOAD, data={"note": "first"}, files={"file": ("events.json", LARGE, "application/json")}
+        )
+    assert_receipt(response, LARGE, "json")
+    await assert_no_leftovers(server)
+
+
+@pytest.mark.parametrize(
+    ("content_type", "data", "kind"),
+    [
+        ("application/json", SMALL, "json"),
+        ("application/json", LARGE, "json"),
+        ("application/x-ndjson", ndjson(500), "json"),
+        ("application/json", b"\xef\xbb\xbf  \n" + SMALL, "json"),  # BOM and leading whitespace
+        ("application/gzip", gzip.compress(LARGE), "gzip"),
+        ("application/zip", zipped({"a.json": SMALL, "b/c.json": LARGE}), "zip"),
+        ("application/octet-stream", zipped({"a.json": SMALL}), "zip"),
+        ("application/octet-stream", gzip.compress(ndjson(100)), "gzip"),
+    ],
+)
+async def test_raw_upload_is_byte_exact(
+    server: RunningServer, content_type: str, data: bytes, kind: str
+) -> None:
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        response = await client.post(UPLOAD, content=data, headers={"content-type": content_type})
+    assert_receipt(response, data, kind)
+    await assert_no_leftovers(server)
+
+
+async def test_raw_upload_without_content_type_is_sniffed(server: RunningServer) -> None:
+    client = await RawClient.connect(server)
+    head = f"POST {UPLOAD} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(SMALL)}\r\n\r\n".encode()
+    await client.send(head + SMALL)
+    assert_receipt(await client.read_response(), SMALL, "json")
+
+
+async def test_streamed_chunked_upload_is_byte_exact(server: RunningServer) -> None:
+    data = gzip.compress(LARGE, compresslevel=1)
+
+    async def body() -> Iterator[bytes]:
+        for i in range(0, len(data), 10_000):
+            yield data[i : i + 10_000]
+
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        response = await client.post(UPLOAD, content=body(), headers={"content-type": "application/gzip"})
+    assert_receipt(response, data, "gzip")
+
+
+async def test_multipart_upload_split_at_every_awkward_place(server: RunningServer) -> None:
+    """The boundary and part headers cut across reads: the file part still comes out whole."""
+    data = zipped({"events.json": SMALL})
+    body = multipart(BOUNDARY, data)
+    client = await RawClient.connect(server)
+    head = upload_head(len(body), content_type=f"multipart/form-data; boundary={BOUNDARY.decode()}")
+    await client.send(head)
+    for i in range(0, len(body), 13):
+        await client.send(body[i : i + 13])
+    assert_receipt(await client.read_response(), data, "zip")
+
+
+async def test_multipart_sent_chunked_is_byte_exact(server: RunningServer) -> None:
+    body = multipart(BOUNDARY, LARGE)
+    client = await RawClient.connect(server)
+    head = upload_head(None, content_type=f"multipart/form-data; boundary={BOUNDARY.decode()}")
+    await client.send(head + chunked(*(body[i : i + 50_000] for i in range(0, len(body), 50_000))))
+    assert_receipt(await client.read_response(), LARGE, "json")
+
+
+async def test_uploads_are_counted(server: RunningServer) -> None:
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        assert (await client.post(UPLOAD, content=SMALL)).status_code == 200
+        assert (await client.post(UPLOAD, content=b"not json")).status_code == 415
+    uploads = (await settled_health(server))["uploads"]
+    assert uploads["completed"] == 1 and uploads["failed"] == 1 and uploads["in_flight"] == 0
+
+
+# ---------------------------------------------------------------------------------------------- 413
+async def test_oversize_content_length_is_413_before_any_body_byte(start_server: StartServer) -> None:
+    server = await start_server(max_upload_bytes=1000)
+    client = await RawClient.connect(server)
+    await client.send(upload_head(1001))  # and not one body byte
+    response = await client.read_response(skip_interim=False)
+    assert response.status == 413 and response.error_code() == "PAYLOAD_TOO_LARGE"
+    assert response.json()["error"]["detail"]["max_upload_bytes"] == 1000
+    assert response.headers["connection"] == "close"
+    assert await client.at_eof()
+    assert server.leftover_files() == []
+
+
+async def test_oversize_content_length_through_httpx(start_server: StartServer) -> None:
+    server = await start_server(max_upload_bytes=1000)
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        response = await client.post(UPLOAD, content=events_json(30))
+        assert response.status_code == 413 and error_code(response) == "PAYLOAD_TOO_LARGE"
+        exactly = b"[" + b" " * 998 + b"]"
+        assert_receipt(await client.post(UPLOAD, content=exactly), exactly, "json")
+
+
+async def test_oversize_chunked_stream_is_413_and_leaves_nothing(start_server: StartServer) -> None:
+    limit = 64 * 1024
+    server = await start_server(max_upload_bytes=limit)
+    client = await RawClient.connect(server)
+    pieces = (chunked(piece)[: -len(b"0\r\n\r\n")] for piece in endless_json(8192, 20 * limit))
+    response = await send_until_answered(client, upload_head(None), pieces)
+    assert response.status == 413 and response.error_code() == "PAYLOAD_TOO_LARGE"
+    assert response.headers["connection"] == "close"
+    await assert_no_leftovers(server)
+    assert (await settled_health(server))["uploads"]["failed"] == 1
+    await assert_still_serving(server)
+
+
+async def test_oversize_multipart_stream_is_413_and_leaves_nothing(start_server: StartServer) -> None:
+    limit = 64 * 1024
+    server = await start_server(max_upload_bytes=limit)
+    client = await RawClient.connect(server)
+    content_type = f"multipart/form-data; boundary={BOUNDARY.decode()}"
+    opening = multipart(BOUNDARY, b"").split(
+        b"\r\n--%s\r\n" % BOUNDARY + b'Content-Disposition: form-data; name="after"'
+    )[0]
+
+    def pieces() -> Iterator[bytes]:
+        yield b"%x\r\n%s\r\n" % (len(opening), opening)
+        for piece in endless_json(8192, 20 * limit):
+            yield b"%x\r\n%s\r\n" % (len(piece), piece)
+
+    response = await send_until_answered(client, upload_head(None, content_type=content_type), pieces())
+    assert response.status == 413 and response.error_code() == "PAYLOAD_TOO_LARGE"
+    await assert_no_leftovers(server)
+    await assert_still_serving(server)
+
+
+async def test_upload_of_exactly_the_limit_is_taken_when_streamed(start_server: StartServer) -> None:
+    data = events_json(200)
+    server = await start_server(max_upload_bytes=len(data))
+    client = await RawClient.connect(server)
+    await client.send(upload_head(None) + chunked(data[:1000], data[1000:]))
+    assert_receipt(await client.read_response(), data, "json")
+
+
+# ------------------------------------------------------------------------------- 415, empty, malformed
+@pytest.mark.parametrize(
+    "first_bytes",
+    [
+        b"\x89PNG\r\n\x1a\n" + bytes(56),
+        b"<html><body>hello</body></html>",
+        b"Rar!\x1a\x07\x00",
+        b"\x00\x00\x00\x00",
+        b"   \n hello",
+    ],
+)
+async def test_early_415_from_first_bytes_without_reading_the_rest(
+    server: RunningServer, first_bytes: bytes
+) -> None:
+    client = await RawClient.connect(server)
+    declared = 50 << 20  # the rest of it is never sent
+    await client.send(upload_head(declared, content_type="application/octet-stream") + first_bytes)
+    response = await client.read_response()
+    assert response.status == 415 and response.error_code() == "UNSUPPORTED_MEDIA_TYPE"
+    assert response.headers["connection"] == "close"
+    assert server.state.stats.uploads_in_flight == 0
+    await assert_no_leftovers(server)
+
+
+async def test_early_415_inside_a_multipart_body(server: RunningServer) -> None:
+    body = multipart(BOUNDARY, b"GIF89a" + bytes(100))
+    opening = body[: body.index(b"GIF89a") + 106]
+    client = await RawClient.connect(server)
+    content_type = f"multipart/form-data; boundary={BOUNDARY.decode()}"
+    await client.send(upload_head(50 << 20, content_type=content_type) + opening)
+    response = await client.read_response()
+    assert response.status == 415 and response.error_code() == "UNSUPPORTED_MEDIA_TYPE"
+    await assert_no_leftovers(server)
+
+
+async def test_declared_content_type_not_accepted_is_415(server: RunningServer) -> None:
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        response = await client.post(UPLOAD, content=SMALL, headers={"content-type": "text/plain"})
+    assert response.status_code == 415 and error_code(response) == "UNSUPPORTED_MEDIA_TYPE"
+
+
+async def test_empty_body_is_400(server: RunningServer) -> None:
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        response = await client.post(UPLOAD, content=b"", headers={"content-type": "application/json"})
+        assert response.status_code == 400 and error_code(response) == "EMPTY_UPLOAD"
+        response = await client.post(UPLOAD, files={"file": ("empty.json", b"", "application/json")})
+        assert response.status_code == 400 and error_code(response) == "EMPTY_UPLOAD"
+    await assert_no_leftovers(server)
+
+
+async def test_multipart_without_file_part_is_400(server: RunningServer) -> None:
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        response = await client.post(UPLOAD, files={"document": ("a.json", SMALL, "application/json")})
+    assert response.status_code == 400 and error_code(response) == "MISSING_FILE_FIELD"
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("multipart/form-data", b"--x\r\n"),  # no boundary parameter
+        (f"multipart/form-data; boundary={BOUNDARY.decode()}", multipart(BOUNDARY, SMALL)[:-40]),  # cut short
+        ("multipart/form-data; boundary=zzz", b"this is not multipart at all\r\n"),
+    ],
+)
+async def test_malformed_multipart_is_400(server: RunningServer, content_type: str, body: bytes) -> None:
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        response = await client.post(UPLOAD, content=body, headers={"content-type": content_type})
+    assert response.status_code == 400 and error_code(response) == "BAD_MULTIPART"
+    await assert_no_leftovers(server)
+
+
+# ------------------------------------------------------------------------------------- disconnects
+@pytest.mark.parametrize("how", ["eof", "reset"])
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_disconnect_mid_body_leaves_no_file(server: RunningServer, how: str, framing: str) -> None:
+    client = await RawClient.connect(server)
+    part = LARGE[: len(LARGE) // 3]
+    if framing == "chunked":
+        await client.send(upload_head(None) + b"%x\r\n%s\r\n" % (len(part), part))
+    else:
+        await client.send(upload_head(len(LARGE)) + part)
+    assert await eventually(lambda: server.state.stats.uploads_in_flight == 1)
+    assert await eventually(lambda: bool(server.leftover_files()))
+    if how == "reset":
+        client.stream.socket.setsockopt(
+            socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+        )
+    await client.aclose()
+    assert await eventually(lambda: server.state.stats.uploads_in_flight == 0)
+    await assert_no_leftovers(server)
+    assert (await settled_health(server))["uploads"]["failed"] == 1
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        assert_receipt(await http.post(UPLOAD, content=SMALL), SMALL, "json")
+
+
+# ------------------------------------------------------------------------------- concurrency, health
+async def test_concurrency_cap_answers_503_with_retry_after(start_server: StartServer) -> None:
+    server = await start_server(max_concurrent_uploads=1)
+    holder = await RawClient.connect(server)
+    await holder.send(upload_head(len(SMALL)) + SMALL[:50])
+    assert await eventually(lambda: server.state.stats.uploads_in_flight == 1)
+
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        response = await client.post(UPLOAD, content=SMALL)
+        assert response.status_code == 503 and error_code(response) == "SERVER_BUSY"
+        assert int(response.headers["retry-after"]) >= 1
+        assert response.headers["connection"] == "close"
+        assert (await client.get("/api/v1/health")).json()["uploads"]["in_flight"] == 1
+
+        await holder.send(SMALL[50:])
+        assert_receipt(await holder.read_response(), SMALL, "json")
+        # The slot is free again (handle_upload releases it just *after* sending the answer).
+        assert await eventually(lambda: server.state.stats.uploads_in_flight == 0)
+        assert_receipt(await client.post(UPLOAD, content=SMALL), SMALL, "json")
+    await assert_no_leftovers(server)
+
+
+async def test_a_refused_upload_does_not_hold_a_slot(start_server: StartServer) -> None:
+    server = await start_server(max_concurrent_uploads=1)
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        for _ in range(3):
+            assert (await client.post(UPLOAD, content=b"GIF89a")).status_code == 415
+            assert (await client.post(UPLOAD, content=b"")).status_code == 400
+        assert_receipt(await client.post(UPLOAD, content=SMALL), SMALL, "json")
+
+
+async def test_health_answers_quickly_while_an_upload_streams(server: RunningServer) -> None:
+    """While an upload streams in (for as long as the checks take), health answers at once."""
+    client = await RawClient.connect(server)
+    item = b'{"id":"1","type":"PushEvent","payload":{}},'
+    piece = item * (65536 // len(item))
+    latencies: list[float] = []
+    async with trio.open_nursery() as nursery:
+
+        async def stream_upload() -> None:
+            await client.send(upload_head(1 << 30) + b"[")
+            while True:  # about 64 MB/s, until cancelled
+                await client.send(piece)
+                await trio.sleep(0.001)
+
+        nursery.start_soon(stream_upload)
+        assert await eventually(lambda: server.state.stats.uploads_in_flight == 1)
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            for _ in range(10):
+                started = time.perf_counter()
+                response = await http.get("/api/v1/health")
+                latencies.append(time.perf_counter() - started)
+                assert response.status_code == 200
+                assert response.json()["uploads"]["in_flight"] == 1
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    await client.aclose()
+    assert max(latencies) < 0.25, latencies
+    await assert_no_leftovers(server)
+
+
+async def test_health_reports_degraded_when_disk_is_short(start_server: StartServer) -> None:
+    server = await start_server(min_free_bytes=1 << 60)
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        response = await client.get("/api/v1/health")
+        assert response.status_code == 503
+        body = response.json()
+        assert body["status"] == "degraded"
+        assert body["tmp_dir"]["free_bytes"] < body["tmp_dir"]["min_free_bytes"]
+        head = await client.head("/api/v1/health")
+        assert head.status_code == 503 and head.content == b""
+
+
+async def test_health_document(server: RunningServer) -> None:
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        response = await client.get("/api/v1/health")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "ok" and body["pid"] == os.getpid()
+    assert body["tmp_dir"]["path"] == str(server.tmp_dir)
+    assert body["tmp_dir"]["free_bytes"] > 0
+    assert body["uploads"] == {
+        "in_flight": 0,
+        "max_concurrent": server.state.config.max_concurrent_uploads,
+        "completed": 0,
+        "failed": 0,
+    }
+    assert set(body) >= {"version", "uptime_s", "connections", "workers", "limits"}
+
+
+# --------------------------------------------------------------------------------------- stale files
+@pytest.fixture
+def dead_pid() -> int:
+    """The pid of a process that has exited."""
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+async def test_stale_temp_files_are_removed_at_start(
+    start_server: StartServer, server_tmp: Path, dead_pid: int
+) -> None:
+    stale = [f"upload-server-{dead_pid}-0123abcd.part", f"upload-server-{dead_pid}-0123abcd-entry-3"]
+    alive = f"upload-server-{os.getppid()}-89abcdef.part"  # its process still runs: not ours to delete
+    unrelated = ["notes.txt", "upload-server-notapid-00.part"]
+    for name in [*stale, alive, *unrelated]:
+        (server_tmp / name).write_bytes(b"x")
+    (server_tmp / f"upload-server-{dead_pid}-dir").mkdir()
+    server = await start_server()
+    assert server.leftover_files() == sorted([alive, *unrelated, f"upload-server-{dead_pid}-dir"])
+    await assert_still_serving(server)
+
+
+async def test_many_uploads_on_one_connection_leave_nothing(server: RunningServer) -> None:
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        for kind, data in [
+            ("json", SMALL),
+            ("gzip", gzip.compress(SMALL)),
+            ("zip", zipped({"a.json": SMALL})),
+        ]:
+            assert_receipt(await client.post(UPLOAD, content=data), data, kind)
+            assert_receipt(await client.post(UPLOAD, files={"file": ("f", data)}), data, kind)
+    await assert_no_leftovers(server)
+    assert (await settled_health(server))["uploads"]["completed"] == 6
+
+
+async def test_multipart_epilogue_counts_towards_the_limit(start_server: StartServer) -> None:
+    """Bytes after the closing boundary are ignored by the parser, but not read for ever: 413."""
+    limit = 64 * 1024
+    server = await start_server(max_upload_bytes=limit)
+    client = await RawClient.connect(server)
+    content_type = f"multipart/form-data; boundary={BOUNDARY.decode()}"
+    complete = multipart(BOUNDARY, SMALL)
+
+    def pieces() -> Iterator[bytes]:
+        yield b"%x\r\n%s\r\n" % (len(complete), complete)
+        epilogue = b"x" * 8192
+        for _ in range(20 * limit // len(epilogue)):
+            yield b"%x\r\n%s\r\n" % (len(epilogue), epilogue)
+
+    response = await send_until_answered(client, upload_head(None, content_type=content_type), pieces())
+    assert response.status == 413 and response.error_code() == "PAYLOAD_TOO_LARGE"
+    await assert_no_leftovers(server)
