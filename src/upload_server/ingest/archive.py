@@ -57,6 +57,12 @@ class EntryPlan:
     compressed_size: int
     declared_size: int
     gzipped: bool
+    # Where and how to read the entry, so a worker need not parse the central directory again (20,000 tiny
+    # entries in batches would otherwise parse it once per batch). None: the worker looks them up itself.
+    header_offset: int | None = None
+    method: int | None = None
+    crc: int | None = None
+    flag_bits: int = 0
 
 
 @dataclass(frozen=True)
@@ -200,7 +206,17 @@ def _select(infos: list[zipfile.ZipInfo], limits: ArchiveLimits) -> ArchivePlan:
             )
         total += info.file_size
         entries.append(
-            EntryPlan(index, name, info.compress_size, info.file_size, name.lower().endswith(".gz"))
+            EntryPlan(
+                index=index,
+                name=name,
+                compressed_size=info.compress_size,
+                declared_size=info.file_size,
+                gzipped=name.lower().endswith(".gz"),
+                header_offset=info.header_offset,
+                method=info.compress_type,
+                crc=info.CRC,
+                flag_bits=info.flag_bits,
+            )
         )
     if total > limits.max_uncompressed_bytes:
         raise errors.ZipBomb(
