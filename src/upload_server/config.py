@@ -34,6 +34,22 @@ def parse_size(text: str) -> int:
     return int(float(number) * _SIZE_UNITS[unit.lower()])
 
 
+def parse_int(text: str) -> int:
+    """A whole number: ``8000``."""
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a whole number") from None
+
+
+def parse_float(text: str) -> float:
+    """A number of seconds or a ratio: ``10``, ``2.5``."""
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number (examples: 10, 2.5)") from None
+
+
 def parse_bool(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in {"1", "true", "yes", "on"}:
@@ -104,30 +120,40 @@ def _ratio(value: float) -> str | None:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("host", str, "address to listen on"),
-    Setting("port", int, "port to listen on (0 picks a free one)", _port),
-    Setting("max_connections", int, "open connections at most; further ones wait to be accepted", _positive),
-    Setting("header_timeout", float, "seconds for a request head to arrive (408 after)", _positive),
-    Setting("body_idle_timeout", float, "seconds without a body byte before 408", _positive),
-    Setting("keepalive_timeout", float, "seconds an idle keep-alive connection is kept open", _positive),
+    Setting("port", parse_int, "port to listen on (0 picks a free one)", _port),
+    Setting(
+        "max_connections", parse_int, "open connections at most; further ones wait to be accepted", _positive
+    ),
+    Setting("header_timeout", parse_float, "seconds for a request head to arrive (408 after)", _positive),
+    Setting("body_idle_timeout", parse_float, "seconds without a body byte before 408", _positive),
+    Setting(
+        "keepalive_timeout", parse_float, "seconds an idle keep-alive connection is kept open", _positive
+    ),
     Setting("max_header_bytes", parse_size, "largest request head (431 above)", _positive),
     Setting("max_upload_bytes", parse_size, "largest upload body (413 above)", _positive),
-    Setting("max_concurrent_uploads", int, "uploads received or processed at once (503 above)", _positive),
+    Setting(
+        "max_concurrent_uploads", parse_int, "uploads received or processed at once (503 above)", _positive
+    ),
     Setting("tmp_dir", str, "directory for temporary upload files", _directory),
     Setting(
         "min_free_bytes", parse_size, "health reports degraded (503) below this free space", _non_negative
     ),
-    Setting("workers", int, "worker processes that parse uploads", _positive),
+    Setting("workers", parse_int, "worker processes that parse uploads", _positive),
     Setting(
         "worker_memory_budget",
         parse_size,
         "files under this size are parsed whole in a worker; larger ones are streamed",
         _positive,
     ),
-    Setting("process_timeout", float, "seconds one upload may spend in the workers (503 after)", _positive),
-    Setting("max_entries", int, "entries a ZIP archive may hold", _positive),
+    Setting(
+        "process_timeout", parse_float, "seconds one upload may spend in the workers (503 after)", _positive
+    ),
+    Setting("max_entries", parse_int, "entries a ZIP archive may hold", _positive),
     Setting("max_uncompressed_bytes", parse_size, "total uncompressed size of one upload", _positive),
-    Setting("max_ratio", float, "largest compression ratio of an entry above 1 MiB", _ratio),
-    Setting("shutdown_grace", float, "seconds in-flight requests get to finish on SIGTERM", _non_negative),
+    Setting("max_ratio", parse_float, "largest compression ratio of an entry above 1 MiB", _ratio),
+    Setting(
+        "shutdown_grace", parse_float, "seconds in-flight requests get to finish on SIGTERM", _non_negative
+    ),
     Setting("log_level", lambda text: text.strip().lower(), "debug, info, warning or error", _log_level),
 )
 
@@ -164,6 +190,7 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
     environ = os.environ if environ is None else environ
     arguments = build_parser().parse_args(argv)
     values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
     for setting in SETTINGS:
         raw = getattr(arguments, setting.name)
         source = flag_name(setting)
@@ -176,16 +203,18 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
         except ValueError as error:
             raise ConfigError(f"{source}: {error}") from None
         values[setting.name] = value
+        sources[setting.name] = source
     config = Config(**values)
-    validate(config)
+    validate(config, sources)
     return config
 
 
-def validate(config: Config) -> None:
+def validate(config: Config, sources: Mapping[str, str] | None = None) -> None:
+    """Raise ConfigError for the first bad value, named by where it came from (flag or variable)."""
     by_name = {setting.name: setting for setting in SETTINGS}
     for field in fields(config):
-        complaint = by_name[field.name].check(getattr(config, field.name))
+        setting = by_name[field.name]
+        complaint = setting.check(getattr(config, field.name))
         if complaint:
-            raise ConfigError(
-                f"{flag_name(by_name[field.name])} ({getattr(config, field.name)!r}) {complaint}"
-            )
+            source = (sources or {}).get(field.name, flag_name(setting))
+            raise ConfigError(f"{source} ({getattr(config, field.name)!r}) {complaint}")
