@@ -1,0 +1,210 @@
+"""Merge per-file results into one upload's answer; render the JSON answer and the NDJSON lines. Pure.
+
+Ordering: results may be added in any order (as workers finish). Files are listed by ``FileResult.order``
+(the ``infolist()`` index; ties keep arrival order), and an actor's attributes are those of the file that
+comes first in that order, whatever order the results arrived in. Actors are sorted by id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from upload_server.ingest.extract import FileResult
+
+__all__ = [
+    "Merged",
+    "Merger",
+    "actor_line",
+    "actor_lines",
+    "file_line",
+    "merge",
+    "render_answer",
+    "summary_line",
+]
+
+_ACTOR_KEYS = ("login", "display_login", "avatar_url", "url", "gravatar_id")
+
+
+@dataclass
+class Merged:
+    """One upload's totals. ``actors`` maps id → (login, display_login, avatar_url, url, gravatar_id, events),
+    iterated in id order."""
+
+    files: list[FileResult] = field(default_factory=list)
+    files_failed: int = 0
+    events: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    event_types: dict[str, int] = field(default_factory=dict)
+    actors: dict[int, tuple[Any, ...]] = field(default_factory=dict)
+
+    def summary(self, files_ignored: int) -> dict[str, Any]:
+        return {
+            "files": len(self.files),
+            "files_failed": self.files_failed,
+            "files_ignored": files_ignored,
+            "events": self.events,
+            "skipped": self.skipped,
+            "unique_actors": len(self.actors),
+            "event_types": self.event_types,
+        }
+
+
+class Merger:
+    """Incremental merge: ``add`` results as they arrive, ``result()`` once at the end."""
+
+    def __init__(self) -> None:
+        self._files: list[FileResult] = []
+        self._failed = 0
+        self._events = 0
+        self._skipped: dict[str, int] = {}
+        self._types: dict[str, int] = {}
+        # id -> [order of the first file, login, display_login, avatar_url, url, gravatar_id, events]
+        self._actors: dict[int, list[Any]] = {}
+
+    def add(self, result: FileResult) -> None:
+        self._files.append(result)
+        if result.error is not None:
+            self._failed += 1
+            return  # a failed file counts for nothing (its counts are empty anyway)
+        self._events += result.events
+        _add_counts(self._skipped, result.skipped)
+        _add_counts(self._types, result.event_types)
+        order = result.order
+        actors = self._actors
+        for aid, rec in result.actors.items():
+            mine = actors.get(aid)
+            if mine is None:
+                actors[aid] = [order, *rec]
+            else:
+                mine[6] += rec[5]
+                if order < mine[0]:  # an earlier file arrived later: its attributes win
+                    mine[0:6] = [order, *rec[:5]]
+
+    def extend(self, results: Iterable[FileResult]) -> None:
+        for r in results:
+            self.add(r)
+
+    def result(self) -> Merged:
+        return Merged(
+            files=sorted(self._files, key=lambda r: r.order),
+            files_failed=self._failed,
+            events=self._events,
+            skipped=dict(sorted(self._skipped.items())),
+            event_types=dict(sorted(self._types.items())),
+            actors={aid: tuple(rec[1:]) for aid, rec in sorted(self._actors.items())},
+        )
+
+
+def _add_counts(into: dict[str, int], counts: Mapping[str, int]) -> None:
+    for k, n in counts.items():
+        into[k] = into.get(k, 0) + n
+
+
+def merge(results: Iterable[FileResult]) -> Merged:
+    """Merge results given in any order (see the module docstring for the ordering rules)."""
+    m = Merger()
+    m.extend(results)
+    return m.result()
+
+
+def _file_dict(r: FileResult) -> dict[str, Any]:
+    return {
+        "name": r.name,
+        "layout": r.layout,
+        "size_bytes": r.size_bytes,
+        "events": r.events,
+        "skipped": dict(sorted(r.skipped.items())),
+        "error": r.error,
+    }
+
+
+def _actor_dict(aid: int, rec: tuple[Any, ...]) -> dict[str, Any]:
+    d: dict[str, Any] = {"id": aid}
+    d.update(zip(_ACTOR_KEYS, rec[:5], strict=True))
+    d["events"] = rec[5]
+    return d
+
+
+def _head(
+    merged: Merged,
+    upload_id: str,
+    size_bytes: int,
+    sha256: str,
+    content_kind: str,
+    ignored: Sequence[tuple[str, str]],
+) -> dict[str, Any]:
+    return {
+        "upload_id": upload_id,
+        "size_bytes": size_bytes,
+        "sha256": sha256,
+        "content_kind": content_kind,
+        "summary": merged.summary(len(ignored)),
+    }
+
+
+def render_answer(
+    merged: Merged,
+    *,
+    upload_id: str,
+    size_bytes: int,
+    sha256: str,
+    content_kind: str,
+    ignored: Sequence[tuple[str, str]],
+    timing_ms: Mapping[str, float],
+    include_actors: bool,
+) -> dict[str, Any]:
+    """The JSON answer. ``timing_ms`` is passed through (``{"receive", "process"}``)."""
+    answer = _head(merged, upload_id, size_bytes, sha256, content_kind, ignored)
+    answer["files"] = [_file_dict(r) for r in merged.files]
+    answer["ignored"] = [{"name": n, "reason": why} for n, why in ignored]
+    if include_actors:
+        answer["actors"] = [_actor_dict(aid, rec) for aid, rec in merged.actors.items()]
+    answer["timing_ms"] = dict(timing_ms)
+    return answer
+
+
+def _line(obj: dict[str, Any]) -> bytes:
+    return orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE)
+
+
+def actor_line(actor_id: int, rec: tuple[Any, ...]) -> bytes:
+    """``{"kind": "actor", "id", "login", "display_login", "avatar_url", "url", "gravatar_id", "events"}``."""
+    return _line({"kind": "actor", **_actor_dict(actor_id, rec)})
+
+
+def actor_lines(merged: Merged, batch: int = 1000) -> Iterator[bytes]:
+    """All actor lines in id order, ``batch`` lines joined per item (fewer writes for a chunked answer)."""
+    lines: list[bytes] = []
+    for aid, rec in merged.actors.items():
+        lines.append(actor_line(aid, rec))
+        if len(lines) >= batch:
+            yield b"".join(lines)
+            lines = []
+    if lines:
+        yield b"".join(lines)
+
+
+def file_line(result: FileResult) -> bytes:
+    """``{"kind": "file", "name", "layout", "size_bytes", "events", "skipped", "error"}``."""
+    return _line({"kind": "file", **_file_dict(result)})
+
+
+def summary_line(
+    merged: Merged,
+    *,
+    upload_id: str,
+    size_bytes: int,
+    sha256: str,
+    content_kind: str,
+    ignored: Sequence[tuple[str, str]],
+    timing_ms: Mapping[str, float],
+) -> bytes:
+    """The last line: the JSON answer without ``files`` and ``actors`` (they came as their own lines)."""
+    body = _head(merged, upload_id, size_bytes, sha256, content_kind, ignored)
+    body["ignored"] = [{"name": n, "reason": why} for n, why in ignored]
+    body["timing_ms"] = dict(timing_ms)
+    return _line({"kind": "summary", **body})

@@ -1,0 +1,206 @@
+"""Direct tests of ingest.results. Expected totals are computed here from the FileResults' own inputs."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from typing import Any
+
+import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from upload_server.ingest.extract import FileResult
+from upload_server.ingest.results import (
+    Merger,
+    actor_line,
+    actor_lines,
+    file_line,
+    merge,
+    render_answer,
+    summary_line,
+)
+
+
+def fr(name: str, order: int, actors: dict[int, tuple[Any, ...]], **kw: Any) -> FileResult:
+    events = kw.pop("events", sum(a[5] for a in actors.values()))
+    return FileResult(
+        name=name, layout="ndjson", size_bytes=100, events=events, actors=actors, order=order, **kw
+    )
+
+
+def info(login: str, n: int) -> tuple[Any, ...]:
+    return (login, login, f"https://a/{login}", f"https://u/{login}", "", n)
+
+
+ANSWER_ARGS: dict[str, Any] = {
+    "upload_id": "u1",
+    "size_bytes": 1234,
+    "sha256": "ab" * 32,
+    "content_kind": "zip",
+    "ignored": [("__MACOSX/x", "macos_metadata"), ("r.txt", "unsupported_name")],
+    "timing_ms": {"receive": 1.5, "process": 20.0},
+}
+
+
+def test_merge_dedups_actors_first_seen_in_file_order_whatever_the_arrival_order() -> None:
+    a = fr("a.json", 0, {5: info("old5", 2), 9: info("nine", 1)}, event_types={"PushEvent": 3})
+    b = fr("b.json", 1, {5: info("new5", 4), 1: info("one", 1)}, event_types={"PushEvent": 2, "X": 3})
+    bad = FileResult(
+        name="bad.json", layout="ndjson", error={"code": "INVALID_JSON", "message": "m"}, order=2
+    )
+    for arrival in ([a, b, bad], [bad, b, a], [b, a, bad]):
+        m = merge(arrival)
+        assert [f.name for f in m.files] == ["a.json", "b.json", "bad.json"]
+        assert list(m.actors) == [1, 5, 9]
+        assert m.actors[5] == (*info("old5", 0)[:5], 6)
+        assert m.events == 8 and m.files_failed == 1
+        assert m.event_types == {"PushEvent": 5, "X": 3}
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        st.lists(st.tuples(st.integers(1, 30), st.sampled_from(["a", "b", "c"])), max_size=15),
+        min_size=1,
+        max_size=6,
+    ),
+    st.randoms(),
+)
+def test_merge_totals_match_independent_count(files: list[list[tuple[int, str]]], rnd: random.Random) -> None:
+    # Each file is a list of (actor id, login) events; build the FileResults the way extract would.
+    results = []
+    for order, evs in enumerate(files):
+        actors: dict[int, tuple[Any, ...]] = {}
+        for aid, login in evs:
+            if aid in actors:
+                actors[aid] = (*actors[aid][:5], actors[aid][5] + 1)
+            else:
+                actors[aid] = (*info(f"{login}{order}", 0)[:5], 1)
+        results.append(fr(f"{order}.json", order, actors, event_types={"T": len(evs)} if evs else {}))
+    shuffled = results[:]
+    rnd.shuffle(shuffled)
+    merger = Merger()
+    for r in shuffled:
+        merger.add(r)
+    m = merger.result()
+    all_events = [ev for evs in files for ev in evs]
+    assert m.events == len(all_events)
+    assert dict(Counter(aid for aid, _ in all_events)) == {aid: rec[5] for aid, rec in m.actors.items()}
+    first_login = {}
+    for order, evs in enumerate(files):
+        for aid, login in evs:
+            first_login.setdefault(aid, f"{login}{order}")
+    assert {aid: rec[0] for aid, rec in m.actors.items()} == first_login
+    assert list(m.actors) == sorted(m.actors)
+
+
+def test_render_answer_shape() -> None:
+    ok = fr(
+        "a.json", 0, {7: info("seven", 2)}, skipped={"no_actor": 1, "invalid_actor": 2}, event_types={"P": 5}
+    )
+    ok.events = 5
+    bad = FileResult(name="b.json", error={"code": "INVALID_JSON", "message": "x", "line": 3}, order=1)
+    m = merge([bad, ok])
+    ans = render_answer(m, include_actors=True, **ANSWER_ARGS)
+    assert list(ans) == [
+        "upload_id",
+        "size_bytes",
+        "sha256",
+        "content_kind",
+        "summary",
+        "files",
+        "ignored",
+        "actors",
+        "timing_ms",
+    ]
+    assert ans["summary"] == {
+        "files": 2,
+        "files_failed": 1,
+        "files_ignored": 2,
+        "events": 5,
+        "skipped": {"invalid_actor": 2, "no_actor": 1},
+        "unique_actors": 1,
+        "event_types": {"P": 5},
+    }
+    assert ans["files"] == [
+        {
+            "name": "a.json",
+            "layout": "ndjson",
+            "size_bytes": 100,
+            "events": 5,
+            "skipped": {"invalid_actor": 2, "no_actor": 1},
+            "error": None,
+        },
+        {
+            "name": "b.json",
+            "layout": None,
+            "size_bytes": 0,
+            "events": 0,
+            "skipped": {},
+            "error": {"code": "INVALID_JSON", "message": "x", "line": 3},
+        },
+    ]
+    assert ans["ignored"] == [
+        {"name": "__MACOSX/x", "reason": "macos_metadata"},
+        {"name": "r.txt", "reason": "unsupported_name"},
+    ]
+    assert ans["actors"] == [
+        {
+            "id": 7,
+            "login": "seven",
+            "display_login": "seven",
+            "avatar_url": "https://a/seven",
+            "url": "https://u/seven",
+            "gravatar_id": "",
+            "events": 2,
+        }
+    ]
+    assert ans["timing_ms"] == {"receive": 1.5, "process": 20.0}
+    orjson.dumps(ans)  # serialisable as is
+    assert "actors" not in render_answer(m, include_actors=False, **ANSWER_ARGS)
+
+
+def test_ndjson_lines() -> None:
+    m = merge([fr("a.json", 0, {i: info(f"u{i}", 1) for i in range(2500)})])
+    chunks = list(actor_lines(m, batch=1000))
+    assert len(chunks) == 3
+    lines = b"".join(chunks).splitlines(keepends=True)
+    assert len(lines) == 2500 and all(x.endswith(b"\n") for x in lines)
+    first = orjson.loads(lines[0])
+    assert first == {
+        "kind": "actor",
+        "id": 0,
+        "login": "u0",
+        "display_login": "u0",
+        "avatar_url": "https://a/u0",
+        "url": "https://u/u0",
+        "gravatar_id": "",
+        "events": 1,
+    }
+    assert actor_line(0, m.actors[0]) == lines[0]
+    f = orjson.loads(file_line(m.files[0]))
+    assert f == {"kind": "file", "name": "a.json", "layout": "ndjson", "size_bytes": 100, "events": 2500} | {
+        "skipped": {},
+        "error": None,
+    }
+    s = summary_line(m, **ANSWER_ARGS)
+    assert s.endswith(b"\n") and s.count(b"\n") == 1
+    body = orjson.loads(s)
+    assert body["kind"] == "summary" and body["summary"]["unique_actors"] == 2500
+    assert body["upload_id"] == "u1" and body["ignored"][0]["reason"] == "macos_metadata"
+    assert "files" not in body and "actors" not in body
+
+
+def test_empty_merge() -> None:
+    m = merge([])
+    assert m.summary(0) == {
+        "files": 0,
+        "files_failed": 0,
+        "files_ignored": 0,
+        "events": 0,
+        "skipped": {},
+        "unique_actors": 0,
+        "event_types": {},
+    }
+    assert list(actor_lines(m)) == []
