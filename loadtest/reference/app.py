@@ -1,10 +1,10 @@
 """The reference peer's FastAPI app: the upload API as the original Python design served it.
 
 Receive with Starlette/FastAPI (``UploadFile`` via python-multipart, or the raw body), keep the upload
-in a temporary file, fan the files out to a ``ProcessPoolExecutor`` sized to the CPU count, merge in
-the event loop, answer with orjson. Configured the way a careful team would run it in production:
-one uvicorn process, the pool started (and warmed) before the first request, the central directory
-read in a worker, entries batched, access log off.
+in a temporary file, fan the files out to a ``ProcessPoolExecutor`` sized to the CPU count, merge the
+results and answer with orjson. Configured the way a careful team would run it in production: one
+uvicorn process, the pool started (and warmed) before the first request, the central directory read
+in a worker, entries batched, merging and rendering in Starlette's threadpool, access log off.
 """
 
 from __future__ import annotations
