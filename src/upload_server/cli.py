@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import trio
 
@@ -28,9 +28,12 @@ def configure_logging(level: str) -> None:
 
 
 async def run(config: Config) -> None:
-    async with trio.open_nursery() as nursery:
-        state = await nursery.start(_serve_then_stop, config, nursery.cancel_scope)
-        nursery.start_soon(_watch_signals, state, nursery.cancel_scope)
+    # Catch the signals before the server starts: one that arrives between the "listening" line and
+    # the watcher would otherwise kill the process outright, temp files and all.
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            state = await nursery.start(_serve_then_stop, config, nursery.cancel_scope)
+            nursery.start_soon(_watch_signals, signals, state, nursery.cancel_scope)
 
 
 async def _serve_then_stop(
@@ -40,15 +43,16 @@ async def _serve_then_stop(
     everything.cancel()  # serve returned after a shutdown: the signal watcher is done too
 
 
-async def _watch_signals(state: ServerState, everything: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            if state.shutting_down:
-                log.info("second signal: stopping now")
-                everything.cancel()
-                return
-            log.info("%s: shutting down gracefully", signal.Signals(signum).name)
-            state.shutdown()
+async def _watch_signals(
+    signals: AsyncIterator[int], state: ServerState, everything: trio.CancelScope
+) -> None:
+    async for signum in signals:
+        if state.shutting_down:
+            log.info("second signal: stopping now")
+            everything.cancel()
+            return
+        log.info("%s: shutting down gracefully", signal.Signals(signum).name)
+        state.shutdown()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
