@@ -31,9 +31,23 @@ async def run(config: Config) -> None:
     # Catch the signals before the server starts: one that arrives between the "listening" line and
     # the watcher would otherwise kill the process outright, temp files and all.
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        failure: OSError | None = None
         async with trio.open_nursery() as nursery:
-            state = await nursery.start(_serve_then_stop, config, nursery.cancel_scope)
-            nursery.start_soon(_watch_signals, signals, state, nursery.cancel_scope)
+            try:
+                state = await nursery.start(_serve_then_stop, config, nursery.cancel_scope)
+            except OSError as error:  # cannot bind, cannot read the temp dir: nothing started yet
+                failure = error
+            else:
+                nursery.start_soon(_watch_signals, signals, state, nursery.cancel_scope)
+    if failure is not None:
+        reason = failure.strerror or str(failure)
+        if failure.filename:
+            reason += f" ({failure.filename})"
+        raise StartupError(f"cannot start on {config.host}:{config.port}: {reason}") from failure
+
+
+class StartupError(Exception):
+    """The server could not start (e.g. the port is taken); the message says why."""
 
 
 async def _serve_then_stop(
@@ -62,7 +76,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"upload-server: configuration error: {error}", file=sys.stderr)
         return 2
     configure_logging(config.log_level)
-    trio.run(run, config)
+    try:
+        trio.run(run, config)
+    except StartupError as error:
+        print(f"upload-server: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
