@@ -423,3 +423,19 @@ def test_stream_errors_propagate_to_the_caller() -> None:
 
     with pytest.raises(EOFError):
         extract_stream("f", Boom())  # type: ignore[arg-type]
+
+
+def test_large_files_mixing_lines_pretty_values_and_long_lines() -> None:
+    # Bigger than the in-memory slice (256 KiB) and the stream chunk, so slices end inside values.
+    evs = gh_events(3000)
+    long_one = {"actor": {"id": 424242, "login": "long"}, "type": "PushEvent", "payload": "y" * (700 << 10)}
+    items: list[Any] = [*evs[:1500], long_one, *evs[1500:]]
+    parts = [dumps(e) for e in evs[:1500]] + [dumps(long_one)] + [dumps(e, pretty=True) for e in evs[1500:]]
+    data = b"\n".join(parts) + b"\n"
+    assert len(data) > 2 << 20
+    for res in (extract_bytes("f", data), stream_result(data, chunk=1 << 16)):
+        assert_matches(res, items)
+        assert res.layout == "ndjson"
+    broken = data[: len(data) - 5]
+    for res in (extract_bytes("f", broken), stream_result(broken, chunk=1 << 16)):
+        assert res.error is not None and res.error["code"] == "INVALID_JSON" and res.events == 0
