@@ -1,0 +1,297 @@
+"""The command line as a real subprocess: start-up, a real client, SIGTERM, refusals of bad settings."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from upload_server.config import SETTINGS, env_name, flag_name
+
+CONSOLE_SCRIPT = Path(sys.executable).with_name("upload-server")
+LISTENING = re.compile(r"upload-server listening on http://127\.0\.0\.1:(\d+)")
+EVENTS = json.dumps(
+    [{"id": str(n), "type": "PushEvent", "actor": {"login": f"u{n}"}} for n in range(200)]
+).encode()
+START_TIMEOUT = 15.0  # a cold interpreter on a busy 2-core machine; a passing run takes well under 1 s
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without UPLOAD_SERVER_* settings, plus ``extra``."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("UPLOAD_SERVER_")}
+    env.update(extra)
+    return env
+
+
+@dataclass
+class ServerProcess:
+    """A server started from the command line, with its stderr collected line by line."""
+
+    process: subprocess.Popen[str]
+    lines: queue.Queue[str] = field(default_factory=queue.Queue)
+    seen: list[str] = field(default_factory=list)
+    port: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait_for(self, pattern: re.Pattern[str], timeout: float) -> re.Match[str]:
+        """The first stderr line (from now on) matching ``pattern``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no line matching {pattern.pattern!r}; stderr so far: {self.seen}")
+            try:
+                line = self.lines.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            self.seen.append(line)
+            if match := pattern.search(line):
+                return match
+
+    def stderr_text(self) -> str:
+        """Everything written to stderr (call after the process ended)."""
+        while not self.lines.empty():
+            self.seen.append(self.lines.get_nowait())
+        return "".join(self.seen)
+
+
+Spawn = Callable[..., ServerProcess]
+
+
+def _pump(stream: Iterator[str], lines: queue.Queue[str]) -> None:
+    for line in stream:
+        lines.put(line)
+
+
+@pytest.fixture
+def spawn() -> Iterator[Spawn]:
+    """Start ``command`` and wait for its listening line; every process is killed at the end of the test."""
+    started: list[subprocess.Popen[str]] = []
+
+    def spawn_server(command: list[str], env: dict[str, str] | None = None) -> ServerProcess:
+        process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env or clean_env()
+        )
+        started.append(process)
+        server = ServerProcess(process)
+        threading.Thread(target=_pump, args=(process.stderr, server.lines), daemon=True).start()
+        server.port = int(server.wait_for(LISTENING, START_TIMEOUT).group(1))
+        return server
+
+    yield spawn_server
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture
+def spool_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "spool"
+    path.mkdir()
+    return path
+
+
+def fetch(url: str, *curl_args: str) -> tuple[int, bytes]:
+    """Status and body, with curl when the machine has it (a client we did not write), else httpx."""
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("curl is not installed")
+    result = subprocess.run(
+        [curl, "-sS", "--max-time", "10", "-o", "-", "-w", "\n%{http_code}", *curl_args, url],
+        capture_output=True,
+        check=True,
+        timeout=20,
+    )
+    body, _, status = result.stdout.rpartition(b"\n")
+    return int(status), body
+
+
+def stop(server: ServerProcess, signum: int = signal.SIGTERM, timeout: float = 5.0) -> tuple[int, float]:
+    """Signal the server; its exit code and how long it took to exit."""
+    started = time.monotonic()
+    server.process.send_signal(signum)
+    code = server.process.wait(timeout=timeout)
+    return code, time.monotonic() - started
+
+
+# ------------------------------------------------------------------------------------- a real run
+def test_console_script_serves_real_clients_and_stops_on_sigterm(
+    spawn: Spawn, spool_dir: Path, tmp_path: Path
+) -> None:
+    assert CONSOLE_SCRIPT.exists(), "the upload-server console script is not installed in this environment"
+    server = spawn([str(CONSOLE_SCRIPT), "--port", "0", "--tmp-dir", str(spool_dir), "--workers", "1"])
+
+    if shutil.which("curl"):
+        status, body = fetch(f"{server.url}/api/v1/health")
+        assert status == 200 and json.loads(body)["status"] == "ok"
+        events = tmp_path / "events.json"
+        events.write_bytes(EVENTS)
+        status, body = fetch(
+            f"{server.url}/api/v1/upload",
+            "--data-binary",
+            f"@{events}",
+            "-H",
+            "Content-Type: application/json",
+        )
+        receipt = json.loads(body)
+        assert status == 200, receipt
+        assert receipt["sha256"] == hashlib.sha256(EVENTS).hexdigest() and receipt["size_bytes"] == len(
+            EVENTS
+        )
+        status, body = fetch(f"{server.url}/api/v1/upload", "-F", f"file=@{events}")
+        assert status == 200 and json.loads(body)["sha256"] == hashlib.sha256(EVENTS).hexdigest()
+    else:
+        with httpx.Client(base_url=server.url) as client:
+            assert client.get("/api/v1/health").json()["status"] == "ok"
+            receipt = client.post("/api/v1/upload", content=EVENTS).json()
+            assert receipt["sha256"] == hashlib.sha256(EVENTS).hexdigest()
+
+    code, took = stop(server)
+    assert code == 0, server.stderr_text()
+    assert took < 3
+    stderr = server.stderr_text()
+    assert re.search(r"POST /api/v1/upload HTTP/1\.1 200 in=\d+ out=\d+", stderr), stderr
+    assert "Traceback" not in stderr
+    assert list(spool_dir.iterdir()) == []
+
+
+def test_sigterm_with_an_upload_in_flight_waits_the_grace_then_cleans_up(
+    spawn: Spawn, spool_dir: Path
+) -> None:
+    server = spawn(
+        [
+            sys.executable,
+            "-m",
+            "upload_server",
+            "--port",
+            "0",
+            "--tmp-dir",
+            str(spool_dir),
+            "--shutdown-grace",
+            "0.5",
+        ]
+    )
+    with socket.create_connection(("127.0.0.1", server.port)) as client:
+        head = f"POST /api/v1/upload HTTP/1.1\r\nHost: x\r\nContent-Length: {len(EVENTS)}\r\n\r\n"
+        client.sendall(head.encode() + EVENTS[:100])
+        deadline = time.monotonic() + 5
+        while not list(spool_dir.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert list(spool_dir.iterdir()), "the upload never reached the spool"
+        code, took = stop(server)
+    assert code == 0, server.stderr_text()
+    assert 0.4 <= took < 3, took
+    assert list(spool_dir.iterdir()) == []
+    assert "Traceback" not in server.stderr_text()
+
+
+def test_second_signal_stops_at_once(spawn: Spawn, spool_dir: Path) -> None:
+    server = spawn(
+        [
+            sys.executable,
+            "-m",
+            "upload_server",
+            "--port",
+            "0",
+            "--tmp-dir",
+            str(spool_dir),
+            "--shutdown-grace",
+            "30",
+        ]
+    )
+    with socket.create_connection(("127.0.0.1", server.port)) as client:
+        head = f"POST /api/v1/upload HTTP/1.1\r\nHost: x\r\nContent-Length: {len(EVENTS)}\r\n\r\n"
+        client.sendall(head.encode() + EVENTS[:100])
+        server.process.send_signal(signal.SIGTERM)
+        server.wait_for(re.compile("shutting down"), 5)
+        code, took = stop(server, signal.SIGINT)
+    assert code == 0, server.stderr_text()
+    assert took < 3
+    assert list(spool_dir.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------ help, refusals
+def test_help_lists_every_flag_with_its_default_and_variable() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "upload_server", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=clean_env(),
+    )
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())  # argparse wraps lines
+    for setting in SETTINGS:
+        assert flag_name(setting) in text
+        assert env_name(setting) in text
+    assert "(default: 8000;" in text and "(default: 127.0.0.1;" in text
+
+
+def run_refused(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run the server with a setting it must refuse: it exits at once, non-zero, without a traceback."""
+    result = subprocess.run(
+        [sys.executable, "-m", "upload_server", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=clean_env(**env),
+    )
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "listening on" not in result.stderr
+    return result
+
+
+def test_bad_environment_value_exits_with_a_clear_message(tmp_path: Path) -> None:
+    result = run_refused("--tmp-dir", str(tmp_path), UPLOAD_SERVER_PORT="notaport")
+    assert result.returncode == 2
+    assert "UPLOAD_SERVER_PORT" in result.stderr and "'notaport' is not a whole number" in result.stderr
+
+
+def test_missing_tmp_dir_exits_with_a_clear_message() -> None:
+    result = run_refused("--port", "0", "--tmp-dir", "/nonexistent/upload-server-tmp")
+    assert result.returncode == 2
+    assert "--tmp-dir" in result.stderr and "must be an existing directory" in result.stderr
+
+
+def test_unknown_flag_exits_with_usage() -> None:
+    result = run_refused("--no-such-flag")
+    assert result.returncode == 2
+    assert "unrecognized arguments: --no-such-flag" in result.stderr
+
+
+def test_port_in_use_exits_with_a_clear_message(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_refused("--port", str(port), "--tmp-dir", str(tmp_path))
+    assert f"127.0.0.1:{port}" in result.stderr
+    assert "in use" in result.stderr.lower()
+
+
+def test_sigterm_right_after_the_listening_line_is_a_graceful_stop(spawn: Spawn, spool_dir: Path) -> None:
+    """A supervisor may signal as soon as it sees the server listening: that must already be handled."""
+    server = spawn([sys.executable, "-m", "upload_server", "--port", "0", "--tmp-dir", str(spool_dir)])
+    code, _ = stop(server)
+    assert code == 0, server.stderr_text()
+    assert "shutting down gracefully" in server.stderr_text()
