@@ -583,3 +583,22 @@ async def test_cancellation_racing_a_disconnect_does_not_escape_the_connection()
         await client_end.aclose()
         await conn.serve(handler)
     assert outer.cancelled_caught
+
+
+async def test_watching_for_a_disconnect_does_not_buffer_pipelined_bytes_without_bound() -> None:
+    """While an answer is being prepared the server watches for the client leaving; a client that
+    keeps sending meanwhile must not fill the server's memory."""
+    server_end, client_end = trio.testing.memory_stream_pair()
+    conn = HttpConnection(
+        server_end, header_timeout=5, body_idle_timeout=5, keepalive_timeout=5, max_header_bytes=16384
+    )
+    await client_end.send_all(upload_head(len(EVENTS_BYTES)) + EVENTS_BYTES)
+    assert await conn.next_request() is not None
+    while await conn.receive_body_chunk():
+        pass
+    for _ in range(40):
+        await client_end.send_all(get("/api/v1/health") * 2000)  # ~2 MiB of pipelined requests
+    received_before = conn.bytes_in
+    with trio.move_on_after(0.2):
+        await conn.wait_for_disconnect()
+    assert conn.bytes_in - received_before <= 2 << 20

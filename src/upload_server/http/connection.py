@@ -40,6 +40,8 @@ log = logging.getLogger("upload_server.http")
 access_log = logging.getLogger("upload_server.access")
 
 RECEIVE_SIZE = 256 * 1024
+#: Bytes read ahead (pipelined requests) while a request is still being answered, at most.
+PIPELINE_BUFFER_BYTES = 1 << 20
 SERVER_HEADER = f"upload-server/{__version__}".encode()
 # After an error answer whose request body was not read, the client may still be sending: keep reading
 # and discarding for a while before closing, or the kernel answers the unread bytes with a reset that can
@@ -191,9 +193,14 @@ class HttpConnection:
     async def wait_for_disconnect(self) -> None:
         """Return when the client closes or resets the connection (used to cancel work nobody awaits).
 
-        Bytes a client pipelines meanwhile go to h11's buffer and are served later.
+        Bytes a client pipelines meanwhile go to h11's buffer and are served later, up to
+        ``PIPELINE_BUFFER_BYTES``; past that the socket is no longer read (TCP holds the client back),
+        and a disconnect can no longer be seen: this then waits until cancelled.
         """
+        started_at = self.bytes_in
         while not self.peer_closed:
+            if self.bytes_in - started_at >= PIPELINE_BUFFER_BYTES:
+                await trio.sleep_forever()
             try:
                 await self._receive_into_h11()
             except ClientDisconnected:
