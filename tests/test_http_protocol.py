@@ -602,3 +602,16 @@ async def test_watching_for_a_disconnect_does_not_buffer_pipelined_bytes_without
     with trio.move_on_after(0.2):
         await conn.wait_for_disconnect()
     assert conn.bytes_in - received_before <= 2 << 20
+
+
+async def test_connections_over_the_cap_wait_to_be_accepted(start_server: StartServer) -> None:
+    server = await start_server(max_connections=2)
+    first, second = await RawClient.connect(server), await RawClient.connect(server)
+    third = await RawClient.connect(server)  # completes in the kernel's backlog
+    await third.send(get("/api/v1/health"))
+    assert await third.nothing_within(0.2)  # not accepted while two are open
+    await first.aclose()
+    response = await third.read_response()  # accepted once a slot frees
+    assert response.status == 200
+    assert response.json()["connections"] == {"open": 2, "max": 2}
+    await second.aclose()

@@ -527,3 +527,12 @@ async def test_multipart_epilogue_counts_towards_the_limit(start_server: StartSe
     response = await send_until_answered(client, upload_head(None, content_type=content_type), pieces())
     assert response.status == 413 and response.error_code() == "PAYLOAD_TOO_LARGE"
     await assert_no_leftovers(server)
+
+
+async def test_oversized_form_fields_besides_file_are_413(server: RunningServer) -> None:
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        response = await client.post(
+            UPLOAD, data={"note": "n" * (2 << 20)}, files={"file": ("a.json", SMALL, "application/json")}
+        )
+    assert response.status_code == 413 and error_code(response) == "FORM_FIELDS_TOO_LARGE"
+    await assert_no_leftovers(server)
