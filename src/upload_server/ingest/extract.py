@@ -35,7 +35,10 @@ deliberately not used: its yajl2_c backend needs memory quadratic in nesting dep
 from __future__ import annotations
 
 import codecs
+import contextlib
+import gc
 import re
+from collections.abc import Iterator
 from typing import Any, BinaryIO
 
 import msgspec
@@ -291,8 +294,26 @@ def _check_utf8(region: memoryview, base: int) -> None:
         raise _decode_error(exc, region, base) from None
 
 
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Decoded events are acyclic, so the cyclic collector only costs time while we build tens of thousands
+    of containers (measured: ~15% of extract_bytes on 64 MB). Reference counting still frees everything."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def extract_bytes(name: str, data: bytes, events_out: BinaryIO | None = None) -> FileResult:
     """Extract a whole file held in memory (the fast path; use for files under the memory budget)."""
+    with _gc_paused():
+        return _extract_bytes(name, data, events_out)
+
+
+def _extract_bytes(name: str, data: bytes, events_out: BinaryIO | None) -> FileResult:
     size = len(data)
     start = 3 if data[:3] == _BOM else 0
     m = _NON_WS.search(data, start)
@@ -432,6 +453,13 @@ def extract_stream(
     """Extract a file from a binary stream in bounded memory (about ``chunk_size`` plus the largest value, and
     never more than ``max_value_bytes`` for one value). Exceptions raised by ``stream.read`` (decompression
     errors, bomb guards) propagate to the caller; ``events_out`` is then left for the caller to rewind."""
+    with _gc_paused():
+        return _extract_stream(name, stream, events_out, chunk_size, max_value_bytes)
+
+
+def _extract_stream(
+    name: str, stream: BinaryIO, events_out: BinaryIO | None, chunk_size: int, max_value_bytes: int
+) -> FileResult:
     buf = _Buf(stream, chunk_size)
     acc = _Acc(name, events_out)
     pos = _tell(events_out)
