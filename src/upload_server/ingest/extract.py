@@ -23,13 +23,18 @@ Readings of the rules (the issue leaves these open):
   (nesting beyond msgspec's limit, e.g. ``[`` × 100,000), ``VALUE_TOO_LARGE`` (streaming only: one
   top-level value, or a run of bytes with no value boundary, larger than ``max_value_bytes``).
   ``error`` carries ``code``, ``message``, ``offset`` (byte offset in the file, BOM included) and ``line``
-  (1-based) whenever the position is known.
+  (1-based) whenever the position is known. ``size_bytes`` of a file that failed while streaming counts
+  the bytes read up to the failure (reading on would defeat the bound).
+* **Event lines** (``events_out``): ``{"kind": "event", "file", "id", "type", "created_at", "actor_id",
+  "actor_login", "repo"}`` per counted event; ``id``/``type``/``created_at`` as found, ``actor_id`` and
+  ``actor_login`` null without a usable actor, ``repo`` the repo's ``name`` or null.
 
 Speed: events are decoded by msgspec into small Structs that name only the fields we read (the payload,
-most of the bytes, is skipped without building objects). The streaming path feeds msgspec whole batches of
-lines; only multi-line layouts and arrays past the memory budget fall back to one value at a time. ijson is
-deliberately not used: its yajl2_c backend needs memory quadratic in nesting depth (``[`` × 20,000 took
-1 GB, × 100,000 was OOM-killed), and it is several times slower.
+most of the bytes, is skipped without building objects), NDJSON in 256 KiB slices of whole lines. The
+streaming path does the same per read; only values spanning lines and arrays read as a stream go one
+value at a time. ijson is deliberately not used: its yajl2_c backend needs memory quadratic in nesting
+depth (``[`` × 20,000 took 1 GB, × 100,000 was OOM-killed), and it is several times slower. Figures:
+``loadtest/bench_extract.py``.
 """
 
 from __future__ import annotations
