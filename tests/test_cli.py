@@ -295,3 +295,25 @@ def test_sigterm_right_after_the_listening_line_is_a_graceful_stop(spawn: Spawn,
     code, _ = stop(server)
     assert code == 0, server.stderr_text()
     assert "shutting down gracefully" in server.stderr_text()
+
+
+def test_sigterm_does_not_wait_for_idle_keep_alive_connections(spawn: Spawn, spool_dir: Path) -> None:
+    """Load balancers and client pools hold idle connections open; shutdown closes them at once."""
+    server = spawn(
+        [
+            sys.executable,
+            "-m",
+            "upload_server",
+            "--port",
+            "0",
+            "--tmp-dir",
+            str(spool_dir),
+            "--keepalive-timeout",
+            "20",
+        ]
+    )
+    with httpx.Client(base_url=server.url) as client:
+        assert client.get("/api/v1/health").status_code == 200  # the connection stays in the pool
+        code, took = stop(server)
+    assert code == 0, server.stderr_text()
+    assert took < 2, took

@@ -615,3 +615,20 @@ async def test_connections_over_the_cap_wait_to_be_accepted(start_server: StartS
     assert response.status == 200
     assert response.json()["connections"] == {"open": 2, "max": 2}
     await second.aclose()
+
+
+async def test_shutdown_closes_idle_connections_and_finishes_busy_ones(server: RunningServer) -> None:
+    idle = await RawClient.connect(server)
+    await idle.send(get("/api/v1/health"))
+    assert (await idle.read_response()).status == 200
+    busy = await RawClient.connect(server)
+    await busy.send(upload_head(len(EVENTS_BYTES)) + EVENTS_BYTES[:10])
+    await _wait_for_in_flight(server, 1)
+
+    server.state.shutdown()
+    assert await idle.at_eof(within=1)  # closed at once, not after the keep-alive allowance
+    await busy.send(EVENTS_BYTES[10:] + get("/api/v1/health"))
+    response = await busy.read_response()
+    assert response.status == 200 and response.json()["size_bytes"] == len(EVENTS_BYTES)
+    assert response.headers["connection"] == "close"  # the pipelined request is not taken
+    assert await busy.at_eof(within=1)

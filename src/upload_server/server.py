@@ -41,14 +41,17 @@ class ServerState:
     connection_slots: trio.Semaphore = field(init=False)
     port: int = 0
     _accepting: trio.CancelScope = field(default_factory=trio.CancelScope)
+    _connections: set[HttpConnection] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.upload_slots = trio.CapacityLimiter(self.config.max_concurrent_uploads)
         self.connection_slots = trio.Semaphore(self.config.max_connections)
 
     def shutdown(self) -> None:
-        """Stop accepting; open connections get the grace period to finish."""
+        """Stop accepting; idle keep-alive connections close now, busy ones get the grace period."""
         self._accepting.cancel()
+        for conn in self._connections:
+            conn.close_if_idle()
 
     @property
     def shutting_down(self) -> bool:
@@ -84,7 +87,13 @@ async def _serve_connection(stream: trio.SocketStream, state: ServerState) -> No
             keepalive_timeout=config.keepalive_timeout,
             max_header_bytes=config.max_header_bytes,
         )
-        await conn.serve(state.dispatch)
+        if state.shutting_down:  # accepted just before the listener closed
+            conn.close_if_idle()
+        state._connections.add(conn)
+        try:
+            await conn.serve(state.dispatch)
+        finally:
+            state._connections.discard(conn)
     finally:
         state.stats.connections_open -= 1
         state.connection_slots.release()

@@ -75,6 +75,9 @@ class HttpConnection:
         self.bytes_in = 0
         self.bytes_out = 0
         self.status: int | None = None
+        # Shutdown: answer the request in progress with Connection: close, then take no other.
+        self.closing = False
+        self._idle_scope: trio.CancelScope | None = None
 
     # ----------------------------------------------------------------------------------- receiving
     async def _receive_into_h11(self) -> None:
@@ -108,23 +111,31 @@ class HttpConnection:
         # A new connection gets the head allowance at once. A kept-alive one gets the idle allowance until
         # the first byte of its next head, and from that byte on the head allowance (as nginx does).
         head_started = first
+        if self.closing and not first:
+            return None
         with trio.CancelScope(
             deadline=started + (self.header_timeout if first else self.keepalive_timeout)
         ) as scope:
-            while True:
-                event = self._next_event()
-                if isinstance(event, h11.Request):
-                    self._check_head(event)
-                    return Request.from_h11(event)
-                if isinstance(event, h11.ConnectionClosed):
-                    return None
-                if event is h11.NEED_DATA:
-                    if not head_started and self.h11.trailing_data[0]:
-                        head_started = True
-                        scope.deadline = trio.current_time() + self.header_timeout
-                    await self._receive_into_h11()
-                    continue
-                raise BadRequest("Unexpected data before the request head.")
+            # While no byte of the next head has arrived, shutdown may close the connection (close_if_idle).
+            self._idle_scope = None if head_started else scope
+            try:
+                while True:
+                    event = self._next_event()
+                    if isinstance(event, h11.Request):
+                        self._check_head(event)
+                        return Request.from_h11(event)
+                    if isinstance(event, h11.ConnectionClosed):
+                        return None
+                    if event is h11.NEED_DATA:
+                        if not head_started and self.h11.trailing_data[0]:
+                            head_started = True
+                            self._idle_scope = None
+                            scope.deadline = trio.current_time() + self.header_timeout
+                        await self._receive_into_h11()
+                        continue
+                    raise BadRequest("Unexpected data before the request head.")
+            finally:
+                self._idle_scope = None
         if first or self.h11.trailing_data[0]:
             raise RequestTimeout(
                 f"The request head did not arrive within {self.header_timeout:g} seconds.",
@@ -153,6 +164,12 @@ class HttpConnection:
                 "The request head is larger than this server accepts.",
                 detail={"max_header_bytes": self.max_header_bytes},
             )
+
+    def close_if_idle(self) -> None:
+        """For shutdown: end the connection now if it waits between requests, else after this one."""
+        self.closing = True
+        if self._idle_scope is not None:
+            self._idle_scope.cancel()
 
     async def receive_body_chunk(self) -> bytes:
         """The next piece of the request body; b"" at its end.
@@ -223,7 +240,7 @@ class HttpConnection:
         headers.extend(extra)
         self._discard_buffered_body()
         unread = self.h11.their_state is not h11.DONE and self.h11.their_state is not h11.MUST_CLOSE
-        if unread and (b"connection", b"close") not in headers:
+        if (unread or self.closing) and (b"connection", b"close") not in headers:
             # The request body was not (fully) read: the connection cannot carry another request.
             headers.append((b"connection", b"close"))
         return headers
