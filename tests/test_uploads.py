@@ -52,6 +52,12 @@ def events_json(count: int, pad: int = 0) -> bytes:
     return json.dumps(events).encode()
 
 
+def events_of_exactly(size: int) -> bytes:
+    """A JSON array of one event, padded to exactly ``size`` bytes."""
+    bare = events_json(1)
+    return events_json(1, pad=size - len(bare))
+
+
 def ndjson(count: int) -> bytes:
     return b"".join(json.dumps({"id": str(n), "type": "WatchEvent"}).encode() + b"\n" for n in range(count))
 
@@ -244,7 +250,7 @@ async def test_oversize_content_length_through_httpx(start_server: StartServer) 
     async with httpx.AsyncClient(base_url=server.url) as client:
         response = await client.post(UPLOAD, content=events_json(30))
         assert response.status_code == 413 and error_code(response) == "PAYLOAD_TOO_LARGE"
-        exactly = b"[" + b" " * 998 + b"]"
+        exactly = events_of_exactly(1000)
         assert_receipt(await client.post(UPLOAD, content=exactly), exactly, "json")
 
 
