@@ -28,6 +28,9 @@ What it does, all on 127.0.0.1 and every step under a deadline:
    request head to the last byte written to the temp file); their ratios; the peak RSS; then PASS/FAIL for
    the targets of issue 2: server >= 0.5 x sink MB/s, server RSS <= 64 MiB during the upload.
 
+Starting and stopping the targets, the /proc sampling and the raw-socket client live in ``harness.py``,
+shared with ``bench_ingest.py`` and ``bench_compare.py``.
+
 MB is 10^6 bytes. Exit status: 0 when every target passes, 1 when one is missed, 2 when the run failed.
 The other engineers' tests share the same 2 cores, so the script also prints the load average before
 and after, and each upload's CPU use, to tell a slow run from a noisy one.
@@ -36,68 +39,42 @@ and after, and each upload's CPU use, to tell a slow run from a noisy one.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import random
-import re
 import shutil
-import signal
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import zipfile
-from collections import deque
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-HOST = "127.0.0.1"
-UPLOAD_PATH = "/api/v1/upload"
-LISTENING = re.compile(r"listening on http://127\.0\.0\.1:(\d+)")
-START_TIMEOUT = 60.0
-STOP_TIMEOUT = 20.0
-MB = 1_000_000
-MIB = 1 << 20
+import harness
+from harness import (
+    MB,
+    MIB,
+    Exchange,
+    Sample,
+    Sampler,
+    Server,
+    human_bytes,
+    load_average,
+    median,
+    mem_available_bytes,
+    parse_size,
+    start_server,
+    status_kib,
+    stop_server,
+    warm_page_cache,
+)
+
+HOST = harness.HOST
+UPLOAD_PATH = harness.UPLOAD_PATH
 THROUGHPUT_TARGET = 0.5  # server MB/s >= this x sink MB/s
 RSS_TARGET_BYTES = 64 * MIB
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-PAGE_CACHE_CHUNK = 8 * MIB
-
-
-# ----------------------------------------------------------------------------------------- helpers
-def parse_size(text: str) -> int:
-    """``1073741824``, ``128M``, ``1G``, ``1GiB`` → bytes (binary units)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmg]?)(?:i?b)?\s*", text, re.IGNORECASE)
-    if not match:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size (examples: 128M, 1G)")
-    number, unit = match.groups()
-    return int(float(number) * {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[unit.lower()])
-
-
-def human_bytes(count: float) -> str:
-    return f"{count / MIB:.1f} MiB"
-
-
-def median(values: Sequence[float]) -> float:
-    return statistics.median(values) if values else float("nan")
-
-
-def mem_available_bytes() -> int:
-    with open("/proc/meminfo") as meminfo:
-        for line in meminfo:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def load_average() -> str:
-    return " ".join(f"{value:.2f}" for value in os.getloadavg())
 
 
 # ------------------------------------------------------------------------------------ the upload
@@ -147,298 +124,10 @@ def make_upload(path: Path, size: int, seed: int = 1) -> int:
     return path.stat().st_size
 
 
-def warm_page_cache(path: Path) -> float:
-    """Read the file once so that sendfile serves it from memory; return seconds taken."""
-    started = time.perf_counter()
-    buffer = bytearray(PAGE_CACHE_CHUNK)
-    with open(path, "rb", buffering=0) as source:
-        while source.readinto(buffer):
-            pass
-    return time.perf_counter() - started
-
-
-# ------------------------------------------------------------------------------- process sampling
-def _children(pid: int) -> list[int]:
-    """Direct children of ``pid`` (any of its threads may have started them)."""
-    found: list[int] = []
-    with contextlib.suppress(OSError):
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/children") as listing:
-                found.extend(int(child) for child in listing.read().split())
-    return found
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (workers, a forkserver and its children)."""
-    out, todo = [], _children(pid)
-    while todo:
-        child = todo.pop()
-        out.append(child)
-        todo.extend(_children(child))
-    return out
-
-
-def status_kib(pid: int, field_name: str = "VmRSS") -> int:
-    """A ``kB`` field of /proc/<pid>/status in KiB; 0 when the process is gone."""
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def thread_cpu_seconds(pid: int) -> dict[int, float]:
-    """CPU seconds (user + system) of each thread of ``pid``."""
-    out: dict[int, float] = {}
-    with contextlib.suppress(OSError):
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                with open(f"/proc/{pid}/task/{tid}/stat") as stat:
-                    fields = stat.read().rsplit(")", 1)[1].split()
-                out[int(tid)] = (int(fields[11]) + int(fields[12])) / CLK_TCK
-    return out
-
-
-def machine_busy_seconds() -> float:
-    """CPU seconds all cores spent busy since boot (user, nice, system, irq, softirq, steal)."""
-    with open("/proc/stat") as stat:
-        fields = stat.readline().split()[1:]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(value) for value in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / CLK_TCK
-
-
-def process_cpu_seconds(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
-    except (OSError, ValueError, IndexError):
-        return 0.0
-
-
-def minor_faults(pid: int) -> int:
-    """Minor page faults of ``pid`` so far (each one a fresh page the allocator got from the kernel)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return int(stat.read().rsplit(")", 1)[1].split()[7])
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-@dataclass
-class Sample:
-    """Peaks and CPU use of one process tree over one upload."""
-
-    main_peak_kib: int = 0
-    children_peak_kib: int = 0
-    total_peak_kib: int = 0
-    children_seen: int = 0
-    samples: int = 0
-    main_thread_cpu_s: float = 0.0
-    other_threads_cpu_s: float = 0.0
-    children_cpu_s: float = 0.0
-    machine_cpu_s: float = 0.0  # every process on the machine, the client and the target included
-    minor_faults: int = 0  # of the target process (not its workers)
-
-
-class Sampler:
-    """Samples VmRSS of ``pid`` and of its descendants every ``interval`` seconds, in a thread."""
-
-    def __init__(self, pid: int, interval: float) -> None:
-        self.pid = pid
-        self.interval = interval
-        self.result = Sample()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
-        self._threads_start: dict[int, float] = {}
-        self._threads_last: dict[int, float] = {}
-        self._children_cpu_start: dict[int, float] = {}
-        self._children_cpu_last: dict[int, float] = {}
-        self._machine_start = 0.0
-        self._faults_start = 0
-
-    def __enter__(self) -> Sampler:
-        self._machine_start = machine_busy_seconds()
-        self._faults_start = minor_faults(self.pid)
-        self._threads_start = thread_cpu_seconds(self.pid)
-        self._threads_last = dict(self._threads_start)
-        self._sample()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self._sample()
-        self.result.machine_cpu_s = machine_busy_seconds() - self._machine_start
-        self.result.minor_faults = minor_faults(self.pid) - self._faults_start
-        main = self._threads_last.get(self.pid, 0.0) - self._threads_start.get(self.pid, 0.0)
-        others = sum(
-            cpu - self._threads_start.get(tid, 0.0)
-            for tid, cpu in self._threads_last.items()
-            if tid != self.pid
-        )
-        children = sum(
-            cpu - self._children_cpu_start.get(pid, 0.0) for pid, cpu in self._children_cpu_last.items()
-        )
-        self.result.main_thread_cpu_s = main
-        self.result.other_threads_cpu_s = others
-        self.result.children_cpu_s = children
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._sample()
-
-    def _sample(self) -> None:
-        result = self.result
-        main = status_kib(self.pid)
-        kids = descendants(self.pid)
-        kids_kib = sum(status_kib(kid) for kid in kids)
-        result.samples += 1
-        result.main_peak_kib = max(result.main_peak_kib, main)
-        result.children_peak_kib = max(result.children_peak_kib, kids_kib)
-        result.total_peak_kib = max(result.total_peak_kib, main + kids_kib)
-        result.children_seen = max(result.children_seen, len(kids))
-        # Threads and workers may come and go: keep the last CPU figure seen for each.
-        self._threads_last.update(thread_cpu_seconds(self.pid))
-        for kid in kids:
-            cpu = process_cpu_seconds(kid)
-            self._children_cpu_start.setdefault(kid, cpu)
-            self._children_cpu_last[kid] = cpu
-
-
-# -------------------------------------------------------------------------------- the two targets
-@dataclass
-class Target:
-    """A server under test, running as a subprocess; its stderr is drained into a bounded tail."""
-
-    name: str
-    process: subprocess.Popen[bytes]
-    port: int = 0
-    log_tail: deque[str] = field(default_factory=lambda: deque(maxlen=40))
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-
-def start_target(name: str, command: list[str], env: dict[str, str] | None = None) -> Target:
-    """Start ``command``, wait for its ``listening on http://127.0.0.1:PORT`` line, keep draining stderr."""
-    process = subprocess.Popen(
-        command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env
-    )
-    target = Target(name, process)
-    ready = threading.Event()
-
-    def drain() -> None:
-        assert process.stderr is not None
-        for raw in process.stderr:  # keep reading: a full pipe would stall the server's logging
-            line = raw.decode("utf-8", "replace").rstrip()
-            target.log_tail.append(line)
-            match = LISTENING.search(line)
-            if match and not ready.is_set():
-                target.port = int(match.group(1))
-                ready.set()
-        ready.set()
-
-    threading.Thread(target=drain, name=f"{name}-stderr", daemon=True).start()
-    if not ready.wait(START_TIMEOUT) or not target.port:
-        stop_target(target)
-        tail = "\n".join(target.log_tail)
-        raise RuntimeError(f"{name} did not start within {START_TIMEOUT:g} s:\n{tail}")
-    return target
-
-
-def stop_target(target: Target) -> None:
-    """SIGTERM, then SIGKILL if it does not stop within STOP_TIMEOUT."""
-    if target.process.poll() is None:
-        target.process.send_signal(signal.SIGTERM)
-        try:
-            target.process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            target.process.kill()
-            target.process.wait(5)
-
-
 # ---------------------------------------------------------------------------------------- clients
-@dataclass
-class Exchange:
-    """What one upload took and got back."""
-
-    status: int
-    body: bytes
-    wall_s: float
-    sent_s: float  # until the client's last send returned (bytes in the kernel, not yet read by the peer)
-    client_cpu_s: float
-
-
-def _body_framing(body_kind: str) -> tuple[str, bytes, bytes]:
-    """Content-Type, bytes before the file, bytes after it."""
-    if body_kind == "raw":
-        return "application/zip", b"", b""
-    boundary = "bench" + os.urandom(8).hex()
-    before = (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="bench.zip"\r\n'
-        "Content-Type: application/zip\r\n\r\n"
-    ).encode()
-    after = f"\r\n--{boundary}--\r\n".encode()
-    return f"multipart/form-data; boundary={boundary}", before, after
-
-
-def _read_response(sock: socket.socket) -> tuple[int, bytes]:
-    """Status and body of the final answer (interim ``1xx`` answers are skipped)."""
-    data = bytearray()
-    while True:
-        end = data.find(b"\r\n\r\n")
-        if end < 0:
-            chunk = sock.recv(65536)
-            if not chunk:
-                raise ConnectionError(f"connection closed before the answer's head: {bytes(data[:200])!r}")
-            data += chunk
-            continue
-        lines = data[:end].decode("latin-1").split("\r\n")
-        del data[: end + 4]
-        status = int(lines[0].split(" ", 2)[1])
-        if status >= 200:
-            break
-    headers = {
-        name.strip().lower(): value.strip() for name, _, value in (ln.partition(":") for ln in lines[1:])
-    }
-    length = int(headers.get("content-length", "0"))
-    while len(data) < length:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    return status, bytes(data[:length])
-
-
 def socket_upload(port: int, path: Path, body_kind: str, timeout: float) -> Exchange:
     """POST the file over a raw socket: head with ``sendall``, file with zero-copy ``sendfile``."""
-    size = path.stat().st_size
-    content_type, before, after = _body_framing(body_kind)
-    head = (
-        f"POST {UPLOAD_PATH} HTTP/1.1\r\nHost: {HOST}:{port}\r\nContent-Type: {content_type}\r\n"
-        f"Content-Length: {len(before) + size + len(after)}\r\nConnection: close\r\n\r\n"
-    ).encode()
-    cpu_started = time.thread_time()
-    started = time.perf_counter()
-    with socket.create_connection((HOST, port), timeout=timeout) as sock, open(path, "rb") as source:
-        sent_s = float("nan")
-        try:
-            sock.sendall(head + before)
-            sock.sendfile(source)
-            if after:
-                sock.sendall(after)
-            sent_s = time.perf_counter() - started
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the peer answered early (an error) and closed: read what it said
-        status, body = _read_response(sock)
-    wall_s = time.perf_counter() - started
-    return Exchange(status, body, wall_s, sent_s, time.thread_time() - cpu_started)
+    return harness.upload(port, path, content_type="application/zip", body_kind=body_kind, timeout=timeout)
 
 
 def curl_upload(port: int, path: Path, body_kind: str, timeout: float) -> Exchange:
@@ -462,12 +151,14 @@ def curl_upload(port: int, path: Path, body_kind: str, timeout: float) -> Exchan
     body, _, status = completed.stdout.rpartition(b"\n")
     if completed.returncode != 0 or not status.strip().isdigit():
         raise RuntimeError(f"curl failed ({completed.returncode}): {completed.stderr.decode().strip()}")
-    return Exchange(int(status), body, wall_s, float("nan"), cpu_s)
+    return Exchange(int(status), {}, body, wall_s, float("nan"), cpu_s)
 
 
 # ---------------------------------------------------------------------------------------- the run
 @dataclass
 class Result:
+    """One timed upload to one target: what the client saw and what the sampler measured."""
+
     target: str
     round: int
     size: int
@@ -477,10 +168,12 @@ class Result:
 
     @property
     def wall_mb_s(self) -> float:
+        """End-to-end MB/s on the client's clock."""
         return self.size / MB / self.exchange.wall_s
 
     @property
     def receive_mb_s(self) -> float:
+        """MB/s of the receive phase the target itself reports (``timing_ms.receive``)."""
         return self.size / MB / (self.receive_ms / 1000) if self.receive_ms > 0 else float("nan")
 
     @property
@@ -491,11 +184,12 @@ class Result:
 
     @property
     def cpu_s(self) -> float:
-        sample = self.sample
-        return sample.main_thread_cpu_s + sample.other_threads_cpu_s + sample.children_cpu_s
+        """CPU seconds of the target's whole process tree during the upload."""
+        return self.sample.cpu_s
 
 
-def upload_once(args: argparse.Namespace, target: Target, path: Path, round_no: int) -> Result:
+def upload_once(args: argparse.Namespace, target: Server, path: Path, round_no: int) -> Result:
+    """Upload ``path`` once to ``target`` under the sampler; a non-200 answer is an error."""
     upload = curl_upload if args.client == "curl" else socket_upload
     with Sampler(target.pid, args.sample_ms / 1000) as sampler:
         exchange = upload(target.port, path, args.body, args.timeout)
@@ -528,44 +222,16 @@ def print_result(result: Result) -> None:
     )
 
 
-@contextlib.contextmanager
-def py_spy(pid: int, output: str | None, duration: float) -> Iterator[None]:
-    """Record the server with py-spy (on-CPU samples of every thread) while the block runs."""
-    if not output:
-        yield
-        return
-    command = ["py-spy"] if shutil.which("py-spy") else ["uv", "tool", "run", "py-spy"]
-    command += ["record", "--pid", str(pid), "--rate", "200", "--threads", "-o", output]
-    command += ["--duration", str(int(duration))]
-    if output.endswith(".txt"):
-        command += ["--format", "raw"]
-    recorder = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    time.sleep(2.0)  # let py-spy attach before the first byte
-    try:
-        yield
-    finally:
-        recorder.send_signal(signal.SIGINT)
-        try:
-            _, errors = recorder.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            recorder.kill()
-            _, errors = recorder.communicate()
-        written = Path(output).exists()
-        note = "written to" if written else f"FAILED ({errors.decode().strip()[-300:]}), nothing at"
-        print(f"  py-spy profile {note} {output}", flush=True)
-
-
 def build_commands(args: argparse.Namespace, work: Path) -> dict[str, list[str]]:
+    """The command lines of the server and the sink, each with its own temp dir under ``work``."""
     server_tmp, sink_tmp = work / "server-tmp", work / "sink-tmp"
     server_tmp.mkdir()
     sink_tmp.mkdir()
-    server = [sys.executable, "-m", "upload_server", "--port", "0", "--tmp-dir", str(server_tmp)]
-    server += ["--max-upload-bytes", "4G", *args.server_arg]
-    sink = [sys.executable, str(HERE / "sink.py"), "--port", "0", "--tmp-dir", str(sink_tmp)]
-    sink += ["--lifetime", str(int(args.rounds * 2 * args.timeout + 600))]
+    server = harness.server_command("ours", server_tmp, extra=["--max-upload-bytes", "4G", *args.server_arg])
+    sink_flags = ["--lifetime", str(int(args.rounds * 2 * args.timeout + 600))]
     if args.sink_sha256:
-        sink.append("--sha256")
-    sink += args.sink_arg
+        sink_flags.append("--sha256")
+    sink = harness.server_command("sink", sink_tmp, extra=[*sink_flags, *args.sink_arg])
     return {"server": server, "sink": sink}
 
 
@@ -616,6 +282,7 @@ def summarise(results: list[Result], server_hwm_kib: int) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Make the upload, start the targets, upload in alternating order, summarise; the exit status."""
     size_note = human_bytes(args.size)
     print(
         f"bench_upload: {size_note} x {args.rounds} round(s), client={args.client}, body={args.body}, "
@@ -638,18 +305,18 @@ def run(args: argparse.Namespace) -> int:
         make_upload(warm, 8 * MIB, seed=2)
         print(f"  made {data.name}: {actual} bytes in {time.perf_counter() - started:.1f} s", flush=True)
         commands = build_commands(args, work)
-        targets: dict[str, Target] = {}
+        targets: dict[str, Server] = {}
         results: list[Result] = []
         server_hwm_kib = 0
         try:
             for name in args.targets:
-                targets[name] = start_target(name, commands[name])
+                targets[name] = start_server(name, commands[name])
                 print(f"  {name}: pid {targets[name].pid}, port {targets[name].port}", flush=True)
             for target in targets.values():
                 upload_once(args, target, warm, 0)  # warm-up: imports, thread cache, first allocations
             duration = args.rounds * args.timeout
             spy_pid = targets["server"].pid if "server" in targets else 0
-            with py_spy(spy_pid, args.py_spy, duration):
+            with harness.py_spy(spy_pid, args.py_spy, duration, subprocesses=False):
                 for round_no in range(1, args.rounds + 1):
                     order = list(targets.values())
                     if round_no % 2 == 0:
@@ -664,7 +331,7 @@ def run(args: argparse.Namespace) -> int:
                 server_hwm_kib = status_kib(targets["server"].pid, "VmHWM")
         finally:
             for target in targets.values():
-                stop_target(target)
+                stop_server(target)
         leftovers = [p.name for d in ("server-tmp", "sink-tmp") for p in (work / d).iterdir()]
         if leftovers:
             print(f"  warning: files left in the temp dirs: {leftovers}")
