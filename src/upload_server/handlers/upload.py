@@ -7,20 +7,38 @@ at once and its body is never read.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import secrets
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import orjson
 import trio
 
-from ..errors import NotAcceptable, PayloadTooLarge, ServerBusy, UnsupportedMediaType
+from ..errors import (
+    ClientDisconnected,
+    NotAcceptable,
+    PayloadTooLarge,
+    ProcessingTimeout,
+    ServerBusy,
+    StrictModeFailure,
+    UnsupportedMediaType,
+    UploadServerError,
+    ZipBomb,
+    root_cause,
+)
 from ..http.connection import HttpConnection
 from ..http.messages import Request, Response
-from ..receive.body import receive_upload
+from ..ingest.dispatch import plan_ingest, results_as_completed
+from ..ingest.extract import FileResult
+from ..ingest.results import Merged, Merger, actor_lines, file_line, render_answer, summary_line
+from ..receive.body import Received, receive_upload
 from ..receive.multipart import multipart_boundary
-from ..receive.spool import open_spool
+from ..receive.sniff import ContentKind
+from ..receive.spool import Spool, open_spool
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -39,6 +57,7 @@ RAW_CONTENT_TYPES = frozenset(
     }
 )
 NDJSON = "application/x-ndjson"
+STREAM_CHUNK_BYTES = 256 * 1024
 RETRY_AFTER_SECONDS = b"1"
 
 
@@ -134,15 +153,14 @@ async def handle_upload(request: Request, conn: HttpConnection, state: ServerSta
         async with open_spool(config.tmp_dir, config.max_upload_bytes) as spool:
             started = time.perf_counter()
             received = await receive_upload(conn, spool, admission.boundary)
-            receive_ms = (time.perf_counter() - started) * 1000
-            receipt = {
-                "upload_id": upload_id,
-                "size_bytes": spool.size,
-                "sha256": spool.sha256,
-                "content_kind": received.kind.value,
-                "timing_ms": {"receive": round(receive_ms, 1)},
-            }
-            await conn.send_response(Response(status=200, body=orjson.dumps(receipt)))
+            upload = UploadInfo(
+                upload_id=upload_id,
+                size_bytes=spool.size,
+                sha256=spool.sha256,
+                content_kind=received.kind,
+                receive_ms=(time.perf_counter() - started) * 1000,
+            )
+            await _process_while_client_waits(conn, state, admission, spool, received, upload)
         succeeded = True
     finally:
         stats.uploads_in_flight -= 1
@@ -151,3 +169,196 @@ async def handle_upload(request: Request, conn: HttpConnection, state: ServerSta
         else:
             stats.uploads_failed += 1
         state.upload_slots.release_on_behalf_of(upload_id)
+
+
+@dataclass(frozen=True)
+class UploadInfo:
+    upload_id: str
+    size_bytes: int
+    sha256: str
+    content_kind: ContentKind
+    receive_ms: float
+
+
+async def _process_while_client_waits(
+    conn: HttpConnection,
+    state: ServerState,
+    admission: Admission,
+    spool: Spool,
+    received: Received,
+    upload: UploadInfo,
+) -> None:
+    """Process and answer under the processing deadline; a client that leaves cancels the work."""
+    with trio.CancelScope() as work:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_when_client_leaves, conn, work)
+            answer = _answer_ndjson if admission.stream_ndjson else _answer_json
+            await answer(conn, state, admission, spool, received, upload)
+            nursery.cancel_scope.cancel()
+    if work.cancelled_caught:
+        raise ClientDisconnected("the client left while its upload was processed")
+
+
+async def _cancel_when_client_leaves(conn: HttpConnection, work: trio.CancelScope) -> None:
+    await conn.wait_for_disconnect()
+    work.cancel()
+
+
+def _processing_timeout(seconds: float) -> ProcessingTimeout:
+    return ProcessingTimeout(
+        f"Processing the upload took longer than {seconds:g} seconds; its workers were stopped.",
+        detail={"process_timeout_s": seconds},
+    )
+
+
+def _display_name(received: Received) -> str:
+    if received.filename:
+        return received.filename
+    return "upload.json.gz" if received.kind is ContentKind.GZIP else f"upload.{received.kind.value}"
+
+
+def _check_bombs(results: list[FileResult]) -> None:
+    """A file found to be a decompression bomb fails the whole upload, as the directory check would."""
+    for result in results:
+        if result.error and result.error.get("code") == "ZIP_BOMB":
+            raise ZipBomb(
+                f"{result.name} expands far beyond what its archive headers declare.",
+                detail={"file": result.name, **result.error},
+            )
+
+
+async def _answer_json(
+    conn: HttpConnection,
+    state: ServerState,
+    admission: Admission,
+    spool: Spool,
+    received: Received,
+    upload: UploadInfo,
+) -> None:
+    started = time.perf_counter()
+    timeout = state.config.process_timeout
+    with trio.move_on_after(timeout) as deadline:
+        plan = await plan_ingest(
+            state.workers, state.config, spool.path, received.kind, _display_name(received), None
+        )
+        merger = Merger()
+        merger.extend(plan.failed_up_front)
+        async with results_as_completed(state.workers, plan.jobs) as completed:
+            async for _, results in completed:
+                _check_bombs(results)
+                merger.extend(results)
+    if deadline.cancelled_caught:
+        raise _processing_timeout(timeout)
+    merged = merger.result()
+    spool.remove_files()  # before the answer, so a client that sees it finds nothing left behind
+    _check_strict(admission, merged)
+    answer = render_answer(
+        merged,
+        upload_id=upload.upload_id,
+        size_bytes=upload.size_bytes,
+        sha256=upload.sha256,
+        content_kind=upload.content_kind.value,
+        ignored=plan.ignored,
+        timing_ms={
+            "receive": round(upload.receive_ms, 1),
+            "process": round((time.perf_counter() - started) * 1000, 1),
+        },
+        include_actors=admission.include_actors,
+    )
+    await conn.send_response(Response(status=200, body=orjson.dumps(answer)))
+
+
+def _check_strict(admission: Admission, merged: Merged) -> None:
+    if admission.strict and merged.files_failed:
+        raise StrictModeFailure(
+            f"{merged.files_failed} file(s) failed and strict mode is on.",
+            detail={"failed": [{"name": f.name, "error": f.error} for f in merged.files if f.error]},
+        )
+
+
+async def _answer_ndjson(
+    conn: HttpConnection,
+    state: ServerState,
+    admission: Admission,
+    spool: Spool,
+    received: Received,
+    upload: UploadInfo,
+) -> None:
+    """Stream every event as its job finishes, then actors, files and a summary line.
+
+    Errors found before the first line (a bad or bomb archive) get their normal status. After that the
+    status is sent already: an error ends the stream with one ``{"kind": "error"}`` line and no summary.
+    """
+    started = time.perf_counter()
+    timeout = state.config.process_timeout
+    plan = await plan_ingest(
+        state.workers, state.config, spool.path, received.kind, _display_name(received), spool
+    )
+    await conn.start_stream(200, NDJSON, [(b"x-upload-id", upload.upload_id.encode())])
+    try:
+        with trio.move_on_after(timeout) as deadline:
+            merger = Merger()
+            merger.extend(plan.failed_up_front)
+            async with results_as_completed(state.workers, plan.jobs) as completed:
+                async for index, results in completed:
+                    _check_bombs(results)
+                    await _send_file(conn, plan.jobs[index].events_path)
+                    merger.extend(results)
+        if deadline.cancelled_caught:
+            raise _processing_timeout(timeout)
+        merged = merger.result()
+        spool.remove_files()  # before the last lines, so a client that sees them finds nothing left behind
+        await _send_lines(conn, actor_lines(merged))
+        await _send_lines(conn, map(file_line, merged.files))
+        _check_strict(admission, merged)
+        timing = {
+            "receive": round(upload.receive_ms, 1),
+            "process": round((time.perf_counter() - started) * 1000, 1),
+        }
+        await conn.send_chunk(
+            summary_line(
+                merged,
+                upload_id=upload.upload_id,
+                size_bytes=upload.size_bytes,
+                sha256=upload.sha256,
+                content_kind=upload.content_kind.value,
+                ignored=plan.ignored,
+                timing_ms=timing,
+            )
+        )
+    except Exception as raised:
+        error = root_cause(raised)
+        if not isinstance(error, UploadServerError):
+            raise
+        await conn.send_chunk(
+            orjson.dumps({"kind": "error", "error": orjson.loads(error.body())["error"]}) + b"\n"
+        )
+    await conn.end_stream()
+
+
+async def _send_file(conn: HttpConnection, path: str | None) -> None:
+    """Send a worker's event lines, then remove the file."""
+    if path is None:
+        return
+    try:
+        async with await trio.open_file(path, "rb") as lines:
+            while chunk := await lines.read(STREAM_CHUNK_BYTES):
+                await conn.send_chunk(chunk)
+    except FileNotFoundError:
+        return  # a job with no successful file writes nothing
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+async def _send_lines(conn: HttpConnection, lines: Iterable[bytes]) -> None:
+    """Send rendered lines in chunks of about STREAM_CHUNK_BYTES rather than one send per line."""
+    batch: list[bytes] = []
+    size = 0
+    for line in lines:
+        batch.append(line)
+        size += len(line)
+        if size >= STREAM_CHUNK_BYTES:
+            await conn.send_chunk(b"".join(batch))
+            batch, size = [], 0
+    await conn.send_chunk(b"".join(batch))

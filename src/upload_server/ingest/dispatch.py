@@ -22,12 +22,17 @@ import trio
 import trio_parallel
 
 from ..errors import WorkerCrashed
+from ..receive.sniff import ContentKind
+from .archive import ArchiveLimits, EntryPlan, plan_zip
+from .extract import FileResult
+from .worker import Job, run_job
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from pathlib import Path
 
     from ..config import Config
-    from .archive import EntryPlan
+    from ..receive.spool import Spool
 
 T = TypeVar("T")
 
@@ -140,3 +145,75 @@ def batch_entries(entries: Sequence[EntryPlan], workers: int) -> list[tuple[Entr
     if current:
         batches.append(tuple(current))
     return batches
+
+
+@dataclass(frozen=True)
+class IngestPlan:
+    jobs: list[Job]
+    ignored: list[tuple[str, str]]
+    failed_up_front: list[FileResult]
+
+
+async def plan_ingest(
+    pool: WorkerPool,
+    config: Config,
+    source: Path,
+    kind: ContentKind,
+    display_name: str,
+    events_dir: Spool | None,
+) -> IngestPlan:
+    """Turn a spooled upload into jobs. A ZIP's directory is read and checked in a worker too: a
+    directory of 10,000 entries is real CPU work that must not stall the event loop."""
+    common: dict[str, Any] = {
+        "memory_budget": config.worker_memory_budget,
+        "max_ratio": config.max_ratio,
+        "max_uncompressed_bytes": config.max_uncompressed_bytes,
+    }
+    if kind is not ContentKind.ZIP:
+        events_path = str(events_dir.sibling("events-0.ndjson")) if events_dir else None
+        job = Job(str(source), kind.value, display_name=display_name, events_path=events_path, **common)
+        return IngestPlan(jobs=[job], ignored=[], failed_up_front=[])
+    limits = ArchiveLimits(
+        max_entries=config.max_entries,
+        max_uncompressed_bytes=config.max_uncompressed_bytes,
+        max_ratio=config.max_ratio,
+    )
+    archive = await pool.run(plan_zip, str(source), limits)
+    jobs = [
+        Job(
+            str(source),
+            kind.value,
+            entries=batch,
+            events_path=str(events_dir.sibling(f"events-{number}.ndjson")) if events_dir else None,
+            **common,
+        )
+        for number, batch in enumerate(batch_entries(archive.entries, pool.count))
+    ]
+    return IngestPlan(jobs=jobs, ignored=list(archive.ignored), failed_up_front=list(archive.failed))
+
+
+@contextlib.asynccontextmanager
+async def results_as_completed(
+    pool: WorkerPool, jobs: Sequence[Job]
+) -> AsyncIterator[trio.MemoryReceiveChannel[tuple[int, list[FileResult]]]]:
+    """Run every job; yield ``(job index, its file results)`` in the order the jobs finish.
+
+    Leaving the block early (an error, a cancellation) cancels the jobs still running and kills
+    their workers.
+    """
+    send, receive = trio.open_memory_channel[tuple[int, list[FileResult]]](len(jobs))
+    async with trio.open_nursery() as nursery:
+        async with send:
+            for index, job in enumerate(jobs):
+                nursery.start_soon(_run_one, pool, index, job, send.clone())
+        async with receive:
+            yield receive
+        nursery.cancel_scope.cancel()
+
+
+async def _run_one(
+    pool: WorkerPool, index: int, job: Job, send: trio.MemorySendChannel[tuple[int, list[FileResult]]]
+) -> None:
+    async with send:
+        results = await pool.run(run_job, job)
+        await send.send((index, results))

@@ -1,0 +1,419 @@
+"""The ingest pipeline through the real server: real sockets, real files, real worker processes."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import signal
+import struct
+import zipfile
+import zlib
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import trio
+
+from conftest import RunningServer, StartServer, wait_until
+from events_factory import Truth, as_array, as_ndjson, make_events, make_zip
+
+UPLOAD = "/api/v1/upload"
+
+
+async def post(
+    server: RunningServer,
+    body: bytes,
+    *,
+    content_type: str = "application/octet-stream",
+    params: dict[str, str] | None = None,
+    accept: str | None = None,
+) -> httpx.Response:
+    headers = {"content-type": content_type}
+    if accept:
+        headers["accept"] = accept
+    async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+        return await client.post(UPLOAD, content=body, headers=headers, params=params)
+
+
+def assert_matches_truth(answer: dict[str, Any], truth: Truth) -> None:
+    summary = answer["summary"]
+    assert summary["events"] == truth.events
+    assert summary["unique_actors"] == len(truth.actor_events)
+    assert summary["event_types"] == dict(truth.event_types)
+    assert summary["skipped"].get("no_actor", 0) == truth.no_actor
+    actors = answer["actors"]
+    assert [actor["id"] for actor in actors] == sorted(truth.actor_events)
+    assert {actor["id"]: actor["events"] for actor in actors} == dict(truth.actor_events)
+    for actor in actors:
+        assert actor["login"] == f"user{actor['id']}"
+        assert set(actor) == {"id", "login", "display_login", "avatar_url", "url", "gravatar_id", "events"}
+
+
+async def test_zip_with_every_layout_and_junk(server: RunningServer) -> None:
+    ndjson_events, truth = make_events(300, seed=1, without_actor_every=50)
+    array_events, array_truth = make_events(120, seed=2)
+    object_events, object_truth = make_events(1, seed=3)
+    gz_events, gz_truth = make_events(200, seed=4)
+    crlf_events, crlf_truth = make_events(80, seed=5)
+    for other in (array_truth, object_truth, gz_truth, crlf_truth):
+        truth.merge(other)
+    body = make_zip(
+        {
+            "hour.ndjson": as_ndjson(ndjson_events),
+            "dir/array.json": as_array(array_events),
+            "single.json": orjson.dumps(object_events[0], option=orjson.OPT_INDENT_2),
+            "packed.jsonl.gz": gzip.compress(as_ndjson(gz_events)),
+            "windows.json": as_ndjson(crlf_events, crlf=True, bom=True),
+            "broken.json": b'{"id": "1", "type": "PushEvent", "actor": {"id": 5}}\n{"id": oops}\n',
+            "README.md": b"# not data",
+            "__MACOSX/._hour.ndjson": b"\x00\x05",
+            ".DS_Store": b"\x00",
+            "inner.zip": make_zip({"x.json": b"{}"}),
+        }
+    )
+    response = await post(server, body, content_type="application/zip")
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert_matches_truth(answer, truth)
+    assert answer["content_kind"] == "zip"
+    assert answer["size_bytes"] == len(body)
+    files = {entry["name"]: entry for entry in answer["files"]}
+    assert files["hour.ndjson"]["layout"] == "ndjson"
+    assert files["dir/array.json"]["layout"] == "array"
+    assert files["single.json"]["layout"] == "object"
+    assert files["packed.jsonl.gz"]["events"] == gz_truth.events
+    assert files["windows.json"]["events"] == crlf_truth.events
+    assert files["broken.json"]["events"] == 0
+    assert files["broken.json"]["error"]["line"] == 2
+    assert answer["summary"]["files"] == 6
+    assert answer["summary"]["files_failed"] == 1
+    ignored = {entry["name"] for entry in answer["ignored"]}
+    assert ignored == {"README.md", "__MACOSX/._hour.ndjson", ".DS_Store", "inner.zip"}
+    assert answer["summary"]["files_ignored"] == 4
+    assert server.leftover_files() == []
+
+
+async def test_strict_mode_turns_a_failed_file_into_422(server: RunningServer) -> None:
+    events, _ = make_events(10, seed=6)
+    body = make_zip({"good.json": as_ndjson(events), "bad.json": b"[1, 2"})
+    relaxed = await post(server, body, content_type="application/zip")
+    assert relaxed.status_code == 200
+    strict = await post(server, body, content_type="application/zip", params={"strict": "true"})
+    assert strict.status_code == 422
+    assert strict.json()["error"]["code"] == "FILES_FAILED"
+    assert server.leftover_files() == []
+
+
+async def test_gzip_upload_through_multipart(server: RunningServer) -> None:
+    events, truth = make_events(500, seed=7)
+    body = gzip.compress(as_ndjson(events))
+    async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+        response = await client.post(
+            UPLOAD, files={"file": ("2015-01-01-15.json.gz", body, "application/gzip")}
+        )
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["content_kind"] == "gzip"
+    assert answer["files"][0]["name"] == "2015-01-01-15.json.gz"
+    assert_matches_truth(answer, truth)
+
+
+@pytest.mark.parametrize("layout", ["array", "ndjson", "object"])
+async def test_plain_json_layouts(server: RunningServer, layout: str) -> None:
+    events, truth = make_events(1 if layout == "object" else 40, seed=8)
+    body = {"array": as_array, "ndjson": as_ndjson, "object": lambda e: orjson.dumps(e[0])}[layout](events)
+    response = await post(server, body, content_type="application/json", params={"actors": "true"})
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["files"][0]["layout"] == layout
+    assert_matches_truth(answer, truth)
+
+
+async def test_actors_false_leaves_the_list_out(server: RunningServer) -> None:
+    events, truth = make_events(30, seed=9)
+    response = await post(server, as_ndjson(events), params={"actors": "false"})
+    assert response.status_code == 200
+    assert "actors" not in response.json()
+    assert response.json()["summary"]["unique_actors"] == len(truth.actor_events)
+
+
+async def test_ndjson_answer_streams_every_event_and_drops_failed_files(server: RunningServer) -> None:
+    first, truth = make_events(150, seed=10)
+    second, second_truth = make_events(70, seed=11)
+    truth.merge(second_truth)
+    body = make_zip(
+        {"a.ndjson": as_ndjson(first), "b.json": as_array(second), "c.json": b'{"id": "x"}\n{bad'}
+    )
+    lines = []
+    async with (
+        httpx.AsyncClient(base_url=server.url, timeout=60) as client,
+        client.stream(
+            "POST",
+            UPLOAD,
+            content=body,
+            headers={"accept": "application/x-ndjson", "content-type": "application/zip"},
+        ) as response,
+    ):
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("application/x-ndjson")
+        async for line in response.aiter_lines():
+            if line:
+                lines.append(orjson.loads(line))
+    kinds = [line["kind"] for line in lines]
+    events = [line for line in lines if line["kind"] == "event"]
+    assert len(events) == truth.events
+    assert {event["file"] for event in events} == {"a.ndjson", "b.json"}
+    assert sorted(event["id"] for event in events) == sorted(e["id"] for e in first + second)
+    for event in events:
+        assert set(event) >= {"file", "id", "type", "created_at", "actor_id", "actor_login", "repo"}
+    # events first, then actors, then files, then exactly one summary at the end
+    order = {"event": 0, "actor": 1, "file": 2, "summary": 3}
+    assert [order[kind] for kind in kinds] == sorted(order[kind] for kind in kinds)
+    assert kinds[-1] == "summary" and kinds.count("summary") == 1
+    actor_lines = [line for line in lines if line["kind"] == "actor"]
+    assert {line["id"]: line["events"] for line in actor_lines} == dict(truth.actor_events)
+    failed = [line for line in lines if line["kind"] == "file" and line["error"]]
+    assert [line["name"] for line in failed] == ["c.json"]
+    assert lines[-1]["summary"]["events"] == truth.events
+    assert lines[-1]["summary"]["unique_actors"] == len(truth.actor_events)
+    assert server.leftover_files() == []
+
+
+async def test_truncated_zip_is_bad_zip(server: RunningServer) -> None:
+    events, _ = make_events(200, seed=12)
+    body = make_zip({"a.json": as_ndjson(events), "b.json": as_ndjson(events)})
+    response = await post(server, body[: len(body) // 2], content_type="application/zip")
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "BAD_ZIP"
+    assert server.leftover_files() == []
+    assert (await post(server, body, content_type="application/zip")).status_code == 200
+
+
+def _encrypt_flag(body: bytes, name: bytes) -> bytes:
+    """Set the 'encrypted' bit of one entry in both its local and central headers."""
+    data = bytearray(body)
+    for signature, flag_offset, name_length_offset, name_offset in (
+        (b"PK\x03\x04", 6, 26, 30),
+        (b"PK\x01\x02", 8, 28, 46),
+    ):
+        start = 0
+        while (position := data.find(signature, start)) != -1:
+            length = struct.unpack_from("<H", data, position + name_length_offset)[0]
+            if data[position + name_offset : position + name_offset + length] == name:
+                flags = struct.unpack_from("<H", data, position + flag_offset)[0]
+                struct.pack_into("<H", data, position + flag_offset, flags | 0x1)
+            start = position + 4
+    return bytes(data)
+
+
+async def test_encrypted_entry_fails_alone(server: RunningServer) -> None:
+    events, truth = make_events(25, seed=13)
+    body = _encrypt_flag(
+        make_zip({"open.json": as_ndjson(events), "secret.json": as_ndjson(events)}), b"secret.json"
+    )
+    response = await post(server, body, content_type="application/zip")
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    files = {entry["name"]: entry for entry in answer["files"]}
+    assert files["secret.json"]["error"] is not None
+    assert files["open.json"]["events"] == truth.events
+    assert answer["summary"]["events"] == truth.events
+
+
+async def test_twenty_thousand_tiny_entries(start_server: StartServer) -> None:
+    server = await start_server(max_entries=20_000)
+    files = {
+        f"tiny/{number:05}.json": b'{"id":"%d","type":"WatchEvent","actor":{"id":%d}}' % (number, number % 97)
+        for number in range(20_000)
+    }
+    response = await post(
+        server,
+        make_zip(files, zipfile.ZIP_STORED),
+        content_type="application/zip",
+        params={"actors": "false"},
+    )
+    assert response.status_code == 200, response.text
+    summary = response.json()["summary"]
+    assert summary["files"] == 20_000
+    assert summary["events"] == 20_000
+    assert summary["unique_actors"] == 97
+    # batching: far fewer worker round trips than entries
+    assert server.state.workers.done < 200
+
+
+async def test_traversal_names_are_only_names(server: RunningServer, tmp_path: Path) -> None:
+    events, truth = make_events(5, seed=14)
+    names = ["../../escape.json", "/abs/root.json", "..\\win.json", "ok/../../x.json"]
+    body = make_zip({name: as_ndjson(events) for name in names})
+    response = await post(server, body, content_type="application/zip")
+    assert response.status_code == 200, response.text
+    assert {entry["name"] for entry in response.json()["files"]} == set(names)
+    assert response.json()["summary"]["events"] == truth.events * len(names)
+    assert not await trio.Path(tmp_path / "escape.json").exists()
+    assert not await trio.Path("/abs/root.json").exists()
+    assert server.leftover_files() == []
+
+
+async def test_ratio_bomb_rejected_from_the_directory(server: RunningServer) -> None:
+    body = make_zip({"spaces.json": b"[" + b" " * (64 << 20) + b"]"})
+    assert len(body) < 200_000  # deflate squeezes spaces ~1000:1
+    response = await post(server, body, content_type="application/zip")
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "ZIP_BOMB"
+    assert server.leftover_files() == []
+
+
+def _deflate_spaces(total: int) -> bytes:
+    """A raw deflate stream of ``total`` spaces, built from one independently flushed block repeated."""
+    block_size = 1 << 20
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    block = compressor.compress(b" " * block_size) + compressor.flush(zlib.Z_FULL_FLUSH)
+    tail = zlib.compressobj(9, zlib.DEFLATED, -15).flush(zlib.Z_FINISH)
+    return block * (total // block_size) + tail
+
+
+def _zip_lying_about_size(name: bytes, deflated: bytes, declared_size: int) -> bytes:
+    """One deflated entry whose headers claim ``declared_size`` uncompressed bytes."""
+    crc = 0
+    local = (
+        struct.pack(
+            "<4sHHHHHIIIHH", b"PK\x03\x04", 20, 0, 8, 0, 0, crc, len(deflated), declared_size, len(name), 0
+        )
+        + name
+    )
+    central = (
+        struct.pack(
+            "<4sHHHHHHIIIHHHHHII",
+            b"PK\x01\x02",
+            20,
+            20,
+            0,
+            8,
+            0,
+            0,
+            crc,
+            len(deflated),
+            declared_size,
+            len(name),
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+        )
+        + name
+    )
+    end = struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, 1, 1, len(central), len(local) + len(deflated), 0)
+    return local + deflated + central + end
+
+
+async def test_entry_that_lies_about_its_size_is_a_bomb(server: RunningServer) -> None:
+    body = _zip_lying_about_size(b"liar.json", _deflate_spaces(2 << 30), declared_size=1000)
+    with trio.fail_after(20):
+        response = await post(server, body, content_type="application/zip")
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "ZIP_BOMB"
+    assert server.leftover_files() == []
+
+
+async def test_gzip_of_two_gib_of_spaces_rejected_fast(server: RunningServer) -> None:
+    with trio.fail_after(20):
+        response = await post(server, _gzip_of_spaces(2 << 30), content_type="application/gzip")
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "ZIP_BOMB"
+    assert server.leftover_files() == []
+
+
+async def test_deep_nesting_is_a_file_error(server: RunningServer) -> None:
+    events, truth = make_events(3, seed=15)
+    body = make_zip({"deep.json": b"[" * 100_000 + b"]" * 100_000, "fine.json": as_ndjson(events)})
+    response = await post(server, body, content_type="application/zip")
+    assert response.status_code == 200, response.text
+    files = {entry["name"]: entry for entry in response.json()["files"]}
+    assert files["deep.json"]["error"] is not None
+    assert files["fine.json"]["events"] == truth.events
+
+
+async def test_no_json_files(server: RunningServer) -> None:
+    response = await post(server, make_zip({"notes.txt": b"hello"}), content_type="application/zip")
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "NO_JSON_FILES"
+
+
+def _gzip_of_spaces(total: int) -> bytes:
+    """A gzip file of ``total`` spaces: valid JSON text (no events) that takes a worker seconds to read."""
+    header = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
+    return header + _deflate_spaces(total) + struct.pack("<II", 0, total & 0xFFFFFFFF)
+
+
+#: Settings under which a 2 GiB gzip of spaces is processed (slowly) rather than refused as a bomb.
+SLOW_WORK = {"max_ratio": 1_000_000.0, "workers": 1}
+
+
+async def test_processing_timeout_kills_the_work(start_server: StartServer) -> None:
+    server = await start_server(process_timeout=1.0, **SLOW_WORK)
+    response = await post(server, _gzip_of_spaces(2 << 30))
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "PROCESSING_TIMEOUT"
+    assert server.leftover_files() == []
+    events, truth = make_events(10, seed=17)
+    after = await post(server, as_ndjson(events))
+    assert after.status_code == 200
+    assert after.json()["summary"]["events"] == truth.events
+
+
+def _worker_processes(pid: int) -> list[int]:
+    """Child processes of ``pid`` started by multiprocessing's spawn (trio-parallel's workers)."""
+    workers: list[int] = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as listing:
+            for child in map(int, listing.read().split()):
+                with open(f"/proc/{child}/cmdline", "rb") as cmdline:
+                    if b"spawn_main" in cmdline.read():
+                        workers.append(child)
+    return workers
+
+
+async def test_worker_crash_fails_that_upload_only(start_server: StartServer) -> None:
+    server = await start_server(**SLOW_WORK)
+    body = _gzip_of_spaces(2 << 30)
+    result: dict[str, httpx.Response] = {}
+
+    async def upload() -> None:
+        result["response"] = await post(server, body)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(upload)
+        await wait_until(lambda: server.state.workers.running > 0)
+        workers = _worker_processes(os.getpid())
+        assert workers
+        for worker in workers:
+            os.kill(worker, signal.SIGKILL)
+    assert result["response"].status_code == 500
+    assert result["response"].json()["error"]["code"] == "WORKER_CRASHED"
+    events, truth = make_events(10, seed=18)
+    after = await post(server, as_ndjson(events))
+    assert after.status_code == 200, after.text
+    assert after.json()["summary"]["events"] == truth.events
+    assert server.leftover_files() == []
+
+
+async def test_client_leaving_during_processing_cancels_the_work(start_server: StartServer) -> None:
+    server = await start_server(**SLOW_WORK)
+    body = _gzip_of_spaces(2 << 30)
+    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+    head = (
+        f"POST {UPLOAD} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    await stream.send_all(head + body)
+    await wait_until(lambda: server.state.workers.running > 0)
+    await stream.aclose()
+    await wait_until(
+        lambda: not server.state.stats.uploads_in_flight and not server.state.workers.running, 10
+    )
+    assert server.state.stats.uploads_failed == 1
+    assert server.leftover_files() == []
