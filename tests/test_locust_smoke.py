@@ -19,8 +19,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_LOCUST = ROOT / "loadtest" / "run_locust.py"
-#: Targets the scenario runs against: the FastAPI reference peer and our server.
-TARGETS = ["reference"]
+#: Targets the scenario runs against: the FastAPI reference peer and our server
+#: (``python -m upload_server --port 0 --tmp-dir TMP``, port read from its "listening on" line).
+TARGETS = ["reference", "ours"]
 
 
 def run_locust(
