@@ -108,12 +108,6 @@ class WorkerPool:
             self.done += 1
             self.limiter.release()
 
-    async def warm_up(self) -> None:
-        """Start the worker processes before the first upload needs them (a spawn takes ~0.2 s)."""
-        async with trio.open_nursery() as nursery:
-            for _ in range(self.count):
-                nursery.start_soon(self.context.run_sync, os.getpid)
-
 
 @contextlib.asynccontextmanager
 async def open_worker_pool(config: Config) -> AsyncIterator[WorkerPool]:
@@ -126,22 +120,32 @@ async def open_worker_pool(config: Config) -> AsyncIterator[WorkerPool]:
         yield pool
 
 
+#: A ``.gz`` entry's declared size is its compressed size; GH-like JSON inflates about this much.
+GZIP_WORK_FACTOR = 8
+
+
+def _work_bytes(entry: EntryPlan) -> int:
+    """About how many bytes of JSON the entry holds: what a worker's time is proportional to."""
+    return entry.declared_size * (GZIP_WORK_FACTOR if entry.gzipped else 1)
+
+
 def batch_entries(entries: Sequence[EntryPlan], workers: int) -> list[tuple[EntryPlan, ...]]:
     """Group entries into jobs: consecutive small entries together, each large one alone.
 
     The byte target shrinks for a medium archive so that every worker gets several jobs.
     """
-    total = sum(entry.declared_size for entry in entries)
+    total = sum(map(_work_bytes, entries))
     target = max(1 << 20, min(BATCH_MAX_BYTES, total // max(1, workers * SHARES_PER_WORKER)))
     batches: list[tuple[EntryPlan, ...]] = []
     current: list[EntryPlan] = []
     current_bytes = 0
     for entry in entries:
-        if current and (current_bytes + entry.declared_size > target or len(current) >= BATCH_MAX_ENTRIES):
+        size = _work_bytes(entry)
+        if current and (current_bytes + size > target or len(current) >= BATCH_MAX_ENTRIES):
             batches.append(tuple(current))
             current, current_bytes = [], 0
         current.append(entry)
-        current_bytes += entry.declared_size
+        current_bytes += size
     if current:
         batches.append(tuple(current))
     return batches
