@@ -39,6 +39,7 @@ async def run(config: Config) -> None:
                 failure = error
             else:
                 nursery.start_soon(_watch_signals, signals, state, nursery.cancel_scope)
+                nursery.start_soon(state.workers.warm_up)
     if failure is not None:
         reason = failure.strerror or str(failure)
         if failure.filename:

@@ -108,6 +108,12 @@ class WorkerPool:
             self.done += 1
             self.limiter.release()
 
+    async def warm_up(self) -> None:
+        """Start every worker process now rather than on the first upload (a spawn costs ~1 s of CPU)."""
+        async with trio.open_nursery() as nursery:
+            for _ in range(self.count):
+                nursery.start_soon(functools.partial(self.context.run_sync, os.getpid, limiter=self.limiter))
+
 
 @contextlib.asynccontextmanager
 async def open_worker_pool(config: Config) -> AsyncIterator[WorkerPool]:
