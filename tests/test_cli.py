@@ -291,7 +291,9 @@ def test_port_in_use_exits_with_a_clear_message(tmp_path: Path) -> None:
 
 def test_sigterm_right_after_the_listening_line_is_a_graceful_stop(spawn: Spawn, spool_dir: Path) -> None:
     """A supervisor may signal as soon as it sees the server listening: that must already be handled."""
-    server = spawn([sys.executable, "-m", "upload_server", "--port", "0", "--tmp-dir", str(spool_dir)])
+    server = spawn(
+        [sys.executable, "-m", "upload_server", "--port", "0", "--tmp-dir", str(spool_dir), "--workers", "1"]
+    )
     code, _ = stop(server)
     assert code == 0, server.stderr_text()
     assert "shutting down gracefully" in server.stderr_text()
