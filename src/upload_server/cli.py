@@ -6,6 +6,7 @@ seconds); a second signal stops at once. Temporary files are removed either way.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import signal
 import sys
@@ -17,6 +18,27 @@ from .config import Config, ConfigError, load_config
 from .server import ServerState, serve
 
 log = logging.getLogger("upload_server")
+
+
+# glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+def tune_allocator() -> None:
+    """Keep freed body buffers in the heap instead of returning them to the OS after every piece.
+
+    Each received piece allocates fresh buffers of a few hundred KiB (the socket read, h11's buffer and
+    slices); with glibc's defaults they come from and go back to the kernel each time, and the page faults
+    cost about a third of the receive path's CPU (loadtest/bench_upload.py with py-spy, BENCH_NOTES.md).
+    Peak RSS stays the same. A no-op where the C library is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 16 << 20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
+    except (OSError, AttributeError):
+        log.debug("not glibc: allocator left as it is")
 
 
 def configure_logging(level: str) -> None:
@@ -77,6 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"upload-server: configuration error: {error}", file=sys.stderr)
         return 2
     configure_logging(config.log_level)
+    tune_allocator()
     try:
         trio.run(run, config)
     except StartupError as error:

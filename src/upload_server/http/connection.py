@@ -39,7 +39,10 @@ from .messages import Headers, Request, Response
 log = logging.getLogger("upload_server.http")
 access_log = logging.getLogger("upload_server.access")
 
-RECEIVE_SIZE = 256 * 1024
+RECEIVE_SIZE = 64 * 1024
+# Bodies are read in larger pieces: per-piece overhead (an h11 event, a deadline, a task switch) was a
+# third of the receive cost at 256 KiB (loadtest/bench_upload.py with py-spy, BENCH_NOTES.md).
+BODY_RECEIVE_SIZE = 1024 * 1024
 #: Bytes read ahead (pipelined requests) while a request is still being answered, at most.
 PIPELINE_BUFFER_BYTES = 1 << 20
 SERVER_HEADER = f"upload-server/{__version__}".encode()
@@ -80,9 +83,9 @@ class HttpConnection:
         self._idle_scope: trio.CancelScope | None = None
 
     # ----------------------------------------------------------------------------------- receiving
-    async def _receive_into_h11(self) -> None:
+    async def _receive_into_h11(self, max_bytes: int = RECEIVE_SIZE) -> None:
         try:
-            data = await self.stream.receive_some(RECEIVE_SIZE)
+            data = await self.stream.receive_some(max_bytes)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
             self.peer_closed = True
             raise ClientDisconnected("connection reset by peer") from error
@@ -171,8 +174,8 @@ class HttpConnection:
         if self._idle_scope is not None:
             self._idle_scope.cancel()
 
-    async def receive_body_chunk(self) -> bytes:
-        """The next piece of the request body; b"" at its end.
+    async def receive_body_chunk(self) -> bytes | bytearray:
+        """The next piece of the request body (h11's own copy, handed on without another); b"" at its end.
 
         The first call sends ``100 Continue`` when the client waits for it, so a handler that raises
         before asking for the body never invites the client to send it.
@@ -182,13 +185,13 @@ class HttpConnection:
         while True:
             event = self._next_event()
             if isinstance(event, h11.Data):
-                return bytes(event.data)
+                return event.data
             if isinstance(event, h11.EndOfMessage):
                 return b""
             if event is h11.NEED_DATA:
                 try:
                     with trio.fail_after(self.body_idle_timeout):
-                        await self._receive_into_h11()
+                        await self._receive_into_h11(BODY_RECEIVE_SIZE)
                 except trio.TooSlowError:
                     raise RequestTimeout(
                         f"No request body byte arrived for {self.body_idle_timeout:g} seconds.",

@@ -10,6 +10,7 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from ..errors import BadRequest, PayloadTooLarge
+from .spool import Chunk
 
 FILE_FIELD = b"file"
 MAX_OTHER_PARTS_BYTES = 1 << 20
@@ -38,7 +39,7 @@ class MultipartFileReader:
         self._header_field = bytearray()
         self._header_value = bytearray()
         self._part_headers: dict[bytes, bytes] = {}
-        self._out: list[bytes] = []
+        self._out: list[Chunk] = []
         self._parser = MultipartParser(
             boundary,
             {
@@ -53,7 +54,7 @@ class MultipartFileReader:
             },
         )
 
-    def feed(self, data: bytes) -> list[bytes]:
+    def feed(self, data: Chunk) -> list[Chunk]:
         """Parse more of the body; return the pieces of the file part it contained (possibly none)."""
         try:
             self._parser.write(data)
