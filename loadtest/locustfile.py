@@ -12,7 +12,7 @@ Three kinds of users:
 Configuration (environment variables):
 
 ``LOADTEST_DATA_DIR``        datasets, each with its ``<name>.expected.json`` (default ``loadtest/data``)
-``LOADTEST_DATASETS``        comma list of dataset file names to use (default: every dataset in the folder)
+``LOADTEST_DATASETS``        comma list of dataset file names (default: every one in the folder under 128 MiB)
 ``LOADTEST_WEIGHT_UPLOAD``   user weights (defaults 3, 1, 1)
 ``LOADTEST_WEIGHT_HEALTH``
 ``LOADTEST_WEIGHT_STREAM``
@@ -75,11 +75,17 @@ def _multipart_body(filename: str, data: bytes) -> bytes:
     return head + data + f"\r\n--{BOUNDARY}--\r\n".encode()
 
 
+#: Found datasets above this size are left out unless named: the folder is shared with benchmarks
+#: that keep a 1 GiB file there, and every locust process holds its datasets in memory twice.
+DISCOVER_MAX_BYTES = 128 << 20
+
+
 def load_datasets(folder: Path, names: list[str] | None = None) -> list[Dataset]:
-    """Read every ``<name>`` with a ``<name>.expected.json`` beside it (or only ``names``)."""
+    """Read the named datasets, or every ``<name>`` with a ``<name>.expected.json`` beside it."""
     suffix = ".expected.json"
     if names is None:
-        names = sorted(p.name[: -len(suffix)] for p in folder.glob(f"*{suffix}"))
+        found = (folder / p.name[: -len(suffix)] for p in folder.glob(f"*{suffix}"))
+        names = sorted(p.name for p in found if p.exists() and p.stat().st_size <= DISCOVER_MAX_BYTES)
     datasets = []
     for name in names:
         path = folder / name

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import json
 import os
 import re
 import signal
@@ -62,17 +63,47 @@ CATALOGUE: dict[str, DatasetSpec] = {
 }
 
 
+def _expected_path(path: Path) -> Path:
+    return path.with_name(path.name + ".expected.json")
+
+
+def is_cached(path: Path, spec: DatasetSpec) -> bool:
+    """Whether ``path`` holds the dataset ``spec`` describes, judged by the counts written beside it."""
+    try:
+        expected = json.loads(_expected_path(path).read_bytes())
+        size = path.stat().st_size
+    except (OSError, ValueError):
+        return False
+    return (
+        expected.get("compressed_bytes") == size
+        and expected.get("kind") == spec.kind
+        and expected.get("events") == spec.events
+        and expected.get("seed") == spec.seed
+    )
+
+
 def ensure_datasets(names: list[str], data_dir: Path, timeout: float = 300.0) -> list[str]:
-    """Generate every named dataset that is missing (or lacks its expected.json); return their file names."""
+    """Generate every named dataset that is missing or stale; return their file names.
+
+    ``loadtest/data`` is shared with the benchmark scripts, which may be making the same file at the
+    same time: a dataset is written under a dot-name and renamed, so nobody reads half a file.
+    """
     data_dir.mkdir(parents=True, exist_ok=True)
     files = []
     for name in names:
         spec = CATALOGUE[name]
         out = data_dir / spec.file
-        if not (out.exists() and out.with_name(out.name + ".expected.json").exists()):
-            cmd = [sys.executable, str(HERE / "gen_dataset.py"), "--out", str(out), "--kind", spec.kind]
+        if not is_cached(out, spec):
+            partial = data_dir / f".partial-{os.getpid()}-{spec.file}"
+            cmd = [sys.executable, str(HERE / "gen_dataset.py"), "--out", str(partial), "--kind", spec.kind]
             cmd += ["--events", str(spec.events), "--files", str(spec.files), "--seed", str(spec.seed)]
-            subprocess.run(cmd, check=True, timeout=timeout)
+            try:
+                subprocess.run(cmd, check=True, timeout=timeout)
+                os.replace(_expected_path(partial), _expected_path(out))
+                os.replace(partial, out)
+            finally:
+                for leftover in (partial, _expected_path(partial)):
+                    leftover.unlink(missing_ok=True)
         files.append(spec.file)
     return files
 
