@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
 
@@ -351,12 +352,10 @@ async def test_malformed_chunked_body_is_400(server: RunningServer) -> None:
 MALFORMED_HEADS = [
     b"HELLO\r\n\r\n",
     b"GET /api/v1/health HTTP/1.1\r\nHost 127.0.0.1\r\n\r\n",
-    b"GET /api/v1/health HTTP/9.9\r\nHost: x\r\n\r\n",
     b"GET  HTTP/1.1\r\nHost: x\r\n\r\n",
     b"POST /api/v1/upload HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
     b"POST /api/v1/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
     b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\nBad\x00Header: 1\r\n\r\n",
-    b"GET /api/v1/health HTTP/2.0\r\nHost: x\r\n\r\n",
     b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(200) + b"\r\n\r\n",  # TLS ClientHello
 ]
 
@@ -370,6 +369,16 @@ async def test_malformed_requests_get_400_and_the_server_keeps_serving(server: R
         assert response.error_code() == "BAD_REQUEST"
         assert response.headers["content-type"] == "application/json"
         assert await client.at_eof()
+    await assert_still_serving(server)
+
+
+@pytest.mark.parametrize("version", [b"2.0", b"9.9"])
+async def test_unsupported_http_version_is_505(server: RunningServer, version: bytes) -> None:
+    client = await RawClient.connect(server)
+    await client.send(b"GET /api/v1/health HTTP/%s\r\nHost: x\r\n\r\n" % version)
+    response = await client.read_response()
+    assert response.status == 505 and response.error_code() == "HTTP_VERSION_NOT_SUPPORTED"
+    assert await client.at_eof()
     await assert_still_serving(server)
 
 

@@ -132,6 +132,12 @@ class WorkerCrashed(InternalError):
     code = "WORKER_CRASHED"
 
 
+class HttpVersionNotSupported(UploadServerError):
+    status = 505
+    code = "HTTP_VERSION_NOT_SUPPORTED"
+    closes_connection = True
+
+
 class ServiceUnavailable(UploadServerError):
     status = 503
     code = "SERVICE_UNAVAILABLE"

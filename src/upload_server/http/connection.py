@@ -29,6 +29,7 @@ from ..errors import (
     BadRequest,
     ClientDisconnected,
     HeaderTooLarge,
+    HttpVersionNotSupported,
     InternalError,
     RequestTimeout,
     UploadServerError,
@@ -156,7 +157,7 @@ class HttpConnection:
         """
         if not event.http_version.startswith(b"1."):
             version = event.http_version.decode("ascii", "replace")
-            raise BadRequest(
+            raise HttpVersionNotSupported(
                 f"HTTP/{version} is not supported; send HTTP/1.1 or HTTP/1.0.",
                 detail={"http_version": version, "supported": ["1.0", "1.1"]},
             )
