@@ -149,6 +149,7 @@ async def handle_upload(request: Request, conn: HttpConnection, state: ServerSta
     _take_upload_slot(state, upload_id)
     stats.uploads_in_flight += 1
     succeeded = False
+    response: Response | None = None
     try:
         async with open_spool(config.tmp_dir, config.max_upload_bytes) as spool:
             started = time.perf_counter()
@@ -160,7 +161,7 @@ async def handle_upload(request: Request, conn: HttpConnection, state: ServerSta
                 content_kind=received.kind,
                 receive_ms=(time.perf_counter() - started) * 1000,
             )
-            await _process_while_client_waits(conn, state, admission, spool, received, upload)
+            response = await _process_while_client_waits(conn, state, admission, spool, received, upload)
         succeeded = True
     finally:
         stats.uploads_in_flight -= 1
@@ -169,6 +170,10 @@ async def handle_upload(request: Request, conn: HttpConnection, state: ServerSta
         else:
             stats.uploads_failed += 1
         state.upload_slots.release_on_behalf_of(upload_id)
+    if response is not None:
+        # Sent once the temp file is gone and the slot is free, so a client that uploads again as soon
+        # as it reads this answer finds both.
+        await conn.send_response(response)
 
 
 @dataclass(frozen=True)
@@ -187,16 +192,23 @@ async def _process_while_client_waits(
     spool: Spool,
     received: Received,
     upload: UploadInfo,
-) -> None:
-    """Process and answer under the processing deadline; a client that leaves cancels the work."""
+) -> Response | None:
+    """Process under the processing deadline; a client that leaves cancels the work.
+
+    Returns the JSON answer to send, or None when the answer was streamed already.
+    """
     with trio.CancelScope() as work:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_when_client_leaves, conn, work)
-            answer = _answer_ndjson if admission.stream_ndjson else _answer_json
-            await answer(conn, state, admission, spool, received, upload)
+            response = None
+            if admission.stream_ndjson:
+                await _answer_ndjson(conn, state, admission, spool, received, upload)
+            else:
+                response = await _answer_json(state, admission, spool, received, upload)
             nursery.cancel_scope.cancel()
     if work.cancelled_caught:
         raise ClientDisconnected("the client left while its upload was processed")
+    return response
 
 
 async def _cancel_when_client_leaves(conn: HttpConnection, work: trio.CancelScope) -> None:
@@ -228,13 +240,8 @@ def _check_bombs(results: list[FileResult]) -> None:
 
 
 async def _answer_json(
-    conn: HttpConnection,
-    state: ServerState,
-    admission: Admission,
-    spool: Spool,
-    received: Received,
-    upload: UploadInfo,
-) -> None:
+    state: ServerState, admission: Admission, spool: Spool, received: Received, upload: UploadInfo
+) -> Response:
     started = time.perf_counter()
     timeout = state.config.process_timeout
     with trio.move_on_after(timeout) as deadline:
@@ -250,7 +257,6 @@ async def _answer_json(
     if deadline.cancelled_caught:
         raise _processing_timeout(timeout)
     merged = merger.result()
-    spool.remove_files()  # before the answer, so a client that sees it finds nothing left behind
     _check_strict(admission, merged)
     answer = render_answer(
         merged,
@@ -265,7 +271,7 @@ async def _answer_json(
         },
         include_actors=admission.include_actors,
     )
-    await conn.send_response(Response(status=200, body=orjson.dumps(answer)))
+    return Response(status=200, body=orjson.dumps(answer))
 
 
 def _check_strict(admission: Admission, merged: Merged) -> None:

@@ -112,7 +112,11 @@ class WorkerPool:
         """Start every worker process now rather than on the first upload (a spawn costs ~1 s of CPU)."""
         async with trio.open_nursery() as nursery:
             for _ in range(self.count):
-                nursery.start_soon(functools.partial(self.context.run_sync, os.getpid, limiter=self.limiter))
+                nursery.start_soon(
+                    functools.partial(
+                        self.context.run_sync, os.getpid, limiter=self.limiter, kill_on_cancel=True
+                    )
+                )
 
 
 @contextlib.asynccontextmanager
