@@ -417,3 +417,40 @@ async def test_client_leaving_during_processing_cancels_the_work(start_server: S
     )
     assert server.state.stats.uploads_failed == 1
     assert server.leftover_files() == []
+
+
+async def ndjson_lines(
+    server: RunningServer, body: bytes, params: dict[str, str] | None = None
+) -> list[dict]:
+    async with (
+        httpx.AsyncClient(base_url=server.url, timeout=60) as client,
+        client.stream(
+            "POST",
+            UPLOAD,
+            content=body,
+            params=params,
+            headers={"accept": "application/x-ndjson", "content-type": "application/zip"},
+        ) as response,
+    ):
+        assert response.status_code == 200
+        return [orjson.loads(line) async for line in response.aiter_lines() if line]
+
+
+async def test_ndjson_stream_ends_with_an_error_line_in_strict_mode(server: RunningServer) -> None:
+    events, truth = make_events(40, seed=19)
+    lines = await ndjson_lines(
+        server, make_zip({"ok.json": as_ndjson(events), "bad.json": b"{"}), {"strict": "1"}
+    )
+    assert sum(line["kind"] == "event" for line in lines) == truth.events
+    assert lines[-1]["kind"] == "error"
+    assert lines[-1]["error"]["code"] == "FILES_FAILED"
+    assert not any(line["kind"] == "summary" for line in lines)
+    assert server.leftover_files() == []
+
+
+async def test_ndjson_stream_ends_with_an_error_line_when_a_bomb_shows_itself(server: RunningServer) -> None:
+    body = _zip_lying_about_size(b"liar.json", _deflate_spaces(256 << 20), declared_size=1000)
+    lines = await ndjson_lines(server, body)
+    assert [line["kind"] for line in lines] == ["error"]
+    assert lines[0]["error"]["code"] == "ZIP_BOMB"
+    assert server.leftover_files() == []

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from upload_server.ingest.extract import FileResult
 from upload_server.ingest.results import (
     Merger,
+    UploadReceipt,
     actor_line,
     actor_lines,
     file_line,
@@ -34,10 +35,7 @@ def info(login: str, n: int) -> tuple[Any, ...]:
 
 
 ANSWER_ARGS: dict[str, Any] = {
-    "upload_id": "u1",
-    "size_bytes": 1234,
-    "sha256": "ab" * 32,
-    "content_kind": "zip",
+    "receipt": UploadReceipt(upload_id="u1", size_bytes=1234, sha256="ab" * 32, content_kind="zip"),
     "ignored": [("__MACOSX/x", "macos_metadata"), ("r.txt", "unsupported_name")],
     "timing_ms": {"receive": 1.5, "process": 20.0},
 }

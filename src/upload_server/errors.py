@@ -39,9 +39,12 @@ class UploadServerError(Exception):
         # Errors raised inside worker processes cross back by pickle; keep code and detail on the way.
         return (_rebuild, (type(self), self.message, self.detail, self.headers, self.code))
 
+    def payload(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "detail": self.detail}
+
     def body(self) -> bytes:
         """The JSON document sent to the client."""
-        return orjson.dumps({"error": {"code": self.code, "message": self.message, "detail": self.detail}})
+        return orjson.dumps({"error": self.payload()})
 
 
 def _rebuild(

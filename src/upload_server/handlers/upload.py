@@ -11,7 +11,7 @@ import contextlib
 import os
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -32,9 +32,18 @@ from ..errors import (
 )
 from ..http.connection import HttpConnection
 from ..http.messages import Request, Response
-from ..ingest.dispatch import plan_ingest, results_as_completed
+from ..ingest.dispatch import IngestPlan, plan_ingest, results_as_completed
 from ..ingest.extract import FileResult
-from ..ingest.results import Merged, Merger, actor_lines, file_line, render_answer, summary_line
+from ..ingest.results import (
+    Merged,
+    Merger,
+    UploadReceipt,
+    actor_lines,
+    error_line,
+    file_line,
+    render_answer,
+    summary_line,
+)
 from ..receive.body import Received, receive_upload
 from ..receive.multipart import multipart_boundary
 from ..receive.sniff import ContentKind
@@ -142,6 +151,31 @@ def _take_upload_slot(state: ServerState, token: object) -> None:
         ) from None
 
 
+@dataclass(frozen=True)
+class Upload:
+    """One upload past receiving: what its head asked for, what arrived, and where it lies."""
+
+    admission: Admission
+    spool: Spool
+    received: Received
+    receipt: UploadReceipt
+    receive_ms: float
+
+    def timing_ms(self, processing_started: float) -> dict[str, float]:
+        return {
+            "receive": round(self.receive_ms, 1),
+            "process": round((time.perf_counter() - processing_started) * 1000, 1),
+        }
+
+    @property
+    def display_name(self) -> str:
+        """The name a gzip or JSON upload's one file is listed under (never used as a path)."""
+        if self.received.filename:
+            return self.received.filename
+        kind = self.received.kind
+        return "upload.json.gz" if kind is ContentKind.GZIP else f"upload.{kind.value}"
+
+
 async def handle_upload(request: Request, conn: HttpConnection, state: ServerState) -> None:
     config, stats = state.config, state.stats
     admission = admit(request, config)
@@ -154,14 +188,9 @@ async def handle_upload(request: Request, conn: HttpConnection, state: ServerSta
         async with open_spool(config.tmp_dir, config.max_upload_bytes) as spool:
             started = time.perf_counter()
             received = await receive_upload(conn, spool, admission.boundary)
-            upload = UploadInfo(
-                upload_id=upload_id,
-                size_bytes=spool.size,
-                sha256=spool.sha256,
-                content_kind=received.kind,
-                receive_ms=(time.perf_counter() - started) * 1000,
-            )
-            response = await _process_while_client_waits(conn, state, admission, spool, received, upload)
+            receipt = UploadReceipt(upload_id, spool.size, spool.sha256, received.kind.value)
+            upload = Upload(admission, spool, received, receipt, (time.perf_counter() - started) * 1000)
+            response = await _process_while_client_waits(conn, state, upload)
         succeeded = True
     finally:
         stats.uploads_in_flight -= 1
@@ -176,35 +205,21 @@ async def handle_upload(request: Request, conn: HttpConnection, state: ServerSta
         await conn.send_response(response)
 
 
-@dataclass(frozen=True)
-class UploadInfo:
-    upload_id: str
-    size_bytes: int
-    sha256: str
-    content_kind: ContentKind
-    receive_ms: float
-
-
 async def _process_while_client_waits(
-    conn: HttpConnection,
-    state: ServerState,
-    admission: Admission,
-    spool: Spool,
-    received: Received,
-    upload: UploadInfo,
+    conn: HttpConnection, state: ServerState, upload: Upload
 ) -> Response | None:
-    """Process under the processing deadline; a client that leaves cancels the work.
+    """Process; a client that leaves meanwhile cancels the work (and so kills its workers).
 
     Returns the JSON answer to send, or None when the answer was streamed already.
     """
+    response: Response | None = None
     with trio.CancelScope() as work:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_when_client_leaves, conn, work)
-            response = None
-            if admission.stream_ndjson:
-                await _answer_ndjson(conn, state, admission, spool, received, upload)
+            if upload.admission.stream_ndjson:
+                await _answer_ndjson(conn, state, upload)
             else:
-                response = await _answer_json(state, admission, spool, received, upload)
+                response = await _answer_json(state, upload)
             nursery.cancel_scope.cancel()
     if work.cancelled_caught:
         raise ClientDisconnected("the client left while its upload was processed")
@@ -216,17 +231,91 @@ async def _cancel_when_client_leaves(conn: HttpConnection, work: trio.CancelScop
     work.cancel()
 
 
+async def _answer_json(state: ServerState, upload: Upload) -> Response:
+    started = time.perf_counter()
+    with trio.move_on_after(state.config.process_timeout) as deadline:
+        plan = await _plan(state, upload, events_to_files=False)
+        merged = await _run_jobs(state, plan, send_events=None)
+    if deadline.cancelled_caught:
+        raise _processing_timeout(state.config.process_timeout)
+    _check_strict(upload.admission, merged)
+    answer = render_answer(
+        merged,
+        upload.receipt,
+        ignored=plan.ignored,
+        timing_ms=upload.timing_ms(started),
+        include_actors=upload.admission.include_actors,
+    )
+    return Response(status=200, body=orjson.dumps(answer))
+
+
+async def _answer_ndjson(conn: HttpConnection, state: ServerState, upload: Upload) -> None:
+    """Stream every event as its job finishes, then actors, files and a summary line.
+
+    Errors found before the first line (a bad or bomb archive, a timeout while planning) get their own
+    status. After that the status is sent already: an error ends the stream with one
+    ``{"kind": "error"}`` line and no summary line.
+    """
+    started = time.perf_counter()
+    deadline = trio.current_time() + state.config.process_timeout
+    with trio.move_on_at(deadline) as planning:
+        plan = await _plan(state, upload, events_to_files=True)
+    if planning.cancelled_caught:
+        raise _processing_timeout(state.config.process_timeout)
+    await conn.start_stream(200, NDJSON, [(b"x-upload-id", upload.receipt.upload_id.encode())])
+    try:
+        with trio.move_on_at(deadline) as running:
+            merged = await _run_jobs(state, plan, send_events=lambda path: _send_file(conn, path))
+        if running.cancelled_caught:
+            raise _processing_timeout(state.config.process_timeout)
+        await _send_lines(conn, actor_lines(merged))
+        await _send_lines(conn, map(file_line, merged.files))
+        _check_strict(upload.admission, merged)
+        last_line = summary_line(
+            merged, upload.receipt, ignored=plan.ignored, timing_ms=upload.timing_ms(started)
+        )
+    except Exception as raised:
+        error = root_cause(raised)
+        if not isinstance(error, UploadServerError):
+            raise
+        last_line = error_line(error.payload())
+    upload.spool.remove_files()  # before the last line, so a client that reads it finds nothing left behind
+    await conn.send_chunk(last_line)
+    await conn.end_stream()
+
+
+async def _plan(state: ServerState, upload: Upload, *, events_to_files: bool) -> IngestPlan:
+    return await plan_ingest(
+        state.workers,
+        state.config,
+        upload.spool.path,
+        upload.received.kind,
+        upload.display_name,
+        upload.spool if events_to_files else None,
+    )
+
+
+async def _run_jobs(
+    state: ServerState, plan: IngestPlan, send_events: Callable[[str | None], Awaitable[None]] | None
+) -> Merged:
+    """Run the plan's jobs and merge their results as they finish; ``send_events`` streams each job's
+    event lines as soon as that job is done."""
+    merger = Merger()
+    merger.extend(plan.failed_up_front)
+    async with results_as_completed(state.workers, plan.jobs) as completed:
+        async for index, results in completed:
+            _check_bombs(results)
+            if send_events is not None:
+                await send_events(plan.jobs[index].events_path)
+            merger.extend(results)
+    return merger.result()
+
+
 def _processing_timeout(seconds: float) -> ProcessingTimeout:
     return ProcessingTimeout(
         f"Processing the upload took longer than {seconds:g} seconds; its workers were stopped.",
         detail={"process_timeout_s": seconds},
     )
-
-
-def _display_name(received: Received) -> str:
-    if received.filename:
-        return received.filename
-    return "upload.json.gz" if received.kind is ContentKind.GZIP else f"upload.{received.kind.value}"
 
 
 def _check_bombs(results: list[FileResult]) -> None:
@@ -239,107 +328,12 @@ def _check_bombs(results: list[FileResult]) -> None:
             )
 
 
-async def _answer_json(
-    state: ServerState, admission: Admission, spool: Spool, received: Received, upload: UploadInfo
-) -> Response:
-    started = time.perf_counter()
-    timeout = state.config.process_timeout
-    with trio.move_on_after(timeout) as deadline:
-        plan = await plan_ingest(
-            state.workers, state.config, spool.path, received.kind, _display_name(received), None
-        )
-        merger = Merger()
-        merger.extend(plan.failed_up_front)
-        async with results_as_completed(state.workers, plan.jobs) as completed:
-            async for _, results in completed:
-                _check_bombs(results)
-                merger.extend(results)
-    if deadline.cancelled_caught:
-        raise _processing_timeout(timeout)
-    merged = merger.result()
-    _check_strict(admission, merged)
-    answer = render_answer(
-        merged,
-        upload_id=upload.upload_id,
-        size_bytes=upload.size_bytes,
-        sha256=upload.sha256,
-        content_kind=upload.content_kind.value,
-        ignored=plan.ignored,
-        timing_ms={
-            "receive": round(upload.receive_ms, 1),
-            "process": round((time.perf_counter() - started) * 1000, 1),
-        },
-        include_actors=admission.include_actors,
-    )
-    return Response(status=200, body=orjson.dumps(answer))
-
-
 def _check_strict(admission: Admission, merged: Merged) -> None:
     if admission.strict and merged.files_failed:
         raise StrictModeFailure(
             f"{merged.files_failed} file(s) failed and strict mode is on.",
             detail={"failed": [{"name": f.name, "error": f.error} for f in merged.files if f.error]},
         )
-
-
-async def _answer_ndjson(
-    conn: HttpConnection,
-    state: ServerState,
-    admission: Admission,
-    spool: Spool,
-    received: Received,
-    upload: UploadInfo,
-) -> None:
-    """Stream every event as its job finishes, then actors, files and a summary line.
-
-    Errors found before the first line (a bad or bomb archive) get their normal status. After that the
-    status is sent already: an error ends the stream with one ``{"kind": "error"}`` line and no summary.
-    """
-    started = time.perf_counter()
-    timeout = state.config.process_timeout
-    plan = await plan_ingest(
-        state.workers, state.config, spool.path, received.kind, _display_name(received), spool
-    )
-    await conn.start_stream(200, NDJSON, [(b"x-upload-id", upload.upload_id.encode())])
-    try:
-        with trio.move_on_after(timeout) as deadline:
-            merger = Merger()
-            merger.extend(plan.failed_up_front)
-            async with results_as_completed(state.workers, plan.jobs) as completed:
-                async for index, results in completed:
-                    _check_bombs(results)
-                    await _send_file(conn, plan.jobs[index].events_path)
-                    merger.extend(results)
-        if deadline.cancelled_caught:
-            raise _processing_timeout(timeout)
-        merged = merger.result()
-        spool.remove_files()  # before the last lines, so a client that sees them finds nothing left behind
-        await _send_lines(conn, actor_lines(merged))
-        await _send_lines(conn, map(file_line, merged.files))
-        _check_strict(admission, merged)
-        timing = {
-            "receive": round(upload.receive_ms, 1),
-            "process": round((time.perf_counter() - started) * 1000, 1),
-        }
-        await conn.send_chunk(
-            summary_line(
-                merged,
-                upload_id=upload.upload_id,
-                size_bytes=upload.size_bytes,
-                sha256=upload.sha256,
-                content_kind=upload.content_kind.value,
-                ignored=plan.ignored,
-                timing_ms=timing,
-            )
-        )
-    except Exception as raised:
-        error = root_cause(raised)
-        if not isinstance(error, UploadServerError):
-            raise
-        await conn.send_chunk(
-            orjson.dumps({"kind": "error", "error": orjson.loads(error.body())["error"]}) + b"\n"
-        )
-    await conn.end_stream()
 
 
 async def _send_file(conn: HttpConnection, path: str | None) -> None:

@@ -18,8 +18,10 @@ from upload_server.ingest.extract import FileResult
 __all__ = [
     "Merged",
     "Merger",
+    "UploadReceipt",
     "actor_line",
     "actor_lines",
+    "error_line",
     "file_line",
     "merge",
     "render_answer",
@@ -129,37 +131,35 @@ def _actor_dict(aid: int, rec: tuple[Any, ...]) -> dict[str, Any]:
     return d
 
 
-def _head(
-    merged: Merged,
-    upload_id: str,
-    size_bytes: int,
-    sha256: str,
-    content_kind: str,
-    ignored: Sequence[tuple[str, str]],
-) -> dict[str, Any]:
-    return {
-        "upload_id": upload_id,
-        "size_bytes": size_bytes,
-        "sha256": sha256,
-        "content_kind": content_kind,
-        "summary": merged.summary(len(ignored)),
-    }
+@dataclass(frozen=True)
+class UploadReceipt:
+    """What was received, as the answer states it."""
+
+    upload_id: str
+    size_bytes: int
+    sha256: str
+    content_kind: str
 
 
 def render_answer(
     merged: Merged,
+    receipt: UploadReceipt,
     *,
-    upload_id: str,
-    size_bytes: int,
-    sha256: str,
-    content_kind: str,
     ignored: Sequence[tuple[str, str]],
     timing_ms: Mapping[str, float],
-    include_actors: bool,
+    include_actors: bool = True,
+    include_files: bool = True,
 ) -> dict[str, Any]:
     """The JSON answer. ``timing_ms`` is passed through (``{"receive", "process"}``)."""
-    answer = _head(merged, upload_id, size_bytes, sha256, content_kind, ignored)
-    answer["files"] = [_file_dict(r) for r in merged.files]
+    answer: dict[str, Any] = {
+        "upload_id": receipt.upload_id,
+        "size_bytes": receipt.size_bytes,
+        "sha256": receipt.sha256,
+        "content_kind": receipt.content_kind,
+        "summary": merged.summary(len(ignored)),
+    }
+    if include_files:
+        answer["files"] = [_file_dict(r) for r in merged.files]
     answer["ignored"] = [{"name": n, "reason": why} for n, why in ignored]
     if include_actors:
         answer["actors"] = [_actor_dict(aid, rec) for aid, rec in merged.actors.items()]
@@ -195,16 +195,18 @@ def file_line(result: FileResult) -> bytes:
 
 def summary_line(
     merged: Merged,
+    receipt: UploadReceipt,
     *,
-    upload_id: str,
-    size_bytes: int,
-    sha256: str,
-    content_kind: str,
     ignored: Sequence[tuple[str, str]],
     timing_ms: Mapping[str, float],
 ) -> bytes:
     """The last line: the JSON answer without ``files`` and ``actors`` (they came as their own lines)."""
-    body = _head(merged, upload_id, size_bytes, sha256, content_kind, ignored)
-    body["ignored"] = [{"name": n, "reason": why} for n, why in ignored]
-    body["timing_ms"] = dict(timing_ms)
+    body = render_answer(
+        merged, receipt, ignored=ignored, timing_ms=timing_ms, include_actors=False, include_files=False
+    )
     return _line({"kind": "summary", **body})
+
+
+def error_line(error: Mapping[str, Any]) -> bytes:
+    """``{"kind": "error", "error": {"code", "message", "detail"}}``: ends a stream that failed midway."""
+    return _line({"kind": "error", "error": error})
