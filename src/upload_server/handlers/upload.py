@@ -8,14 +8,14 @@ at once and its body is never read.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-import orjson
 import trio
 
 from ..errors import (
@@ -31,18 +31,12 @@ from ..errors import (
     root_cause,
 )
 from ..http.connection import HttpConnection
-from ..http.messages import Request, Response
-from ..ingest.dispatch import IngestPlan, plan_ingest, results_as_completed
-from ..ingest.extract import FileResult
+from ..http.messages import Request
+from ..ingest.assemble import RenderRequest, merge_and_render
+from ..ingest.dispatch import IngestPlan, outcomes_as_completed, plan_ingest
 from ..ingest.results import (
-    Merged,
-    Merger,
     UploadReceipt,
-    actor_lines,
     error_line,
-    file_line,
-    render_answer,
-    summary_line,
 )
 from ..receive.body import Received, receive_upload
 from ..receive.multipart import multipart_boundary
@@ -151,6 +145,14 @@ def _take_upload_slot(state: ServerState, token: object) -> None:
         ) from None
 
 
+class ReadableFile(Protocol):
+    """An open file as ``trio.open_file`` gives it."""
+
+    async def read(self, size: int = -1, /) -> bytes: ...
+    async def aclose(self) -> None: ...
+    def fileno(self) -> int: ...
+
+
 @dataclass(frozen=True)
 class Upload:
     """One upload past receiving: what its head asked for, what arrived, and where it lies."""
@@ -183,47 +185,55 @@ async def handle_upload(request: Request, conn: HttpConnection, state: ServerSta
     _take_upload_slot(state, upload_id)
     stats.uploads_in_flight += 1
     succeeded = False
-    response: Response | None = None
-    try:
-        async with open_spool(config.tmp_dir, config.max_upload_bytes) as spool:
-            started = time.perf_counter()
-            received = await receive_upload(conn, spool, admission.boundary)
-            receipt = UploadReceipt(upload_id, spool.size, spool.sha256, received.kind.value)
-            upload = Upload(admission, spool, received, receipt, (time.perf_counter() - started) * 1000)
-            response = await _process_while_client_waits(conn, state, upload)
-        succeeded = True
-    finally:
-        stats.uploads_in_flight -= 1
-        if succeeded:
-            stats.uploads_completed += 1
-        else:
-            stats.uploads_failed += 1
-        state.upload_slots.release_on_behalf_of(upload_id)
-    if response is not None:
-        # Sent once the temp file is gone and the slot is free, so a client that uploads again as soon
-        # as it reads this answer finds both.
-        await conn.send_response(response)
+    async with contextlib.AsyncExitStack() as cleanup:
+        answer: ReadableFile | None = None
+        try:
+            async with open_spool(config.tmp_dir, config.max_upload_bytes) as spool:
+                started = time.perf_counter()
+                received = await receive_upload(conn, spool, admission.boundary)
+                receipt = UploadReceipt(upload_id, spool.size, spool.sha256, received.kind.value)
+                upload = Upload(admission, spool, received, receipt, (time.perf_counter() - started) * 1000)
+                answer = await _process_while_client_waits(conn, state, upload)
+                if answer is not None:
+                    cleanup.push_async_callback(answer.aclose)
+            succeeded = True
+        finally:
+            stats.uploads_in_flight -= 1
+            if succeeded:
+                stats.uploads_completed += 1
+            else:
+                stats.uploads_failed += 1
+            state.upload_slots.release_on_behalf_of(upload_id)
+        if answer is not None:
+            # Sent once the temp files are gone (the open answer file outlives its name) and the slot is
+            # free, so a client that uploads again as soon as it reads this answer finds both.
+            size = os.fstat(answer.fileno()).st_size
+            await conn.start_stream(200, "application/json", [(b"content-length", str(size).encode())])
+            await _send_open_file(conn, answer)
+            await conn.end_stream()
 
 
 async def _process_while_client_waits(
     conn: HttpConnection, state: ServerState, upload: Upload
-) -> Response | None:
+) -> ReadableFile | None:
     """Process; a client that leaves meanwhile cancels the work (and so kills its workers).
 
-    Returns the JSON answer to send, or None when the answer was streamed already.
+    Returns the open JSON answer file to send, or None when the answer was streamed already.
     """
-    response: Response | None = None
+    answer = None
     with trio.CancelScope() as work:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_when_client_leaves, conn, work)
             if upload.admission.stream_ndjson:
                 await _answer_ndjson(conn, state, upload)
             else:
-                response = await _answer_json(state, upload)
+                answer = await _answer_json(state, upload)
             nursery.cancel_scope.cancel()
     if work.cancelled_caught:
+        if answer is not None:
+            await answer.aclose()
         raise ClientDisconnected("the client left while its upload was processed")
-    return response
+    return answer
 
 
 async def _cancel_when_client_leaves(conn: HttpConnection, work: trio.CancelScope) -> None:
@@ -231,22 +241,15 @@ async def _cancel_when_client_leaves(conn: HttpConnection, work: trio.CancelScop
     work.cancel()
 
 
-async def _answer_json(state: ServerState, upload: Upload) -> Response:
+async def _answer_json(state: ServerState, upload: Upload) -> ReadableFile:
+    """Process and render the JSON answer into a file; return it open for reading."""
     started = time.perf_counter()
     with trio.move_on_after(state.config.process_timeout) as deadline:
-        plan = await _plan(state, upload, events_to_files=False)
-        merged = await _run_jobs(state, plan, send_events=None)
+        plan = await _plan(state, upload, with_event_lines=False)
+        answer_path = await _process(state, upload, plan, started, send_events=None)
     if deadline.cancelled_caught:
         raise _processing_timeout(state.config.process_timeout)
-    _check_strict(upload.admission, merged)
-    answer = render_answer(
-        merged,
-        upload.receipt,
-        ignored=plan.ignored,
-        timing_ms=upload.timing_ms(started),
-        include_actors=upload.admission.include_actors,
-    )
-    return Response(status=200, body=orjson.dumps(answer))
+    return await trio.open_file(answer_path, "rb")
 
 
 async def _answer_ndjson(conn: HttpConnection, state: ServerState, upload: Upload) -> None:
@@ -259,56 +262,82 @@ async def _answer_ndjson(conn: HttpConnection, state: ServerState, upload: Uploa
     started = time.perf_counter()
     deadline = trio.current_time() + state.config.process_timeout
     with trio.move_on_at(deadline) as planning:
-        plan = await _plan(state, upload, events_to_files=True)
+        plan = await _plan(state, upload, with_event_lines=True)
     if planning.cancelled_caught:
         raise _processing_timeout(state.config.process_timeout)
     await conn.start_stream(200, NDJSON, [(b"x-upload-id", upload.receipt.upload_id.encode())])
+    tail: ReadableFile | None = None
     try:
         with trio.move_on_at(deadline) as running:
-            merged = await _run_jobs(state, plan, send_events=lambda path: _send_file(conn, path))
+            send_events = functools.partial(_send_events_file, conn)
+            tail_path = await _process(state, upload, plan, started, send_events=send_events)
         if running.cancelled_caught:
             raise _processing_timeout(state.config.process_timeout)
-        await _send_lines(conn, actor_lines(merged))
-        await _send_lines(conn, map(file_line, merged.files))
-        _check_strict(upload.admission, merged)
-        last_line = summary_line(
-            merged, upload.receipt, ignored=plan.ignored, timing_ms=upload.timing_ms(started)
-        )
+        tail = await trio.open_file(tail_path, "rb")
+        last_line = b""
     except Exception as raised:
         error = root_cause(raised)
         if not isinstance(error, UploadServerError):
             raise
         last_line = error_line(error.payload())
     upload.spool.remove_files()  # before the last line, so a client that reads it finds nothing left behind
+    if tail is not None:
+        async with tail:
+            await _send_open_file(conn, tail)
     await conn.send_chunk(last_line)
     await conn.end_stream()
 
 
-async def _plan(state: ServerState, upload: Upload, *, events_to_files: bool) -> IngestPlan:
+async def _plan(state: ServerState, upload: Upload, *, with_event_lines: bool) -> IngestPlan:
     return await plan_ingest(
         state.workers,
         state.config,
-        upload.spool.path,
+        upload.spool,
         upload.received.kind,
         upload.display_name,
-        upload.spool if events_to_files else None,
+        with_event_lines=with_event_lines,
     )
 
 
-async def _run_jobs(
-    state: ServerState, plan: IngestPlan, send_events: Callable[[str | None], Awaitable[None]] | None
-) -> Merged:
-    """Run the plan's jobs and merge their results as they finish; ``send_events`` streams each job's
-    event lines as soon as that job is done."""
-    merger = Merger()
-    merger.extend(plan.failed_up_front)
-    async with results_as_completed(state.workers, plan.jobs) as completed:
-        async for index, results in completed:
-            _check_bombs(results)
+async def _process(
+    state: ServerState,
+    upload: Upload,
+    plan: IngestPlan,
+    started: float,
+    send_events: Callable[[str | None], Awaitable[None]] | None,
+) -> str:
+    """Run the plan's jobs, then merge and render the answer in a worker; return the answer file's path.
+
+    ``send_events`` streams each job's event lines as soon as that job is done. Raises ZipBomb as soon as
+    a job finds one, StrictModeFailure when strict mode refuses the failed files.
+    """
+    async with outcomes_as_completed(state.workers, plan) as completed:
+        async for index, outcome in completed:
+            if outcome.bomb is not None:
+                raise ZipBomb(
+                    f"{outcome.bomb['file']} expands far beyond what its archive headers declare.",
+                    detail=outcome.bomb,
+                )
             if send_events is not None:
                 await send_events(plan.jobs[index].events_path)
-            merger.extend(results)
-    return merger.result()
+    request = RenderRequest(
+        receipt=upload.receipt,
+        result_paths=plan.results_paths,
+        answer_path=str(upload.spool.sibling("answer")),
+        ndjson=upload.admission.stream_ndjson,
+        strict=upload.admission.strict,
+        include_actors=upload.admission.include_actors,
+        ignored=plan.ignored,
+        failed_up_front=plan.failed_up_front,
+        timing_ms=upload.timing_ms(started),
+    )
+    rendered = await state.workers.run(merge_and_render, request)
+    if not rendered.rendered:
+        raise StrictModeFailure(
+            f"{len(rendered.failed)} file(s) failed and strict mode is on.",
+            detail={"failed": rendered.failed},
+        )
+    return request.answer_path
 
 
 def _processing_timeout(seconds: float) -> ProcessingTimeout:
@@ -318,47 +347,20 @@ def _processing_timeout(seconds: float) -> ProcessingTimeout:
     )
 
 
-def _check_bombs(results: list[FileResult]) -> None:
-    """A file found to be a decompression bomb fails the whole upload, as the directory check would."""
-    for result in results:
-        if result.error and result.error.get("code") == "ZIP_BOMB":
-            raise ZipBomb(
-                f"{result.name} expands far beyond what its archive headers declare.",
-                detail={"file": result.name, **result.error},
-            )
+async def _send_open_file(conn: HttpConnection, file: ReadableFile) -> None:
+    while chunk := await file.read(STREAM_CHUNK_BYTES):
+        await conn.send_chunk(chunk)
 
 
-def _check_strict(admission: Admission, merged: Merged) -> None:
-    if admission.strict and merged.files_failed:
-        raise StrictModeFailure(
-            f"{merged.files_failed} file(s) failed and strict mode is on.",
-            detail={"failed": [{"name": f.name, "error": f.error} for f in merged.files if f.error]},
-        )
-
-
-async def _send_file(conn: HttpConnection, path: str | None) -> None:
-    """Send a worker's event lines, then remove the file."""
+async def _send_events_file(conn: HttpConnection, path: str | None) -> None:
+    """Send a job's event lines, then remove the file."""
     if path is None:
         return
     try:
         async with await trio.open_file(path, "rb") as lines:
-            while chunk := await lines.read(STREAM_CHUNK_BYTES):
-                await conn.send_chunk(chunk)
+            await _send_open_file(conn, lines)
     except FileNotFoundError:
         return  # a job with no successful file writes nothing
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-
-
-async def _send_lines(conn: HttpConnection, lines: Iterable[bytes]) -> None:
-    """Send rendered lines in chunks of about STREAM_CHUNK_BYTES rather than one send per line."""
-    batch: list[bytes] = []
-    size = 0
-    for line in lines:
-        batch.append(line)
-        size += len(line)
-        if size >= STREAM_CHUNK_BYTES:
-            await conn.send_chunk(b"".join(batch))
-            batch, size = [], 0
-    await conn.send_chunk(b"".join(batch))

@@ -24,12 +24,12 @@ import trio_parallel
 from ..errors import WorkerCrashed
 from ..receive.sniff import ContentKind
 from .archive import ArchiveLimits, EntryPlan, plan_zip
+from .assemble import JobOutcome, run_job_to_file
 from .extract import FileResult
-from .worker import Job, run_job
+from .worker import Job
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from pathlib import Path
 
     from ..config import Config
     from ..receive.spool import Spool
@@ -164,6 +164,8 @@ def batch_entries(entries: Sequence[EntryPlan], workers: int) -> list[tuple[Entr
 @dataclass(frozen=True)
 class IngestPlan:
     jobs: list[Job]
+    #: Where each job's results go (``results_paths[i]`` for ``jobs[i]``).
+    results_paths: list[str]
     ignored: list[tuple[str, str]]
     failed_up_front: list[FileResult]
 
@@ -171,63 +173,76 @@ class IngestPlan:
 async def plan_ingest(
     pool: WorkerPool,
     config: Config,
-    source: Path,
+    spool: Spool,
     kind: ContentKind,
     display_name: str,
-    events_dir: Spool | None,
+    *,
+    with_event_lines: bool,
 ) -> IngestPlan:
-    """Turn a spooled upload into jobs. A ZIP's directory is read and checked in a worker too: a
-    directory of 10,000 entries is real CPU work that must not stall the event loop."""
+    """Turn a spooled upload into jobs, with their output files beside the spool.
+
+    A ZIP's directory is read and checked in a worker too: a directory of 10,000 entries is real CPU
+    work that must not stall the event loop.
+    """
     common: dict[str, Any] = {
         "memory_budget": config.worker_memory_budget,
         "max_ratio": config.max_ratio,
         "max_uncompressed_bytes": config.max_uncompressed_bytes,
     }
-    if kind is not ContentKind.ZIP:
-        events_path = str(events_dir.sibling("events-0.ndjson")) if events_dir else None
-        job = Job(str(source), kind.value, display_name=display_name, events_path=events_path, **common)
-        return IngestPlan(jobs=[job], ignored=[], failed_up_front=[])
-    limits = ArchiveLimits(
-        max_entries=config.max_entries,
-        max_uncompressed_bytes=config.max_uncompressed_bytes,
-        max_ratio=config.max_ratio,
-    )
-    archive = await pool.run(plan_zip, str(source), limits)
+    ignored: list[tuple[str, str]] = []
+    failed: list[FileResult] = []
+    if kind is ContentKind.ZIP:
+        limits = ArchiveLimits(
+            max_entries=config.max_entries,
+            max_uncompressed_bytes=config.max_uncompressed_bytes,
+            max_ratio=config.max_ratio,
+        )
+        archive = await pool.run(plan_zip, str(spool.path), limits)
+        batches = batch_entries(archive.entries, pool.count)
+        ignored, failed = list(archive.ignored), list(archive.failed)
+    else:
+        batches = [()]
+        common["display_name"] = display_name
     jobs = [
         Job(
-            str(source),
+            str(spool.path),
             kind.value,
             entries=batch,
-            events_path=str(events_dir.sibling(f"events-{number}.ndjson")) if events_dir else None,
+            events_path=str(spool.sibling(f"events-{number}.ndjson")) if with_event_lines else None,
             **common,
         )
-        for number, batch in enumerate(batch_entries(archive.entries, pool.count))
+        for number, batch in enumerate(batches)
     ]
-    return IngestPlan(jobs=jobs, ignored=list(archive.ignored), failed_up_front=list(archive.failed))
+    results_paths = [str(spool.sibling(f"results-{number}.msgpack")) for number in range(len(jobs))]
+    return IngestPlan(jobs=jobs, results_paths=results_paths, ignored=ignored, failed_up_front=failed)
 
 
 @contextlib.asynccontextmanager
-async def results_as_completed(
-    pool: WorkerPool, jobs: Sequence[Job]
-) -> AsyncIterator[trio.MemoryReceiveChannel[tuple[int, list[FileResult]]]]:
-    """Run every job; yield ``(job index, its file results)`` in the order the jobs finish.
+async def outcomes_as_completed(
+    pool: WorkerPool, plan: IngestPlan
+) -> AsyncIterator[trio.MemoryReceiveChannel[tuple[int, JobOutcome]]]:
+    """Run every job of the plan; yield ``(job index, outcome)`` in the order the jobs finish.
 
     Leaving the block early (an error, a cancellation) cancels the jobs still running and kills
     their workers.
     """
-    send, receive = trio.open_memory_channel[tuple[int, list[FileResult]]](len(jobs))
+    send, receive = trio.open_memory_channel[tuple[int, JobOutcome]](len(plan.jobs))
     async with trio.open_nursery() as nursery:
         async with send:
-            for index, job in enumerate(jobs):
-                nursery.start_soon(_run_one, pool, index, job, send.clone())
+            for index, job in enumerate(plan.jobs):
+                nursery.start_soon(_run_one, pool, index, job, plan.results_paths[index], send.clone())
         async with receive:
             yield receive
         nursery.cancel_scope.cancel()
 
 
 async def _run_one(
-    pool: WorkerPool, index: int, job: Job, send: trio.MemorySendChannel[tuple[int, list[FileResult]]]
+    pool: WorkerPool,
+    index: int,
+    job: Job,
+    results_path: str,
+    send: trio.MemorySendChannel[tuple[int, JobOutcome]],
 ) -> None:
     async with send:
-        results = await pool.run(run_job, job)
-        await send.send((index, results))
+        outcome = await pool.run(run_job_to_file, job, results_path)
+        await send.send((index, outcome))
