@@ -50,15 +50,6 @@ def parse_float(text: str) -> float:
         raise ValueError(f"{text!r} is not a number (examples: 10, 2.5)") from None
 
 
-def parse_bool(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in {"1", "true", "yes", "on"}:
-        return True
-    if lowered in {"0", "false", "no", "off"}:
-        return False
-    raise ValueError(f"{text!r} is not a boolean (use true or false)")
-
-
 @dataclass(frozen=True)
 class Config:
     host: str = "127.0.0.1"
