@@ -216,6 +216,19 @@ def process_cpu_seconds(pid: int) -> float:
         return 0.0
 
 
+def run_queue_wait_seconds(pid: int) -> float:
+    """Seconds thread ``pid`` spent runnable but waiting for a CPU (``/proc/<pid>/schedstat``); 0 if gone.
+
+    For a process this is its main thread: a worker's, or a server's event loop. A high figure means the
+    machine (other processes, or higher-priority ones) kept it off the CPU, not that it had no work.
+    """
+    try:
+        with open(f"/proc/{pid}/schedstat") as schedstat:
+            return int(schedstat.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def minor_faults(pid: int) -> int:
     """Minor page faults of ``pid`` so far (each one a fresh page the allocator got from the kernel)."""
     try:
@@ -238,6 +251,8 @@ class Sample:
     main_thread_cpu_s: float = 0.0
     other_threads_cpu_s: float = 0.0
     children_cpu_s: float = 0.0
+    main_wait_s: float = 0.0  # the main thread (event loop) runnable but waiting for a CPU
+    children_wait_s: float = 0.0  # the workers' main threads runnable but waiting for a CPU, summed
     machine_cpu_s: float = 0.0  # every process on the machine, the client and the target included
     minor_faults: int = 0  # of the target process (not its workers)
 
@@ -268,6 +283,9 @@ class Sampler:
         self._threads_last: dict[int, float] = {}
         self._children_cpu_start: dict[int, float] = {}
         self._children_cpu_last: dict[int, float] = {}
+        self._children_wait_start: dict[int, float] = {}
+        self._children_wait_last: dict[int, float] = {}
+        self._main_wait_start = 0.0
         self._machine_start = 0.0
         self._faults_start = 0
         self._started = 0.0
@@ -280,6 +298,8 @@ class Sampler:
         self._threads_last = dict(self._threads_start)
         for kid in descendants(self.pid):  # workers alive before the span: count only their new CPU
             self._children_cpu_start[kid] = self._children_cpu_last[kid] = process_cpu_seconds(kid)
+            self._children_wait_start[kid] = self._children_wait_last[kid] = run_queue_wait_seconds(kid)
+        self._main_wait_start = run_queue_wait_seconds(self.pid)
         self._sample()
         self._thread.start()
         return self
@@ -303,6 +323,10 @@ class Sampler:
         result.children_cpu_s = sum(
             cpu - self._children_cpu_start.get(pid, 0.0) for pid, cpu in self._children_cpu_last.items()
         )
+        result.main_wait_s = run_queue_wait_seconds(self.pid) - self._main_wait_start
+        result.children_wait_s = sum(
+            wait - self._children_wait_start.get(pid, 0.0) for pid, wait in self._children_wait_last.items()
+        )
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -324,6 +348,8 @@ class Sampler:
             cpu = process_cpu_seconds(kid)
             self._children_cpu_start.setdefault(kid, 0.0)  # born during the span: all its CPU counts
             self._children_cpu_last[kid] = cpu
+            self._children_wait_start.setdefault(kid, 0.0)
+            self._children_wait_last[kid] = run_queue_wait_seconds(kid)
 
 
 # ------------------------------------------------------------------------------------- servers
@@ -351,18 +377,31 @@ class Server:
         return "\n".join(list(self.log_tail)[-lines:])
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a server that will not announce its port)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((HOST, 0))
+        return int(probe.getsockname()[1])
+
+
 def server_command(
-    kind: str, tmp_dir: str | Path, workers: int | None = None, extra: Sequence[str] = ()
+    kind: str, tmp_dir: str | Path, workers: int | None = None, extra: Sequence[str] = (), port: int = 0
 ) -> list[str]:
-    """The command line that starts ``kind`` (ours, reference, sink) on a free 127.0.0.1 port."""
+    """The command line that starts ``kind`` (ours, reference, sink) on 127.0.0.1.
+
+    ``port=0`` lets the server pick a free port and announce it on its ``listening on`` line. A server
+    told to log quietly (``--log-level warning``) may not print that line: give it a :func:`free_port`,
+    and :func:`start_server` then also takes a successful connection as the sign that it listens.
+    """
     if kind == "ours":
-        command = [sys.executable, "-m", "upload_server", "--port", "0", "--tmp-dir", str(tmp_dir)]
+        command = [sys.executable, "-m", "upload_server", "--tmp-dir", str(tmp_dir)]
     elif kind == "reference":
-        command = [sys.executable, "-m", "loadtest.reference", "--port", "0", "--tmp-dir", str(tmp_dir)]
+        command = [sys.executable, "-m", "loadtest.reference", "--tmp-dir", str(tmp_dir)]
     elif kind == "sink":
-        command = [sys.executable, str(HERE / "sink.py"), "--port", "0", "--tmp-dir", str(tmp_dir)]
+        command = [sys.executable, str(HERE / "sink.py"), "--tmp-dir", str(tmp_dir)]
     else:
         raise ValueError(f"unknown server kind {kind!r}: ours, reference or sink")
+    command += ["--port", str(port)]
     if workers is not None:
         command += ["--workers", str(workers)]
     return [*command, *extra]
@@ -412,10 +451,36 @@ def start_server(
                 log.close()
 
     threading.Thread(target=drain, name=f"{name}-stderr", daemon=True).start()
-    if not ready.wait(timeout) or not server.port:
+    fixed = _fixed_port(command)
+    deadline = time.monotonic() + timeout
+    while not ready.wait(0.1) and time.monotonic() < deadline and process.poll() is None:
+        if fixed and _accepts(fixed):
+            server.port = fixed
+            break
+    if not server.port:
         stop_server(server)
         raise RuntimeError(f"{name} did not start within {timeout:g} s: {' '.join(command)}\n{server.tail()}")
     return server
+
+
+def _fixed_port(command: Sequence[str]) -> int:
+    """The port a command line asks for (the last ``--port N`` or ``--port=N``); 0 for none or 0."""
+    port = "0"
+    for index, word in enumerate(command):
+        if word == "--port" and index + 1 < len(command):
+            port = command[index + 1]
+        elif word.startswith("--port="):
+            port = word.split("=", 1)[1]
+    return int(port) if port.isdigit() else 0
+
+
+def _accepts(port: int) -> bool:
+    """Whether something accepts TCP connections on 127.0.0.1:``port``."""
+    try:
+        with socket.create_connection((HOST, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
 
 
 def stop_server(server: Server, timeout: float = STOP_TIMEOUT) -> int | None:
@@ -627,6 +692,7 @@ class Exchange:
     wall_s: float  # connect to the last byte of the answer
     sent_s: float  # until the client's last send returned (bytes in the kernel, not yet read by the peer)
     client_cpu_s: float
+    first_byte_s: float = float("nan")  # until the first byte of the answer arrived
 
     def json(self) -> Any:
         """The body parsed as JSON."""
@@ -729,9 +795,14 @@ def upload(
             sent_s = time.perf_counter() - started
         except (BrokenPipeError, ConnectionResetError):
             pass  # the peer answered early (an error) and closed: read what it said
+        first_byte_s = float("nan")
+        with contextlib.suppress(OSError):
+            if sock.recv(1, socket.MSG_PEEK):  # blocks until the answer starts, consumes nothing
+                first_byte_s = time.perf_counter() - started
         status, headers, body = read_response(sock)
     wall_s = time.perf_counter() - started
-    return Exchange(status, headers, body, wall_s, sent_s, time.thread_time() - cpu_started)
+    cpu_s = time.thread_time() - cpu_started
+    return Exchange(status, headers, body, wall_s, sent_s, cpu_s, first_byte_s)
 
 
 def get(port: int, path: str = HEALTH_PATH, timeout: float = 10.0) -> Exchange:
@@ -840,18 +911,27 @@ class UploadRun:
         """Peak RSS of the server plus its workers during the upload."""
         return self.sample.total_peak_bytes
 
+    @property
+    def others_cpu_share(self) -> float:
+        """Share of all cores that processes other than the server tree and the client kept busy (noise)."""
+        others = self.sample.machine_cpu_s - self.sample.cpu_s - self.exchange.client_cpu_s
+        return max(0.0, others) / (self.sample.wall_s * (os.cpu_count() or 1))
+
     def line(self) -> str:
         """One line for the log: speed, server timings, memory, CPU."""
         sample = self.sample
         main, workers = human_bytes(sample.main_peak_kib * 1024), human_bytes(sample.children_peak_kib * 1024)
         return (
-            f"  {self.server:<9} {self.label:<10} round {self.round}: {self.wall_s:6.2f} s  "
+            f"  {self.server:<9} {self.label:<10} round {self.round}: {self.wall_s:6.2f} s (sent "
+            f"{self.exchange.sent_s:.2f} s, answer from {self.exchange.first_byte_s:.2f} s)  "
             f"{self.upload_mb_s:6.1f} MB/s upload  {self.json_mb_s:6.1f} MB/s JSON  "
             f"{self.events_per_s:9,.0f} events/s | server: receive {self.receive_ms:7.0f} ms, process "
             f"{self.process_ms:7.0f} ms | peak RSS {human_bytes(self.peak_rss_bytes)} (main {main}, "
             f"workers {workers} in {sample.children_seen} procs) | CPU s: main "
             f"{sample.main_thread_cpu_s:.1f}, threads {sample.other_threads_cpu_s:.1f}, workers "
-            f"{sample.children_cpu_s:.1f} | load {self.load}"
+            f"{sample.children_cpu_s:.1f} | waited for a CPU: main {sample.main_wait_s:.1f} s, workers "
+            f"{sample.children_wait_s:.1f} s | others kept {self.others_cpu_share:.0%} of "
+            f"{os.cpu_count()} cores busy | load {self.load}"
         )
 
 
@@ -951,27 +1031,57 @@ def py_spy(
         print(f"  py-spy profile {note} {output}", flush=True)
 
 
-def top_frames(raw_profile: Path, count: int = 12, *, leaf: bool = True) -> list[tuple[str, int, float]]:
-    """The frames with the most samples in a py-spy raw profile: ``(frame, samples, share)``.
+def top_frames(
+    raw_profile: Path, count: int = 12, *, leaf: bool = True, main_thread_of: int | None = None
+) -> tuple[list[tuple[str, int, float]], int]:
+    """The frames with the most samples in a py-spy raw profile: ``([(frame, samples, share)], total)``.
 
     ``leaf=True`` counts where the samples were taken (self time); else every frame on a stack (total).
+    ``main_thread_of``: only the samples of that process's main thread (the server's event loop), with
+    the process and thread frames (py-spy's ``--subprocesses`` / ``--threads``) left out of the counts.
     """
     counts: Counter[str] = Counter()
     total = 0
+    wanted = f"thread ({main_thread_of})" if main_thread_of is not None else None
     with open(raw_profile) as profile:
         for line in profile:
             stack, _, number = line.rstrip("\n").rpartition(" ")
             if not stack or not number.isdigit():
                 continue
+            frames = stack.split(";")
+            if wanted is not None:
+                heads = [i for i, frame in enumerate(frames[:3]) if frame.startswith(wanted)]
+                if not heads:
+                    continue
+                frames = frames[heads[0] + 1 :] or ["(idle)"]
             samples = int(number)
             total += samples
-            frames = stack.split(";")
             if leaf:
                 counts[frames[-1]] += samples
             else:
                 for frame in set(frames):
                     counts[frame] += samples
-    return [(frame, samples, samples / max(total, 1)) for frame, samples in counts.most_common(count)]
+    return [(frame, samples, samples / max(total, 1)) for frame, samples in counts.most_common(count)], total
+
+
+def print_profile(path: Path | None, pid: int | None = None, count: int = 10) -> None:
+    """The hottest frames (self time) of a py-spy raw profile: the whole tree, then the server's loop.
+
+    ``pid``: the server's process id, for a second list restricted to its main thread (the event loop
+    that also answers health checks); its ``get_events``/``select`` frames are the loop waiting, idle.
+    """
+    if path is None or not path.exists():
+        return
+    frames, total = top_frames(path, count)
+    print(f"  top frames by self time in {path} (server and workers, {total} samples):")
+    for frame, samples, share in frames:
+        print(f"    {share:6.1%} {samples:7d}  {frame[:150]}")
+    if pid is None:
+        return
+    frames, total = top_frames(path, count, main_thread_of=pid)
+    print(f"  ... of the server's main thread only ({total} samples):")
+    for frame, samples, share in frames:
+        print(f"    {share:6.1%} {samples:7d}  {frame[:150]}")
 
 
 # --------------------------------------------------------------------------- client processes
@@ -988,7 +1098,16 @@ def latency_summary(latencies_s: Sequence[float]) -> dict[str, float]:
         "p99_ms": percentile(ms, 99),
         "max_ms": max(ms) if ms else float("nan"),
         "mean_ms": statistics.fmean(ms) if ms else float("nan"),
+        "over_5ms": sum(1 for value in ms if value > 5.0),
     }
+
+
+def describe_latency(result: dict[str, Any]) -> str:
+    """``p50 .. ms, p95 .. ms, p99 .. ms, max .. ms over N polls`` from a :func:`latency_summary`."""
+    return (
+        f"p50 {result['p50_ms']:.2f} ms, p95 {result['p95_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms, "
+        f"max {result['max_ms']:.2f} ms over {result['count']} polls"
+    )
 
 
 def poll_health(port: int, duration: float, interval: float, timeout: float) -> dict[str, Any]:
