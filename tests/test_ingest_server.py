@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import signal
@@ -377,6 +378,17 @@ def _worker_processes(pid: int) -> list[int]:
     return workers
 
 
+def _workers_reading(directory: Path) -> list[int]:
+    """Worker processes of this test process that hold a file of ``directory`` open."""
+    readers = []
+    for worker in _worker_processes(os.getpid()):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            targets = [os.readlink(f"/proc/{worker}/fd/{fd}") for fd in os.listdir(f"/proc/{worker}/fd")]
+            if any(target.startswith(str(directory)) for target in targets):
+                readers.append(worker)
+    return readers
+
+
 async def test_worker_crash_fails_that_upload_only(start_server: StartServer) -> None:
     server = await start_server(**SLOW_WORK)
     body = _gzip_of_spaces(2 << 30)
@@ -387,10 +399,10 @@ async def test_worker_crash_fails_that_upload_only(start_server: StartServer) ->
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(upload)
-        # running counts from the moment a job is handed over; the process may still be spawning
-        await wait_until(lambda: server.state.workers.running > 0 and bool(_worker_processes(os.getpid())))
-        workers = _worker_processes(os.getpid())
-        for worker in workers:
+        # Kill only once a worker has the upload open: trio-parallel quietly retries a job whose worker
+        # died before taking it, which would make this test pass or fail by timing.
+        await wait_until(lambda: bool(_workers_reading(server.tmp_dir)))
+        for worker in _workers_reading(server.tmp_dir):
             os.kill(worker, signal.SIGKILL)
     assert result["response"].status_code == 500
     assert result["response"].json()["error"]["code"] == "WORKER_CRASHED"
