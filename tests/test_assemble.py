@@ -38,7 +38,7 @@ def test_json_answer_merges_every_job(tmp_path: Path) -> None:
         ndjson=False,
         strict=False,
         include_actors=True,
-        timing_ms={"receive": 1.0, "process": 2.0},
+        receive_ms=1.0,
     )
     outcome = merge_and_render(request)
     assert outcome.rendered and outcome.failed == []

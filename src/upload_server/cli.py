@@ -17,7 +17,7 @@ import trio
 from .config import Config, ConfigError, load_config
 from .server import ServerState, serve
 
-log = logging.getLogger("upload_server")
+log = logging.getLogger("upload_server.lifecycle")
 
 
 # glibc mallopt parameters (malloc.h).
@@ -47,6 +47,7 @@ def configure_logging(level: str) -> None:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("upload_server.lifecycle").setLevel(logging.INFO)
 
 
 async def run(config: Config) -> None:

@@ -28,6 +28,9 @@ from .metrics import Stats
 from .receive.spool import remove_stale_files
 
 log = logging.getLogger("upload_server")
+#: Start and stop lines: always shown, whatever --log-level, because scripts wait for "listening on" to learn
+#: the port that --port 0 picked.
+lifecycle = logging.getLogger("upload_server.lifecycle")
 
 DISK_WATCH_INTERVAL = 1.0
 
@@ -137,11 +140,11 @@ async def serve(
                         for listener in listeners:
                             acceptors.start_soon(_accept_loop, listener, state, connections)
                         host = config.host if ":" not in config.host else f"[{config.host}]"
-                        log.info("upload-server listening on http://%s:%d", host, state.port)
+                        lifecycle.info("upload-server listening on http://%s:%d", host, state.port)
                         task_status.started(state)
                 # No longer accepting: let open connections finish within the grace period.
                 for listener in listeners:
                     await listener.aclose()
                 connections.cancel_scope.deadline = trio.current_time() + config.shutdown_grace
-                log.info("shutting down: %d connection(s) open", state.stats.connections_open)
+                lifecycle.info("shutting down: %d connection(s) open", state.stats.connections_open)
             outer.cancel_scope.cancel()

@@ -163,12 +163,6 @@ class Upload:
     receipt: UploadReceipt
     receive_ms: float
 
-    def timing_ms(self, processing_started: float) -> dict[str, float]:
-        return {
-            "receive": round(self.receive_ms, 1),
-            "process": round((time.perf_counter() - processing_started) * 1000, 1),
-        }
-
     @property
     def display_name(self) -> str:
         """The name a gzip or JSON upload's one file is listed under (never used as a path)."""
@@ -243,7 +237,7 @@ async def _cancel_when_client_leaves(conn: HttpConnection, work: trio.CancelScop
 
 async def _answer_json(state: ServerState, upload: Upload) -> ReadableFile:
     """Process and render the JSON answer into a file; return it open for reading."""
-    started = time.perf_counter()
+    started = time.monotonic()
     with trio.move_on_after(state.config.process_timeout) as deadline:
         plan = await _plan(state, upload, with_event_lines=False)
         answer_path = await _process(state, upload, plan, started, send_events=None)
@@ -259,7 +253,7 @@ async def _answer_ndjson(conn: HttpConnection, state: ServerState, upload: Uploa
     status. After that the status is sent already: an error ends the stream with one
     ``{"kind": "error"}`` line and no summary line.
     """
-    started = time.perf_counter()
+    started = time.monotonic()
     deadline = trio.current_time() + state.config.process_timeout
     with trio.move_on_at(deadline) as planning:
         plan = await _plan(state, upload, with_event_lines=True)
@@ -280,7 +274,9 @@ async def _answer_ndjson(conn: HttpConnection, state: ServerState, upload: Uploa
         if not isinstance(error, UploadServerError):
             raise
         last_line = error_line(error.payload())
-    upload.spool.remove_files()  # before the last line, so a client that reads it finds nothing left behind
+    await (
+        upload.spool.remove_files()
+    )  # before the last line, so a client that reads it finds nothing left behind
     if tail is not None:
         async with tail:
             await _send_open_file(conn, tail)
@@ -329,7 +325,8 @@ async def _process(
         include_actors=upload.admission.include_actors,
         ignored=plan.ignored,
         failed_up_front=plan.failed_up_front,
-        timing_ms=upload.timing_ms(started),
+        receive_ms=upload.receive_ms,
+        process_started=started,
     )
     rendered = await state.workers.run(merge_and_render, request)
     if not rendered.rendered:

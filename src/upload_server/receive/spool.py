@@ -122,7 +122,15 @@ class Spool:
             while rest:
                 rest = rest[os.write(self._fd, rest) :]
 
-    def remove_files(self) -> None:
+    async def remove_files(self) -> None:
+        """Remove the upload's files, off the event loop (unlinking a file of gigabytes takes a while).
+
+        Shielded: this is cleanup, and it runs on the way out of cancellations too.
+        """
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(self._remove_files_blocking)
+
+    def _remove_files_blocking(self) -> None:
         for leftover in (self.path, *self._siblings):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(leftover)
@@ -132,9 +140,9 @@ class Spool:
 async def open_spool(tmp_dir: str | os.PathLike[str], max_bytes: int) -> AsyncIterator[Spool]:
     """Create the temporary file; on exit (any exit: success, error, cancellation) remove it."""
     path = Path(tmp_dir) / f"{FILE_PREFIX}{os.getpid()}-{secrets.token_hex(8)}.part"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
     send, receive = trio.open_memory_channel[list[Chunk]](1)
-    spool = Spool(path, max_bytes, fd, send)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+    spool = Spool(path, max_bytes, fd, send)  # nothing that can fail stands between the open and the try
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(spool.run_writer, receive)
@@ -142,7 +150,7 @@ async def open_spool(tmp_dir: str | os.PathLike[str], max_bytes: int) -> AsyncIt
                 yield spool
     finally:
         os.close(fd)
-        spool.remove_files()
+        await spool.remove_files()
 
 
 def remove_stale_files(tmp_dir: str | os.PathLike[str]) -> int:
