@@ -46,6 +46,12 @@ def test_defaults() -> None:
     assert config.max_header_bytes == 16 << 10
     assert config.max_connections == 1024
     assert (config.header_timeout, config.body_idle_timeout, config.keepalive_timeout) == (10, 30, 5)
+    assert config.send_timeout == 30
+
+
+def test_send_timeout_from_flag_and_environment() -> None:
+    assert load_config(["--send-timeout", "2.5"], environ={}).send_timeout == 2.5
+    assert load_config([], environ={"UPLOAD_SERVER_SEND_TIMEOUT": "7"}).send_timeout == 7
 
 
 def test_every_setting_has_a_flag_and_an_environment_variable() -> None:
@@ -106,6 +112,9 @@ def test_flag_syntax_with_equals() -> None:
         (["--header-timeout", "0"], {}, "--header-timeout", "must be greater than 0"),
         (["--header-timeout", "nan"], {}, "--header-timeout", "must be greater than 0"),
         (["--body-idle-timeout", "-3"], {}, "--body-idle-timeout", "must be greater than 0"),
+        (["--send-timeout", "0"], {}, "--send-timeout", "must be greater than 0"),
+        ([], {"UPLOAD_SERVER_SEND_TIMEOUT": "-1"}, "UPLOAD_SERVER_SEND_TIMEOUT", "must be greater than 0"),
+        (["--send-timeout", "never"], {}, "--send-timeout", "'never' is not a number"),
         (["--max-concurrent-uploads", "0"], {}, "--max-concurrent-uploads", "must be greater than 0"),
         (["--workers", "0"], {}, "--workers", "must be greater than 0"),
         (["--shutdown-grace", "-1"], {}, "--shutdown-grace", "must be 0 or more"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Callable
@@ -51,8 +52,14 @@ class RawClient:
         self.buffer = bytearray()
 
     @classmethod
-    async def connect(cls, server: RunningServer) -> RawClient:
-        return cls(await trio.open_tcp_stream("127.0.0.1", server.port))
+    async def connect(cls, server: RunningServer, *, receive_buffer: int | None = None) -> RawClient:
+        """Connect; ``receive_buffer`` shrinks SO_RCVBUF (before connecting, so the window stays small)."""
+        if receive_buffer is None:
+            return cls(await trio.open_tcp_stream("127.0.0.1", server.port))
+        sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
+        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, receive_buffer)
+        await sock.connect(("127.0.0.1", server.port))
+        return cls(trio.SocketStream(sock))
 
     async def send(self, data: bytes) -> None:
         await self.stream.send_all(data)
@@ -228,6 +235,28 @@ async def test_http_1_0_upload_with_content_length(server: RunningServer) -> Non
     response = await client.read_response()
     assert response.status == 200 and response.json()["size_bytes"] == len(EVENTS_BYTES)
     assert await client.at_eof()
+
+
+async def test_a_client_that_never_reads_pipelined_answers_is_dropped(start_server: StartServer) -> None:
+    """Pipelining thousands of requests and reading none of the answers must not pin the connection:
+    once a send is not taken within ``send_timeout`` the server closes it."""
+    server = await start_server(send_timeout=1.0)
+    client = await RawClient.connect(server, receive_buffer=4096)
+    requests = get("/api/v1/health") * 10_000  # ~6 MB of answers: far more than the socket buffers hold
+    async with trio.open_nursery() as nursery:
+
+        async def flood() -> None:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await client.send(requests)  # blocks once the server stops reading: that is fine
+
+        nursery.start_soon(flood)
+        assert await eventually(lambda: server.state.stats.connections_open == 1)
+        started = trio.current_time()
+        assert await eventually(lambda: server.state.stats.connections_open == 0, within=WAIT)
+        assert trio.current_time() - started >= 0.5  # not before the client had its allowance
+        nursery.cancel_scope.cancel()
+    await client.aclose()
+    await assert_still_serving(server)
 
 
 # ------------------------------------------------------------------------------------ 100-continue

@@ -451,6 +451,32 @@ async def test_health_answers_quickly_while_an_upload_streams(server: RunningSer
     await assert_no_leftovers(server)
 
 
+async def test_an_ndjson_answer_nobody_reads_frees_its_slot_after_the_send_timeout(
+    start_server: StartServer,
+) -> None:
+    """A client that uploads, asks for the NDJSON stream and never reads it must not hold its upload slot,
+    its connection and the open answer file for ever: the send times out and everything is released."""
+    server = await start_server(send_timeout=1.0, max_concurrent_uploads=1)
+    data = events_json(NEVER_READ_EVENTS)
+    stuck = await RawClient.connect(server, receive_buffer=4096)
+    await stuck.send(upload_head(len(data), "Accept: application/x-ndjson") + data)
+    assert await eventually(lambda: server.state.stats.uploads_in_flight == 1)
+    started = trio.current_time()
+    assert await eventually(lambda: server.state.stats.uploads_in_flight == 0, within=10)
+    assert await eventually(lambda: server.state.stats.connections_open == 0)
+    assert trio.current_time() - started >= 0.5
+    health = await settled_health(server)
+    assert health["uploads"]["in_flight"] == 0 and health["uploads"]["failed"] == 1
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        assert_receipt(await client.post(UPLOAD, content=SMALL), SMALL, "json")
+    await assert_no_leftovers(server)
+    await stuck.aclose()
+
+
+#: Enough events that their NDJSON lines (~150 bytes each) overflow both ends' socket buffers.
+NEVER_READ_EVENTS = 20_000
+
+
 async def test_health_reports_degraded_when_disk_is_short(start_server: StartServer) -> None:
     server = await start_server(min_free_bytes=1 << 60)
     async with httpx.AsyncClient(base_url=server.url) as client:

@@ -58,6 +58,7 @@ class Config:
     header_timeout: float = 10.0
     body_idle_timeout: float = 30.0
     keepalive_timeout: float = 5.0
+    send_timeout: float = 30.0
     max_header_bytes: int = 16 << 10
     max_upload_bytes: int = 2 << 30
     max_concurrent_uploads: int = 2 * (os.cpu_count() or 1)
@@ -119,6 +120,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("body_idle_timeout", parse_float, "seconds without a body byte before 408", _positive),
     Setting(
         "keepalive_timeout", parse_float, "seconds an idle keep-alive connection is kept open", _positive
+    ),
+    Setting(
+        "send_timeout",
+        parse_float,
+        "seconds a send to a client that stopped reading may wait before the connection is closed",
+        _positive,
     ),
     Setting("max_header_bytes", parse_size, "largest request head (431 above)", _positive),
     Setting("max_upload_bytes", parse_size, "largest upload body (413 above)", _positive),

@@ -88,6 +88,7 @@ async def _serve_connection(stream: trio.SocketStream, state: ServerState) -> No
             header_timeout=config.header_timeout,
             body_idle_timeout=config.body_idle_timeout,
             keepalive_timeout=config.keepalive_timeout,
+            send_timeout=config.send_timeout,
             max_header_bytes=config.max_header_bytes,
         )
         if state.shutting_down:  # accepted just before the listener closed

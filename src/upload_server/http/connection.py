@@ -6,6 +6,8 @@ this module only moves bytes between it and the socket, under deadlines held in 
 * the request head must arrive within ``header_timeout`` (an idle keep-alive connection gets
   ``keepalive_timeout`` for its first byte, and is closed quietly when that runs out);
 * each read of the body must bring a byte within ``body_idle_timeout``;
+* each send must be taken by the client within ``send_timeout``: one that stopped reading is dropped,
+  which ends its exchange and frees what it held (an upload slot, an open answer file);
 * the body is read only when the handler asks for the next chunk, so a slow consumer (the disk)
   slows the socket: that is the backpressure.
 
@@ -66,11 +68,13 @@ class HttpConnection:
         body_idle_timeout: float,
         keepalive_timeout: float,
         max_header_bytes: int,
+        send_timeout: float = 30.0,
     ) -> None:
         self.stream = stream
         self.header_timeout = header_timeout
         self.body_idle_timeout = body_idle_timeout
         self.keepalive_timeout = keepalive_timeout
+        self.send_timeout = send_timeout
         self.max_header_bytes = max_header_bytes
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
         self.requests_served = 0
@@ -232,10 +236,18 @@ class HttpConnection:
         data = self.h11.send(event)
         if data:
             self.bytes_out += len(data)
+            # One deadline per send_all: what is sent at once is at most a piece of STREAM_CHUNK_BYTES
+            # (256 KiB) and its framing, which a client that reads at all takes well within it.
             try:
-                await self.stream.send_all(data)
+                with trio.move_on_after(self.send_timeout) as deadline:
+                    await self.stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
                 raise ClientDisconnected("connection lost while answering") from error
+            if deadline.cancelled_caught:
+                # Part of the data may be gone: the connection cannot carry anything more.
+                raise ClientDisconnected(
+                    f"the client stopped reading: a send was not taken within {self.send_timeout:g} seconds"
+                )
 
     def _response_headers(self, content_type: str | None, extra: Headers) -> Headers:
         headers: Headers = [(b"server", SERVER_HEADER), (b"date", _http_date())]
@@ -322,7 +334,7 @@ class HttpConnection:
         except Exception as raised:
             error = root_cause(raised)
             if isinstance(error, ClientDisconnected):
-                self._log_request(request, started, note="client disconnected")
+                self._log_request(request, started, note=f"client disconnected: {error}")
                 raise error from None
             if not isinstance(error, UploadServerError):
                 log.exception("internal error while serving %s", _describe(request), exc_info=raised)
