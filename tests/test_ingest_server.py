@@ -466,3 +466,26 @@ async def test_ndjson_stream_ends_with_an_error_line_when_a_bomb_shows_itself(se
     assert [line["kind"] for line in lines] == ["error"]
     assert lines[0]["error"]["code"] == "ZIP_BOMB"
     assert server.leftover_files() == []
+
+
+async def test_gz_entries_are_held_to_the_upload_wide_uncompressed_limit(start_server: StartServer) -> None:
+    server = await start_server(max_uncompressed_bytes=1 << 20)
+    events, _ = make_events(1100, seed=20)
+    entry = gzip.compress(as_ndjson(events))  # each well under the limit once inflated ...
+    assert 400_000 < len(as_ndjson(events)) < 1 << 20
+    body = make_zip(
+        {f"part{n}.json.gz": entry for n in range(3)}, zipfile.ZIP_STORED
+    )  # ... but not all three
+    response = await post(server, body, content_type="application/zip")
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "ZIP_BOMB"
+    assert response.json()["error"]["detail"]["reason"] == "total_uncompressed"
+    assert server.leftover_files() == []
+
+
+async def test_a_stream_that_ends_in_an_error_counts_as_failed(server: RunningServer) -> None:
+    lines = await ndjson_lines(server, make_zip({"bad.json": b"{"}), {"strict": "true"})
+    assert lines[-1]["kind"] == "error"
+    stats = server.state.stats
+    await wait_until(lambda: stats.uploads_in_flight == 0)  # the counters move just after the last byte
+    assert (stats.uploads_completed, stats.uploads_failed) == (0, 1)

@@ -187,10 +187,7 @@ async def handle_upload(request: Request, conn: HttpConnection, state: ServerSta
                 received = await receive_upload(conn, spool, admission.boundary)
                 receipt = UploadReceipt(upload_id, spool.size, spool.sha256, received.kind.value)
                 upload = Upload(admission, spool, received, receipt, (time.perf_counter() - started) * 1000)
-                answer = await _process_while_client_waits(conn, state, upload)
-                if answer is not None:
-                    cleanup.push_async_callback(answer.aclose)
-            succeeded = True
+                answer, succeeded = await _process_while_client_waits(conn, state, upload, cleanup)
         finally:
             stats.uploads_in_flight -= 1
             if succeeded:
@@ -208,26 +205,27 @@ async def handle_upload(request: Request, conn: HttpConnection, state: ServerSta
 
 
 async def _process_while_client_waits(
-    conn: HttpConnection, state: ServerState, upload: Upload
-) -> ReadableFile | None:
+    conn: HttpConnection, state: ServerState, upload: Upload, cleanup: contextlib.AsyncExitStack
+) -> tuple[ReadableFile | None, bool]:
     """Process; a client that leaves meanwhile cancels the work (and so kills its workers).
 
-    Returns the open JSON answer file to send, or None when the answer was streamed already.
+    Returns the open JSON answer file still to send (None when the answer was streamed already; it is
+    closed by ``cleanup``), and whether the upload succeeded (a stream can end in an error line).
     """
-    answer = None
+    answer: ReadableFile | None = None
+    succeeded = False
     with trio.CancelScope() as work:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_when_client_leaves, conn, work)
             if upload.admission.stream_ndjson:
-                await _answer_ndjson(conn, state, upload)
+                succeeded = await _answer_ndjson(conn, state, upload)
             else:
-                answer = await _answer_json(state, upload)
+                answer = await _answer_json(state, upload, cleanup)
+                succeeded = True
             nursery.cancel_scope.cancel()
     if work.cancelled_caught:
-        if answer is not None:
-            await answer.aclose()
         raise ClientDisconnected("the client left while its upload was processed")
-    return answer
+    return answer, succeeded
 
 
 async def _cancel_when_client_leaves(conn: HttpConnection, work: trio.CancelScope) -> None:
@@ -235,23 +233,25 @@ async def _cancel_when_client_leaves(conn: HttpConnection, work: trio.CancelScop
     work.cancel()
 
 
-async def _answer_json(state: ServerState, upload: Upload) -> ReadableFile:
-    """Process and render the JSON answer into a file; return it open for reading."""
+async def _answer_json(
+    state: ServerState, upload: Upload, cleanup: contextlib.AsyncExitStack
+) -> ReadableFile:
+    """Process and render the JSON answer into a file; return it open for reading (``cleanup`` closes it)."""
     started = time.monotonic()
     with trio.move_on_after(state.config.process_timeout) as deadline:
         plan = await _plan(state, upload, with_event_lines=False)
         answer_path = await _process(state, upload, plan, started, send_events=None)
     if deadline.cancelled_caught:
         raise _processing_timeout(state.config.process_timeout)
-    return await trio.open_file(answer_path, "rb")
+    return await cleanup.enter_async_context(await trio.open_file(answer_path, "rb"))
 
 
-async def _answer_ndjson(conn: HttpConnection, state: ServerState, upload: Upload) -> None:
+async def _answer_ndjson(conn: HttpConnection, state: ServerState, upload: Upload) -> bool:
     """Stream every event as its job finishes, then actors, files and a summary line.
 
     Errors found before the first line (a bad or bomb archive, a timeout while planning) get their own
     status. After that the status is sent already: an error ends the stream with one
-    ``{"kind": "error"}`` line and no summary line.
+    ``{"kind": "error"}`` line and no summary line, and this returns False.
     """
     started = time.monotonic()
     deadline = trio.current_time() + state.config.process_timeout
@@ -274,14 +274,14 @@ async def _answer_ndjson(conn: HttpConnection, state: ServerState, upload: Uploa
         if not isinstance(error, UploadServerError):
             raise
         last_line = error_line(error.payload())
-    await (
-        upload.spool.remove_files()
-    )  # before the last line, so a client that reads it finds nothing left behind
+    # Before the last line, so that a client that reads it finds nothing left behind.
+    await upload.spool.remove_files()
     if tail is not None:
         async with tail:
             await _send_open_file(conn, tail)
     await conn.send_chunk(last_line)
     await conn.end_stream()
+    return tail is not None
 
 
 async def _plan(state: ServerState, upload: Upload, *, with_event_lines: bool) -> IngestPlan:
@@ -307,12 +307,22 @@ async def _process(
     ``send_events`` streams each job's event lines as soon as that job is done. Raises ZipBomb as soon as
     a job finds one, StrictModeFailure when strict mode refuses the failed files.
     """
+    limit = state.config.max_uncompressed_bytes
+    produced = 0
     async with outcomes_as_completed(state.workers, plan) as completed:
         async for index, outcome in completed:
             if outcome.bomb is not None:
                 raise ZipBomb(
                     f"{outcome.bomb['file']} expands far beyond what its archive headers declare.",
                     detail=outcome.bomb,
+                )
+            # Each file is held to the limit as it inflates; the upload as a whole is held to it here,
+            # which matters for .gz entries, whose uncompressed size no directory declares.
+            produced += outcome.uncompressed_bytes
+            if produced > limit:
+                raise ZipBomb(
+                    f"The upload expands to more than {limit} bytes.",
+                    detail={"reason": "total_uncompressed", "uncompressed_bytes": produced, "limit": limit},
                 )
             if send_events is not None:
                 await send_events(plan.jobs[index].events_path)

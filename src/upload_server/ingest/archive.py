@@ -37,8 +37,8 @@ _JSON_SUFFIXES = (".json", ".ndjson", ".jsonl")
 _SUPPORTED_METHODS = frozenset(
     {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
 )
-_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, (version .. sizes), name length, extra length
-_LOCAL_SIG = b"PK\x03\x04"
+LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, (version .. sizes), name length, extra length
+LOCAL_SIGNATURE = b"PK\x03\x04"
 _MAX_DETAIL_NAMES = 20
 
 
@@ -133,19 +133,19 @@ def _check_layout(f: Any, infos: list[zipfile.ZipInfo], directory_start: int, fi
     for info in infos:
         start = info.header_offset
         f.seek(start)
-        head = f.read(_LOCAL_HEADER.size)
-        if len(head) < _LOCAL_HEADER.size:
+        head = f.read(LOCAL_HEADER.size)
+        if len(head) < LOCAL_HEADER.size:
             raise errors.BadZip(
                 f"entry {info.filename!r}: local header past the end of the file",
                 detail={"reason": "truncated", "entry": info.filename, "offset": start},
             )
-        sig, name_len, extra_len = _LOCAL_HEADER.unpack(head)
-        if sig != _LOCAL_SIG:
+        sig, name_len, extra_len = LOCAL_HEADER.unpack(head)
+        if sig != LOCAL_SIGNATURE:
             raise errors.BadZip(
                 f"entry {info.filename!r}: bad local header",
                 detail={"reason": "bad_local_header", "entry": info.filename, "offset": start},
             )
-        end = start + _LOCAL_HEADER.size + name_len + extra_len + info.compress_size
+        end = start + LOCAL_HEADER.size + name_len + extra_len + info.compress_size
         if end > file_size:
             raise errors.BadZip(
                 f"entry {info.filename!r}: data runs past the end of the file (truncated archive?)",

@@ -96,7 +96,9 @@ class WorkerPool:
             self.waiting -= 1
         self.running += 1
         try:
-            return await self.context.run_sync(function, *args, kill_on_cancel=True)
+            result = await self.context.run_sync(function, *args, kill_on_cancel=True)
+            self.done += 1
+            return result
         except trio_parallel.BrokenWorkerError as error:
             self.crashed += 1
             raise WorkerCrashed(
@@ -105,7 +107,6 @@ class WorkerPool:
             ) from None
         finally:
             self.running -= 1
-            self.done += 1
             self.limiter.release()
 
     async def warm_up(self) -> None:

@@ -32,15 +32,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Protocol
 
-from upload_server.ingest.archive import EntryPlan
+from upload_server.ingest.archive import LOCAL_HEADER, LOCAL_SIGNATURE, EntryPlan
 from upload_server.ingest.extract import FileResult, extract_bytes, extract_stream, rewind
 
 __all__ = ["DecompressionFailure", "Job", "run_job"]
 
 _IN_CHUNK = 256 << 10  # compressed bytes per read
 _OUT_CHUNK = 1 << 20  # most decompressed bytes produced per decompressor call
-_LOCAL_HEADER = struct.Struct("<4s22xHH")
-_LOCAL_SIG = b"PK\x03\x04"
 _DECOMPRESS_ERRORS = (zlib.error, lzma.LZMAError, OSError, EOFError, ValueError)
 
 
@@ -332,11 +330,11 @@ def _zip_entry_chunks(
 ) -> Iterator[bytes]:
     """The entry's decompressed bytes, read by offset from the upload, checked against size and CRC."""
     f.seek(offset)
-    head = f.read(_LOCAL_HEADER.size)
-    if len(head) < _LOCAL_HEADER.size or head[:4] != _LOCAL_SIG:
+    head = f.read(LOCAL_HEADER.size)
+    if len(head) < LOCAL_HEADER.size or head[:4] != LOCAL_SIGNATURE:
         raise DecompressionFailure("BAD_COMPRESSED_DATA", "bad local header")
-    _sig, name_len, extra_len = _LOCAL_HEADER.unpack(head)
-    start = offset + _LOCAL_HEADER.size + name_len + extra_len
+    _sig, name_len, extra_len = LOCAL_HEADER.unpack(head)
+    start = offset + LOCAL_HEADER.size + name_len + extra_len
 
     def raw() -> Iterator[bytes]:
         # Seek before every read: the file object is shared by the entries of one job.
