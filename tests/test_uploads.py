@@ -30,6 +30,7 @@ from test_http_protocol import (
     assert_still_serving,
     chunked,
     eventually,
+    get,
     upload_head,
 )
 
@@ -222,6 +223,41 @@ async def test_multipart_sent_chunked_is_byte_exact(server: RunningServer) -> No
     head = upload_head(None, content_type=f"multipart/form-data; boundary={BOUNDARY.decode()}")
     await client.send(head + chunked(*(body[i : i + 50_000] for i in range(0, len(body), 50_000))))
     assert_receipt(await client.read_response(), LARGE, "json")
+
+
+async def test_upload_in_one_byte_chunks_is_exact_and_health_stays_prompt(server: RunningServer) -> None:
+    """About 200 KB as 1-byte chunks: ~1.2 MB on the wire, one h11 event per byte. The answer is exact, and
+    health answers promptly all along (the events are taken in bounded pieces, with a checkpoint each).
+    The BOM and whitespace in front are split across chunks too, and the sniffer still sees JSON."""
+    data = b"\xef\xbb\xbf \r\n\t" + events_json(1000)
+    wire = upload_head(None) + chunked(*(data[i : i + 1] for i in range(len(data))))
+    uploader = await RawClient.connect(server)
+    prober = await RawClient.connect(server)
+    latencies: list[float] = []
+    answer: RawResponse | None = None
+    async with trio.open_nursery() as nursery:
+
+        async def upload() -> None:
+            nonlocal answer
+            await uploader.send(wire)
+            with trio.fail_after(30):
+                answer = await uploader.read_response()
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(upload)
+        assert await eventually(lambda: server.state.stats.uploads_in_flight == 1)
+        while True:
+            started = time.perf_counter()
+            await prober.send(get("/api/v1/health"))
+            response = await prober.read_response()
+            latencies.append(time.perf_counter() - started)
+            assert response.status == 200
+            await trio.sleep(0.01)
+    assert answer is not None
+    assert_receipt(answer, data, "json")
+    assert len(latencies) >= 5, latencies  # the probes did overlap the upload
+    assert max(latencies) < 0.2, latencies
+    await assert_no_leftovers(server)
 
 
 async def test_uploads_are_counted(server: RunningServer) -> None:

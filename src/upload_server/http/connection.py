@@ -46,6 +46,9 @@ RECEIVE_SIZE = 64 * 1024
 # Bodies are read in larger pieces: per-piece overhead (an h11 event, a deadline, a task switch) was a
 # third of the receive cost at 256 KiB (loadtest/bench_upload.py with py-spy, BENCH_NOTES.md).
 BODY_RECEIVE_SIZE = 1024 * 1024
+#: h11 events gathered into one body piece at most: a 1 MiB read of 1-byte chunks is ~170,000 events
+#: (about 5 µs each), which would hold the event loop for most of a second between checkpoints.
+BODY_EVENTS_PER_PIECE = 512
 #: Bytes read ahead (pipelined requests) while a request is still being answered, at most.
 PIPELINE_BUFFER_BYTES = 1 << 20
 SERVER_HEADER = f"upload-server/{__version__}".encode()
@@ -86,6 +89,8 @@ class HttpConnection:
         # Shutdown: answer the request in progress with Connection: close, then take no other.
         self.closing = False
         self._idle_scope: trio.CancelScope | None = None
+        # The body's end was met while gathering a piece: the next receive_body_chunk returns b"".
+        self._body_ended = False
 
     # ----------------------------------------------------------------------------------- receiving
     async def _receive_into_h11(self, max_bytes: int = RECEIVE_SIZE) -> None:
@@ -116,6 +121,7 @@ class HttpConnection:
         """Wait for the next request head; None when the client closed or idled out between requests."""
         first = self.requests_served == 0
         started = trio.current_time()
+        self._body_ended = False
         # A new connection gets the head allowance at once. A kept-alive one gets the idle allowance until
         # the first byte of its next head, and from that byte on the head allowance (as nginx does).
         head_started = first
@@ -180,20 +186,47 @@ class HttpConnection:
             self._idle_scope.cancel()
 
     async def receive_body_chunk(self) -> bytes | bytearray:
-        """The next piece of the request body (h11's own copy, handed on without another); b"" at its end.
+        """The next piece of the request body; b"" at its end.
+
+        Consecutive pieces h11 already holds are handed over as one (up to ``BODY_RECEIVE_SIZE`` bytes, or
+        ``BODY_EVENTS_PER_PIECE`` of h11's events), so a body sent in tiny chunks costs one call per piece
+        read, not one per chunk; a single piece is h11's own copy, handed on without another. Every call is
+        a checkpoint, so a flood of buffered events cannot hold the event loop.
 
         The first call sends ``100 Continue`` when the client waits for it, so a handler that raises
         before asking for the body never invites the client to send it.
         """
+        if self._body_ended:  # the end was seen while gathering the previous piece
+            self._body_ended = False
+            await trio.lowlevel.checkpoint()
+            return b""
         if self.h11.they_are_waiting_for_100_continue:
             await self._send(h11.InformationalResponse(status_code=100, headers=[]))
+        else:
+            await trio.lowlevel.checkpoint()
+        piece: bytes | bytearray | None = None
+        events = 0
         while True:
             event = self._next_event()
             if isinstance(event, h11.Data):
-                return event.data
+                if piece is None:
+                    piece = event.data
+                else:
+                    if not isinstance(piece, bytearray):
+                        piece = bytearray(piece)
+                    piece += event.data
+                events += 1
+                if len(piece) >= BODY_RECEIVE_SIZE or events >= BODY_EVENTS_PER_PIECE:
+                    return piece
+                continue
             if isinstance(event, h11.EndOfMessage):
+                if piece:
+                    self._body_ended = True
+                    return piece
                 return b""
             if event is h11.NEED_DATA:
+                if piece:
+                    return piece  # nothing more is buffered: hand over what was gathered, do not wait
                 try:
                     with trio.fail_after(self.body_idle_timeout):
                         await self._receive_into_h11(BODY_RECEIVE_SIZE)

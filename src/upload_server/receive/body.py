@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from ..errors import PayloadTooLarge
 from ..http.connection import HttpConnection
 from .multipart import MultipartFileReader
-from .sniff import ContentKind, sniff
+from .sniff import ContentKind, Sniffer
 from .spool import Spool
 
 
@@ -24,7 +24,7 @@ class Received:
 async def receive_upload(conn: HttpConnection, spool: Spool, boundary: bytes | None) -> Received:
     """Stream the upload's file bytes into ``spool``; raise as soon as they cannot be an upload we take."""
     reader = MultipartFileReader(boundary) if boundary is not None else None
-    prefix = bytearray()  # held only until the first bytes tell what the upload is
+    sniffer: Sniffer | None = Sniffer()  # holds the first bytes only until they tell what the upload is
     kind: ContentKind | None = None
     body_bytes = 0
     while chunk := await conn.receive_body_chunk():
@@ -37,17 +37,17 @@ async def receive_upload(conn: HttpConnection, spool: Spool, boundary: bytes | N
                 detail={"max_upload_bytes": spool.max_bytes},
             )
         for piece in reader.feed(chunk) if reader is not None else (chunk,):
-            if kind is None:
-                prefix += piece
-                kind = sniff(bytes(prefix), complete=False)
+            if sniffer is not None:
+                kind = sniffer.feed(piece)
                 if kind is None:
                     continue
-                piece, prefix = bytes(prefix), bytearray()
+                piece, sniffer = sniffer.prefix, None
             await spool.write(piece)
     if reader is not None:
         reader.finish()
-    if kind is None:
-        kind = sniff(bytes(prefix), complete=True)  # raises for an empty or unrecognisable body
-        await spool.write(bytes(prefix))
+    if sniffer is not None:
+        kind = sniffer.finish()  # raises for an empty or unrecognisable body
+        await spool.write(sniffer.prefix)
+    assert kind is not None
     await spool.finish()
     return Received(kind=kind, filename=reader.filename if reader is not None else None)

@@ -3,8 +3,9 @@ and removal in every outcome.
 
 Body chunks are gathered into batches of about ``BATCH_BYTES`` and handed to a writer task that writes
 them (``os.writev``, no joining copy) and hashes them in a worker thread while the connection keeps
-reading. The hand-over channel holds one batch: when the disk falls behind, ``write`` blocks, the
-connection stops reading and TCP slows the client. That bounds memory per upload to about three batches.
+reading; chunks under ``SMALL_PIECE_BYTES`` are copied together, so a batch holds few objects. The
+hand-over channel holds one batch: when the disk falls behind, ``write`` blocks, the connection stops
+reading and TCP slows the client. That bounds memory per upload to about three batches.
 
 Every file this module creates is named ``upload-server-<pid>-<token>...`` so that files left behind by a
 killed process can be recognised and removed at the next start.
@@ -32,6 +33,8 @@ log = logging.getLogger("upload_server.spool")
 Chunk = bytes | bytearray
 
 BATCH_BYTES = 1 << 20
+#: Pieces smaller than this are gathered into one buffer per run (so a batch holds few objects).
+SMALL_PIECE_BYTES = 16 << 10
 FILE_PREFIX = "upload-server-"
 _OWNED_NAME = re.compile(rf"^{re.escape(FILE_PREFIX)}(\d+)-[0-9a-f]+")
 
@@ -50,6 +53,7 @@ class Spool:
         self._hasher = hashlib.sha256()
         self._batch: list[Chunk] = []
         self._batch_bytes = 0
+        self._small: bytearray | None = None  # the batch's buffer that small pieces are gathered into
         self._to_writer = to_writer
         self._drained = trio.Event()
         self._siblings: list[Path] = []
@@ -67,7 +71,16 @@ class Spool:
                 detail={"max_upload_bytes": self.max_bytes},
             )
         self.size += len(data)
-        self._batch.append(data)
+        if len(data) < SMALL_PIECE_BYTES:
+            # Small pieces (a body sent in tiny chunks, a dribbling client) are copied into one buffer,
+            # not kept as objects of their own: a batch of 1-byte pieces would be a million objects.
+            if self._small is None:
+                self._small = bytearray()
+                self._batch.append(self._small)
+            self._small += data
+        else:
+            self._small = None
+            self._batch.append(data)
         self._batch_bytes += len(data)
         if self._batch_bytes >= BATCH_BYTES:
             await self._hand_over()
@@ -80,7 +93,7 @@ class Spool:
         self.sha256 = self._hasher.hexdigest()
 
     async def _hand_over(self) -> None:
-        batch, self._batch, self._batch_bytes = self._batch, [], 0
+        batch, self._batch, self._batch_bytes, self._small = self._batch, [], 0, None
         if batch:
             await self._to_writer.send(batch)
 
