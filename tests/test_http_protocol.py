@@ -211,6 +211,31 @@ async def test_pipelined_requests_are_answered_in_order(server: RunningServer) -
     await client.aclose()
 
 
+async def test_an_upgrade_request_keeps_the_connection(server: RunningServer) -> None:
+    """``curl --http2`` on http:// asks to upgrade to h2c; we answer in HTTP/1.1 (never 101), which
+    declines the upgrade, and the connection stays usable for the next (here pipelined) request."""
+    client = await RawClient.connect(server)
+    upgrade = get(
+        "/api/v1/health",
+        "Connection: Upgrade, HTTP2-Settings",
+        "Upgrade: h2c",
+        "HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA",
+    )
+    await client.send(upgrade + get("/api/v1/health"))
+    first = await client.read_response()
+    assert first.status == 200 and first.headers.get("connection", "") != "close"
+    second = await client.read_response()
+    assert second.status == 200 and second.json()["connections"]["open"] == 1
+    # A POST with a body and an Upgrade header is answered and kept alive the same way.
+    await client.send(upload_head(len(EVENTS_BYTES), "Upgrade: h2c") + EVENTS_BYTES + get("/api/v1/health"))
+    third = await client.read_response()
+    assert third.status == 200 and third.json()["sha256"] == hashlib.sha256(EVENTS_BYTES).hexdigest()
+    assert third.headers.get("connection", "") != "close"
+    assert (await client.read_response()).status == 200
+    assert await client.nothing_within(0.05)
+    await client.aclose()
+
+
 async def test_connection_close_is_honoured(server: RunningServer) -> None:
     client = await RawClient.connect(server)
     await client.send(get("/api/v1/health", "Connection: close") + get("/api/v1/health"))

@@ -61,6 +61,11 @@ LINGER_IDLE_SECONDS = 1.0
 
 Handler = Callable[[Request, "HttpConnection"], Awaitable[None]]
 
+#: Client states in which the whole request was read. MIGHT_SWITCH_PROTOCOL is a request that asked to
+#: upgrade (``Upgrade: h2c`` from ``curl --http2``): we never switch, and h11 returns the client to DONE
+#: when we answer with anything but 101, so the connection may carry another request.
+_REQUEST_READ = frozenset({h11.DONE, h11.MUST_CLOSE, h11.MIGHT_SWITCH_PROTOCOL})
+
 
 class HttpConnection:
     def __init__(
@@ -288,7 +293,7 @@ class HttpConnection:
             headers.append((b"content-type", content_type.encode()))
         headers.extend(extra)
         self._discard_buffered_body()
-        unread = self.h11.their_state is not h11.DONE and self.h11.their_state is not h11.MUST_CLOSE
+        unread = self.h11.their_state not in _REQUEST_READ
         if (unread or self.closing) and (b"connection", b"close") not in headers:
             # The request body was not (fully) read: the connection cannot carry another request.
             headers.append((b"connection", b"close"))
