@@ -426,6 +426,23 @@ async def test_malformed_requests_get_400_and_the_server_keeps_serving(server: R
     await assert_still_serving(server)
 
 
+async def test_content_length_with_transfer_encoding_is_400_and_closes(server: RunningServer) -> None:
+    """Both framings at once (RFC 9112 §6.1), the classic request-smuggling shape: a front end that trusts
+    Content-Length would see the smuggled request below as body; we refuse the message and close."""
+    client = await RawClient.connect(server)
+    smuggled = get("/api/v1/health")
+    body = chunked(b"[1]") + smuggled
+    await client.send(upload_head(len(body), "Transfer-Encoding: chunked") + body)
+    response = await client.read_response()
+    assert response.status == 400 and response.error_code() == "BAD_REQUEST"
+    assert "Content-Length and Transfer-Encoding" in response.json()["error"]["message"]
+    assert response.headers["connection"] == "close"
+    assert await client.at_eof()  # the smuggled request is never answered
+    assert server.state.stats.uploads_in_flight == 0 and server.state.stats.uploads_completed == 0
+    await assert_no_leftovers(server)
+    await assert_still_serving(server)
+
+
 @pytest.mark.parametrize("version", [b"2.0", b"9.9"])
 async def test_unsupported_http_version_is_505(server: RunningServer, version: bytes) -> None:
     client = await RawClient.connect(server)

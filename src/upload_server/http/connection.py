@@ -163,8 +163,9 @@ class HttpConnection:
         return None  # an idle keep-alive connection: close quietly, as nginx does
 
     def _check_head(self, event: h11.Request) -> None:
-        """Refuse what h11 lets through: an HTTP major version other than 1, and a head over
-        ``max_header_bytes`` that h11 parsed whole.
+        """Refuse what h11 lets through: an HTTP major version other than 1, a head over
+        ``max_header_bytes`` that h11 parsed whole, and a request framed both by Content-Length and by
+        Transfer-Encoding.
 
         h11 bounds only an *incomplete* head; one that arrives complete in a single read is parsed
         whatever its size, so it is measured here (from the parsed parts, which are never longer than
@@ -182,6 +183,17 @@ class HttpConnection:
             raise HeaderTooLarge(
                 "The request head is larger than this server accepts.",
                 detail={"max_header_bytes": self.max_header_bytes},
+            )
+        names = {name for name, _ in event.headers}  # h11 gives them lower-cased
+        if b"content-length" in names and b"transfer-encoding" in names:
+            # RFC 9112 §6.1: such a message must be read as chunked and the connection then closed; its
+            # declared size says nothing, and the two framings disagreeing is how requests are smuggled.
+            raise BadRequest(
+                "The request has both Content-Length and Transfer-Encoding; send one of them.",
+                detail={
+                    "content_length": _header(event, b"content-length"),
+                    "transfer_encoding": _header(event, b"transfer-encoding"),
+                },
             )
 
     def close_if_idle(self) -> None:
@@ -424,6 +436,10 @@ class HttpConnection:
             (time.perf_counter() - started) * 1000,
             f" ({note})" if note else "",
         )
+
+
+def _header(event: h11.Request, name: bytes) -> str:
+    return ", ".join(value.decode("latin-1") for key, value in event.headers if key == name)
 
 
 def _describe(request: Request | None) -> str:
