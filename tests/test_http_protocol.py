@@ -284,6 +284,23 @@ async def test_a_client_that_never_reads_pipelined_answers_is_dropped(start_serv
     await assert_still_serving(server)
 
 
+async def test_streamed_answers_carry_a_reason_phrase(server: RunningServer) -> None:
+    """Both answers of an upload go out through start_stream: the NDJSON stream and the JSON document."""
+    client = await RawClient.connect(server)
+    await client.send(upload_head(len(EVENTS_BYTES), "Accept: application/x-ndjson", "Connection: close"))
+    await client.send(EVENTS_BYTES)
+    with trio.fail_after(WAIT):
+        while await client._fill():  # the whole stream, to the close
+            pass
+    status_line, _, rest = bytes(client.buffer).partition(b"\r\n")
+    assert status_line == b"HTTP/1.1 200 OK"
+    assert b"transfer-encoding: chunked" in rest.lower() and b'"kind":"summary"' in rest
+    client = await RawClient.connect(server)
+    await client.send(upload_head(len(EVENTS_BYTES)) + EVENTS_BYTES)
+    response = await client.read_response()
+    assert (response.status, response.reason) == (200, "OK")
+
+
 # ------------------------------------------------------------------------------------ 100-continue
 async def test_expect_100_continue_accepted(server: RunningServer) -> None:
     client = await RawClient.connect(server)

@@ -325,9 +325,8 @@ class HttpConnection:
     async def start_stream(self, status: int, content_type: str, extra: Headers | None = None) -> None:
         """Begin a response whose length is not known: chunked for HTTP/1.1, close-delimited for 1.0."""
         self.status = status
-        await self._send(
-            h11.Response(status_code=status, headers=self._response_headers(content_type, extra or []))
-        )
+        headers = self._response_headers(content_type, extra or [])
+        await self._send(h11.Response(status_code=status, headers=headers, reason=_reason(status)))
 
     async def send_chunk(self, data: bytes) -> None:
         if data:
