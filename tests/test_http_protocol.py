@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -468,6 +469,28 @@ async def test_unsupported_http_version_is_505(server: RunningServer, version: b
     assert response.status == 505 and response.error_code() == "HTTP_VERSION_NOT_SUPPORTED"
     assert await client.at_eof()
     await assert_still_serving(server)
+
+
+async def test_refused_heads_are_named_in_the_access_log(
+    server: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """505 and 431 are decided after h11 parsed the head: the access log line names its method and target
+    (it used to read ``- - - 505``)."""
+    caplog.set_level(logging.INFO, logger="upload_server.access")
+    client = await RawClient.connect(server)
+    await client.send(b"GET /api/v1/health?v=2 HTTP/2.0\r\nHost: x\r\n\r\n")
+    assert (await client.read_response()).status == 505
+    client = await RawClient.connect(server)
+    await client.send(get("/api/v1/health?big=1", "X-Filler: " + "a" * (17 * 1024)))
+    assert (await client.read_response()).status == 431
+    assert await eventually(lambda: len(access_lines(caplog)) >= 2)
+    first, second = access_lines(caplog)[:2]
+    assert first.startswith("GET /api/v1/health?v=2 HTTP/2.0 505 "), first
+    assert second.startswith("GET /api/v1/health?big=1 HTTP/1.1 431 "), second
+
+
+def access_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.name == "upload_server.access"]
 
 
 async def test_request_without_host_is_400(server: RunningServer) -> None:

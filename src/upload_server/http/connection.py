@@ -91,6 +91,8 @@ class HttpConnection:
         self.bytes_in = 0
         self.bytes_out = 0
         self.status: int | None = None
+        #: The head of the request being served, once parsed (even when it is then refused).
+        self.head: Request | None = None
         # Shutdown: answer the request in progress with Connection: close, then take no other.
         self.closing = False
         self._idle_scope: trio.CancelScope | None = None
@@ -141,8 +143,10 @@ class HttpConnection:
                 while True:
                     event = self._next_event()
                     if isinstance(event, h11.Request):
+                        # Built before the checks, so that a refused head is still named in the access log.
+                        self.head = Request.from_h11(event)
                         self._check_head(event)
-                        return Request.from_h11(event)
+                        return self.head
                     if isinstance(event, h11.ConnectionClosed):
                         return None
                     if event is h11.NEED_DATA:
@@ -375,12 +379,14 @@ class HttpConnection:
         request: Request | None = None
         self.bytes_in = self.bytes_out = 0
         self.status = None
+        self.head = None
         try:
             request = await self.next_request()
             if request is None:
                 return False
             await handle(request, self)
         except Exception as raised:
+            request = request or self.head  # a head refused by _check_head (505, 431) is still named
             error = root_cause(raised)
             if isinstance(error, ClientDisconnected):
                 self._log_request(request, started, note=f"client disconnected: {error}")
