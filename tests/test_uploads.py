@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import io
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -446,6 +447,25 @@ async def test_concurrency_cap_answers_503_with_retry_after(start_server: StartS
         assert await eventually(lambda: server.state.stats.uploads_in_flight == 0)
         assert_receipt(await client.post(UPLOAD, content=SMALL), SMALL, "json")
     await assert_no_leftovers(server)
+
+
+async def test_server_busy_is_logged_at_info_not_warning(
+    start_server: StartServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """503 SERVER_BUSY is the server working as meant under load: INFO, not a WARNING per refusal."""
+    caplog.set_level(logging.INFO, logger="upload_server.http")
+    server = await start_server(max_concurrent_uploads=1)
+    holder = await RawClient.connect(server)
+    await holder.send(upload_head(len(SMALL)) + SMALL[:50])
+    assert await eventually(lambda: server.state.stats.uploads_in_flight == 1)
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        assert (await client.post(UPLOAD, content=SMALL)).status_code == 503
+    records = [record for record in caplog.records if record.name == "upload_server.http"]
+    busy = [record for record in records if "SERVER_BUSY" in record.getMessage()]
+    assert [record.levelno for record in busy] == [logging.INFO], records
+    assert not [record for record in records if record.levelno >= logging.WARNING], records
+    await holder.send(SMALL[50:])
+    assert_receipt(await holder.read_response(), SMALL, "json")
 
 
 async def test_a_refused_upload_does_not_hold_a_slot(start_server: StartServer) -> None:

@@ -34,6 +34,7 @@ from ..errors import (
     HttpVersionNotSupported,
     InternalError,
     RequestTimeout,
+    ServerBusy,
     UploadServerError,
     root_cause,
 )
@@ -400,7 +401,10 @@ class HttpConnection:
         return self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE
 
     async def _answer_error(self, error: UploadServerError, request: Request | None) -> None:
-        if error.status >= 500:
+        if isinstance(error, ServerBusy | HttpVersionNotSupported):
+            # Expected under load, or the client's doing: not something an operator must look at.
+            log.info("%s -> %d %s: %s", _describe(request), error.status, error.code, error.message)
+        elif error.status >= 500:  # 500 (a bug, a crashed worker), 503 PROCESSING_TIMEOUT, 507
             log.warning("%s -> %d %s: %s", _describe(request), error.status, error.code, error.message)
         if self.response_started:
             # The status line is gone already: cut the stream so the client sees it end badly.
