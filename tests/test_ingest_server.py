@@ -38,6 +38,24 @@ async def post(
         return await client.post(UPLOAD, content=body, headers=headers, params=params)
 
 
+async def ndjson_lines(
+    server: RunningServer, body: bytes, params: dict[str, str] | None = None
+) -> list[dict]:
+    async with (
+        httpx.AsyncClient(base_url=server.url, timeout=60) as client,
+        client.stream(
+            "POST",
+            UPLOAD,
+            content=body,
+            params=params,
+            headers={"accept": "application/x-ndjson", "content-type": "application/zip"},
+        ) as response,
+    ):
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("application/x-ndjson")
+        return [orjson.loads(line) async for line in response.aiter_lines() if line]
+
+
 def assert_matches_truth(answer: dict[str, Any], truth: Truth) -> None:
     summary = answer["summary"]
     assert summary["events"] == truth.events
@@ -147,21 +165,7 @@ async def test_ndjson_answer_streams_every_event_and_drops_failed_files(server: 
     body = make_zip(
         {"a.ndjson": as_ndjson(first), "b.json": as_array(second), "c.json": b'{"id": "x"}\n{bad'}
     )
-    lines = []
-    async with (
-        httpx.AsyncClient(base_url=server.url, timeout=60) as client,
-        client.stream(
-            "POST",
-            UPLOAD,
-            content=body,
-            headers={"accept": "application/x-ndjson", "content-type": "application/zip"},
-        ) as response,
-    ):
-        assert response.status_code == 200
-        assert response.headers["content-type"].startswith("application/x-ndjson")
-        async for line in response.aiter_lines():
-            if line:
-                lines.append(orjson.loads(line))
+    lines = await ndjson_lines(server, body)
     kinds = [line["kind"] for line in lines]
     events = [line for line in lines if line["kind"] == "event"]
     assert len(events) == truth.events
@@ -429,23 +433,6 @@ async def test_client_leaving_during_processing_cancels_the_work(start_server: S
     )
     assert server.state.stats.uploads_failed == 1
     assert server.leftover_files() == []
-
-
-async def ndjson_lines(
-    server: RunningServer, body: bytes, params: dict[str, str] | None = None
-) -> list[dict]:
-    async with (
-        httpx.AsyncClient(base_url=server.url, timeout=60) as client,
-        client.stream(
-            "POST",
-            UPLOAD,
-            content=body,
-            params=params,
-            headers={"accept": "application/x-ndjson", "content-type": "application/zip"},
-        ) as response,
-    ):
-        assert response.status_code == 200
-        return [orjson.loads(line) async for line in response.aiter_lines() if line]
 
 
 async def test_ndjson_stream_ends_with_an_error_line_in_strict_mode(server: RunningServer) -> None:
