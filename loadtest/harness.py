@@ -1,8 +1,8 @@
 """What the benchmarks share: servers as subprocesses, process-tree sampling, datasets, a raw-socket client.
 
-Imported by ``bench_upload.py``, ``bench_ingest.py`` and ``bench_compare.py`` (they run as scripts from
-``loadtest/``, so ``import harness`` finds this file). Everything talks to 127.0.0.1 only and every wait has
-a deadline.
+Imported by ``bench_upload.py``, ``bench_ingest.py``, ``bench_compare.py`` and ``run_locust.py`` (they run
+as scripts from ``loadtest/``, so ``import harness`` finds this file). Everything talks to 127.0.0.1 only and
+every wait has a deadline.
 
 * Servers: :func:`server_command` builds the command line of upload-server (``ours``), the FastAPI
   reference peer (``reference``) or the raw-socket sink (``sink``); :func:`start_server` starts it in its
@@ -502,14 +502,18 @@ def stop_server(server: Server, timeout: float = STOP_TIMEOUT) -> int | None:
 
 @contextlib.contextmanager
 def running_server(
-    name: str, command: list[str], env: dict[str, str] | None = None, log_path: Path | None = None
+    name: str,
+    command: list[str],
+    env: dict[str, str] | None = None,
+    log_path: Path | None = None,
+    stop_timeout: float = STOP_TIMEOUT,
 ) -> Iterator[Server]:
     """:func:`start_server` on entry, :func:`stop_server` on exit (whatever happened in between)."""
     server = start_server(name, command, env=env, log_path=log_path)
     try:
         yield server
     finally:
-        stop_server(server)
+        stop_server(server, stop_timeout)
 
 
 # -------------------------------------------------------------------------------------- datasets

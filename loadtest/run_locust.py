@@ -20,24 +20,22 @@ import csv
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 import psutil  # locust depends on it, so the loadtest group always has it
 
+import harness  # loadtest/harness.py: found because this runs as a script from loadtest/
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-LISTENING = re.compile(rb"listening on http://127\.0\.0\.1:(\d+)")
-SERVER_START_TIMEOUT = 60.0
-SERVER_STOP_TIMEOUT = 15.0
+SERVER_STOP_TIMEOUT = 15.0  # SIGTERM grace before the server's process group is killed
 
 
 @dataclass(frozen=True)
@@ -106,74 +104,6 @@ def ensure_datasets(names: list[str], data_dir: Path, timeout: float = 300.0) ->
                     leftover.unlink(missing_ok=True)
         files.append(spec.file)
     return files
-
-
-def server_command(target: str, tmp_dir: str, workers: int | None, extra: Sequence[str] = ()) -> list[str]:
-    """The command line that starts ``target`` on a free port (``extra`` flags appended)."""
-    if target == "ours":
-        cmd = [sys.executable, "-m", "upload_server", "--port", "0", "--tmp-dir", tmp_dir]
-    else:
-        cmd = [sys.executable, "-m", "loadtest.reference", "--port", "0", "--tmp-dir", tmp_dir]
-    if workers is not None:
-        cmd += ["--workers", str(workers)]
-    return [*cmd, *extra]
-
-
-class Server:
-    """A server subprocess: started, waited for, its stderr copied to a log, stopped for sure."""
-
-    def __init__(self, cmd: list[str], log_path: Path) -> None:
-        self.cmd = cmd
-        self.log_path = log_path
-        self.port: int | None = None
-        self._ready = threading.Event()
-        self.proc = subprocess.Popen(
-            cmd,
-            cwd=ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            # Its own process group, so its workers can be cleaned up with it if it will not stop.
-            start_new_session=True,
-        )
-        assert self.proc.stderr is not None
-        self._pump = threading.Thread(target=self._read_stderr, args=(self.proc.stderr,), daemon=True)
-        self._pump.start()
-
-    def _read_stderr(self, stream: IO[bytes]) -> None:
-        # Keep draining stderr for the whole run: a full pipe would block the server.
-        with open(self.log_path, "wb") as log:
-            for line in stream:
-                log.write(line)
-                log.flush()
-                if self.port is None and (m := LISTENING.search(line)):
-                    self.port = int(m.group(1))
-                    self._ready.set()
-        self._ready.set()  # the server exited: wake the waiter, which will see no port
-
-    def wait_ready(self, timeout: float = SERVER_START_TIMEOUT) -> int:
-        """The port, once the server says it listens; raises if it exits or takes too long."""
-        if not self._ready.wait(timeout) or self.port is None:
-            self.stop()
-            tail = self.log_path.read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"server did not start: {' '.join(self.cmd)}\n{tail}")
-        return self.port
-
-    def stop(self) -> int | None:
-        """SIGTERM, then SIGKILL to its process group after a grace period; returns the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(SERVER_STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-        # Stragglers in its group (orphaned pool workers, a forkserver) would keep stderr open.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        self._pump.join(5)
-        return self.proc.returncode
 
 
 class RssSampler:
@@ -347,14 +277,15 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     with tempfile.TemporaryDirectory(prefix=f"loadtest-{args.target}-") as tmp_dir:
-        cmd = server_command(args.target, tmp_dir, args.workers, args.server_arg)
-        server = Server(cmd, Path(f"{prefix}_server.log"))
-        try:
-            port = server.wait_ready()
-            print(f"{args.target} on 127.0.0.1:{port}; locust -u {args.users} -t {args.run_time} ...")
-            with RssSampler(server.proc.pid) as rss:
+        cmd = harness.server_command(args.target, tmp_dir, args.workers, args.server_arg)
+        server_log = Path(f"{prefix}_server.log")
+        with harness.running_server(
+            args.target, cmd, log_path=server_log, stop_timeout=SERVER_STOP_TIMEOUT
+        ) as server:
+            print(f"{args.target} on 127.0.0.1:{server.port}; locust -u {args.users} -t {args.run_time} ...")
+            with RssSampler(server.pid) as rss:
                 code = run_locust(
-                    f"http://127.0.0.1:{port}",
+                    server.url,
                     prefix,
                     args.users,
                     args.spawn_rate,
@@ -362,8 +293,6 @@ def main(argv: list[str] | None = None) -> int:
                     env,
                     Path(f"{prefix}_locust.log"),
                 )
-        finally:
-            server.stop()
 
     stats_csv = Path(f"{prefix}_stats.csv")
     if not stats_csv.exists():
