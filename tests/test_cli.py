@@ -31,6 +31,11 @@ EVENTS = json.dumps(
 START_TIMEOUT = 15.0  # a cold interpreter on a busy 2-core machine; a passing run takes well under 1 s
 
 
+def server_command(spool_dir: Path, *extra_flags: str) -> list[str]:
+    """``python -m upload_server`` on a free port, spooling to ``spool_dir``, then ``extra_flags``."""
+    return [sys.executable, "-m", "upload_server", "--port", "0", "--tmp-dir", str(spool_dir), *extra_flags]
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     """This process's environment without UPLOAD_SERVER_* settings, plus ``extra``."""
     env = {name: value for name, value in os.environ.items() if not name.startswith("UPLOAD_SERVER_")}
@@ -177,19 +182,7 @@ def test_console_script_serves_real_clients_and_stops_on_sigterm(
 def test_sigterm_with_an_upload_in_flight_waits_the_grace_then_cleans_up(
     spawn: Spawn, spool_dir: Path
 ) -> None:
-    server = spawn(
-        [
-            sys.executable,
-            "-m",
-            "upload_server",
-            "--port",
-            "0",
-            "--tmp-dir",
-            str(spool_dir),
-            "--shutdown-grace",
-            "0.5",
-        ]
-    )
+    server = spawn(server_command(spool_dir, "--shutdown-grace", "0.5"))
     with socket.create_connection(("127.0.0.1", server.port)) as client:
         head = f"POST /api/v1/upload HTTP/1.1\r\nHost: x\r\nContent-Length: {len(EVENTS)}\r\n\r\n"
         client.sendall(head.encode() + EVENTS[:100])
@@ -205,19 +198,7 @@ def test_sigterm_with_an_upload_in_flight_waits_the_grace_then_cleans_up(
 
 
 def test_second_signal_stops_at_once(spawn: Spawn, spool_dir: Path) -> None:
-    server = spawn(
-        [
-            sys.executable,
-            "-m",
-            "upload_server",
-            "--port",
-            "0",
-            "--tmp-dir",
-            str(spool_dir),
-            "--shutdown-grace",
-            "30",
-        ]
-    )
+    server = spawn(server_command(spool_dir, "--shutdown-grace", "30"))
     with socket.create_connection(("127.0.0.1", server.port)) as client:
         head = f"POST /api/v1/upload HTTP/1.1\r\nHost: x\r\nContent-Length: {len(EVENTS)}\r\n\r\n"
         client.sendall(head.encode() + EVENTS[:100])
@@ -291,9 +272,7 @@ def test_port_in_use_exits_with_a_clear_message(tmp_path: Path) -> None:
 
 def test_sigterm_right_after_the_listening_line_is_a_graceful_stop(spawn: Spawn, spool_dir: Path) -> None:
     """A supervisor may signal as soon as it sees the server listening: that must already be handled."""
-    server = spawn(
-        [sys.executable, "-m", "upload_server", "--port", "0", "--tmp-dir", str(spool_dir), "--workers", "1"]
-    )
+    server = spawn(server_command(spool_dir, "--workers", "1"))
     code, _ = stop(server)
     assert code == 0, server.stderr_text()
     assert "shutting down gracefully" in server.stderr_text()
@@ -301,19 +280,7 @@ def test_sigterm_right_after_the_listening_line_is_a_graceful_stop(spawn: Spawn,
 
 def test_sigterm_does_not_wait_for_idle_keep_alive_connections(spawn: Spawn, spool_dir: Path) -> None:
     """Load balancers and client pools hold idle connections open; shutdown closes them at once."""
-    server = spawn(
-        [
-            sys.executable,
-            "-m",
-            "upload_server",
-            "--port",
-            "0",
-            "--tmp-dir",
-            str(spool_dir),
-            "--keepalive-timeout",
-            "20",
-        ]
-    )
+    server = spawn(server_command(spool_dir, "--keepalive-timeout", "20"))
     with httpx.Client(base_url=server.url) as client:
         assert client.get("/api/v1/health").status_code == 200  # the connection stays in the pool
         code, took = stop(server)
