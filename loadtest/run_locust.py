@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import json
 import os
 import re
 import subprocess
@@ -38,72 +37,14 @@ ROOT = HERE.parent
 SERVER_STOP_TIMEOUT = 15.0  # SIGTERM grace before the server's process group is killed
 
 
-@dataclass(frozen=True)
-class DatasetSpec:
-    """A dataset in the catalogue: file name and the gen_dataset arguments that make it."""
-
-    file: str
-    kind: str
-    events: int
-    files: int = 1
-    seed: int = 0
+#: The datasets a locust run may use: harness.py's catalogue, less the 1 GiB one (too big to hold in memory
+#: per locust user).
+SIZES = [name for name in harness.DATASETS if name != "gib"]
 
 
-#: Sizes by name. "large" is the ~100 MB zip of issue 3's benchmark (takes ~15 s to generate once).
-CATALOGUE: dict[str, DatasetSpec] = {
-    "tiny": DatasetSpec("tiny.zip", "zip", 300, files=2, seed=1),
-    "small": DatasetSpec("small.zip", "zip", 3_000, files=4, seed=2),
-    "medium": DatasetSpec("medium.zip", "zip", 30_000, files=8, seed=3),
-    "large": DatasetSpec("large.zip", "zip", 330_000, files=8, seed=4),
-    "hour": DatasetSpec("hour.json.gz", "gz", 20_000, seed=5),
-    "ndjson": DatasetSpec("small.ndjson", "ndjson", 3_000, seed=6),
-    "array": DatasetSpec("small-array.json", "json-array", 3_000, seed=7),
-}
-
-
-def _expected_path(path: Path) -> Path:
-    return path.with_name(path.name + ".expected.json")
-
-
-def is_cached(path: Path, spec: DatasetSpec) -> bool:
-    """Whether ``path`` holds the dataset ``spec`` describes, judged by the counts written beside it."""
-    try:
-        expected = json.loads(_expected_path(path).read_bytes())
-        size = path.stat().st_size
-    except (OSError, ValueError):
-        return False
-    return (
-        expected.get("compressed_bytes") == size
-        and expected.get("kind") == spec.kind
-        and expected.get("events") == spec.events
-        and expected.get("seed") == spec.seed
-    )
-
-
-def ensure_datasets(names: list[str], data_dir: Path, timeout: float = 300.0) -> list[str]:
-    """Generate every named dataset that is missing or stale; return their file names.
-
-    ``loadtest/data`` is shared with the benchmark scripts, which may be making the same file at the
-    same time: a dataset is written under a dot-name and renamed, so nobody reads half a file.
-    """
-    data_dir.mkdir(parents=True, exist_ok=True)
-    files = []
-    for name in names:
-        spec = CATALOGUE[name]
-        out = data_dir / spec.file
-        if not is_cached(out, spec):
-            partial = data_dir / f".partial-{os.getpid()}-{spec.file}"
-            cmd = [sys.executable, str(HERE / "gen_dataset.py"), "--out", str(partial), "--kind", spec.kind]
-            cmd += ["--events", str(spec.events), "--files", str(spec.files), "--seed", str(spec.seed)]
-            try:
-                subprocess.run(cmd, check=True, timeout=timeout)
-                os.replace(_expected_path(partial), _expected_path(out))
-                os.replace(partial, out)
-            finally:
-                for leftover in (partial, _expected_path(partial)):
-                    leftover.unlink(missing_ok=True)
-        files.append(spec.file)
-    return files
+def ensure_datasets(names: list[str], data_dir: Path) -> list[str]:
+    """Make every named dataset that is missing or stale (harness.py's cache); return their file names."""
+    return [harness.ensure_dataset(name, data_dir).path.name for name in names]
 
 
 class RssSampler:
@@ -236,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-u", "--users", type=int, default=5)
     p.add_argument("-r", "--spawn-rate", type=float, default=5)
     p.add_argument("-t", "--run-time", default="60s", help="locust run time: 30s, 2m, ... (default 60s)")
-    p.add_argument("--sizes", default="small,medium,hour", help=f"datasets from {','.join(CATALOGUE)}")
+    p.add_argument("--sizes", default="small,medium,hour", help=f"datasets from {','.join(SIZES)}")
     p.add_argument("--weights", default="3,1,1", help="user weights upload,health,stream (default 3,1,1)")
     p.add_argument("--workers", type=int, default=None, help="server worker processes (default: its own)")
     p.add_argument(
@@ -254,9 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     parse_duration(args.run_time)  # fail on a bad duration before starting anything
 
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
-    unknown = [s for s in sizes if s not in CATALOGUE]
+    unknown = [s for s in sizes if s not in SIZES]
     if unknown:
-        p.error(f"unknown sizes {unknown}; choose from {list(CATALOGUE)}")
+        p.error(f"unknown sizes {unknown}; choose from {SIZES}")
     weights = args.weights.split(",")
     if len(weights) != 3:
         p.error("--weights takes three numbers: upload,health,stream")
