@@ -68,16 +68,16 @@ if str(HERE) not in sys.path:  # imported as ``loadtest.harness`` from the repos
     sys.path.insert(0, str(HERE))
 
 import gen_dataset  # noqa: E402  (needs the path above when imported from elsewhere)
+from upload_server.config import parse_size as config_parse_size  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------- helpers
 def parse_size(text: str) -> int:
-    """``1073741824``, ``128M``, ``1G``, ``1GiB`` → bytes (binary units)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmg]?)(?:i?b)?\s*", text, re.IGNORECASE)
-    if not match:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size (examples: 128M, 1G)")
-    number, unit = match.groups()
-    return int(float(number) * {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[unit.lower()])
+    """``1073741824``, ``128M``, ``1G``, ``1GiB`` → bytes: the server's own size syntax, for argparse."""
+    try:
+        return config_parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def parse_list(text: str) -> list[str]:
