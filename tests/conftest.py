@@ -11,7 +11,8 @@ import pytest
 import trio
 
 from upload_server.config import Config
-from upload_server.server import ServerState, serve
+from upload_server.server import serve
+from upload_server.state import ServerState
 
 
 @dataclasses.dataclass

@@ -15,8 +15,8 @@ import trio
 import trio.testing
 
 from conftest import RunningServer, StartServer
-from upload_server.http.connection import HttpConnection
-from upload_server.http.messages import Request
+from upload_server.http.connection import ConnectionLimits, HttpConnection
+from upload_server.http.exchange import Exchange
 
 #: Upper bound for any single wait on the server; generous, since a passing test never reaches it.
 WAIT = 5.0
@@ -684,17 +684,15 @@ async def test_cancellation_racing_a_disconnect_does_not_escape_the_connection()
     ``ExceptionGroup(ClientDisconnected)``.) Driven on a memory stream so the race is deterministic.
     """
     server_end, client_end = trio.testing.memory_stream_pair()
-    conn = HttpConnection(
-        server_end, header_timeout=5, body_idle_timeout=5, keepalive_timeout=5, max_header_bytes=16384
-    )
+    conn = HttpConnection(server_end, ConnectionLimits(header_timeout=5, body_idle_timeout=5))
 
     with trio.CancelScope() as outer:
 
-        async def handler(request: Request, conn: HttpConnection) -> None:
+        async def handler(exchange: Exchange) -> None:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(trio.sleep_forever)  # e.g. the spool's writer task
                 try:
-                    while await conn.receive_body_chunk():  # the peer is gone: ClientDisconnected ...
+                    while await exchange.receive_body_chunk():  # the peer is gone: ClientDisconnected ...
                         pass
                 finally:
                     outer.cancel()  # ... just as the server stops
@@ -709,19 +707,19 @@ async def test_watching_for_a_disconnect_does_not_buffer_pipelined_bytes_without
     """While an answer is being prepared the server watches for the client leaving; a client that
     keeps sending meanwhile must not fill the server's memory."""
     server_end, client_end = trio.testing.memory_stream_pair()
-    conn = HttpConnection(
-        server_end, header_timeout=5, body_idle_timeout=5, keepalive_timeout=5, max_header_bytes=16384
-    )
+    conn = HttpConnection(server_end, ConnectionLimits(header_timeout=5, body_idle_timeout=5))
     await client_end.send_all(upload_head(len(EVENTS_BYTES)) + EVENTS_BYTES)
-    assert await conn.next_request() is not None
-    while await conn.receive_body_chunk():
+    request = await conn.next_request()
+    assert request is not None
+    exchange = Exchange(conn, request)
+    while await exchange.receive_body_chunk():
         pass
     for _ in range(40):
         await client_end.send_all(get("/api/v1/health") * 2000)  # ~2 MiB of pipelined requests
-    received_before = conn.bytes_in
+    received_before = conn.bytes_received
     with trio.move_on_after(0.2):
-        await conn.wait_for_disconnect()
-    assert conn.bytes_in - received_before <= 2 << 20
+        await exchange.wait_for_disconnect()
+    assert conn.bytes_received - received_before <= 2 << 20
 
 
 async def test_connections_over_the_cap_wait_to_be_accepted(start_server: StartServer) -> None:

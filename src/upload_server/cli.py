@@ -16,7 +16,8 @@ from collections.abc import AsyncIterator, Sequence
 import trio
 
 from .config import Config, ConfigError, load_config
-from .server import ServerState, serve
+from .server import serve
+from .state import ServerState
 
 log = logging.getLogger("upload_server.lifecycle")
 

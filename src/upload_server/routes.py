@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING
 
 from .errors import MethodNotAllowed, NotFound
 from .handlers.health import handle_health
 from .handlers.upload import handle_upload
-from .http.connection import HttpConnection
-from .http.messages import Request
+from .http.exchange import Exchange
+from .state import ServerState
 
-if TYPE_CHECKING:
-    from .server import ServerState
-
-RouteHandler = Callable[[Request, HttpConnection, "ServerState"], Awaitable[None]]
+RouteHandler = Callable[[Exchange, ServerState], Awaitable[None]]
 
 ROUTES: Mapping[str, Mapping[str, RouteHandler]] = {
     "/api/v1/upload": {"POST": handle_upload},
@@ -35,3 +31,13 @@ def resolve(method: str, path: str) -> RouteHandler:
             headers=[(b"allow", allowed.encode())],
         )
     return handler
+
+
+def router(state: ServerState) -> Callable[[Exchange], Awaitable[None]]:
+    """The function a connection calls for each request."""
+
+    async def route(exchange: Exchange) -> None:
+        request = exchange.request
+        await resolve(request.method, request.path)(exchange, state)
+
+    return route

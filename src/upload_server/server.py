@@ -1,4 +1,4 @@
-"""Listeners, the connection cap, the server's nurseries and shutdown; the state handlers share.
+"""Listeners, the connection cap, the server's nurseries and shutdown.
 
 Task tree (every task lives in a nursery, every deadline in a cancel scope)::
 
@@ -15,17 +15,15 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from dataclasses import dataclass, field
 
 import trio
 
-from . import routes
 from .config import Config
-from .http.connection import HttpConnection
-from .http.messages import Request
-from .ingest.dispatch import WorkerPool, open_worker_pool
-from .metrics import Stats
+from .http.connection import ConnectionLimits, HttpConnection, Router
+from .ingest.dispatch import open_worker_pool
 from .receive.spool import remove_stale_files
+from .routes import router
+from .state import ServerState
 
 log = logging.getLogger("upload_server")
 #: Start and stop lines: always shown, whatever --log-level, because scripts wait for "listening on" to learn
@@ -35,33 +33,14 @@ lifecycle = logging.getLogger("upload_server.lifecycle")
 DISK_WATCH_INTERVAL = 1.0
 
 
-@dataclass
-class ServerState:
-    config: Config
-    workers: WorkerPool
-    stats: Stats = field(default_factory=Stats)
-    upload_slots: trio.CapacityLimiter = field(init=False)
-    connection_slots: trio.Semaphore = field(init=False)
-    port: int = 0
-    _accepting: trio.CancelScope = field(default_factory=trio.CancelScope)
-    _connections: set[HttpConnection] = field(default_factory=set)
-
-    def __post_init__(self) -> None:
-        self.upload_slots = trio.CapacityLimiter(self.config.max_concurrent_uploads)
-        self.connection_slots = trio.Semaphore(self.config.max_connections)
-
-    def shutdown(self) -> None:
-        """Stop accepting; idle keep-alive connections close now, busy ones get the grace period."""
-        self._accepting.cancel()
-        for conn in self._connections:
-            conn.close_if_idle()
-
-    @property
-    def shutting_down(self) -> bool:
-        return self._accepting.cancel_called
-
-    async def dispatch(self, request: Request, conn: HttpConnection) -> None:
-        await routes.resolve(request.method, request.path)(request, conn, self)
+def connection_limits(config: Config) -> ConnectionLimits:
+    return ConnectionLimits(
+        header_timeout=config.header_timeout,
+        body_idle_timeout=config.body_idle_timeout,
+        keepalive_timeout=config.keepalive_timeout,
+        send_timeout=config.send_timeout,
+        max_header_bytes=config.max_header_bytes,
+    )
 
 
 def _free_bytes(path: str) -> int:
@@ -79,31 +58,26 @@ async def _watch_disk(state: ServerState) -> None:
             state.stats.tmp_free_bytes = 0
 
 
-async def _serve_connection(stream: trio.SocketStream, state: ServerState) -> None:
-    config = state.config
+async def _serve_connection(
+    stream: trio.SocketStream, state: ServerState, limits: ConnectionLimits, route: Router
+) -> None:
     state.stats.connections_open += 1
     try:
-        conn = HttpConnection(
-            stream,
-            header_timeout=config.header_timeout,
-            body_idle_timeout=config.body_idle_timeout,
-            keepalive_timeout=config.keepalive_timeout,
-            send_timeout=config.send_timeout,
-            max_header_bytes=config.max_header_bytes,
-        )
+        conn = HttpConnection(stream, limits)
         if state.shutting_down:  # accepted just before the listener closed
             conn.close_if_idle()
-        state._connections.add(conn)
+        state.connections.add(conn)
         try:
-            await conn.serve(state.dispatch)
+            await conn.serve(route)
         finally:
-            state._connections.discard(conn)
+            state.connections.discard(conn)
     finally:
         state.stats.connections_open -= 1
         state.connection_slots.release()
 
 
 async def _accept_loop(listener: trio.SocketListener, state: ServerState, nursery: trio.Nursery) -> None:
+    limits, route = connection_limits(state.config), router(state)
     async with listener:
         while True:
             # Past the cap, connections wait in the kernel's backlog rather than being accepted.
@@ -120,7 +94,7 @@ async def _accept_loop(listener: trio.SocketListener, state: ServerState, nurser
             except BaseException:
                 state.connection_slots.release()
                 raise
-            nursery.start_soon(_serve_connection, stream, state)
+            nursery.start_soon(_serve_connection, stream, state, limits, route)
 
 
 async def serve(
@@ -136,7 +110,7 @@ async def serve(
         async with trio.open_nursery() as outer:
             outer.start_soon(_watch_disk, state)
             async with trio.open_nursery() as connections:
-                with state._accepting:
+                with state.accepting:
                     async with trio.open_nursery() as acceptors:
                         for listener in listeners:
                             acceptors.start_soon(_accept_loop, listener, state, connections)

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 
 from .. import __version__
-from ..http.connection import HttpConnection
-from ..http.messages import Request, Response
-
-if TYPE_CHECKING:
-    from ..server import ServerState
+from ..http.exchange import Exchange
+from ..http.messages import Response
+from ..state import ServerState
 
 
 def health_document(state: ServerState) -> tuple[int, dict[str, Any]]:
@@ -47,7 +45,7 @@ def health_document(state: ServerState) -> tuple[int, dict[str, Any]]:
     }
 
 
-async def handle_health(request: Request, conn: HttpConnection, state: ServerState) -> None:
+async def handle_health(exchange: Exchange, state: ServerState) -> None:
     status, document = health_document(state)
     response = Response(status=status, body=orjson.dumps(document), headers=[(b"cache-control", b"no-store")])
-    await conn.send_response(response, head_only=request.method == "HEAD")
+    await exchange.send_response(response, head_only=exchange.request.method == "HEAD")

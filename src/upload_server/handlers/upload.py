@@ -30,7 +30,7 @@ from ..errors import (
     ZipBomb,
     root_cause,
 )
-from ..http.connection import HttpConnection
+from ..http.exchange import Exchange
 from ..http.messages import Request
 from ..ingest.assemble import RenderRequest, merge_and_render
 from ..ingest.dispatch import IngestPlan, outcomes_as_completed, plan_ingest
@@ -42,10 +42,10 @@ from ..receive.body import Received, receive_upload
 from ..receive.multipart import multipart_boundary
 from ..receive.sniff import ContentKind
 from ..receive.spool import Spool, open_spool
+from ..state import ServerState
 
 if TYPE_CHECKING:
     from ..config import Config
-    from ..server import ServerState
 
 RAW_CONTENT_TYPES = frozenset(
     {
@@ -172,9 +172,10 @@ class Upload:
         return "upload.json.gz" if kind is ContentKind.GZIP else f"upload.{kind.value}"
 
 
-async def handle_upload(request: Request, conn: HttpConnection, state: ServerState) -> None:
+async def handle_upload(exchange: Exchange, state: ServerState) -> None:
     config, stats = state.config, state.stats
-    admission = admit(request, config)
+    conn = exchange
+    admission = admit(exchange.request, config)
     upload_id = secrets.token_hex(8)
     _take_upload_slot(state, upload_id)
     stats.uploads_in_flight += 1
@@ -205,7 +206,7 @@ async def handle_upload(request: Request, conn: HttpConnection, state: ServerSta
 
 
 async def _process_while_client_waits(
-    conn: HttpConnection, state: ServerState, upload: Upload, cleanup: contextlib.AsyncExitStack
+    conn: Exchange, state: ServerState, upload: Upload, cleanup: contextlib.AsyncExitStack
 ) -> tuple[ReadableFile | None, bool]:
     """Process; a client that leaves meanwhile cancels the work (and so kills its workers).
 
@@ -228,7 +229,7 @@ async def _process_while_client_waits(
     return answer, succeeded
 
 
-async def _cancel_when_client_leaves(conn: HttpConnection, work: trio.CancelScope) -> None:
+async def _cancel_when_client_leaves(conn: Exchange, work: trio.CancelScope) -> None:
     await conn.wait_for_disconnect()
     work.cancel()
 
@@ -246,7 +247,7 @@ async def _answer_json(
     return await cleanup.enter_async_context(await trio.open_file(answer_path, "rb"))
 
 
-async def _answer_ndjson(conn: HttpConnection, state: ServerState, upload: Upload) -> bool:
+async def _answer_ndjson(conn: Exchange, state: ServerState, upload: Upload) -> bool:
     """Stream every event as its job finishes, then actors, files and a summary line.
 
     Errors found before the first line (a bad or bomb archive, a timeout while planning) get their own
@@ -354,12 +355,12 @@ def _processing_timeout(seconds: float) -> ProcessingTimeout:
     )
 
 
-async def _send_open_file(conn: HttpConnection, file: ReadableFile) -> None:
+async def _send_open_file(conn: Exchange, file: ReadableFile) -> None:
     while chunk := await file.read(STREAM_CHUNK_BYTES):
         await conn.send_chunk(chunk)
 
 
-async def _send_events_file(conn: HttpConnection, path: str | None) -> None:
+async def _send_events_file(conn: Exchange, path: str | None) -> None:
     """Send a job's event lines, then remove the file."""
     if path is None:
         return

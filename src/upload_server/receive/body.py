@@ -7,12 +7,18 @@ faster than the disk takes the bytes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 from ..errors import PayloadTooLarge
-from ..http.connection import HttpConnection
 from .multipart import MultipartFileReader
 from .sniff import ContentKind, Sniffer
 from .spool import Spool
+
+
+class BodySource(Protocol):
+    """Where the body comes from: an ``Exchange``, or anything that hands over pieces until b""."""
+
+    async def receive_body_chunk(self) -> bytes | bytearray: ...
 
 
 @dataclass(frozen=True)
@@ -21,13 +27,13 @@ class Received:
     filename: str | None  # the multipart filename, shown as the file's name; never used as a path
 
 
-async def receive_upload(conn: HttpConnection, spool: Spool, boundary: bytes | None) -> Received:
+async def receive_upload(body: BodySource, spool: Spool, boundary: bytes | None) -> Received:
     """Stream the upload's file bytes into ``spool``; raise as soon as they cannot be an upload we take."""
     reader = MultipartFileReader(boundary) if boundary is not None else None
     sniffer: Sniffer | None = Sniffer()  # holds the first bytes only until they tell what the upload is
     kind: ContentKind | None = None
     body_bytes = 0
-    while chunk := await conn.receive_body_chunk():
+    while chunk := await body.receive_body_chunk():
         # The whole body is capped, as a declared Content-Length is: the spool caps only the file
         # bytes, and a multipart epilogue (which the parser drops) would otherwise be read for ever.
         body_bytes += len(chunk)
