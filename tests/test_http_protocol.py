@@ -368,8 +368,8 @@ async def test_100_continue_refused_405(server: RunningServer) -> None:
     await _assert_refused_without_100(client, head, 405, "METHOD_NOT_ALLOWED")
 
 
-async def test_100_continue_refused_503_when_slots_are_taken(start_server: StartServer) -> None:
-    server = await start_server(max_concurrent_uploads=1)
+async def test_100_continue_refused_503_when_the_spool_budget_is_taken(start_server: StartServer) -> None:
+    server = await start_server(spool_budget=len(EVENTS_BYTES) + 500)
     holder = await RawClient.connect(server)
     await holder.send(upload_head(len(EVENTS_BYTES)) + EVENTS_BYTES[:10])
     await _wait_for_in_flight(server, 1)

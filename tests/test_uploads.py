@@ -226,10 +226,12 @@ async def test_multipart_sent_chunked_is_byte_exact(server: RunningServer) -> No
     assert_receipt(await client.read_response(), LARGE, "json")
 
 
-async def test_upload_in_one_byte_chunks_is_exact_and_health_stays_prompt(server: RunningServer) -> None:
-    """About 200 KB as 1-byte chunks: ~1.2 MB on the wire, one h11 event per byte. The answer is exact, and
-    health answers promptly all along (the events are taken in bounded pieces, with a checkpoint each).
-    The BOM and whitespace in front are split across chunks too, and the sniffer still sees JSON."""
+async def test_upload_in_one_byte_chunks_is_exact_and_health_stays_prompt(start_server: StartServer) -> None:
+    """With the chunk-size rule off: about 200 KB as 1-byte chunks, ~1.2 MB on the wire, one h11 event per
+    byte. The answer is exact, and health answers promptly all along (the events are taken in bounded
+    pieces, with a checkpoint each). The BOM and whitespace in front are split across chunks too, and the
+    sniffer still sees JSON."""
+    server = await start_server(min_chunk_bytes=0)
     data = b"\xef\xbb\xbf \r\n\t" + events_json(1000)
     wire = upload_head(None) + chunked(*(data[i : i + 1] for i in range(len(data))))
     uploader = await RawClient.connect(server)
@@ -427,9 +429,33 @@ async def test_disconnect_mid_body_leaves_no_file(server: RunningServer, how: st
         assert_receipt(await http.post(UPLOAD, content=SMALL), SMALL, "json")
 
 
+async def test_a_flood_of_tiny_chunks_is_refused_on_default_settings(server: RunningServer) -> None:
+    """1-byte chunks cost h11 a whole event each: past the first window of 1024 chunks the upload is
+    answered 400 CHUNKS_TOO_SMALL, the connection closed, and nothing is left."""
+    data = events_json(1000)
+    client = await RawClient.connect(server)
+    await client.send(upload_head(None) + chunked(*(data[i : i + 1] for i in range(20_000))))
+    response = await client.read_response()
+    assert response.status == 400 and response.json()["error"]["code"] == "CHUNKS_TOO_SMALL"
+    assert response.json()["error"]["detail"] == {"average_chunk_bytes": 1.0, "min_chunk_bytes": 128}
+    assert response.headers["connection"] == "close"
+    assert await eventually(lambda: server.state.stats.uploads_in_flight == 0)
+    assert server.state.spool_budget.reserved == 0
+    await assert_no_leftovers(server)
+    await assert_still_serving(server)
+
+
+async def test_small_but_sane_chunks_pass_the_chunk_size_rule(server: RunningServer) -> None:
+    """Chunks of 200 bytes (an NDJSON line each, say) are well above the default minimum average."""
+    data = events_json(1000)
+    client = await RawClient.connect(server)
+    await client.send(upload_head(None) + chunked(*(data[i : i + 200] for i in range(0, len(data), 200))))
+    assert_receipt(await client.read_response(), data, "json")
+
+
 # ------------------------------------------------------------------------------- concurrency, health
-async def test_concurrency_cap_answers_503_with_retry_after(start_server: StartServer) -> None:
-    server = await start_server(max_concurrent_uploads=1)
+async def test_a_full_spool_budget_answers_503_with_retry_after(start_server: StartServer) -> None:
+    server = await start_server(spool_budget=len(SMALL) + 10)
     holder = await RawClient.connect(server)
     await holder.send(upload_head(len(SMALL)) + SMALL[:50])
     assert await eventually(lambda: server.state.stats.uploads_in_flight == 1)
@@ -437,14 +463,17 @@ async def test_concurrency_cap_answers_503_with_retry_after(start_server: StartS
     async with httpx.AsyncClient(base_url=server.url) as client:
         response = await client.post(UPLOAD, content=SMALL)
         assert response.status_code == 503 and error_code(response) == "SERVER_BUSY"
+        assert response.json()["error"]["detail"]["reason"] == "spool_budget"
         assert int(response.headers["retry-after"]) >= 1
         assert response.headers["connection"] == "close"
-        assert (await client.get("/api/v1/health")).json()["uploads"]["in_flight"] == 1
+        health = (await client.get("/api/v1/health")).json()
+        assert health["uploads"]["in_flight"] == 1
+        assert health["spool_budget"]["reserved_bytes"] == len(SMALL)
 
         await holder.send(SMALL[50:])
         assert_receipt(await holder.read_response(), SMALL, "json")
-        # The slot is free again (handle_upload releases it just *after* sending the answer).
-        assert await eventually(lambda: server.state.stats.uploads_in_flight == 0)
+        # The budget was given back before the answer's last byte went out: the next upload fits at once.
+        assert server.state.spool_budget.reserved == 0
         assert_receipt(await client.post(UPLOAD, content=SMALL), SMALL, "json")
     await assert_no_leftovers(server)
 
@@ -454,7 +483,7 @@ async def test_server_busy_is_logged_at_info_not_warning(
 ) -> None:
     """503 SERVER_BUSY is the server working as meant under load: INFO, not a WARNING per refusal."""
     caplog.set_level(logging.INFO, logger="upload_server.http")
-    server = await start_server(max_concurrent_uploads=1)
+    server = await start_server(spool_budget=len(SMALL) + 10)
     holder = await RawClient.connect(server)
     await holder.send(upload_head(len(SMALL)) + SMALL[:50])
     assert await eventually(lambda: server.state.stats.uploads_in_flight == 1)
@@ -468,8 +497,8 @@ async def test_server_busy_is_logged_at_info_not_warning(
     assert_receipt(await holder.read_response(), SMALL, "json")
 
 
-async def test_a_refused_upload_does_not_hold_a_slot(start_server: StartServer) -> None:
-    server = await start_server(max_concurrent_uploads=1)
+async def test_a_refused_upload_does_not_hold_its_spool_budget(start_server: StartServer) -> None:
+    server = await start_server(spool_budget=len(SMALL))
     async with httpx.AsyncClient(base_url=server.url) as client:
         for _ in range(3):
             assert (await client.post(UPLOAD, content=b"GIF89a")).status_code == 415
@@ -507,13 +536,13 @@ async def test_health_answers_quickly_while_an_upload_streams(server: RunningSer
     await assert_no_leftovers(server)
 
 
-async def test_an_ndjson_answer_nobody_reads_frees_its_slot_after_the_send_timeout(
+async def test_an_ndjson_answer_nobody_reads_frees_its_budget_after_the_send_timeout(
     start_server: StartServer,
 ) -> None:
-    """A client that uploads, asks for the NDJSON stream and never reads it must not hold its upload slot,
+    """A client that uploads, asks for the NDJSON stream and never reads it must not hold its spool budget,
     its connection and the open answer file for ever: the send times out and everything is released."""
-    server = await start_server(send_timeout=1.0, max_concurrent_uploads=1)
     data = events_json(NEVER_READ_EVENTS)
+    server = await start_server(send_timeout=1.0, spool_budget=len(data))
     stuck = await RawClient.connect(server, receive_buffer=4096)
     await stuck.send(upload_head(len(data), "Accept: application/x-ndjson") + data)
     assert await eventually(lambda: server.state.stats.uploads_in_flight == 1)
@@ -555,10 +584,15 @@ async def test_health_document(server: RunningServer) -> None:
     assert body["tmp_dir"]["free_bytes"] > 0
     assert body["uploads"] == {
         "in_flight": 0,
-        "max_concurrent": server.state.config.max_concurrent_uploads,
+        "receiving": 0,
+        "queued": 0,
+        "processing": 0,
         "completed": 0,
         "failed": 0,
     }
+    assert body["queue"]["length"] == 0 and body["queue"]["backlog_bytes"] == 0
+    assert body["queue"]["estimated_wait_s"] == 0 and body["queue"]["rate_bytes_per_s"] > 0
+    assert body["spool_budget"]["reserved_bytes"] == 0 and body["spool_budget"]["total_bytes"] > 0
     assert set(body) >= {"version", "uptime_s", "connections", "workers", "limits"}
 
 

@@ -34,6 +34,11 @@ def parse_size(text: str) -> int:
     return int(float(number) * _SIZE_UNITS[unit.lower()])
 
 
+def parse_size_or_auto(text: str) -> int | None:
+    """A size, or ``auto`` (None) for a value the server derives at start."""
+    return None if text.strip().lower() == "auto" else parse_size(text)
+
+
 def parse_int(text: str) -> int:
     """A whole number: ``8000``."""
     try:
@@ -61,7 +66,12 @@ class Config:
     send_timeout: float = 30.0
     max_header_bytes: int = 16 << 10
     max_upload_bytes: int = 2 << 30
-    max_concurrent_uploads: int = 2 * (os.cpu_count() or 1)
+    #: Bytes of temp files uploads may hold at once; None: derived from the temp dir's free space at start.
+    spool_budget: int | None = None
+    queue_timeout: float = 120.0
+    min_body_rate: int = 512
+    min_body_rate_window: float = 30.0
+    min_chunk_bytes: int = 128
     tmp_dir: str = tempfile.gettempdir()
     min_free_bytes: int = 1 << 30
     workers: int = os.cpu_count() or 1
@@ -88,6 +98,10 @@ def _positive(value: float) -> str | None:
 
 def _non_negative(value: float) -> str | None:
     return None if value >= 0 else "must be 0 or more"
+
+
+def _positive_or_auto(value: int | None) -> str | None:
+    return None if value is None else _positive(value)
 
 
 def _port(value: int) -> str | None:
@@ -130,7 +144,37 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_header_bytes", parse_size, "largest request head (431 above)", _positive),
     Setting("max_upload_bytes", parse_size, "largest upload body (413 above)", _positive),
     Setting(
-        "max_concurrent_uploads", parse_int, "uploads received or processed at once (503 above)", _positive
+        "spool_budget",
+        parse_size_or_auto,
+        "bytes of temp files uploads may hold at once (503 before the body, 507 during it); auto: half of "
+        "the temp dir's free space above --min-free-bytes, read at start",
+        _positive_or_auto,
+    ),
+    Setting(
+        "queue_timeout",
+        parse_float,
+        "seconds an upload may wait for the workers before its processing starts (503 after; not counted "
+        "in --process-timeout); an upload whose estimated wait is longer is refused at once",
+        _positive,
+    ),
+    Setting(
+        "min_body_rate",
+        parse_size,
+        "bytes per second a request body must average over --min-body-rate-window of waiting (408 below; "
+        "0: off)",
+        _non_negative,
+    ),
+    Setting(
+        "min_body_rate_window",
+        parse_float,
+        "seconds of waiting for body bytes the minimum rate is averaged over; also the grace at the start",
+        _positive,
+    ),
+    Setting(
+        "min_chunk_bytes",
+        parse_size,
+        "average bytes per chunk a chunked body must keep over every 1024 chunks (400 below; 0: off)",
+        _non_negative,
     ),
     Setting("tmp_dir", str, "directory for temporary upload files", _directory),
     Setting(
@@ -173,12 +217,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     defaults = Config()
     for setting in SETTINGS:
+        default = getattr(defaults, setting.name)
+        shown = "auto" if default is None else default
         parser.add_argument(
             flag_name(setting),
             dest=setting.name,
             metavar=setting.name.upper(),
             default=None,
-            help=f"{setting.help} (default: {getattr(defaults, setting.name)}; env {env_name(setting)})",
+            help=f"{setting.help} (default: {shown}; env {env_name(setting)})",
         )
     return parser
 

@@ -63,6 +63,10 @@ class BadRequest(UploadServerError):
     closes_connection = True
 
 
+class ChunksTooSmall(BadRequest):
+    code = "CHUNKS_TOO_SMALL"
+
+
 class NotFound(UploadServerError):
     status = 404
     code = "NOT_FOUND"
@@ -153,6 +157,15 @@ class ServerBusy(ServiceUnavailable):
 
 class ProcessingTimeout(ServiceUnavailable):
     code = "PROCESSING_TIMEOUT"
+
+
+class QueueTimeout(ServiceUnavailable):
+    code = "QUEUE_TIMEOUT"
+
+
+class ShuttingDown(ServiceUnavailable):
+    code = "SHUTTING_DOWN"
+    closes_connection = True
 
 
 class InsufficientStorage(UploadServerError):

@@ -7,7 +7,9 @@ Task tree (every task lives in a nursery, every deadline in a cancel scope)::
                            └─ accepting ── one accept loop per listener
 
 Shutdown (``ServerState.shutdown``) cancels accepting and closes the listeners, gives open connections
-``shutdown_grace`` seconds to finish, then cancels them; their temp files go in their own ``finally``.
+``shutdown_grace`` seconds to finish, then cancels the uploads' work (each still answers: 503
+SHUTTING_DOWN, or an error line for a stream already started), and ``LAST_WORDS_SECONDS`` later cancels
+what is left; temp files go in their own ``finally``.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ import os
 
 import trio
 
+from .admission import SpoolBudget
 from .config import Config
+from .http.body_rate import BodyRateRules
 from .http.connection import ConnectionLimits, HttpConnection, Router
 from .ingest.dispatch import open_worker_pool
 from .receive.spool import remove_stale_files
 from .routes import router
-from .state import ServerState
+from .state import ServerState, derived_spool_budget
 
 log = logging.getLogger("upload_server")
 #: Start and stop lines: always shown, whatever --log-level, because scripts wait for "listening on" to learn
@@ -31,6 +35,8 @@ log = logging.getLogger("upload_server")
 lifecycle = logging.getLogger("upload_server.lifecycle")
 
 DISK_WATCH_INTERVAL = 1.0
+#: After the shutdown grace: time for cancelled uploads to send their last line or error answer.
+LAST_WORDS_SECONDS = 2.0
 
 
 def connection_limits(config: Config) -> ConnectionLimits:
@@ -40,6 +46,11 @@ def connection_limits(config: Config) -> ConnectionLimits:
         keepalive_timeout=config.keepalive_timeout,
         send_timeout=config.send_timeout,
         max_header_bytes=config.max_header_bytes,
+        body_rate=BodyRateRules(
+            min_rate=config.min_body_rate,
+            window=config.min_body_rate_window,
+            min_chunk_bytes=config.min_chunk_bytes,
+        ),
     )
 
 
@@ -97,6 +108,15 @@ async def _accept_loop(listener: trio.SocketListener, state: ServerState, nurser
             nursery.start_soon(_serve_connection, stream, state, limits, route)
 
 
+async def _end_after_grace(state: ServerState, connections: trio.CancelScope) -> None:
+    """When the grace runs out, cancel the uploads' work so each can still tell its client (503
+    SHUTTING_DOWN, or an error line ending an NDJSON stream); a moment later, cancel whatever is left."""
+    await trio.sleep(state.config.shutdown_grace)
+    state.abort_work()
+    await trio.sleep(LAST_WORDS_SECONDS)
+    connections.cancel()
+
+
 async def serve(
     config: Config, *, task_status: trio.TaskStatus[ServerState] = trio.TASK_STATUS_IGNORED
 ) -> None:
@@ -104,8 +124,9 @@ async def serve(
     remove_stale_files(config.tmp_dir)
     listeners = await trio.open_tcp_listeners(config.port, host=config.host)
     async with open_worker_pool(config) as workers:
-        state = ServerState(config=config, workers=workers)
-        state.stats.tmp_free_bytes = _free_bytes(config.tmp_dir)
+        free = _free_bytes(config.tmp_dir)
+        state = ServerState(config, workers, SpoolBudget(derived_spool_budget(config, free)))
+        state.stats.tmp_free_bytes = free
         state.port = listeners[0].socket.getsockname()[1]
         async with trio.open_nursery() as outer:
             outer.start_soon(_watch_disk, state)
@@ -120,6 +141,6 @@ async def serve(
                 # No longer accepting: let open connections finish within the grace period.
                 for listener in listeners:
                     await listener.aclose()
-                connections.cancel_scope.deadline = trio.current_time() + config.shutdown_grace
+                outer.start_soon(_end_after_grace, state, connections.cancel_scope)
                 lifecycle.info("shutting down: %d connection(s) open", state.stats.connections_open)
             outer.cancel_scope.cancel()

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from .admission import Backlog, SpoolBudget
 from .config import Config
 from .ingest.dispatch import WorkerPool
 
@@ -25,7 +26,9 @@ class Stats:
 
     started_at: float = field(default_factory=time.monotonic)
     connections_open: int = 0
+    #: Uploads past admission and not yet answered (receiving, queued, processing or answering).
     uploads_in_flight: int = 0
+    uploads_receiving: int = 0
     uploads_completed: int = 0
     uploads_failed: int = 0
     #: Free bytes in the temp dir, refreshed off the event loop by the server's disk watcher.
@@ -36,20 +39,42 @@ class Stats:
         return time.monotonic() - self.started_at
 
 
+def derived_spool_budget(config: Config, free_bytes: int) -> int:
+    """``--spool-budget auto``: half the temp dir's free space above the ``--min-free-bytes`` reserve.
+
+    Half, because an upload's side files (job results, the rendered answer, NDJSON event lines) sit beside
+    its spool file while it is processed. At least one byte, so a nearly full disk refuses rather than fails.
+    """
+    if config.spool_budget is not None:
+        return config.spool_budget
+    return max(1, (free_bytes - config.min_free_bytes) // 2)
+
+
 @dataclass
 class ServerState:
     config: Config
     workers: WorkerPool
+    spool_budget: SpoolBudget
     stats: Stats = field(default_factory=Stats)
-    upload_slots: trio.CapacityLimiter = field(init=False)
+    backlog: Backlog = field(init=False)
     connection_slots: trio.Semaphore = field(init=False)
     port: int = 0
     accepting: trio.CancelScope = field(default_factory=trio.CancelScope)
     connections: set[HttpConnection] = field(default_factory=set)
+    #: The processing scopes of uploads in progress, cancelled when the shutdown grace runs out.
+    work_scopes: set[trio.CancelScope] = field(default_factory=set)
+    #: Set when the shutdown grace ran out: work cancelled now is answered 503 SHUTTING_DOWN.
+    aborting: bool = False
 
     def __post_init__(self) -> None:
-        self.upload_slots = trio.CapacityLimiter(self.config.max_concurrent_uploads)
+        self.backlog = Backlog(workers=self.workers.count)
         self.connection_slots = trio.Semaphore(self.config.max_connections)
+
+    def abort_work(self) -> None:
+        """The grace ran out: cancel every upload's processing, so each can still say why to its client."""
+        self.aborting = True
+        for scope in self.work_scopes:
+            scope.cancel()
 
     def shutdown(self) -> None:
         """Stop accepting; idle keep-alive connections close now, busy ones get the grace period."""

@@ -15,7 +15,7 @@ from ..state import ServerState
 
 def health_document(state: ServerState) -> tuple[int, dict[str, Any]]:
     """The status code and body; 503 "degraded" when the temp dir is short of space."""
-    config, stats = state.config, state.stats
+    config, stats, backlog, budget = state.config, state.stats, state.backlog, state.spool_budget
     degraded = stats.tmp_free_bytes < config.min_free_bytes
     return (503 if degraded else 200), {
         "status": "degraded" if degraded else "ok",
@@ -25,9 +25,24 @@ def health_document(state: ServerState) -> tuple[int, dict[str, Any]]:
         "connections": {"open": stats.connections_open, "max": config.max_connections},
         "uploads": {
             "in_flight": stats.uploads_in_flight,
-            "max_concurrent": config.max_concurrent_uploads,
+            "receiving": stats.uploads_receiving,
+            "queued": backlog.queued_uploads,
+            "processing": backlog.processing_uploads,
             "completed": stats.uploads_completed,
             "failed": stats.uploads_failed,
+        },
+        "queue": {
+            "length": backlog.queued_uploads,
+            "queued_bytes": backlog.queued_bytes,
+            "backlog_bytes": backlog.bytes,
+            "estimated_wait_s": round(backlog.estimated_wait(), 3),
+            "rate_bytes_per_s": round(backlog.rate),
+            "queue_timeout_s": config.queue_timeout,
+        },
+        "spool_budget": {
+            "total_bytes": budget.total,
+            "reserved_bytes": budget.reserved,
+            "free_bytes": budget.free,
         },
         "workers": state.workers.snapshot(),
         "limits": {

@@ -1,29 +1,31 @@
-"""POST /api/v1/upload: admission, receive, ingest, answer. Orchestration only; no parsing here.
+"""POST /api/v1/upload: admission, receive, queue, ingest, answer. Orchestration only; no parsing here.
 
 Admission happens before a single body byte is read (and so before ``100 Continue`` is sent): the
-content type, the declared size, the answer format and a free upload slot. A refused upload is answered
-at once and its body is never read.
+content type, the declared size, the answer format, room in the spool budget for a declared size, and an
+estimated wait for the workers within ``--queue-timeout``. A refused upload is answered at once and its
+body is never read. The upload's resources and their order of release belong to ``UploadSession``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
+import dataclasses
+import math
 import os
-import secrets
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
+import orjson
 import trio
 
+from ..admission import retry_after
+from ..config import Config
 from ..errors import (
-    ClientDisconnected,
     NotAcceptable,
     PayloadTooLarge,
-    ProcessingTimeout,
     ServerBusy,
+    ShuttingDown,
     StrictModeFailure,
     UnsupportedMediaType,
     UploadServerError,
@@ -32,20 +34,13 @@ from ..errors import (
 )
 from ..http.exchange import Exchange
 from ..http.messages import Request
-from ..ingest.assemble import RenderRequest, merge_and_render
+from ..ingest.assemble import JobOutcome, RenderRequest, merge_and_render
 from ..ingest.dispatch import IngestPlan, outcomes_as_completed, plan_ingest
-from ..ingest.results import (
-    UploadReceipt,
-    error_line,
-)
-from ..receive.body import Received, receive_upload
+from ..ingest.results import error_line
+from ..ingest.worker import Job
 from ..receive.multipart import multipart_boundary
-from ..receive.sniff import ContentKind
-from ..receive.spool import Spool, open_spool
 from ..state import ServerState
-
-if TYPE_CHECKING:
-    from ..config import Config
+from .session import UploadSession
 
 RAW_CONTENT_TYPES = frozenset(
     {
@@ -61,7 +56,8 @@ RAW_CONTENT_TYPES = frozenset(
 )
 NDJSON = "application/x-ndjson"
 STREAM_CHUNK_BYTES = 256 * 1024
-RETRY_AFTER_SECONDS = b"1"
+#: NDJSON answers carry a progress line at least this often while the workers run.
+PROGRESS_INTERVAL_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -134,17 +130,6 @@ def wants_ndjson(accept: str) -> bool:
     return ndjson_q > json_q
 
 
-def _take_upload_slot(state: ServerState, token: object) -> None:
-    try:
-        state.upload_slots.acquire_on_behalf_of_nowait(token)
-    except trio.WouldBlock:
-        raise ServerBusy(
-            f"The server is already taking {state.config.max_concurrent_uploads} uploads; retry shortly.",
-            detail={"max_concurrent_uploads": state.config.max_concurrent_uploads},
-            headers=[(b"retry-after", RETRY_AFTER_SECONDS)],
-        ) from None
-
-
 class ReadableFile(Protocol):
     """An open file as ``trio.open_file`` gives it."""
 
@@ -153,193 +138,156 @@ class ReadableFile(Protocol):
     def fileno(self) -> int: ...
 
 
-@dataclass(frozen=True)
-class Upload:
-    """One upload past receiving: what its head asked for, what arrived, and where it lies."""
-
-    admission: Admission
-    spool: Spool
-    received: Received
-    receipt: UploadReceipt
-    receive_ms: float
-
-    @property
-    def display_name(self) -> str:
-        """The name a gzip or JSON upload's one file is listed under (never used as a path)."""
-        if self.received.filename:
-            return self.received.filename
-        kind = self.received.kind
-        return "upload.json.gz" if kind is ContentKind.GZIP else f"upload.{kind.value}"
+def check_backlog(state: ServerState) -> None:
+    """503 when the uploads already waiting would keep this one in the queue past ``--queue-timeout``."""
+    backlog, limit = state.backlog, state.config.queue_timeout
+    wait = backlog.estimated_wait()
+    if wait <= limit:
+        return
+    raise ServerBusy(
+        f"About {wait:.0f} seconds of uploads are waiting for the workers, more than this server lets an "
+        "upload wait; retry later.",
+        detail={
+            "reason": "queue_full",
+            "estimated_wait_s": round(wait, 1),
+            "queue_timeout_s": limit,
+            "queued_uploads": backlog.queued_uploads,
+            "backlog_bytes": backlog.bytes,
+        },
+        headers=[(b"retry-after", retry_after(wait - limit))],
+    )
 
 
 async def handle_upload(exchange: Exchange, state: ServerState) -> None:
-    config, stats = state.config, state.stats
-    conn = exchange
-    admission = admit(exchange.request, config)
-    upload_id = secrets.token_hex(8)
-    _take_upload_slot(state, upload_id)
-    stats.uploads_in_flight += 1
-    succeeded = False
-    async with contextlib.AsyncExitStack() as cleanup:
-        answer: ReadableFile | None = None
-        try:
-            async with open_spool(config.tmp_dir, config.max_upload_bytes) as spool:
-                started = time.perf_counter()
-                received = await receive_upload(conn, spool, admission.boundary)
-                receipt = UploadReceipt(upload_id, spool.size, spool.sha256, received.kind.value)
-                upload = Upload(admission, spool, received, receipt, (time.perf_counter() - started) * 1000)
-                answer, succeeded = await _process_while_client_waits(conn, state, upload, cleanup)
-        finally:
-            stats.uploads_in_flight -= 1
-            if succeeded:
-                stats.uploads_completed += 1
-            else:
-                stats.uploads_failed += 1
-            state.upload_slots.release_on_behalf_of(upload_id)
-        if answer is not None:
-            # Sent once the temp files are gone (the open answer file outlives its name) and the slot is
-            # free, so a client that uploads again as soon as it reads this answer finds both.
-            size = os.fstat(answer.fileno()).st_size
-            await conn.start_stream(200, "application/json", [(b"content-length", str(size).encode())])
-            await _send_open_file(conn, answer)
-            await conn.end_stream()
+    admission = admit(exchange.request, state.config)
+    check_backlog(state)
+    async with UploadSession.open(state, exchange.request.content_length) as session:
+        await session.receive(exchange, admission.boundary)
+        if admission.stream_ndjson:
+            await _answer_ndjson(exchange, session, admission)
+        else:
+            await _answer_json(exchange, session, admission)
 
 
-async def _process_while_client_waits(
-    conn: Exchange, state: ServerState, upload: Upload, cleanup: contextlib.AsyncExitStack
-) -> tuple[ReadableFile | None, bool]:
-    """Process; a client that leaves meanwhile cancels the work (and so kills its workers).
+@contextlib.asynccontextmanager
+async def _watching_client(exchange: Exchange, session: UploadSession) -> AsyncIterator[None]:
+    """A client that leaves while its upload is queued or processed cancels the work (and so kills its
+    workers, and takes it out of the queue)."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.cancel_when_client_leaves, exchange)
+        yield
+        nursery.cancel_scope.cancel()
 
-    Returns the open JSON answer file still to send (None when the answer was streamed already; it is
-    closed by ``cleanup``), and whether the upload succeeded (a stream can end in an error line).
+
+async def _answer_json(exchange: Exchange, session: UploadSession, admission: Admission) -> None:
+    """Process and render the JSON answer into a file; finish the session; then send the file."""
+    with session.processing():
+        async with _watching_client(exchange, session):
+            plan = await _plan(session, with_event_lines=False)
+            answer_path = await _process(session, admission, plan, stream=None)
+    async with await trio.open_file(answer_path, "rb") as answer:
+        # The open file outlives its name: finish (which removes it) before sending.
+        size = os.fstat(answer.fileno()).st_size
+        await session.finish(succeeded=True)
+        await exchange.start_stream(200, "application/json", [(b"content-length", str(size).encode())])
+        while chunk := await answer.read(STREAM_CHUNK_BYTES):
+            await exchange.send_chunk(chunk)
+        await exchange.end_stream()
+
+
+async def _answer_ndjson(exchange: Exchange, session: UploadSession, admission: Admission) -> None:
+    """Stream progress and every event as its job finishes, then actors, files and a summary line.
+
+    Errors found before the first line (a bad or bomb archive, a queue timeout) get their own status.
+    After that the status is sent already: an error ends the stream with one ``{"kind": "error"}`` line
+    and no summary line.
     """
-    answer: ReadableFile | None = None
-    succeeded = False
-    with trio.CancelScope() as work:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_cancel_when_client_leaves, conn, work)
-            if upload.admission.stream_ndjson:
-                succeeded = await _answer_ndjson(conn, state, upload)
-            else:
-                answer = await _answer_json(state, upload, cleanup)
-                succeeded = True
-            nursery.cancel_scope.cancel()
-    if work.cancelled_caught:
-        raise ClientDisconnected("the client left while its upload was processed")
-    return answer, succeeded
-
-
-async def _cancel_when_client_leaves(conn: Exchange, work: trio.CancelScope) -> None:
-    await conn.wait_for_disconnect()
-    work.cancel()
-
-
-async def _answer_json(
-    state: ServerState, upload: Upload, cleanup: contextlib.AsyncExitStack
-) -> ReadableFile:
-    """Process and render the JSON answer into a file; return it open for reading (``cleanup`` closes it)."""
-    started = time.monotonic()
-    with trio.move_on_after(state.config.process_timeout) as deadline:
-        plan = await _plan(state, upload, with_event_lines=False)
-        answer_path = await _process(state, upload, plan, started, send_events=None)
-    if deadline.cancelled_caught:
-        raise _processing_timeout(state.config.process_timeout)
-    return await cleanup.enter_async_context(await trio.open_file(answer_path, "rb"))
-
-
-async def _answer_ndjson(conn: Exchange, state: ServerState, upload: Upload) -> bool:
-    """Stream every event as its job finishes, then actors, files and a summary line.
-
-    Errors found before the first line (a bad or bomb archive, a timeout while planning) get their own
-    status. After that the status is sent already: an error ends the stream with one
-    ``{"kind": "error"}`` line and no summary line, and this returns False.
-    """
-    started = time.monotonic()
-    deadline = trio.current_time() + state.config.process_timeout
-    with trio.move_on_at(deadline) as planning:
-        plan = await _plan(state, upload, with_event_lines=True)
-    if planning.cancelled_caught:
-        raise _processing_timeout(state.config.process_timeout)
-    await conn.start_stream(200, NDJSON, [(b"x-upload-id", upload.receipt.upload_id.encode())])
     tail: ReadableFile | None = None
+    last_line = b""
     try:
-        with trio.move_on_at(deadline) as running:
-            send_events = functools.partial(_send_events_file, conn)
-            tail_path = await _process(state, upload, plan, started, send_events=send_events)
-        if running.cancelled_caught:
-            raise _processing_timeout(state.config.process_timeout)
+        with session.processing():
+            async with _watching_client(exchange, session):
+                plan = await _plan(session, with_event_lines=True)
+                assert session.receipt is not None
+                with session.client_time():
+                    headers = [(b"x-upload-id", session.receipt.upload_id.encode())]
+                    await exchange.start_stream(200, NDJSON, headers)
+                tail_path = await _process(session, admission, plan, stream=exchange)
         tail = await trio.open_file(tail_path, "rb")
-        last_line = b""
     except Exception as raised:
         error = root_cause(raised)
-        if not isinstance(error, UploadServerError):
+        if not exchange.response_started or not isinstance(error, UploadServerError):
             raise
         last_line = error_line(error.payload())
-    # Before the last line, so that a client that reads it finds nothing left behind.
-    await upload.spool.remove_files()
+    await session.finish(succeeded=tail is not None)
     if tail is not None:
         async with tail:
-            await _send_open_file(conn, tail)
-    await conn.send_chunk(last_line)
-    await conn.end_stream()
-    return tail is not None
+            if not await _send_lines(exchange, tail, session.state):
+                last_line = error_line(_shutting_down(session.state).payload())
+    await exchange.send_chunk(last_line)
+    await exchange.end_stream()
 
 
-async def _plan(state: ServerState, upload: Upload, *, with_event_lines: bool) -> IngestPlan:
+async def _plan(session: UploadSession, *, with_event_lines: bool) -> IngestPlan:
+    state, spool, received = session.state, session.spool, session.received
+    assert spool is not None and received is not None
     return await plan_ingest(
         state.workers,
         state.config,
-        upload.spool,
-        upload.received.kind,
-        upload.display_name,
+        spool,
+        received.kind,
+        session.display_name,
         with_event_lines=with_event_lines,
+        ticket=session.ticket,
     )
 
 
 async def _process(
-    state: ServerState,
-    upload: Upload,
-    plan: IngestPlan,
-    started: float,
-    send_events: Callable[[str | None], Awaitable[None]] | None,
+    session: UploadSession, admission: Admission, plan: IngestPlan, stream: Exchange | None
 ) -> str:
     """Run the plan's jobs, then merge and render the answer in a worker; return the answer file's path.
 
-    ``send_events`` streams each job's event lines as soon as that job is done. Raises ZipBomb as soon as
-    a job finds one, StrictModeFailure when strict mode refuses the failed files.
+    With a ``stream``, each job's event lines are sent as soon as that job is done, and a progress line
+    at least every ``PROGRESS_INTERVAL_S``. Raises ZipBomb as soon as a job finds one, StrictModeFailure
+    when strict mode refuses the failed files.
     """
-    limit = state.config.max_uncompressed_bytes
-    produced = 0
-    async with outcomes_as_completed(state.workers, plan) as completed:
-        async for index, outcome in completed:
-            if outcome.bomb is not None:
-                raise ZipBomb(
-                    f"{outcome.bomb['file']} expands far beyond what its archive headers declare.",
-                    detail=outcome.bomb,
-                )
-            # Each file is held to the limit as it inflates; the upload as a whole is held to it here,
-            # which matters for .gz entries, whose uncompressed size no directory declares.
-            produced += outcome.uncompressed_bytes
-            if produced > limit:
-                raise ZipBomb(
-                    f"The upload expands to more than {limit} bytes.",
-                    detail={"reason": "total_uncompressed", "uncompressed_bytes": produced, "limit": limit},
-                )
-            if send_events is not None:
-                await send_events(plan.jobs[index].events_path)
+    state = session.state
+    progress = Progress.of(plan, session)
+    budget = UncompressedBudget(state.config.max_uncompressed_bytes)
+    interval = PROGRESS_INTERVAL_S if stream is not None else math.inf
+    async with outcomes_as_completed(state.workers, plan, session.ticket) as completed:
+        if stream is not None:
+            await _send_progress(stream, session, progress)
+        while (item := await _next_outcome(completed, interval)) is not None:
+            if item is not TICK:
+                index, outcome = item
+                budget.check(outcome)
+                progress.job_done(plan.jobs[index], outcome)
+                if stream is not None:
+                    with session.client_time():
+                        await _send_events_file(stream, plan.jobs[index].events_path, state)
+            if stream is not None:
+                await _send_progress(stream, session, progress)
+    return await _render(session, admission, plan)
+
+
+async def _render(session: UploadSession, admission: Admission, plan: IngestPlan) -> str:
+    assert session.receipt is not None and session.spool is not None
+    assert session.processing_started is not None
     request = RenderRequest(
-        receipt=upload.receipt,
+        receipt=session.receipt,
         result_paths=plan.results_paths,
-        answer_path=str(upload.spool.sibling("answer")),
-        ndjson=upload.admission.stream_ndjson,
-        strict=upload.admission.strict,
-        include_actors=upload.admission.include_actors,
+        answer_path=str(session.spool.sibling("answer")),
+        ndjson=admission.stream_ndjson,
+        strict=admission.strict,
+        include_actors=admission.include_actors,
         ignored=plan.ignored,
         failed_up_front=plan.failed_up_front,
-        receive_ms=upload.receive_ms,
-        process_started=started,
+        receive_ms=session.receive_ms,
+        queue_ms=session.queue_ms,
+        process_started=session.processing_started,
     )
-    rendered = await state.workers.run(merge_and_render, request)
+    rendered = await session.state.workers.run(merge_and_render, request, ticket=session.ticket)
     if not rendered.rendered:
         raise StrictModeFailure(
             f"{len(rendered.failed)} file(s) failed and strict mode is on.",
@@ -348,25 +296,116 @@ async def _process(
     return request.answer_path
 
 
-def _processing_timeout(seconds: float) -> ProcessingTimeout:
-    return ProcessingTimeout(
-        f"Processing the upload took longer than {seconds:g} seconds; its workers were stopped.",
-        detail={"process_timeout_s": seconds},
+class UncompressedBudget:
+    """Each file is held to ``--max-uncompressed-bytes`` as it inflates; the upload as a whole is held to
+    it here, which matters for .gz entries, whose uncompressed size no directory declares."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.produced = 0
+
+    def check(self, outcome: JobOutcome) -> None:
+        if outcome.bomb is not None:
+            raise ZipBomb(
+                f"{outcome.bomb['file']} expands far beyond what its archive headers declare.",
+                detail=outcome.bomb,
+            )
+        self.produced += outcome.uncompressed_bytes
+        if self.produced > self.limit:
+            raise ZipBomb(
+                f"The upload expands to more than {self.limit} bytes.",
+                detail={
+                    "reason": "total_uncompressed",
+                    "uncompressed_bytes": self.produced,
+                    "limit": self.limit,
+                },
+            )
+
+
+@dataclass
+class Progress:
+    """What a ``{"kind": "progress"}`` line says: files and upload bytes done of the total, events so far."""
+
+    files_total: int
+    bytes_total: int
+    files_done: int = 0
+    bytes_done: int = 0
+    events: int = 0
+
+    @classmethod
+    def of(cls, plan: IngestPlan, session: UploadSession) -> Progress:
+        failed = len(plan.failed_up_front)
+        entries = [entry for job in plan.jobs for entry in job.entries]
+        if not entries:  # a gzip or JSON upload: one file, the whole spool
+            return cls(files_total=len(plan.jobs), bytes_total=session.spool.size if session.spool else 0)
+        total = sum(entry.compressed_size for entry in entries)
+        return cls(files_total=len(entries) + failed, bytes_total=total, files_done=failed)
+
+    def job_done(self, job: Job, outcome: JobOutcome) -> None:
+        if job.entries:
+            self.files_done += len(job.entries)
+            self.bytes_done += sum(entry.compressed_size for entry in job.entries)
+        else:
+            self.files_done += 1
+            self.bytes_done = self.bytes_total
+        self.events += outcome.events
+
+    def line(self) -> bytes:
+        return orjson.dumps({"kind": "progress", **dataclasses.asdict(self)}) + b"\n"
+
+
+class _Tick:
+    """No job finished within the progress interval."""
+
+
+TICK = _Tick()
+
+
+async def _next_outcome(
+    completed: trio.MemoryReceiveChannel[tuple[int, JobOutcome]], interval: float
+) -> tuple[int, JobOutcome] | _Tick | None:
+    """The next finished job, TICK when none finished within ``interval``, None when all are done."""
+    with trio.move_on_after(interval):
+        try:
+            return await completed.receive()
+        except trio.EndOfChannel:
+            return None
+    return TICK  # receive() is cancellation-safe: nothing was taken from the channel
+
+
+async def _send_progress(exchange: Exchange, session: UploadSession, progress: Progress) -> None:
+    with session.client_time():
+        await exchange.send_chunk(progress.line())
+
+
+def _shutting_down(state: ServerState) -> ShuttingDown:
+    return ShuttingDown(
+        "The server is shutting down and its grace period ran out before this answer was sent whole.",
+        detail={"shutdown_grace_s": state.config.shutdown_grace},
     )
 
 
-async def _send_open_file(conn: Exchange, file: ReadableFile) -> None:
+async def _send_lines(exchange: Exchange, file: ReadableFile, state: ServerState) -> bool:
+    """Send a file of NDJSON lines; False when shutdown cut it short (at a line boundary)."""
+    carried = b""
     while chunk := await file.read(STREAM_CHUNK_BYTES):
-        await conn.send_chunk(chunk)
+        if state.aborting:
+            return False
+        data = carried + chunk
+        cut = data.rfind(b"\n") + 1
+        carried = data[cut:]
+        await exchange.send_chunk(data[:cut])
+    await exchange.send_chunk(carried)  # a file always ends with a newline: nothing is left here
+    return True
 
 
-async def _send_events_file(conn: Exchange, path: str | None) -> None:
+async def _send_events_file(exchange: Exchange, path: str | None, state: ServerState) -> None:
     """Send a job's event lines, then remove the file."""
     if path is None:
         return
     try:
         async with await trio.open_file(path, "rb") as lines:
-            await _send_open_file(conn, lines)
+            await _send_lines(exchange, lines, state)
     except FileNotFoundError:
         return  # a job with no successful file writes nothing
     finally:

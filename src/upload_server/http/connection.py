@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import h11
 import trio
@@ -36,6 +36,7 @@ from ..errors import (
     UploadServerError,
     root_cause,
 )
+from .body_rate import BodyRateRules
 from .exchange import Exchange, Responder
 from .messages import Request
 
@@ -61,6 +62,7 @@ class ConnectionLimits:
     keepalive_timeout: float = 5.0
     send_timeout: float = 30.0
     max_header_bytes: int = 16 << 10
+    body_rate: BodyRateRules = field(default_factory=BodyRateRules)
 
 
 class HttpConnection:
@@ -189,7 +191,7 @@ class HttpConnection:
         if first or self.protocol.trailing_data[0]:
             raise RequestTimeout(
                 f"The request head did not arrive within {limits.header_timeout:g} seconds.",
-                detail={"header_timeout_s": limits.header_timeout},
+                detail={"reason": "header_timeout", "header_timeout_s": limits.header_timeout},
             )
         return None  # an idle keep-alive connection: close quietly, as nginx does
 

@@ -13,9 +13,11 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING
 
 import h11
+import trio
 
 from .. import __version__
 from ..errors import BadRequest, RequestTimeout, UploadServerError
+from .body_rate import BodyRateGuard
 from .messages import Headers, Request, Response
 
 if TYPE_CHECKING:
@@ -103,6 +105,7 @@ class Exchange(Responder):
         self.request = request
         # The body's end was met while gathering a piece: the next receive_body_chunk returns b"".
         self._body_ended = False
+        self._rate = BodyRateGuard(conn.limits.body_rate)
 
     # ----------------------------------------------------------------------------------- the body
     async def receive_body_chunk(self) -> bytes | bytearray:
@@ -129,6 +132,7 @@ class Exchange(Responder):
         while True:
             event = self._conn.next_event()
             if isinstance(event, h11.Data):
+                self._rate.chunked_data(len(event.data), chunk_start=event.chunk_start)
                 piece = event.data if piece is None else _extend(piece, event.data)
                 events += 1
                 if len(piece) >= BODY_RECEIVE_SIZE or events >= BODY_EVENTS_PER_PIECE:
@@ -144,12 +148,14 @@ class Exchange(Responder):
                 raise BadRequest("The request body ended unexpectedly.")
 
     async def _receive_within_idle_timeout(self) -> None:
-        timeout = self._conn.limits.body_idle_timeout
-        if not await self._conn.receive(BODY_RECEIVE_SIZE, give_up_after=timeout):
+        conn, timeout = self._conn, self._conn.limits.body_idle_timeout
+        began, received_before = trio.current_time(), conn.bytes_received
+        if not await conn.receive(BODY_RECEIVE_SIZE, give_up_after=timeout):
             raise RequestTimeout(
                 f"No request body byte arrived for {timeout:g} seconds.",
-                detail={"body_idle_timeout_s": timeout},
+                detail={"reason": "body_idle_timeout", "body_idle_timeout_s": timeout},
             )
+        self._rate.waited(trio.current_time() - began, conn.bytes_received - received_before)
 
     async def wait_for_disconnect(self) -> None:
         """Return when the client closes or resets the connection (used to cancel work nobody awaits)."""

@@ -37,6 +37,8 @@ class JobOutcome:
     uncompressed_bytes: int = 0
     #: ``{"file": name, **error}`` of a file that expanded beyond its limits, which fails the whole upload.
     bomb: dict[str, Any] | None = None
+    #: Events the job's files held (for progress lines).
+    events: int = 0
 
 
 def run_job_to_file(job: Job, results_path: str) -> JobOutcome:
@@ -45,10 +47,11 @@ def run_job_to_file(job: Job, results_path: str) -> JobOutcome:
         with open(results_path, "wb") as out:
             out.write(_RESULTS.encode(results))
     produced = sum(result.size_bytes for result in results)
+    events = sum(result.events for result in results if result.error is None)
     for result in results:
         if result.error is not None and result.error.get("code") == "ZIP_BOMB":
-            return JobOutcome(results_path, produced, {"file": result.name, **result.error})
-    return JobOutcome(results_path, produced)
+            return JobOutcome(results_path, produced, {"file": result.name, **result.error}, events)
+    return JobOutcome(results_path, produced, None, events)
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,8 @@ class RenderRequest:
     ignored: list[tuple[str, str]] = field(default_factory=list)
     failed_up_front: list[FileResult] = field(default_factory=list)
     receive_ms: float = 0.0
+    #: Time between the upload arriving whole and its first job getting a worker.
+    queue_ms: float = 0.0
     #: ``time.monotonic()`` when processing began: one clock for every process of the machine, so the
     #: ``process`` time in the answer covers the merge done here too.
     process_started: float = field(default_factory=time.monotonic)
@@ -69,6 +74,7 @@ class RenderRequest:
     def timing_ms(self) -> dict[str, float]:
         return {
             "receive": round(self.receive_ms, 1),
+            "queue": round(self.queue_ms, 1),
             "process": round((time.monotonic() - self.process_started) * 1000, 1),
         }
 

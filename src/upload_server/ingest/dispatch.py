@@ -15,7 +15,7 @@ import contextlib
 import functools
 import os
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
@@ -26,6 +26,7 @@ from ..receive.sniff import ContentKind
 from .archive import ArchiveLimits, EntryPlan, plan_zip
 from .assemble import JobOutcome, run_job_to_file
 from .extract import FileResult
+from .fair import FairLimiter, Ticket
 from .worker import Job
 
 if TYPE_CHECKING:
@@ -73,53 +74,52 @@ def _retire_bloated_worker() -> bool:
 
 @dataclass
 class WorkerPool:
+    """The worker processes, with their slots shared round-robin between uploads (``fair.FairLimiter``)."""
+
     context: trio_parallel.WorkerContext
-    limiter: trio.CapacityLimiter
     count: int
-    running: int = 0
-    waiting: int = 0
+    slots: FairLimiter = field(init=False)
     done: int = 0
     crashed: int = 0
+
+    def __post_init__(self) -> None:
+        self.slots = FairLimiter(self.count)
+
+    @property
+    def running(self) -> int:
+        return self.slots.running
 
     def snapshot(self) -> dict[str, int]:
         return {
             "count": self.count,
-            "jobs_running": self.running,
-            "jobs_waiting": self.waiting,
+            "jobs_running": self.slots.running,
+            "jobs_waiting": self.slots.waiting,
             "jobs_done": self.done,
             "crashed": self.crashed,
         }
 
-    async def run(self, function: Callable[..., T], *args: Any) -> T:
-        """Run ``function(*args)`` in a worker process; kill the worker if this is cancelled."""
-        self.waiting += 1
-        try:
-            await self.limiter.acquire()
-        finally:
-            self.waiting -= 1
-        self.running += 1
-        try:
-            result = await self.context.run_sync(function, *args, kill_on_cancel=True)
+    async def run(self, function: Callable[..., T], *args: Any, ticket: Ticket | None = None) -> T:
+        """Run ``function(*args)`` in a worker process when ``ticket``'s turn comes; kill the worker if
+        this is cancelled."""
+        async with self.slots.slot(ticket):
+            try:
+                result = await self.context.run_sync(function, *args, kill_on_cancel=True)
+            except trio_parallel.BrokenWorkerError as error:
+                self.crashed += 1
+                raise WorkerCrashed(
+                    "A worker process died while processing this upload; the next upload gets a fresh one.",
+                    detail={"cause": str(error.args[0]) if error.args else "unknown"},
+                ) from None
             self.done += 1
             return result
-        except trio_parallel.BrokenWorkerError as error:
-            self.crashed += 1
-            raise WorkerCrashed(
-                "A worker process died while processing this upload; the next upload gets a fresh one.",
-                detail={"cause": str(error.args[0]) if error.args else "unknown"},
-            ) from None
-        finally:
-            self.running -= 1
-            self.limiter.release()
 
     async def warm_up(self) -> None:
         """Start every worker process now rather than on the first upload (a spawn costs ~1 s of CPU)."""
+        spawning = trio.CapacityLimiter(self.count)
         async with trio.open_nursery() as nursery:
             for _ in range(self.count):
                 nursery.start_soon(
-                    functools.partial(
-                        self.context.run_sync, os.getpid, limiter=self.limiter, kill_on_cancel=True
-                    )
+                    functools.partial(self.context.run_sync, os.getpid, limiter=spawning, kill_on_cancel=True)
                 )
 
 
@@ -130,8 +130,7 @@ async def open_worker_pool(config: Config) -> AsyncIterator[WorkerPool]:
     async with trio_parallel.open_worker_context(
         init=functools.partial(_init_worker, retire_above), retire=_retire_bloated_worker, grace_period=5.0
     ) as context:
-        pool = WorkerPool(context=context, limiter=trio.CapacityLimiter(config.workers), count=config.workers)
-        yield pool
+        yield WorkerPool(context=context, count=config.workers)
 
 
 #: A ``.gz`` entry's declared size is its compressed size; GH-like JSON inflates about this much.
@@ -182,6 +181,7 @@ async def plan_ingest(
     display_name: str,
     *,
     with_event_lines: bool,
+    ticket: Ticket | None = None,
 ) -> IngestPlan:
     """Turn a spooled upload into jobs, with their output files beside the spool.
 
@@ -201,7 +201,7 @@ async def plan_ingest(
             max_uncompressed_bytes=config.max_uncompressed_bytes,
             max_ratio=config.max_ratio,
         )
-        archive = await pool.run(plan_zip, str(spool.path), limits)
+        archive = await pool.run(plan_zip, str(spool.path), limits, ticket=ticket)
         batches = batch_entries(archive.entries, pool.count)
         ignored, failed = list(archive.ignored), list(archive.failed)
     else:
@@ -223,7 +223,7 @@ async def plan_ingest(
 
 @contextlib.asynccontextmanager
 async def outcomes_as_completed(
-    pool: WorkerPool, plan: IngestPlan
+    pool: WorkerPool, plan: IngestPlan, ticket: Ticket | None = None
 ) -> AsyncIterator[trio.MemoryReceiveChannel[tuple[int, JobOutcome]]]:
     """Run every job of the plan; yield ``(job index, outcome)`` in the order the jobs finish.
 
@@ -234,7 +234,9 @@ async def outcomes_as_completed(
     async with trio.open_nursery() as nursery:
         async with send:
             for index, job in enumerate(plan.jobs):
-                nursery.start_soon(_run_one, pool, index, job, plan.results_paths[index], send.clone())
+                nursery.start_soon(
+                    _run_one, pool, index, job, plan.results_paths[index], send.clone(), ticket
+                )
         async with receive:
             yield receive
         nursery.cancel_scope.cancel()
@@ -246,7 +248,8 @@ async def _run_one(
     job: Job,
     results_path: str,
     send: trio.MemorySendChannel[tuple[int, JobOutcome]],
+    ticket: Ticket | None,
 ) -> None:
     async with send:
-        outcome = await pool.run(run_job_to_file, job, results_path)
+        outcome = await pool.run(run_job_to_file, job, results_path, ticket=ticket)
         await send.send((index, outcome))

@@ -150,7 +150,7 @@ def render_answer(
     include_actors: bool = True,
     include_files: bool = True,
 ) -> dict[str, Any]:
-    """The JSON answer. ``timing_ms`` is passed through (``{"receive", "process"}``)."""
+    """The JSON answer. ``timing_ms`` is passed through (``{"receive", "queue", "process"}``)."""
     answer: dict[str, Any] = {
         "upload_id": receipt.upload_id,
         "size_bytes": receipt.size_bytes,

@@ -20,7 +20,7 @@ import logging
 import os
 import re
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import trio
@@ -31,6 +31,7 @@ log = logging.getLogger("upload_server.spool")
 
 #: A piece of body as the connection hands it over (h11 gives bytearrays; no copy is made).
 Chunk = bytes | bytearray
+Reserve = Callable[[int], int]
 
 BATCH_BYTES = 1 << 20
 #: Pieces smaller than this are gathered into one buffer per run (so a batch holds few objects).
@@ -43,10 +44,18 @@ class Spool:
     """A temporary upload file, open for writing until ``finish``; its siblings are removed with it."""
 
     def __init__(
-        self, path: Path, max_bytes: int, fd: int, to_writer: trio.MemorySendChannel[list[Chunk]]
+        self,
+        path: Path,
+        max_bytes: int,
+        fd: int,
+        to_writer: trio.MemorySendChannel[list[Chunk]],
+        reserve: Reserve | None = None,
     ) -> None:
         self.path = path
         self.max_bytes = max_bytes
+        #: Bytes the spool may hold before it must ask ``reserve`` for more (the server's spool budget).
+        self.allowance = max_bytes if reserve is None else 0
+        self._reserve = reserve
         self.size = 0
         self.sha256 = ""
         self._fd = fd
@@ -70,6 +79,8 @@ class Spool:
                 f"The upload is larger than this server accepts ({self.max_bytes} bytes).",
                 detail={"max_upload_bytes": self.max_bytes},
             )
+        if self.size + len(data) > self.allowance and self._reserve is not None:
+            self.allowance = self._reserve(self.size + len(data))
         self.size += len(data)
         if len(data) < SMALL_PIECE_BYTES:
             # Small pieces (a body sent in tiny chunks, a dribbling client) are copied into one buffer,
@@ -150,12 +161,20 @@ class Spool:
 
 
 @contextlib.asynccontextmanager
-async def open_spool(tmp_dir: str | os.PathLike[str], max_bytes: int) -> AsyncIterator[Spool]:
-    """Create the temporary file; on exit (any exit: success, error, cancellation) remove it."""
+async def open_spool(
+    tmp_dir: str | os.PathLike[str], max_bytes: int, reserve: Reserve | None = None
+) -> AsyncIterator[Spool]:
+    """Create the temporary file; on exit (any exit: success, error, cancellation) remove it.
+
+    ``reserve(size)`` is asked before the file grows past what it was last granted; it returns the new
+    allowance (at least ``size``) or raises.
+    """
     path = Path(tmp_dir) / f"{FILE_PREFIX}{os.getpid()}-{secrets.token_hex(8)}.part"
     send, receive = trio.open_memory_channel[list[Chunk]](1)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
-    spool = Spool(path, max_bytes, fd, send)  # nothing that can fail stands between the open and the try
+    spool = Spool(
+        path, max_bytes, fd, send, reserve
+    )  # nothing that can fail stands between the open and the try
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(spool.run_writer, receive)
