@@ -277,6 +277,11 @@ class HttpConnection:
                 return False
             responder = Exchange(self, request)
             await route(responder)
+        except trio.Cancelled:
+            # The server is stopping and this request was cut: it still gets its access-log line.
+            if self.head is not None:
+                self._log_request(responder, started, counted_from, note="cut: the server is stopping")
+            raise
         except Exception as raised:
             error = root_cause(raised)
             if isinstance(error, ClientDisconnected):
