@@ -52,7 +52,7 @@ async def test_a_small_upload_is_not_held_behind_a_big_one(start_server: StartSe
     server = await start_server(workers=1)
     files = {f"f{n}.ndjson": as_ndjson(make_events(3000, seed=n)[0]) for n in range(30)}
     big = make_zip(files)
-    small_events, small_truth = make_events(10, seed=99)
+    small_events, _ = make_events(10, seed=99)
     finished: list[str] = []
 
     async def upload(name: str, body: bytes) -> None:

@@ -85,7 +85,7 @@ async def test_first_slot_callback_fires_once(autojump_clock: trio.testing.MockC
     ticket = Ticket(on_first_slot=lambda: calls.append(trio.current_time()))
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_run_jobs, limiter, Ticket(), "first", 1, [])
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
         nursery.start_soon(_run_jobs, limiter, ticket, "second", 3, [])
     assert len(calls) == 1 and calls[0] == pytest.approx(1.0)
 
