@@ -15,8 +15,9 @@ import trio
 import trio.testing
 
 from conftest import RunningServer, StartServer
-from upload_server.http.connection import ConnectionLimits, HttpConnection
+from upload_server.http.connection import HttpConnection
 from upload_server.http.exchange import Exchange
+from upload_server.http.limits import ConnectionLimits
 
 #: Upper bound for any single wait on the server; generous, since a passing test never reaches it.
 WAIT = 5.0

@@ -23,7 +23,8 @@ import trio
 from .admission import SpoolBudget
 from .config import Config
 from .http.body_rate import BodyRateRules
-from .http.connection import ConnectionLimits, HttpConnection, Router
+from .http.connection import HttpConnection, Router
+from .http.limits import ConnectionLimits
 from .ingest.dispatch import open_worker_pool
 from .receive.spool import remove_stale_files
 from .routes import router

@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 
 import h11
 import trio
@@ -36,8 +35,8 @@ from ..errors import (
     UploadServerError,
     root_cause,
 )
-from .body_rate import BodyRateRules
 from .exchange import Exchange, Responder
+from .limits import ConnectionLimits
 from .messages import Request
 
 log = logging.getLogger("upload_server.http")
@@ -53,16 +52,6 @@ LINGER_SECONDS = 5.0
 LINGER_IDLE_SECONDS = 1.0
 
 Router = Callable[[Exchange], Awaitable[None]]
-
-
-@dataclass(frozen=True)
-class ConnectionLimits:
-    header_timeout: float = 10.0
-    body_idle_timeout: float = 30.0
-    keepalive_timeout: float = 5.0
-    send_timeout: float = 30.0
-    max_header_bytes: int = 16 << 10
-    body_rate: BodyRateRules = field(default_factory=BodyRateRules)
 
 
 class HttpConnection:

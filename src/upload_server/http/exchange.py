@@ -10,7 +10,7 @@ from __future__ import annotations
 import email.utils
 import time
 from http import HTTPStatus
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import h11
 import trio
@@ -18,10 +18,8 @@ import trio
 from .. import __version__
 from ..errors import BadRequest, RequestTimeout, UploadServerError
 from .body_rate import BodyRateGuard
+from .limits import ConnectionLimits
 from .messages import Headers, Request, Response
-
-if TYPE_CHECKING:
-    from .connection import HttpConnection
 
 # Bodies are read in large pieces: per-piece overhead (an h11 event, a deadline, a task switch) was a
 # third of the receive cost at 256 KiB (loadtest/bench_upload.py with py-spy, BENCH_NOTES.md).
@@ -37,10 +35,26 @@ SERVER_HEADER = f"upload-server/{__version__}".encode()
 REQUEST_READ = frozenset({h11.DONE, h11.MUST_CLOSE, h11.MIGHT_SWITCH_PROTOCOL})
 
 
+class Transport(Protocol):
+    """What an exchange needs of its connection (``HttpConnection`` is one)."""
+
+    protocol: h11.Connection
+    limits: ConnectionLimits
+    closing: bool
+    bytes_received: int
+
+    async def receive(self, max_bytes: int = ..., *, give_up_after: float = ...) -> bool: ...
+    def next_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]: ...
+    async def checkpoint(self) -> None: ...
+    async def send_event(self, event: h11.Event) -> None: ...
+    def discard_buffered_body(self) -> None: ...
+    async def wait_for_disconnect(self) -> None: ...
+
+
 class Responder:
     """The answer half of an exchange: what the connection needs to answer even a head it never parsed."""
 
-    def __init__(self, conn: HttpConnection) -> None:
+    def __init__(self, conn: Transport) -> None:
         self.status: int | None = None
         self._conn = conn
         self._protocol = conn.protocol
@@ -100,7 +114,7 @@ class Responder:
 class Exchange(Responder):
     """One request: its head, its body (read on demand, so the consumer sets the pace), its answer."""
 
-    def __init__(self, conn: HttpConnection, request: Request) -> None:
+    def __init__(self, conn: Transport, request: Request) -> None:
         super().__init__(conn)
         self.request = request
         # The body's end was met while gathering a piece: the next receive_body_chunk returns b"".
