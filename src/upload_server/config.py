@@ -81,6 +81,8 @@ class Config:
     max_uncompressed_bytes: int = 16 << 30
     max_ratio: float = 200.0
     shutdown_grace: float = 10.0
+    resumable_expiry: float = 24 * 3600.0
+    result_ttl: float = 3600.0
     log_level: str = "info"
 
 
@@ -195,6 +197,18 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_ratio", parse_float, "largest compression ratio of an entry above 1 MiB", _ratio),
     Setting(
         "shutdown_grace", parse_float, "seconds in-flight requests get to finish on SIGTERM", _non_negative
+    ),
+    Setting(
+        "resumable_expiry",
+        parse_float,
+        "seconds an incomplete resumable upload is kept (Upload-Expires); then its files are removed",
+        _positive,
+    ),
+    Setting(
+        "result_ttl",
+        parse_float,
+        "seconds a finished resumable upload's result is kept at /api/v1/files/{id}/result",
+        _positive,
     ),
     Setting("log_level", lambda text: text.strip().lower(), "debug, info, warning or error", _log_level),
 )

@@ -72,6 +72,42 @@ class NotFound(UploadServerError):
     code = "NOT_FOUND"
 
 
+class UploadNotFound(NotFound):
+    code = "UPLOAD_NOT_FOUND"
+
+
+class UploadExpired(UploadServerError):
+    status = 410
+    code = "UPLOAD_EXPIRED"
+
+
+class OffsetMismatch(UploadServerError):
+    status = 409
+    code = "OFFSET_MISMATCH"
+
+
+class UploadIncomplete(UploadServerError):
+    status = 409
+    code = "UPLOAD_INCOMPLETE"
+
+
+class TusVersionMismatch(UploadServerError):
+    status = 412
+    code = "TUS_VERSION_MISMATCH"
+
+
+class UploadLocked(UploadServerError):
+    status = 423
+    code = "UPLOAD_LOCKED"
+
+
+class ChecksumMismatch(UploadServerError):
+    """tus's checksum extension answers a body that does not match its Upload-Checksum with 460."""
+
+    status = 460
+    code = "CHECKSUM_MISMATCH"
+
+
 class MethodNotAllowed(UploadServerError):
     status = 405
     code = "METHOD_NOT_ALLOWED"

@@ -22,11 +22,13 @@ import trio
 
 from .admission import SpoolBudget
 from .config import Config
+from .handlers import tus
 from .http.body_rate import BodyRateRules
 from .http.connection import HttpConnection, Router
 from .http.limits import ConnectionLimits
 from .ingest.dispatch import open_worker_pool
 from .receive.spool import remove_stale_files
+from .resumable import ResumableStore, ResumableUploads, UploadState
 from .routes import router
 from .state import ServerState, derived_spool_budget
 
@@ -36,6 +38,7 @@ log = logging.getLogger("upload_server")
 lifecycle = logging.getLogger("upload_server.lifecycle")
 
 DISK_WATCH_INTERVAL = 1.0
+RESUMABLE_EXPIRY_INTERVAL = 60.0
 #: After the shutdown grace: time for cancelled uploads to send their last line or error answer.
 LAST_WORDS_SECONDS = 2.0
 
@@ -109,6 +112,21 @@ async def _accept_loop(listener: trio.SocketListener, state: ServerState, nurser
             nursery.start_soon(_serve_connection, stream, state, limits, route)
 
 
+def _open_resumable(config: Config) -> ResumableUploads:
+    store = ResumableStore(config.tmp_dir)
+    store.remove_expired()
+    return ResumableUploads(store, config.resumable_expiry, config.result_ttl)
+
+
+async def _expire_resumable(resumable: ResumableUploads) -> None:
+    """Remove expired resumable uploads and results, off the event loop, every minute."""
+    while True:
+        await trio.sleep(RESUMABLE_EXPIRY_INTERVAL)
+        removed = await trio.to_thread.run_sync(resumable.store.remove_expired)
+        if removed:
+            log.info("removed %d expired resumable upload(s)", removed)
+
+
 async def _end_after_grace(state: ServerState, connections: trio.CancelScope) -> None:
     """When the grace runs out, cancel the uploads' work so each can still tell its client (503
     SHUTTING_DOWN, or an error line ending an NDJSON stream); a moment later, cancel whatever is left."""
@@ -129,8 +147,14 @@ async def serve(
         state = ServerState(config, workers, SpoolBudget(derived_spool_budget(config, free)))
         state.stats.tmp_free_bytes = free
         state.port = listeners[0].socket.getsockname()[1]
+        state.resumable = await trio.to_thread.run_sync(_open_resumable, config)
         async with trio.open_nursery() as outer:
+            state.background = outer
             outer.start_soon(_watch_disk, state)
+            outer.start_soon(_expire_resumable, state.resumable)
+            for record in state.resumable.store.records():
+                if record.state in (UploadState.QUEUED, UploadState.PROCESSING):  # cut by a stop or a crash
+                    tus.start_processing(state, record)
             async with trio.open_nursery() as connections:
                 with state.accepting:
                     async with trio.open_nursery() as acceptors:

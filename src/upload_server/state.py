@@ -15,6 +15,7 @@ import trio
 from .admission import Backlog, SpoolBudget
 from .config import Config
 from .ingest.dispatch import WorkerPool
+from .resumable import ResumableUploads
 
 if TYPE_CHECKING:
     from .http.connection import HttpConnection
@@ -65,6 +66,9 @@ class ServerState:
     work_scopes: set[trio.CancelScope] = field(default_factory=set)
     #: Set when the shutdown grace ran out: work cancelled now is answered 503 SHUTTING_DOWN.
     aborting: bool = False
+    resumable: ResumableUploads | None = None
+    #: The server's own nursery, for work no request waits on (processing finished resumable uploads).
+    background: trio.Nursery | None = None
 
     def __post_init__(self) -> None:
         self.backlog = Backlog(workers=self.workers.count)

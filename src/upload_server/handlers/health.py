@@ -45,6 +45,7 @@ def health_document(state: ServerState) -> tuple[int, dict[str, Any]]:
             "free_bytes": budget.free,
         },
         "workers": state.workers.snapshot(),
+        "resumable": state.resumable.snapshot() if state.resumable is not None else None,
         "limits": {
             "max_upload_bytes": config.max_upload_bytes,
             "max_entries": config.max_entries,

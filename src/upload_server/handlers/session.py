@@ -46,13 +46,47 @@ if TYPE_CHECKING:
 RESERVE_STEP = 8 << 20
 
 
-class UploadSession:
-    """Create with ``UploadSession.open``; see the module docstring for the rules it keeps."""
+class BudgetHold:
+    """One request's share of the spool budget: its declared size, reserved at once (503 when it does not
+    fit, 507 when it never could), grown as undeclared bytes arrive (507 when it cannot grow)."""
 
-    def __init__(self, state: ServerState, reserved: int) -> None:
+    def __init__(self, state: ServerState, declared: int | None) -> None:
+        self.state = state
+        self.reserved = declared or 0
+        if self.reserved:
+            _reserve_declared(state, self.reserved)
+
+    def grow(self, needed: int) -> int:
+        """The spool asks to hold ``needed`` bytes: take more of the budget, or 507."""
+        if needed <= self.reserved:
+            return self.reserved
+        budget = self.state.spool_budget
+        ahead = min(needed + RESERVE_STEP, self.state.config.max_upload_bytes) - self.reserved
+        if not budget.try_reserve(ahead):
+            ahead = needed - self.reserved
+            if not budget.try_reserve(ahead):
+                raise InsufficientStorage(
+                    "The server's temporary storage for uploads is taken by other uploads; this one "
+                    "cannot grow further. Retry later, or declare the size (Content-Length) so the server "
+                    "can refuse before the body is sent.",
+                    detail={"reason": "spool_budget", "received_bytes": needed, "spool_budget": budget.total},
+                )
+        self.reserved += ahead
+        return self.reserved
+
+    def release(self) -> None:
+        self.state.spool_budget.release(self.reserved)
+        self.reserved = 0
+
+
+class UploadSession:
+    """Create with ``UploadSession.open`` (a POST upload) or ``adopt`` (a whole resumable upload); see the
+    module docstring for the rules it keeps."""
+
+    def __init__(self, state: ServerState, budget: BudgetHold | None) -> None:
         self.state = state
         self.upload_id = secrets.token_hex(8)
-        self.reserved = reserved
+        self.budget = budget
         self.spool: Spool | None = None
         self.received: Received | None = None
         self.receipt: UploadReceipt | None = None
@@ -72,16 +106,30 @@ class UploadSession:
     async def open(cls, state: ServerState, declared: int | None) -> AsyncIterator[UploadSession]:
         """Reserve the declared size (503 when the budget cannot hold it), open the spool; on exit,
         ``finish`` as failed unless the answer finished it already."""
-        reserved = declared or 0
-        if reserved:
-            _reserve_declared(state, reserved)
-        session = cls(state, reserved)
+        budget = BudgetHold(state, declared)
+        session = cls(state, budget)
         state.stats.uploads_in_flight += 1
         try:
             config = state.config
-            async with open_spool(config.tmp_dir, config.max_upload_bytes, session._grow) as spool:
+            async with open_spool(config.tmp_dir, config.max_upload_bytes, budget.grow) as spool:
                 session.spool = spool
                 yield session
+        finally:
+            await session.finish(succeeded=False)
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def adopt(
+        cls, state: ServerState, spool: Spool, received: Received
+    ) -> AsyncIterator[UploadSession]:
+        """A session for an upload received already (its bytes are held by the resumable store, not the
+        spool budget)."""
+        session = cls(state, None)
+        session.spool, session.received = spool, received
+        session.receipt = UploadReceipt(session.upload_id, spool.size, spool.sha256, received.kind.value)
+        state.stats.uploads_in_flight += 1
+        try:
+            yield session
         finally:
             await session.finish(succeeded=False)
 
@@ -99,24 +147,6 @@ class UploadSession:
         self.receive_ms = (time.perf_counter() - started) * 1000
         spool = self.spool
         self.receipt = UploadReceipt(self.upload_id, spool.size, spool.sha256, self.received.kind.value)
-
-    def _grow(self, needed: int) -> int:
-        """The spool asks to hold ``needed`` bytes: take more of the budget, or 507."""
-        if needed <= self.reserved:
-            return self.reserved
-        budget = self.state.spool_budget
-        ahead = min(needed + RESERVE_STEP, self.state.config.max_upload_bytes) - self.reserved
-        if not budget.try_reserve(ahead):
-            ahead = needed - self.reserved
-            if not budget.try_reserve(ahead):
-                raise InsufficientStorage(
-                    "The server's temporary storage for uploads is taken by other uploads; this one "
-                    "cannot grow further. Retry later, or declare the size (Content-Length) so the server "
-                    "can refuse before the body is sent.",
-                    detail={"reason": "spool_budget", "received_bytes": needed, "spool_budget": budget.total},
-                )
-        self.reserved += ahead
-        return self.reserved
 
     @property
     def display_name(self) -> str:
@@ -211,8 +241,8 @@ class UploadSession:
         state = self.state
         if self.spool is not None:
             await self.spool.remove_files()
-        state.spool_budget.release(self.reserved)
-        self.reserved = 0
+        if self.budget is not None:
+            self.budget.release()
         started = self.processing_started is not None
         if self.ticket is not None:
             state.backlog.leave(self._size, started=started)

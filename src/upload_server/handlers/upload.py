@@ -271,13 +271,26 @@ async def _process(
     return await _render(session, admission, plan)
 
 
-async def _render(session: UploadSession, admission: Admission, plan: IngestPlan) -> str:
+async def ingest_to_files(session: UploadSession, admission: Admission) -> tuple[str, list[str]]:
+    """Process with no client waiting (a resumable upload): the JSON answer's path, and the NDJSON answer
+    as the paths of its parts in order (each job's event lines, then the tail)."""
+    plan = await _plan(session, with_event_lines=True)
+    json_path = await _process(session, admission, plan, stream=None)
+    tail = dataclasses.replace(admission, stream_ndjson=True)
+    tail_path = await _render(session, tail, plan, answer_name="tail")
+    events = [job.events_path for job in plan.jobs if job.events_path is not None]
+    return json_path, [*events, tail_path]
+
+
+async def _render(
+    session: UploadSession, admission: Admission, plan: IngestPlan, answer_name: str = "answer"
+) -> str:
     assert session.receipt is not None and session.spool is not None
     assert session.processing_started is not None
     request = RenderRequest(
         receipt=session.receipt,
         result_paths=plan.results_paths,
-        answer_path=str(session.spool.sibling("answer")),
+        answer_path=str(session.spool.sibling(answer_name)),
         ndjson=admission.stream_ndjson,
         strict=admission.strict,
         include_actors=admission.include_actors,

@@ -73,8 +73,9 @@ class Responder:
         return headers
 
     async def send_response(self, response: Response, *, head_only: bool = False) -> None:
-        headers = self._response_headers(response.content_type, response.headers)
-        headers.append((b"content-length", str(len(response.body)).encode()))
+        headers = self._response_headers(response.content_type if response.body else None, response.headers)
+        if response.status != 204:  # RFC 9110 §8.6: a 204 carries no Content-Length
+            headers.append((b"content-length", str(len(response.body)).encode()))
         self.status = response.status
         await self._conn.send_event(
             h11.Response(status_code=response.status, headers=headers, reason=reason_phrase(response.status))

@@ -50,6 +50,7 @@ class Spool:
         fd: int,
         to_writer: trio.MemorySendChannel[list[Chunk]],
         reserve: Reserve | None = None,
+        hash_name: str = "sha256",
     ) -> None:
         self.path = path
         self.max_bytes = max_bytes
@@ -58,14 +59,25 @@ class Spool:
         self._reserve = reserve
         self.size = 0
         self.sha256 = ""
+        #: The digest of the bytes written, by ``hash_name`` (sha256 by default), once finished.
+        self.digest = b""
         self._fd = fd
-        self._hasher = hashlib.sha256()
+        self._hasher = hashlib.new(hash_name)
         self._batch: list[Chunk] = []
         self._batch_bytes = 0
         self._small: bytearray | None = None  # the batch's buffer that small pieces are gathered into
         self._to_writer = to_writer
         self._drained = trio.Event()
         self._siblings: list[Path] = []
+        self._keep_file = False
+
+    @classmethod
+    def written(cls, path: Path, size: int, sha256: str) -> Spool:
+        """A spool over a file written already (a whole resumable upload): nothing more is written to it,
+        and ``remove_files`` removes only its siblings; the file's owner removes the file."""
+        spool = cls(path, size, -1, trio.open_memory_channel[list[Chunk]](0)[0])
+        spool.size, spool.sha256, spool._keep_file = size, sha256, True
+        return spool
 
     def sibling(self, suffix: str) -> Path:
         """A further temporary path tied to this upload (e.g. a worker's output), removed with it."""
@@ -101,7 +113,12 @@ class Spool:
         await self._hand_over()
         await self._to_writer.aclose()
         await self._drained.wait()
-        self.sha256 = self._hasher.hexdigest()
+        self.digest = self._hasher.digest()
+        self.sha256 = self.digest.hex() if self._hasher.name == "sha256" else ""
+
+    async def sync(self) -> None:
+        """Make what was written durable (fsync), off the event loop."""
+        await trio.to_thread.run_sync(os.fsync, self._fd)
 
     async def _hand_over(self) -> None:
         batch, self._batch, self._batch_bytes, self._small = self._batch, [], 0, None
@@ -155,7 +172,7 @@ class Spool:
             await trio.to_thread.run_sync(self._remove_files_blocking)
 
     def _remove_files_blocking(self) -> None:
-        for leftover in (self.path, *self._siblings):
+        for leftover in (*([] if self._keep_file else [self.path]), *self._siblings):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(leftover)
 
@@ -172,17 +189,45 @@ async def open_spool(
     path = Path(tmp_dir) / f"{FILE_PREFIX}{os.getpid()}-{secrets.token_hex(8)}.part"
     send, receive = trio.open_memory_channel[list[Chunk]](1)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
-    spool = Spool(
-        path, max_bytes, fd, send, reserve
-    )  # nothing that can fail stands between the open and the try
+    spool = Spool(path, max_bytes, fd, send, reserve)  # nothing that can fail between the open and the try
     try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(spool.run_writer, receive)
-            async with send:
-                yield spool
+        async with _writing(spool, send, receive):
+            yield spool
     finally:
         os.close(fd)
         await spool.remove_files()
+
+
+@contextlib.asynccontextmanager
+async def open_append(
+    path: Path, offset: int, max_bytes: int, reserve: Reserve | None = None, hash_name: str = "sha256"
+) -> AsyncIterator[Spool]:
+    """Append to an existing file from ``offset`` (bytes past it are cut first); the file is kept.
+
+    ``max_bytes``, ``reserve`` and the digest apply to the appended bytes only (resumable uploads).
+    """
+    send, receive = trio.open_memory_channel[list[Chunk]](1)
+    fd = os.open(path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        os.ftruncate(fd, offset)
+        os.lseek(fd, offset, os.SEEK_SET)
+        spool = Spool(path, max_bytes, fd, send, reserve, hash_name)
+        async with _writing(spool, send, receive):
+            yield spool
+    finally:
+        os.close(fd)
+
+
+@contextlib.asynccontextmanager
+async def _writing(
+    spool: Spool,
+    send: trio.MemorySendChannel[list[Chunk]],
+    receive: trio.MemoryReceiveChannel[list[Chunk]],
+) -> AsyncIterator[None]:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(spool.run_writer, receive)
+        async with send:
+            yield
 
 
 def remove_stale_files(tmp_dir: str | os.PathLike[str]) -> int:

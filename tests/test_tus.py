@@ -1,0 +1,250 @@
+"""Resumable uploads (tus 1.0.0) on the real server: the protocol's answers with httpx, and a real tus
+client (tuspy) that survives a ``kill -9`` of the server between two halves of its upload."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import signal
+import time
+import zipfile
+from pathlib import Path
+
+import httpx
+import trio
+from tusclient import client as tus_client
+
+from conftest import RunningServer, StartServer, wait_until
+from events_factory import Truth, as_ndjson, make_events, make_zip
+from test_cli import LISTENING, START_TIMEOUT, Spawn, server_command, spawn, spool_dir  # noqa: F401
+
+FILES = "/api/v1/files"
+TUS = {"Tus-Resumable": "1.0.0"}
+OFFSET_STREAM = {"Content-Type": "application/offset+octet-stream"}
+
+
+def dataset(files: int = 4, events: int = 800) -> tuple[bytes, Truth]:
+    truth = Truth()
+    contents = {}
+    for n in range(files):
+        made, part = make_events(events, seed=100 + n)
+        truth.merge(part)
+        contents[f"hour-{n}.ndjson"] = as_ndjson(made)
+    return make_zip(contents, compression=zipfile.ZIP_STORED), truth
+
+
+async def create(client: httpx.AsyncClient, length: int, **headers: str) -> str:
+    response = await client.post(FILES, headers={**TUS, "Upload-Length": str(length), **headers})
+    assert response.status_code == 201, response.text
+    assert response.headers["tus-resumable"] == "1.0.0"
+    assert response.headers["upload-expires"]
+    return response.headers["location"]
+
+
+async def patch(
+    client: httpx.AsyncClient, url: str, offset: int, data: bytes, **headers: str
+) -> httpx.Response:
+    return await client.patch(
+        url, content=data, headers={**TUS, **OFFSET_STREAM, "Upload-Offset": str(offset), **headers}
+    )
+
+
+async def result_when_ready(
+    client: httpx.AsyncClient, url: str, accept: str = "application/json"
+) -> httpx.Response:
+    with trio.fail_after(60):
+        while True:
+            response = await client.get(f"{url}/result", headers={"Accept": accept})
+            if response.status_code != 202:
+                return response
+            assert int(response.headers["retry-after"]) >= 1
+            await trio.sleep(0.05)
+
+
+async def test_options_advertises_the_protocol(server: RunningServer) -> None:
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        response = await client.options(FILES)
+    assert response.status_code == 204
+    assert response.headers["tus-version"] == "1.0.0"
+    assert set(response.headers["tus-extension"].split(",")) == {
+        "creation",
+        "creation-with-upload",
+        "termination",
+        "expiration",
+        "checksum",
+    }
+    assert int(response.headers["tus-max-size"]) == server.state.config.max_upload_bytes
+    assert set(response.headers["tus-checksum-algorithm"].split(",")) == {"sha1", "sha256"}
+
+
+async def test_an_upload_in_pieces_is_processed_like_a_post(server: RunningServer) -> None:
+    body, truth = dataset()
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+        url = await create(
+            client, len(body), **{"Upload-Metadata": "filename " + base64.b64encode(b"day.zip").decode()}
+        )
+        assert len(url.rsplit("/", 1)[1]) == 32  # 128 random bits
+        for offset in range(0, len(body), 100_000):
+            response = await patch(client, url, offset, body[offset : offset + 100_000])
+            assert response.status_code == 204, response.text
+            assert int(response.headers["upload-offset"]) == min(len(body), offset + 100_000)
+        head = await client.head(url, headers=TUS)
+        assert head.status_code == 200 and head.headers["cache-control"] == "no-store"
+        assert int(head.headers["upload-offset"]) == int(head.headers["upload-length"]) == len(body)
+        assert head.headers["upload-metadata"] == "filename " + base64.b64encode(b"day.zip").decode()
+        answer = await result_when_ready(client, url)
+        assert answer.status_code == 200, answer.text
+        document = answer.json()
+        assert document["sha256"] == hashlib.sha256(body).hexdigest()
+        assert document["summary"]["events"] == truth.events
+        assert {a["id"]: a["events"] for a in document["actors"]} == dict(truth.actor_events)
+        lines = [
+            json.loads(line)
+            for line in (await result_when_ready(client, url, "application/x-ndjson")).text.splitlines()
+        ]
+        assert sum(line["kind"] == "event" for line in lines) == truth.events
+        assert lines[-1]["kind"] == "summary" and lines[-1]["summary"]["events"] == truth.events
+        deleted = await client.delete(url, headers=TUS)
+        assert deleted.status_code == 204
+        assert (await client.head(url, headers=TUS)).status_code == 404
+        assert (await client.get(f"{url}/result")).status_code == 404
+    assert list((server.tmp_dir / "resumable").iterdir()) == []
+
+
+async def test_creation_with_upload_and_a_checksum(server: RunningServer) -> None:
+    events, truth = make_events(30, seed=3)
+    body = as_ndjson(events)
+    digest = base64.b64encode(hashlib.sha1(body).digest()).decode()
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+        response = await client.post(
+            FILES,
+            content=body,
+            headers={
+                **TUS,
+                **OFFSET_STREAM,
+                "Upload-Length": str(len(body)),
+                "Upload-Checksum": f"sha1 {digest}",
+            },
+        )
+        assert response.status_code == 201 and int(response.headers["upload-offset"]) == len(body)
+        answer = await result_when_ready(client, response.headers["location"])
+        assert answer.json()["summary"]["events"] == truth.events
+
+
+async def test_protocol_errors_are_answered_as_tusd_does(start_server: StartServer) -> None:
+    server = await start_server(max_upload_bytes=1 << 20)
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        url = await create(client, 100)
+        missing = await client.head(url)
+        assert missing.status_code == 412 and missing.headers["tus-version"] == "1.0.0"
+        wrong = await client.patch(url, content=b"x", headers={**OFFSET_STREAM, "Tus-Resumable": "0.2.2"})
+        assert wrong.status_code == 412 and wrong.json()["error"]["code"] == "TUS_VERSION_MISMATCH"
+        assert (await patch(client, url, 5, b"x")).status_code == 409
+        typed = await client.patch(
+            url, content=b"x", headers={**TUS, "Upload-Offset": "0", "Content-Type": "text/plain"}
+        )
+        assert typed.status_code == 415
+        assert (await patch(client, url, 0, b"x" * 101)).status_code == 413
+        assert (await create_status(client, 2 << 20)) == 413
+        bad_sum = await patch(
+            client, url, 0, b"[1]", **{"Upload-Checksum": "sha256 " + base64.b64encode(b"0" * 32).decode()}
+        )
+        assert bad_sum.status_code == 460 and bad_sum.json()["error"]["code"] == "CHECKSUM_MISMATCH"
+        head = await client.head(url, headers=TUS)
+        assert head.headers["upload-offset"] == "0"  # nothing was appended
+        assert (await patch(client, url, 0, b"[1]", **{"Upload-Checksum": "md5 AAAA"})).status_code == 400
+        unknown = await client.head(f"{FILES}/{'0' * 32}", headers=TUS)
+        assert unknown.status_code == 404 and unknown.headers["tus-resumable"] == "1.0.0"
+        assert (await client.head(f"{FILES}/..%2F..%2Fetc", headers=TUS)).status_code == 404
+        big_metadata = "k " + base64.b64encode(b"x" * 5000).decode()
+        assert (await create_status(client, 10, **{"Upload-Metadata": big_metadata})) == 400
+        assert (await create_status(client, 10, **{"Upload-Metadata": "k not-base64!"})) == 400
+        incomplete = await client.get(f"{url}/result")
+        assert incomplete.status_code == 409 and incomplete.json()["error"]["code"] == "UPLOAD_INCOMPLETE"
+
+
+async def create_status(client: httpx.AsyncClient, length: int, **headers: str) -> int:
+    return (await client.post(FILES, headers={**TUS, "Upload-Length": str(length), **headers})).status_code
+
+
+async def test_two_writers_at_once_get_423(server: RunningServer) -> None:
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        url = await create(client, 1000)
+        path = url.encode()
+        first = await trio.open_tcp_stream("127.0.0.1", server.port)
+        head = b"PATCH %s HTTP/1.1\r\nHost: x\r\nTus-Resumable: 1.0.0\r\nUpload-Offset: 0\r\n" % path
+        head += b"Content-Type: application/offset+octet-stream\r\nContent-Length: 1000\r\n\r\n"
+        await first.send_all(head + b"x" * 10)
+        the_id = url.rsplit("/", 1)[1]
+        await wait_until(lambda: the_id in server.state.resumable.writing, 5)
+        second = await patch(client, url, 0, b"y" * 10)
+        assert second.status_code == 423 and second.json()["error"]["code"] == "UPLOAD_LOCKED"
+        await first.send_all(b"x" * 990)
+        answer = await first.receive_some(4096)
+        assert answer.startswith(b"HTTP/1.1 204 ")
+        await first.aclose()
+
+
+async def test_an_interrupted_patch_keeps_what_arrived(server: RunningServer) -> None:
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        url = await create(client, 1000)
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        head = b"PATCH %s HTTP/1.1\r\nHost: x\r\nTus-Resumable: 1.0.0\r\nUpload-Offset: 0\r\n" % url.encode()
+        head += b"Content-Type: application/offset+octet-stream\r\nContent-Length: 1000\r\n\r\n"
+        await stream.send_all(head + b"x" * 400)
+        the_id = url.rsplit("/", 1)[1]
+        await wait_until(lambda: the_id in server.state.resumable.writing, 5)
+        await trio.sleep(0.2)
+        await stream.aclose()
+        await wait_until(lambda: the_id not in server.state.resumable.writing, 5)
+        head_answer = await client.head(url, headers=TUS)
+        assert head_answer.headers["upload-offset"] == "400"
+        assert (await patch(client, url, 400, b"y" * 600)).status_code == 204
+
+
+async def test_expired_uploads_answer_410_and_are_removed(start_server: StartServer) -> None:
+    server = await start_server(resumable_expiry=0.5)
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        url = await create(client, 100)
+        await trio.sleep(0.6)
+        assert (await client.head(url, headers=TUS)).status_code == 410
+        gone = await patch(client, url, 0, b"x")
+        assert gone.status_code == 410 and gone.json()["error"]["code"] == "UPLOAD_EXPIRED"
+    removed = await trio.to_thread.run_sync(server.state.resumable.store.remove_expired)
+    assert removed == 1 and list((server.tmp_dir / "resumable").iterdir()) == []
+
+
+def test_tuspy_resumes_after_the_server_is_killed(spawn: Spawn, spool_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    """Half an upload through tuspy in 64 KiB chunks with checksums, ``kill -9``, a restart on the same
+    temp dir, and a fresh client resuming from the stored URL: the file arrives whole and is processed."""
+    body, truth = dataset(files=6, events=1000)
+    source = tmp_path / "day.zip"
+    source.write_bytes(body)
+    server = spawn(server_command(spool_dir, "--workers", "1"))
+    uploader = tus_client.TusClient(f"{server.url}{FILES}").uploader(
+        str(source), chunk_size=64 << 10, upload_checksum=True, metadata={"filename": "day.zip"}
+    )
+    uploader.upload(stop_at=len(body) // 2)
+    url = uploader.url
+    assert url is not None and uploader.offset >= len(body) // 2
+    os.kill(server.process.pid, signal.SIGKILL)
+    server.process.wait()
+
+    restarted = spawn(server_command(spool_dir, "--workers", "1", "--port", "0"))
+    resumed_url = url.replace(f":{server.port}/", f":{restarted.port}/")
+    resumer = tus_client.TusClient(f"{restarted.url}{FILES}").uploader(
+        str(source), url=resumed_url, chunk_size=64 << 10, upload_checksum=True
+    )
+    assert resumer.offset == uploader.offset  # the server's durable offset, asked with HEAD
+    resumer.upload()
+    deadline = time.monotonic() + 60
+    with httpx.Client(base_url=restarted.url) as client:
+        while (answer := client.get(f"{resumed_url}/result")).status_code == 202:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["sha256"] == hashlib.sha256(body).hexdigest()
+    assert answer.json()["summary"]["events"] == truth.events
+    assert answer.json()["summary"]["unique_actors"] == len(truth.actor_events)
