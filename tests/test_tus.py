@@ -7,6 +7,7 @@ import base64
 import hashlib
 import json
 import os
+import random
 import signal
 import time
 import zipfile
@@ -248,3 +249,62 @@ def test_tuspy_resumes_after_the_server_is_killed(spawn: Spawn, spool_dir: Path,
     assert answer.json()["sha256"] == hashlib.sha256(body).hexdigest()
     assert answer.json()["summary"]["events"] == truth.events
     assert answer.json()["summary"]["unique_actors"] == len(truth.actor_events)
+
+
+#: Clients of the concurrent test: 8 in the suite; the issue's load test is ``TUS_CLIENTS=32`` (BENCH_NOTES.md).
+CONCURRENT_CLIENTS = int(os.environ.get("TUS_CLIENTS", "8"))
+
+
+async def test_concurrent_uploads_cut_at_random_points_arrive_whole(server: RunningServer) -> None:
+    """Many clients at once, each with its own file; every PATCH connection is cut at a random point (by a
+    seeded generator) and the client resumes from HEAD's offset. Every file arrives whole, is processed
+    right, and nothing is left behind but the results."""
+    rng = random.Random(32)
+
+    async def one(n: int, results: dict[int, tuple[Truth, bytes, httpx.Response]]) -> None:
+        made, truth = make_events(300 + n, seed=500 + n)
+        body = as_ndjson(made)
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+            url = await create(client, len(body))
+            offset = 0
+            while offset < len(body):
+                cut = rng.randrange(offset + 1, len(body) + 1)
+                await _patch_then_cut(server, url, offset, body[offset:cut], whole=len(body) - offset)
+                head = await client.head(url, headers=TUS)
+                assert head.status_code == 200
+                assert offset <= int(head.headers["upload-offset"]) <= cut
+                offset = int(head.headers["upload-offset"])
+            results[n] = (truth, body, await result_when_ready(client, url))
+
+    results: dict[int, tuple[Truth, bytes, httpx.Response]] = {}
+    async with trio.open_nursery() as nursery:
+        for n in range(CONCURRENT_CLIENTS):
+            nursery.start_soon(one, n, results)
+    for truth, body, answer in results.values():
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["sha256"] == hashlib.sha256(body).hexdigest()
+        assert answer.json()["summary"]["events"] == truth.events
+    leftovers = sorted(path.name for path in (server.tmp_dir / "resumable").iterdir())
+    assert all(".result." in name or name.endswith(".json") for name in leftovers), leftovers
+    assert len(results) == CONCURRENT_CLIENTS and server.state.resumable.snapshot()["incomplete"] == 0
+    assert [name for name in os.listdir(server.tmp_dir) if name != "resumable"] == []
+
+
+async def _patch_then_cut(server: RunningServer, url: str, offset: int, piece: bytes, whole: int) -> None:
+    """A PATCH that declares the rest of the file but sends only ``piece`` before the connection goes
+    (unless ``piece`` is the whole rest: then the answer is read)."""
+    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+    head = (
+        f"PATCH {url} HTTP/1.1\r\nHost: x\r\nTus-Resumable: 1.0.0\r\nUpload-Offset: {offset}\r\n"
+        f"Content-Type: application/offset+octet-stream\r\nContent-Length: {whole}\r\n\r\n"
+    ).encode()
+    the_id = url.rsplit("/", 1)[1]
+    await stream.send_all(head + piece)
+    if len(piece) == whole:
+        assert (await stream.receive_some(4096)).startswith(b"HTTP/1.1 204 ")
+    else:
+        # Cut only once the server is writing this PATCH, or a late one could land after the next.
+        await wait_until(lambda: the_id in server.state.resumable.writing, 10)
+        await trio.sleep(0.02)
+    await stream.aclose()
+    await wait_until(lambda: the_id not in server.state.resumable.writing, 10)

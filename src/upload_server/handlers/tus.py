@@ -337,12 +337,13 @@ async def _receive_appending(
 
 
 async def _keep_what_arrived(spool: Spool, state: ServerState, record: UploadRecord, cut: Exception) -> None:
-    with trio.CancelScope(shield=True):
-        await spool.finish()
-        await spool.sync()
-        record.offset += spool.size
-        _resumables(state).incomplete[record.id] = record.offset
-        await trio.to_thread.run_sync(_resumables(state).store.save, record)
+    # Not shielded: the bytes go through the spool's writer task, which a cancellation (shutdown) stops
+    # too; then the durable offset stays where it was, and the client resends from there.
+    await spool.finish()
+    await spool.sync()
+    record.offset += spool.size
+    _resumables(state).incomplete[record.id] = record.offset
+    await trio.to_thread.run_sync(_resumables(state).store.save, record)
     raise cut
 
 
