@@ -251,7 +251,7 @@ def test_tuspy_resumes_after_the_server_is_killed(spawn: Spawn, spool_dir: Path,
     assert answer.json()["summary"]["unique_actors"] == len(truth.actor_events)
 
 
-#: Clients of the concurrent test: 8 in the suite; the issue's load test is ``TUS_CLIENTS=32`` (BENCH_NOTES.md).
+#: Clients of the concurrent test: 8 in the suite; the load test is ``TUS_CLIENTS=32`` (BENCH_NOTES.md).
 CONCURRENT_CLIENTS = int(os.environ.get("TUS_CLIENTS", "8"))
 
 
