@@ -48,10 +48,10 @@ async def raw_upload(server: RunningServer, body: bytes, *extra: str) -> trio.So
 
 
 async def test_a_small_upload_is_not_held_behind_a_big_one(start_server: StartServer) -> None:
-    """One worker; a zip of 16 files is being processed when a one-file upload arrives: the jobs take
+    """One worker; a zip of 24 files is being processed when a one-file upload arrives: the jobs take
     turns, so the small one is answered long before the big one."""
     server = await start_server(workers=1)
-    files = {f"f{n}.ndjson": as_ndjson(make_events(1500, seed=n)[0]) for n in range(16)}
+    files = {f"f{n}.ndjson": as_ndjson(make_events(1500, seed=n)[0]) for n in range(24)}
     big = make_zip(files)
     small_events, _ = make_events(10, seed=99)
     finished: list[str] = []
@@ -63,7 +63,8 @@ async def test_a_small_upload_is_not_held_behind_a_big_one(start_server: StartSe
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(upload, "big", big)
-        await wait_until(lambda: server.state.workers.slots.waiting > 0)  # big's jobs are queued
+        # Big's jobs queued (at least three behind the one running): the small upload comes in now.
+        await wait_until(lambda: server.state.workers.slots.waiting >= 3)
         nursery.start_soon(upload, "small", as_ndjson(small_events))
     assert finished == ["small", "big"]
     await assert_idle(server)

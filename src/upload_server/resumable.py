@@ -94,8 +94,8 @@ class ResumableStore:
     """The folder of resumable uploads. Blocking file operations: call them through a thread."""
 
     def __init__(self, tmp_dir: str | os.PathLike[str]) -> None:
+        #: Made with the first resumable upload, so a server that never takes one leaves nothing behind.
         self.folder = Path(tmp_dir) / "resumable"
-        self.folder.mkdir(mode=0o700, exist_ok=True)
 
     def data_path(self, upload_id: str) -> Path:
         return self.folder / f"{upload_id}.bin"
@@ -107,6 +107,7 @@ class ResumableStore:
         return self.folder / f"{upload_id}.json"
 
     def create(self, length: int, metadata: dict[str, str], expiry_s: float) -> UploadRecord:
+        self.folder.mkdir(mode=0o700, exist_ok=True)
         now = time.time()
         record = UploadRecord(
             id=secrets.token_hex(16),
