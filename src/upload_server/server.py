@@ -27,6 +27,7 @@ from .http.body_rate import BodyRateRules
 from .http.connection import HttpConnection, Router
 from .http.limits import ConnectionLimits
 from .ingest.dispatch import open_worker_pool
+from .listen import open_listeners
 from .receive.spool import remove_stale_files
 from .resumable import ResumableStore, ResumableUploads, UploadState
 from .routes import router
@@ -141,7 +142,7 @@ async def serve(
 ) -> None:
     """Run the server until cancelled or shut down; ``task_status.started`` hands back the state."""
     remove_stale_files(config.tmp_dir)
-    listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+    listeners = await open_listeners(config.host, config.port, reuse_port=config.processes > 1)
     async with open_worker_pool(config) as workers:
         free = _free_bytes(config.tmp_dir)
         state = ServerState(config, workers, SpoolBudget(derived_spool_budget(config, free)))
