@@ -1,7 +1,10 @@
 """The command line: flags and UPLOAD_SERVER_* variables → Config, logging, and the Trio run.
 
-SIGINT/SIGTERM start a graceful shutdown (stop accepting, let requests finish for ``--shutdown-grace``
-seconds); a second signal stops at once. Temporary files are removed either way.
+SIGTERM starts a drain: health answers 503 "draining" at once while the server still accepts and serves
+for ``--drain-delay`` seconds (so a load balancer takes it out before anything is refused); then the
+listener closes, idle connections close, and requests in flight get ``--shutdown-grace`` seconds to finish.
+SIGINT does the same without the delay. A second signal stops at once. Temporary files are removed either
+way. With ``--processes`` > 1, ``supervisor`` runs the serving processes instead.
 """
 
 from __future__ import annotations
@@ -84,7 +87,7 @@ async def run(config: Config, ready: Callable[[], None] | None = None) -> None:
             except OSError as error:  # cannot bind, cannot read the temp dir: nothing started yet
                 failure = error
             else:
-                nursery.start_soon(_watch_signals, signals, state, nursery.cancel_scope)
+                nursery.start_soon(_watch_signals, signals, state, nursery)
                 nursery.start_soon(state.workers.warm_up)
                 if ready is not None:
                     ready()
@@ -103,16 +106,26 @@ async def _serve_then_stop(
     everything.cancel()  # serve returned after a shutdown: the signal watcher is done too
 
 
-async def _watch_signals(
-    signals: AsyncIterator[int], state: ServerState, everything: trio.CancelScope
-) -> None:
+async def _watch_signals(signals: AsyncIterator[int], state: ServerState, everything: trio.Nursery) -> None:
     async for signum in signals:
-        if state.shutting_down:
+        if state.draining:
             log.info("second signal: stopping now")
-            everything.cancel()
+            everything.cancel_scope.cancel()
             return
-        log.info("%s: shutting down gracefully", signal.Signals(signum).name)
-        state.shutdown()
+        # A load balancer learns of the drain from health; an operator's Ctrl-C (SIGINT) has none to wait for.
+        delay = state.config.drain_delay if signum == signal.SIGTERM else 0.0
+        log.info(
+            "%s: shutting down gracefully: draining for %g s (health answers 503), then the listener closes",
+            signal.Signals(signum).name,
+            delay,
+        )
+        state.drain()
+        everything.start_soon(_shut_down_after, state, delay)
+
+
+async def _shut_down_after(state: ServerState, delay: float) -> None:
+    await trio.sleep(delay)
+    state.shutdown()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

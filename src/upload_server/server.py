@@ -80,6 +80,8 @@ async def _serve_connection(
     state.stats.connections_open += 1
     try:
         conn = HttpConnection(stream, limits)
+        if state.draining:
+            conn.keep_alive_off()
         if state.shutting_down:  # accepted just before the listener closed
             conn.close_if_idle()
         state.connections.add(conn)

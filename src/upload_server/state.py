@@ -69,6 +69,9 @@ class ServerState:
     resumable: ResumableUploads | None = None
     #: The server's own nursery, for work no request waits on (processing finished resumable uploads).
     background: trio.Nursery | None = None
+    #: Set by the first SIGTERM: health answers 503 "draining" so that load balancers stop sending here,
+    #: while the listener stays open for --drain-delay seconds.
+    draining: bool = False
 
     def __post_init__(self) -> None:
         self.backlog = Backlog(workers=self.workers.count)
@@ -79,6 +82,12 @@ class ServerState:
         self.aborting = True
         for scope in self.work_scopes:
             scope.cancel()
+
+    def drain(self) -> None:
+        """Health says "draining" from now on, and every answer ends its connection (keep-alive off)."""
+        self.draining = True
+        for conn in self.connections:
+            conn.keep_alive_off()
 
     def shutdown(self) -> None:
         """Stop accepting; idle keep-alive connections close now, busy ones get the grace period."""
