@@ -163,9 +163,20 @@ def upload_loop(port: int, dataset: harness.Dataset, tally: Tally, stop: threadi
         check_upload(exchange.status, exchange.body, dataset, tally, "upload")
 
 
+def describe_answer(status: int, body: bytes) -> str:
+    """``status 503 draining``, ``status 503 SERVER_BUSY``, or HAProxy's own page: short and countable."""
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return f"status {status} (not JSON: {body[:60]!r})"
+    error = document.get("error") if isinstance(document, dict) else None
+    what = error.get("code") if isinstance(error, dict) else document.get("status")
+    return f"status {status} {what}"
+
+
 def check_upload(status: int, body: bytes, dataset: harness.Dataset, tally: Tally, kind: str) -> None:
     if status != 200:
-        tally.failure(kind, f"status {status} {body[:120]!r}")
+        tally.failure(kind, describe_answer(status, body))
         return
     problems = harness.verify_answer(orjson.loads(body), dataset)
     if problems:
@@ -210,7 +221,7 @@ def health_loop(port: int, interval: float, tally: Tally, stop: threading.Event)
             if status == 200:
                 tally.success("health")
             else:
-                tally.failure("health", f"status {status} {body[:120]!r}")
+                tally.failure("health", describe_answer(status, body))
             if headers.get("connection", "").lower() == "close":
                 sock.close()
                 sock = None
@@ -265,6 +276,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "HAPROXY_BIND": f"{harness.HOST}:{front}",
         "HAPROXY_STATS": f"{harness.HOST}:{stats}",
         "CHECK_INTER": args.check_inter,
+        "RETRIES": str(args.retries),
         **{name.upper(): f"{harness.HOST}:{ports[name]}" for name in INSTANCES},
     }
     servers = {
@@ -335,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--phase", type=float, default=8.0, help="seconds of load before, between, after")
     parser.add_argument("--drain-delay", type=float, default=1.0, help="the instances' --drain-delay")
     parser.add_argument("--check-inter", default="200ms", help="HAProxy's health-check interval")
+    parser.add_argument(
+        "--retries", type=int, default=3, help="HAProxy's retries (0: see what the drain alone does)"
+    )
     parser.add_argument("--processes", type=int, default=1, help="each instance's --processes")
     parser.add_argument("--workers", type=int, default=1, help="each serving process's --workers")
     parser.add_argument("--uploaders", type=int, default=2, help="threads uploading back to back")
