@@ -90,6 +90,13 @@ def stop(server: ServerProcess, signum: int = signal.SIGTERM, timeout: float = 5
     return code, time.monotonic() - started
 
 
+def follow(process: subprocess.Popen[str]) -> ServerProcess:
+    """Collect ``process``'s stderr (opened as text) line by line, for :meth:`ServerProcess.wait_for`."""
+    server = ServerProcess(process)
+    threading.Thread(target=_pump, args=(process.stderr, server.lines), daemon=True).start()
+    return server
+
+
 def spawner(started: list[subprocess.Popen[str]]) -> Spawn:
     """A function that starts ``command`` and waits for its listening line; it appends to ``started``."""
 
@@ -98,8 +105,7 @@ def spawner(started: list[subprocess.Popen[str]]) -> Spawn:
             command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env or clean_env()
         )
         started.append(process)
-        server = ServerProcess(process)
-        threading.Thread(target=_pump, args=(process.stderr, server.lines), daemon=True).start()
+        server = follow(process)
         server.port = int(server.wait_for(LISTENING, START_TIMEOUT).group(1))
         return server
 

@@ -16,8 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server_process import EVENTS, ServerProcess, Spawn, clean_env, server_command, stop
+from server_process import EVENTS, ServerProcess, Spawn, clean_env, follow, server_command, stop
 from upload_server.config import ConfigError, load_config
+from upload_server.receive.spool import RUN_DIR_SUFFIX
 
 SUPERVISOR_READY = re.compile(
     r"upload-server: (\d+) serving processes \(pids ([\d, ]+)\) listening on http://127\.0\.0\.1:(\d+)"
@@ -53,7 +54,7 @@ def test_processes_share_one_port_and_health_names_the_one_that_answered(
     assert health_pids(server.port, pids) == pids
     upload = httpx.post(f"{server.url}/api/v1/upload", content=EVENTS, timeout=10)
     assert upload.status_code == 200 and upload.json()["sha256"] == hashlib.sha256(EVENTS).hexdigest()
-    run_dirs = [path for path in spool_dir.iterdir() if path.name.startswith("upload-server-run-")]
+    run_dirs = [path for path in spool_dir.iterdir() if path.name.endswith(RUN_DIR_SUFFIX)]
     assert len(run_dirs) == 1 and run_dirs[0].is_dir()  # the children's shared directory for this run
 
     code, took = stop(server, timeout=10)
@@ -72,8 +73,9 @@ def test_a_serving_process_that_dies_is_replaced_while_the_other_serves(
     victim, survivor = sorted(pids)
     os.kill(victim, signal.SIGKILL)
     server.wait_for(re.compile(rf"serving process {victim} ended with signal SIGKILL; starting another"), 5)
-    # Meanwhile the port is served by the survivor: no connection is refused.
-    assert health_pids(server.port, {survivor}, tries=20) == {survivor}
+    # Meanwhile the port is served (by the survivor, or already by the replacement): nothing is refused.
+    seen = health_pids(server.port, {survivor}, tries=20)
+    assert survivor in seen and victim not in seen
     replacement = int(server.wait_for(re.compile(r"\[(\d+)\]: upload-server listening on"), 30).group(1))
     assert replacement not in pids
     assert health_pids(server.port, {replacement, survivor}) == {replacement, survivor}
@@ -82,7 +84,7 @@ def test_a_serving_process_that_dies_is_replaced_while_the_other_serves(
 
 
 def test_sigterm_drains_every_serving_process(spawn: Spawn, spool_dir: Path) -> None:
-    drain = 2.0
+    drain = 3.0
     server, pids = start_supervised(spawn, spool_dir, "--drain-delay", str(drain))
     signalled = time.monotonic()
     server.process.send_signal(signal.SIGTERM)
@@ -138,22 +140,18 @@ def test_children_that_cannot_start_make_the_supervisor_exit_non_zero(spool_dir:
 
 
 def test_a_crash_loop_backs_off_instead_of_spinning(spool_dir: Path) -> None:
-    supervisor = supervise_fake("crash_after_ready", spool_dir)
-    started = time.monotonic()
+    supervisor = follow(supervise_fake("crash_after_ready", spool_dir))
+    restart = re.compile(r"ended with exit code 1; starting another in ([\d.]+) s")
     try:
-        time.sleep(3.5)
-        supervisor.send_signal(signal.SIGTERM)
-        _, stderr = supervisor.communicate(timeout=15)
+        # Generous waits: a spawned interpreter takes seconds to start on a loaded 2-core machine.
+        delays = [float(supervisor.wait_for(restart, 60).group(1)) for _ in range(4)]
     finally:
-        if supervisor.poll() is None:
-            supervisor.kill()
-            supervisor.wait()
-    assert time.monotonic() - started < 10
-    delays = [float(d) for d in re.findall(r"ended with exit code 1; starting another in ([\d.]+) s", stderr)]
-    # Two slots, each waiting 0.5, 1, 2 s between starts: at most 3-4 restarts each in 3.5 s, not hundreds.
-    assert 2 <= len(delays) <= 8, stderr
-    assert sorted(set(delays))[:2] == [0.5, 1.0], delays
-    assert "Traceback" not in stderr
+        supervisor.process.send_signal(signal.SIGTERM)
+        code = supervisor.process.wait(timeout=30)
+    # Each of the two slots waits 0.5 s, then 1 s, then 2 s...: a crash loop never restarts at once.
+    assert delays.count(0.5) == 2 and set(delays) <= {0.5, 1.0, 2.0} and max(delays) >= 1.0, delays
+    assert code in (0, 1)  # 1 when a crashing child ended badly during the stop: both are a clean stop here
+    assert "Traceback" not in supervisor.stderr_text()
     assert list(spool_dir.iterdir()) == []
 
 

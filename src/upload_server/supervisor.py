@@ -32,7 +32,6 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -42,6 +41,7 @@ import trio
 
 from .config import Config
 from .listen import bind_sockets, bound_port, describe_startup_failure
+from .receive.spool import RUN_DIR_SUFFIX, owned_name
 
 log = logging.getLogger("upload_server.lifecycle")
 
@@ -70,7 +70,9 @@ _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 @contextlib.contextmanager
 def shared_run_dir(parent: str) -> Iterator[Path]:
     """A directory under ``parent`` for this run's children, named in their ``RUN_DIR_ENV``; removed after."""
-    path = Path(tempfile.mkdtemp(prefix="upload-server-run-", dir=parent))
+    # Named as the spool's files are: if the supervisor is killed, the next server start removes it.
+    path = Path(parent) / owned_name(RUN_DIR_SUFFIX)
+    path.mkdir(mode=0o700)
     previous = os.environ.get(RUN_DIR_ENV)
     os.environ[RUN_DIR_ENV] = str(path)  # spawned children inherit the environment
     try:
