@@ -305,7 +305,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         watch_stop.set()
         for server in servers.values():
             harness.stop_server(server)
-    leftovers = sorted(str(path) for name in INSTANCES for path in (work / name).iterdir())
+    # Files only: an instance keeps an empty resumable/ folder of its own.
+    leftovers = sorted(str(path) for name in INSTANCES for path in (work / name).rglob("*") if path.is_file())
     return summarise(tally, outages, leftovers)
 
 

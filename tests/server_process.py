@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from upload_server.receive.spool import RUN_DIR_SUFFIX
+
 LISTENING = re.compile(r"upload-server listening on http://127\.0\.0\.1:(\d+)")
 EVENTS = json.dumps(
     [{"id": str(n), "type": "PushEvent", "actor": {"login": f"u{n}"}} for n in range(200)]
@@ -88,6 +90,16 @@ def stop(server: ServerProcess, signum: int = signal.SIGTERM, timeout: float = 5
     server.process.send_signal(signum)
     code = server.process.wait(timeout=timeout)
     return code, time.monotonic() - started
+
+
+def leftovers(spool_dir: Path) -> list[str]:
+    """What servers left in their temp dir: every file below it, and any run directory. Empty folders the
+    server keeps for itself (``resumable/``) are not leftovers."""
+    return sorted(
+        str(path.relative_to(spool_dir))
+        for path in spool_dir.rglob("*")
+        if path.is_file() or path.name.endswith(RUN_DIR_SUFFIX)
+    )
 
 
 def follow(process: subprocess.Popen[str]) -> ServerProcess:

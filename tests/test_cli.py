@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server_process import EVENTS, Spawn, clean_env, server_command, stop
+from server_process import EVENTS, Spawn, clean_env, leftovers, server_command, stop
 from upload_server.config import SETTINGS, env_name, flag_name
 
 CONSOLE_SCRIPT = Path(sys.executable).with_name("upload-server")
@@ -87,7 +87,7 @@ def test_console_script_serves_real_clients_and_stops_on_sigterm(
     stderr = server.stderr_text()
     assert re.search(r"POST /api/v1/upload HTTP/1\.1 200 in=\d+ out=\d+", stderr), stderr
     assert "Traceback" not in stderr
-    assert list(spool_dir.iterdir()) == []
+    assert leftovers(spool_dir) == []
 
 
 def test_sigterm_with_an_upload_in_flight_waits_the_grace_then_cleans_up(
@@ -98,13 +98,13 @@ def test_sigterm_with_an_upload_in_flight_waits_the_grace_then_cleans_up(
         head = f"POST /api/v1/upload HTTP/1.1\r\nHost: x\r\nContent-Length: {len(EVENTS)}\r\n\r\n"
         client.sendall(head.encode() + EVENTS[:100])
         deadline = time.monotonic() + 5
-        while not list(spool_dir.iterdir()) and time.monotonic() < deadline:
+        while not leftovers(spool_dir) and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert list(spool_dir.iterdir()), "the upload never reached the spool"
+        assert leftovers(spool_dir), "the upload never reached the spool"
         code, took = stop(server)
     assert code == 0, server.stderr_text()
     assert 0.4 <= took < 3, took
-    assert list(spool_dir.iterdir()) == []
+    assert leftovers(spool_dir) == []
     assert "Traceback" not in server.stderr_text()
 
 
@@ -118,7 +118,7 @@ def test_second_signal_stops_at_once(spawn: Spawn, spool_dir: Path) -> None:
         code, took = stop(server, signal.SIGINT)
     assert code == 0, server.stderr_text()
     assert took < 3
-    assert list(spool_dir.iterdir()) == []
+    assert leftovers(spool_dir) == []
 
 
 # ------------------------------------------------------------------------------------ help, refusals

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server_process import EVENTS, ServerProcess, Spawn, clean_env, follow, server_command, stop
+from server_process import EVENTS, ServerProcess, Spawn, clean_env, follow, leftovers, server_command, stop
 from upload_server.config import ConfigError, load_config
 from upload_server.receive.spool import RUN_DIR_SUFFIX
 
@@ -60,7 +60,7 @@ def test_processes_share_one_port_and_health_names_the_one_that_answered(
     code, took = stop(server, timeout=10)
     assert code == 0, server.stderr_text()
     assert took < 5, took
-    assert list(spool_dir.iterdir()) == []  # the run directory is gone too
+    assert leftovers(spool_dir) == []  # the run directory is gone too
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists()
     assert "Traceback" not in server.stderr_text()
@@ -136,7 +136,7 @@ def test_children_that_cannot_start_make_the_supervisor_exit_non_zero(spool_dir:
     assert supervisor.returncode == 1, stderr
     assert re.search(r"serving process \d could not start \(exit code 3\)", stderr), stderr
     assert "listening on" not in stderr and "Traceback" not in stderr
-    assert list(spool_dir.iterdir()) == []
+    assert leftovers(spool_dir) == []
 
 
 def test_a_crash_loop_backs_off_instead_of_spinning(spool_dir: Path) -> None:
@@ -152,7 +152,7 @@ def test_a_crash_loop_backs_off_instead_of_spinning(spool_dir: Path) -> None:
     assert delays.count(0.5) == 2 and set(delays) <= {0.5, 1.0, 2.0} and max(delays) >= 1.0, delays
     assert code in (0, 1)  # 1 when a crashing child ended badly during the stop: both are a clean stop here
     assert "Traceback" not in supervisor.stderr_text()
-    assert list(spool_dir.iterdir()) == []
+    assert leftovers(spool_dir) == []
 
 
 def test_processes_setting() -> None:
