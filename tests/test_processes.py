@@ -17,8 +17,9 @@ import httpx
 import pytest
 
 from server_process import EVENTS, ServerProcess, Spawn, clean_env, follow, leftovers, server_command, stop
-from upload_server.config import ConfigError, load_config
+from upload_server.config import Config, ConfigError, load_config
 from upload_server.receive.spool import RUN_DIR_SUFFIX
+from upload_server.state import derived_spool_budget
 
 SUPERVISOR_READY = re.compile(
     r"upload-server: (\d+) serving processes \(pids ([\d, ]+)\) listening on http://127\.0\.0\.1:(\d+)"
@@ -163,3 +164,11 @@ def test_processes_setting() -> None:
         load_config(["--processes", "0"], environ={})
     with pytest.raises(ConfigError, match="is not a whole number"):
         load_config(["--processes", "many"], environ={})
+
+
+def test_the_automatic_spool_budget_is_shared_by_the_serving_processes() -> None:
+    free = 10 << 30
+    one = derived_spool_budget(Config(min_free_bytes=1 << 30), free)
+    two = derived_spool_budget(Config(min_free_bytes=1 << 30, processes=2), free)
+    assert one == (9 << 30) // 2 and two == one // 2  # the processes spool to one temp dir
+    assert derived_spool_budget(Config(spool_budget=1 << 20, processes=2), free) == 1 << 20

@@ -158,7 +158,7 @@ SETTINGS: tuple[Setting, ...] = (
         "spool_budget",
         parse_size_or_auto,
         "bytes of temp files uploads may hold at once (503 before the body, 507 during it); auto: half of "
-        "the temp dir's free space above --min-free-bytes, read at start",
+        "the temp dir's free space above --min-free-bytes, read at start, shared by the --processes",
         _positive_or_auto,
     ),
     Setting(

@@ -44,11 +44,12 @@ def derived_spool_budget(config: Config, free_bytes: int) -> int:
     """``--spool-budget auto``: half the temp dir's free space above the ``--min-free-bytes`` reserve.
 
     Half, because an upload's side files (job results, the rendered answer, NDJSON event lines) sit beside
-    its spool file while it is processed. At least one byte, so a nearly full disk refuses rather than fails.
+    its spool file while it is processed; and that shared by the ``--processes`` serving processes, which
+    spool to the same temp dir. At least one byte, so a nearly full disk refuses rather than fails.
     """
     if config.spool_budget is not None:
         return config.spool_budget
-    return max(1, (free_bytes - config.min_free_bytes) // 2)
+    return max(1, (free_bytes - config.min_free_bytes) // 2 // config.processes)
 
 
 @dataclass
