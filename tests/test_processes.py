@@ -103,6 +103,20 @@ def test_sigterm_drains_every_serving_process(spawn: Spawn, spool_dir: Path) -> 
         socket.create_connection(("127.0.0.1", server.port), timeout=1).close()
 
 
+def test_serving_processes_drain_when_the_supervisor_is_killed(spawn: Spawn, spool_dir: Path) -> None:
+    server, pids = start_supervised(spawn, spool_dir)
+    server.process.kill()  # SIGKILL: the supervisor passes nothing on; the kernel tells the children
+    server.process.wait(timeout=5)
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() for pid in pids):
+        assert time.monotonic() < deadline, f"serving processes outlived their supervisor: {pids}"
+        time.sleep(0.05)
+    text = server.stderr_text()
+    assert text.count("SIGTERM: shutting down gracefully") == 2, text
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", server.port), timeout=1).close()
+
+
 def test_a_taken_port_stops_the_supervisor_before_any_child_starts(spool_dir: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
