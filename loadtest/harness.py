@@ -1257,8 +1257,10 @@ def swarm(
 ) -> dict[str, Any]:
     """Many concurrent keep-alive connections polling health (asyncio); a JSON-ready summary."""
     fd_limit = raise_fd_limit(connections + 256)
+    cpu_started = time.process_time()
     result = asyncio.run(_swarm(port, connections, requests, interval, timeout, max_seconds))
     result["fd_limit"] = fd_limit
+    result["client_cpu_s"] = time.process_time() - cpu_started
     return result
 
 

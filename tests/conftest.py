@@ -1,15 +1,18 @@
-"""Fixtures: the real server, in this process on an ephemeral port, with a temp dir of its own."""
+"""Fixtures: the real server, in this process on an ephemeral port, with a temp dir of its own; and servers
+started from the command line as subprocesses (``spawn``, see server_process.py)."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Awaitable, Callable
+import subprocess
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
+from server_process import Spawn, spawner
 from upload_server.config import Config
 from upload_server.server import serve
 from upload_server.state import ServerState
@@ -66,3 +69,21 @@ async def wait_until(condition: Callable[[], bool], within: float = 30.0) -> Non
     with trio.fail_after(within):
         while not condition():  # noqa: ASYNC110 (observing another component's counters from outside)
             await trio.sleep(0.01)
+
+
+@pytest.fixture
+def spawn() -> Iterator[Spawn]:
+    """Start ``command`` and wait for its listening line; every process is killed at the end of the test."""
+    started: list[subprocess.Popen[str]] = []
+    yield spawner(started)
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture
+def spool_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "spool"
+    path.mkdir()
+    return path

@@ -4,115 +4,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import queue
 import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import pytest
 
+from server_process import EVENTS, Spawn, clean_env, leftovers, server_command, stop
 from upload_server.config import SETTINGS, env_name, flag_name
 
 CONSOLE_SCRIPT = Path(sys.executable).with_name("upload-server")
-LISTENING = re.compile(r"upload-server listening on http://127\.0\.0\.1:(\d+)")
-EVENTS = json.dumps(
-    [{"id": str(n), "type": "PushEvent", "actor": {"login": f"u{n}"}} for n in range(200)]
-).encode()
-START_TIMEOUT = 15.0  # a cold interpreter on a busy 2-core machine; a passing run takes well under 1 s
-
-
-def server_command(spool_dir: Path, *extra_flags: str) -> list[str]:
-    """``python -m upload_server`` on a free port, spooling to ``spool_dir``, then ``extra_flags``."""
-    return [sys.executable, "-m", "upload_server", "--port", "0", "--tmp-dir", str(spool_dir), *extra_flags]
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """This process's environment without UPLOAD_SERVER_* settings, plus ``extra``."""
-    env = {name: value for name, value in os.environ.items() if not name.startswith("UPLOAD_SERVER_")}
-    env.update(extra)
-    return env
-
-
-@dataclass
-class ServerProcess:
-    """A server started from the command line, with its stderr collected line by line."""
-
-    process: subprocess.Popen[str]
-    lines: queue.Queue[str] = field(default_factory=queue.Queue)
-    seen: list[str] = field(default_factory=list)
-    port: int = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def wait_for(self, pattern: re.Pattern[str], timeout: float) -> re.Match[str]:
-        """The first stderr line (from now on) matching ``pattern``."""
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"no line matching {pattern.pattern!r}; stderr so far: {self.seen}")
-            try:
-                line = self.lines.get(timeout=remaining)
-            except queue.Empty:
-                continue
-            self.seen.append(line)
-            if match := pattern.search(line):
-                return match
-
-    def stderr_text(self) -> str:
-        """Everything written to stderr (call after the process ended)."""
-        while not self.lines.empty():
-            self.seen.append(self.lines.get_nowait())
-        return "".join(self.seen)
-
-
-Spawn = Callable[..., ServerProcess]
-
-
-def _pump(stream: Iterator[str], lines: queue.Queue[str]) -> None:
-    for line in stream:
-        lines.put(line)
-
-
-@pytest.fixture
-def spawn() -> Iterator[Spawn]:
-    """Start ``command`` and wait for its listening line; every process is killed at the end of the test."""
-    started: list[subprocess.Popen[str]] = []
-
-    def spawn_server(command: list[str], env: dict[str, str] | None = None) -> ServerProcess:
-        process = subprocess.Popen(
-            command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env or clean_env()
-        )
-        started.append(process)
-        server = ServerProcess(process)
-        threading.Thread(target=_pump, args=(process.stderr, server.lines), daemon=True).start()
-        server.port = int(server.wait_for(LISTENING, START_TIMEOUT).group(1))
-        return server
-
-    yield spawn_server
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-
-
-@pytest.fixture
-def spool_dir(tmp_path: Path) -> Path:
-    path = tmp_path / "spool"
-    path.mkdir()
-    return path
 
 
 def fetch(url: str, *curl_args: str) -> tuple[int, bytes]:
@@ -130,20 +37,24 @@ def fetch(url: str, *curl_args: str) -> tuple[int, bytes]:
     return int(status), body
 
 
-def stop(server: ServerProcess, signum: int = signal.SIGTERM, timeout: float = 5.0) -> tuple[int, float]:
-    """Signal the server; its exit code and how long it took to exit."""
-    started = time.monotonic()
-    server.process.send_signal(signum)
-    code = server.process.wait(timeout=timeout)
-    return code, time.monotonic() - started
-
-
 # ------------------------------------------------------------------------------------- a real run
 def test_console_script_serves_real_clients_and_stops_on_sigterm(
     spawn: Spawn, spool_dir: Path, tmp_path: Path
 ) -> None:
     assert CONSOLE_SCRIPT.exists(), "the upload-server console script is not installed in this environment"
-    server = spawn([str(CONSOLE_SCRIPT), "--port", "0", "--tmp-dir", str(spool_dir), "--workers", "1"])
+    server = spawn(
+        [
+            str(CONSOLE_SCRIPT),
+            "--port",
+            "0",
+            "--tmp-dir",
+            str(spool_dir),
+            "--workers",
+            "1",
+            "--drain-delay",
+            "0",
+        ]
+    )
 
     if shutil.which("curl"):
         status, body = fetch(f"{server.url}/api/v1/health")
@@ -176,7 +87,7 @@ def test_console_script_serves_real_clients_and_stops_on_sigterm(
     stderr = server.stderr_text()
     assert re.search(r"POST /api/v1/upload HTTP/1\.1 200 in=\d+ out=\d+", stderr), stderr
     assert "Traceback" not in stderr
-    assert list(spool_dir.iterdir()) == []
+    assert leftovers(spool_dir) == []
 
 
 def test_sigterm_with_an_upload_in_flight_waits_the_grace_then_cleans_up(
@@ -187,13 +98,13 @@ def test_sigterm_with_an_upload_in_flight_waits_the_grace_then_cleans_up(
         head = f"POST /api/v1/upload HTTP/1.1\r\nHost: x\r\nContent-Length: {len(EVENTS)}\r\n\r\n"
         client.sendall(head.encode() + EVENTS[:100])
         deadline = time.monotonic() + 5
-        while not list(spool_dir.iterdir()) and time.monotonic() < deadline:
+        while not leftovers(spool_dir) and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert list(spool_dir.iterdir()), "the upload never reached the spool"
+        assert leftovers(spool_dir), "the upload never reached the spool"
         code, took = stop(server)
     assert code == 0, server.stderr_text()
     assert 0.4 <= took < 3, took
-    assert list(spool_dir.iterdir()) == []
+    assert leftovers(spool_dir) == []
     assert "Traceback" not in server.stderr_text()
 
 
@@ -207,7 +118,7 @@ def test_second_signal_stops_at_once(spawn: Spawn, spool_dir: Path) -> None:
         code, took = stop(server, signal.SIGINT)
     assert code == 0, server.stderr_text()
     assert took < 3
-    assert list(spool_dir.iterdir()) == []
+    assert leftovers(spool_dir) == []
 
 
 # ------------------------------------------------------------------------------------ help, refusals

@@ -19,7 +19,7 @@ from tusclient import client as tus_client
 
 from conftest import RunningServer, StartServer, wait_until
 from events_factory import Truth, as_ndjson, make_events, make_zip
-from test_cli import LISTENING, START_TIMEOUT, Spawn, server_command, spawn, spool_dir  # noqa: F401
+from server_process import Spawn, server_command
 
 FILES = "/api/v1/files"
 TUS = {"Tus-Resumable": "1.0.0"}
@@ -217,7 +217,7 @@ async def test_expired_uploads_answer_410_and_are_removed(start_server: StartSer
     assert removed == 1 and list((server.tmp_dir / "resumable").iterdir()) == []
 
 
-def test_tuspy_resumes_after_the_server_is_killed(spawn: Spawn, spool_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_tuspy_resumes_after_the_server_is_killed(spawn: Spawn, spool_dir: Path, tmp_path: Path) -> None:
     """Half an upload through tuspy in 64 KiB chunks with checksums, ``kill -9``, a restart on the same
     temp dir, and a fresh client resuming from the stored URL: the file arrives whole and is processed."""
     body, truth = dataset(files=6, events=1000)

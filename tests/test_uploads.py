@@ -614,6 +614,9 @@ async def test_stale_temp_files_are_removed_at_start(
     for name in [*stale, alive, *unrelated]:
         (server_tmp / name).write_bytes(b"x")
     (server_tmp / f"upload-server-{dead_pid}-dir").mkdir()
+    stale_run_dir = server_tmp / f"upload-server-{dead_pid}-0123abcd.run"  # a killed supervisor's
+    stale_run_dir.mkdir()
+    (stale_run_dir / "counter_1234.db").write_bytes(b"x")
     server = await start_server()
     assert server.leftover_files() == sorted([alive, *unrelated, f"upload-server-{dead_pid}-dir"])
     await assert_still_serving(server)

@@ -1,7 +1,10 @@
 """The command line: flags and UPLOAD_SERVER_* variables → Config, logging, and the Trio run.
 
-SIGINT/SIGTERM start a graceful shutdown (stop accepting, let requests finish for ``--shutdown-grace``
-seconds); a second signal stops at once. Temporary files are removed either way.
+SIGTERM starts a drain: health answers 503 "draining" at once while the server still accepts and serves
+for ``--drain-delay`` seconds (so a load balancer takes it out before anything is refused); then the
+listener closes, idle connections close, and requests in flight get ``--shutdown-grace`` seconds to finish.
+SIGINT does the same without the delay. A second signal stops at once. Temporary files are removed either
+way. With ``--processes`` > 1, ``supervisor`` runs the serving processes instead.
 """
 
 from __future__ import annotations
@@ -11,13 +14,15 @@ import gc
 import logging
 import signal
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import trio
 
 from .config import Config, ConfigError, load_config
+from .listen import describe_startup_failure
 from .server import serve
 from .state import ServerState
+from .supervisor import supervise
 
 log = logging.getLogger("upload_server.lifecycle")
 
@@ -59,16 +64,19 @@ def tune_collector() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
-def configure_logging(level: str) -> None:
+def configure_logging(config: Config) -> None:
+    # With several serving processes, each line says which one wrote it.
+    pid = "[%(process)d]" if config.processes > 1 else ""
     logging.basicConfig(
-        level=getattr(logging, level.upper()),
+        level=getattr(logging, config.log_level.upper()),
         stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s %(name)s{pid}: %(message)s",
     )
     logging.getLogger("upload_server.lifecycle").setLevel(logging.INFO)
 
 
-async def run(config: Config) -> None:
+async def run(config: Config, ready: Callable[[], None] | None = None) -> None:
+    """Serve until a signal stops the server; ``ready`` is called once it listens (for the supervisor)."""
     # Catch the signals before the server starts: one that arrives between the "listening" line and
     # the watcher would otherwise kill the process outright, temp files and all.
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -79,13 +87,12 @@ async def run(config: Config) -> None:
             except OSError as error:  # cannot bind, cannot read the temp dir: nothing started yet
                 failure = error
             else:
-                nursery.start_soon(_watch_signals, signals, state, nursery.cancel_scope)
+                nursery.start_soon(_watch_signals, signals, state, nursery)
                 nursery.start_soon(state.workers.warm_up)
+                if ready is not None:
+                    ready()
     if failure is not None:
-        reason = failure.strerror or str(failure)
-        if failure.filename:
-            reason += f" ({failure.filename})"
-        raise StartupError(f"cannot start on {config.host}:{config.port}: {reason}") from failure
+        raise StartupError(describe_startup_failure(config, failure)) from failure
 
 
 class StartupError(Exception):
@@ -99,16 +106,26 @@ async def _serve_then_stop(
     everything.cancel()  # serve returned after a shutdown: the signal watcher is done too
 
 
-async def _watch_signals(
-    signals: AsyncIterator[int], state: ServerState, everything: trio.CancelScope
-) -> None:
+async def _watch_signals(signals: AsyncIterator[int], state: ServerState, everything: trio.Nursery) -> None:
     async for signum in signals:
-        if state.shutting_down:
+        if state.draining:
             log.info("second signal: stopping now")
-            everything.cancel()
+            everything.cancel_scope.cancel()
             return
-        log.info("%s: shutting down gracefully", signal.Signals(signum).name)
-        state.shutdown()
+        # A load balancer learns of the drain from health; an operator's Ctrl-C (SIGINT) has none to wait for.
+        delay = state.config.drain_delay if signum == signal.SIGTERM else 0.0
+        log.info(
+            "%s: shutting down gracefully: draining for %g s (health answers 503), then the listener closes",
+            signal.Signals(signum).name,
+            delay,
+        )
+        state.drain()
+        everything.start_soon(_shut_down_after, state, delay)
+
+
+async def _shut_down_after(state: ServerState, delay: float) -> None:
+    await trio.sleep(delay)
+    state.shutdown()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -117,11 +134,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"upload-server: configuration error: {error}", file=sys.stderr)
         return 2
-    configure_logging(config.log_level)
+    if config.processes > 1:
+        configure_logging(config)
+        return supervise(config, serve_process)
+    return serve_process(config)
+
+
+def serve_process(config: Config, ready: Callable[[], None] | None = None) -> int:
+    """One serving process, from logging set-up to exit code (the whole server unless --processes > 1)."""
+    configure_logging(config)
     tune_allocator()
     tune_collector()
     try:
-        trio.run(run, config)
+        trio.run(run, config, ready)
     except StartupError as error:
         print(f"upload-server: {error}", file=sys.stderr)
         return 1

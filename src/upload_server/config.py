@@ -47,6 +47,13 @@ def parse_int(text: str) -> int:
         raise ValueError(f"{text!r} is not a whole number") from None
 
 
+def parse_processes(text: str) -> int:
+    """A number of serving processes, or ``auto``: one per CPU."""
+    if text.strip().lower() == "auto":
+        return os.cpu_count() or 1
+    return parse_int(text)
+
+
 def parse_float(text: str) -> float:
     """A number of seconds or a ratio: ``10``, ``2.5``."""
     try:
@@ -83,6 +90,8 @@ class Config:
     shutdown_grace: float = 10.0
     resumable_expiry: float = 24 * 3600.0
     result_ttl: float = 3600.0
+    drain_delay: float = 5.0
+    processes: int = 1
     log_level: str = "info"
 
 
@@ -149,7 +158,7 @@ SETTINGS: tuple[Setting, ...] = (
         "spool_budget",
         parse_size_or_auto,
         "bytes of temp files uploads may hold at once (503 before the body, 507 during it); auto: half of "
-        "the temp dir's free space above --min-free-bytes, read at start",
+        "the temp dir's free space above --min-free-bytes, read at start, shared by the --processes",
         _positive_or_auto,
     ),
     Setting(
@@ -208,6 +217,18 @@ SETTINGS: tuple[Setting, ...] = (
         "result_ttl",
         parse_float,
         "seconds a finished resumable upload's result is kept at /api/v1/files/{id}/result",
+        _positive,
+    ),
+    Setting(
+        "drain_delay",
+        parse_float,
+        "seconds between SIGTERM and closing the listener, while health answers 503 draining",
+        _non_negative,
+    ),
+    Setting(
+        "processes",
+        parse_processes,
+        "serving processes sharing the port (auto: one per CPU); each has its own --workers",
         _positive,
     ),
     Setting("log_level", lambda text: text.strip().lower(), "debug, info, warning or error", _log_level),

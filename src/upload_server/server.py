@@ -27,6 +27,7 @@ from .http.body_rate import BodyRateRules
 from .http.connection import HttpConnection, Router
 from .http.limits import ConnectionLimits
 from .ingest.dispatch import open_worker_pool
+from .listen import open_listeners
 from .receive.spool import remove_stale_files
 from .resumable import ResumableStore, ResumableUploads, UploadState
 from .routes import router
@@ -79,6 +80,8 @@ async def _serve_connection(
     state.stats.connections_open += 1
     try:
         conn = HttpConnection(stream, limits)
+        if state.draining:
+            conn.keep_alive_off()
         if state.shutting_down:  # accepted just before the listener closed
             conn.close_if_idle()
         state.connections.add(conn)
@@ -141,7 +144,7 @@ async def serve(
 ) -> None:
     """Run the server until cancelled or shut down; ``task_status.started`` hands back the state."""
     remove_stale_files(config.tmp_dir)
-    listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+    listeners = await open_listeners(config.host, config.port, reuse_port=config.processes > 1)
     async with open_worker_pool(config) as workers:
         free = _free_bytes(config.tmp_dir)
         state = ServerState(config, workers, SpoolBudget(derived_spool_budget(config, free)))

@@ -44,11 +44,12 @@ def derived_spool_budget(config: Config, free_bytes: int) -> int:
     """``--spool-budget auto``: half the temp dir's free space above the ``--min-free-bytes`` reserve.
 
     Half, because an upload's side files (job results, the rendered answer, NDJSON event lines) sit beside
-    its spool file while it is processed. At least one byte, so a nearly full disk refuses rather than fails.
+    its spool file while it is processed; and that shared by the ``--processes`` serving processes, which
+    spool to the same temp dir. At least one byte, so a nearly full disk refuses rather than fails.
     """
     if config.spool_budget is not None:
         return config.spool_budget
-    return max(1, (free_bytes - config.min_free_bytes) // 2)
+    return max(1, (free_bytes - config.min_free_bytes) // 2 // config.processes)
 
 
 @dataclass
@@ -69,6 +70,9 @@ class ServerState:
     resumable: ResumableUploads | None = None
     #: The server's own nursery, for work no request waits on (processing finished resumable uploads).
     background: trio.Nursery | None = None
+    #: Set by the first SIGTERM: health answers 503 "draining" so that load balancers stop sending here,
+    #: while the listener stays open for --drain-delay seconds.
+    draining: bool = False
 
     def __post_init__(self) -> None:
         self.backlog = Backlog(workers=self.workers.count)
@@ -79,6 +83,12 @@ class ServerState:
         self.aborting = True
         for scope in self.work_scopes:
             scope.cancel()
+
+    def drain(self) -> None:
+        """Health says "draining" from now on, and every answer ends its connection (keep-alive off)."""
+        self.draining = True
+        for conn in self.connections:
+            conn.keep_alive_off()
 
     def shutdown(self) -> None:
         """Stop accepting; idle keep-alive connections close now, busy ones get the grace period."""

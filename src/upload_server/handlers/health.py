@@ -14,11 +14,17 @@ from ..state import ServerState
 
 
 def health_document(state: ServerState) -> tuple[int, dict[str, Any]]:
-    """The status code and body; 503 "degraded" when the temp dir is short of space."""
+    """The status code and body: 503 "draining" after SIGTERM, 503 "degraded" when the temp dir is short of
+    space, else 200 "ok"."""
     config, stats, backlog, budget = state.config, state.stats, state.backlog, state.spool_budget
-    degraded = stats.tmp_free_bytes < config.min_free_bytes
-    return (503 if degraded else 200), {
-        "status": "degraded" if degraded else "ok",
+    if state.draining:
+        status = "draining"
+    elif stats.tmp_free_bytes < config.min_free_bytes:
+        status = "degraded"
+    else:
+        status = "ok"
+    return (200 if status == "ok" else 503), {
+        "status": status,
         "version": __version__,
         "uptime_s": round(stats.uptime_s, 3),
         "pid": os.getpid(),

@@ -221,6 +221,11 @@ class HttpConnection:
                 },
             )
 
+    def keep_alive_off(self) -> None:
+        """For a drain: answer with Connection: close from now on. An idle connection is not cut: the
+        request a client may be sending on it right now is still served."""
+        self.closing = True
+
     def close_if_idle(self) -> None:
         """For shutdown: end the connection now if it waits between requests, else after this one."""
         self.closing = True

@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -37,6 +38,8 @@ BATCH_BYTES = 1 << 20
 #: Pieces smaller than this are gathered into one buffer per run (so a batch holds few objects).
 SMALL_PIECE_BYTES = 16 << 10
 FILE_PREFIX = "upload-server-"
+#: The supervisor's per-run directory (``--processes``), shared by its serving processes.
+RUN_DIR_SUFFIX = ".run"
 _OWNED_NAME = re.compile(rf"^{re.escape(FILE_PREFIX)}(\d+)-[0-9a-f]+")
 
 
@@ -186,7 +189,7 @@ async def open_spool(
     ``reserve(size)`` is asked before the file grows past what it was last granted; it returns the new
     allowance (at least ``size``) or raises.
     """
-    path = Path(tmp_dir) / f"{FILE_PREFIX}{os.getpid()}-{secrets.token_hex(8)}.part"
+    path = Path(tmp_dir) / owned_name(".part")
     send, receive = trio.open_memory_channel[list[Chunk]](1)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
     spool = Spool(path, max_bytes, fd, send, reserve)  # nothing that can fail between the open and the try
@@ -230,17 +233,28 @@ async def _writing(
             yield
 
 
+def owned_name(suffix: str) -> str:
+    """A fresh name for a temp-dir entry of this process, which :func:`remove_stale_files` removes once the
+    process no longer runs; a directory is removed only when ``suffix`` is ``RUN_DIR_SUFFIX``."""
+    return f"{FILE_PREFIX}{os.getpid()}-{secrets.token_hex(8)}{suffix}"
+
+
 def remove_stale_files(tmp_dir: str | os.PathLike[str]) -> int:
-    """Remove temporary files left by server processes that no longer run; return how many."""
+    """Remove temporary files (and run directories) left by server processes that no longer run; return
+    how many. Other directories are never touched, whatever their name."""
     removed = 0
     for entry in os.scandir(tmp_dir):
         match = _OWNED_NAME.match(entry.name)
-        if not match or not entry.is_file(follow_symlinks=False):
+        if not match or entry.is_symlink() or _process_alive(int(match.group(1))):
             continue
-        if _process_alive(int(match.group(1))):
+        run_dir = entry.is_dir() and entry.name.endswith(RUN_DIR_SUFFIX)
+        if not (run_dir or entry.is_file()):
             continue
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(entry.path)
+            if run_dir:
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
             removed += 1
     if removed:
         log.info("removed %d stale temporary file(s) from %s", removed, tmp_dir)
