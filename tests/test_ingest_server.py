@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import gzip
 import os
 import signal
@@ -421,6 +422,39 @@ async def test_worker_crash_fails_that_upload_only(start_server: StartServer) ->
     assert after.status_code == 200, after.text
     assert after.json()["summary"]["events"] == truth.events
     assert server.leftover_files() == []
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_worker_crashes_leak_no_descriptor(start_server: StartServer) -> None:
+    """Ten SIGKILLed workers leave the server's fd count where it was (it went up by 3 a crash).
+
+    The collector is off meanwhile: the serving process runs with thresholds that make full collections
+    rare (cli.tune_collector), so whatever only a collection would reclaim counts as leaked here.
+    """
+    server = await start_server(**SLOW_WORK)
+    events, truth = make_events(10, seed=20)
+
+    async def fds_with_one_idle_worker() -> int:
+        response = await post(server, as_ndjson(events))
+        assert response.json()["summary"]["events"] == truth.events
+        return _open_fds()
+
+    baseline = await fds_with_one_idle_worker()
+    gc.disable()
+    try:
+        for _ in range(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(post, server, _gzip_of_spaces(2 << 30))
+                await wait_until(lambda: bool(_workers_reading(server.tmp_dir)))
+                for worker in _workers_reading(server.tmp_dir):
+                    os.kill(worker, signal.SIGKILL)
+        assert server.state.workers.crashed == 10
+        assert await fds_with_one_idle_worker() == baseline
+    finally:
+        gc.enable()
 
 
 async def test_client_leaving_during_processing_cancels_the_work(start_server: StartServer) -> None:
