@@ -428,11 +428,13 @@ def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-async def test_worker_crashes_leak_no_descriptor(start_server: StartServer) -> None:
-    """Ten SIGKILLed workers leave the server's fd count where it was (it went up by 3 a crash).
+@pytest.mark.parametrize("failure", ["worker_killed", "client_left"])
+async def test_failed_jobs_leak_no_descriptor(start_server: StartServer, failure: str) -> None:
+    """Ten jobs ended by SIGKILL (or by their client leaving) leave the server's fd count where it was.
 
-    The collector is off meanwhile: the serving process runs with thresholds that make full collections
-    rare (cli.tune_collector), so whatever only a collection would reclaim counts as leaked here.
+    Before: +3 fds a crash, +4 a client gone, until a full collection. The collector is off meanwhile:
+    the serving process runs with thresholds that make full collections rare (cli.tune_collector), so
+    whatever only a collection would reclaim counts as leaked here.
     """
     server = await start_server(**SLOW_WORK)
     events, truth = make_events(10, seed=20)
@@ -449,9 +451,12 @@ async def test_worker_crashes_leak_no_descriptor(start_server: StartServer) -> N
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(post, server, _gzip_of_spaces(2 << 30))
                 await wait_until(lambda: bool(_workers_reading(server.tmp_dir)))
-                for worker in _workers_reading(server.tmp_dir):
+                if failure == "client_left":
+                    nursery.cancel_scope.cancel()
+                for worker in _workers_reading(server.tmp_dir) if failure == "worker_killed" else ():
                     os.kill(worker, signal.SIGKILL)
-        assert server.state.workers.crashed == 10
+            await wait_until(lambda: not server.state.workers.running)
+        assert server.state.workers.crashed == (10 if failure == "worker_killed" else 0)
         assert await fds_with_one_idle_worker() == baseline
     finally:
         gc.enable()

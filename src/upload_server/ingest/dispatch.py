@@ -126,6 +126,10 @@ class WorkerPool:
             except trio_parallel.BrokenWorkerError as error:
                 self.crashed += 1
                 cause = _release_dead_worker(error)
+            except trio.Cancelled as cancelled:
+                # The killed worker's pipes live as long as this traceback's frames (see
+                # _release_dead_worker); a client that left kept 4 fds until a full collection.
+                raise cancelled.with_traceback(None)  # noqa: B904 (the same exception, re-raised)
             else:
                 self.done += 1
                 return result
