@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Sequence
 import trio
 
 from .config import Config, ConfigError, load_config
+from .fdlimit import DescriptorLimitError, fit_connections, raise_soft_limit
 from .server import serve
 from .state import ServerState
 
@@ -118,6 +119,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"upload-server: configuration error: {error}", file=sys.stderr)
         return 2
     configure_logging(config.log_level)
+    try:
+        config = fit_connections(config, raise_soft_limit())
+    except DescriptorLimitError as error:
+        print(f"upload-server: {error}", file=sys.stderr)
+        return 1
     tune_allocator()
     tune_collector()
     try:
