@@ -43,6 +43,8 @@ RESUMABLE_EXPIRY_INTERVAL = 60.0
 #: While accept fails for want of descriptors or memory: how often to retry, and to say so.
 ACCEPT_RETRY_SECONDS = 0.1
 ACCEPT_WARNING_INTERVAL = 10.0
+#: With the cap full and nothing to reclaim: how often to look again for a connection gone idle.
+RECLAIM_RETRY_SECONDS = 0.01
 #: After the shutdown grace: time for cancelled uploads to send their last line or error answer.
 LAST_WORDS_SECONDS = 2.0
 
@@ -118,13 +120,34 @@ class AcceptTrouble:
         self.last_warned, self.unreported = now, 0
 
 
+async def _connection_slot(listener: trio.SocketListener, state: ServerState) -> None:
+    """Take a slot under the connection cap for the next connection.
+
+    When the cap is full, the next connection waits in the kernel's backlog; once one is there, idle
+    connections are reclaimed to make room for it, so that a health probe gets in at once (it waited ~9 s,
+    until header timeouts freed slots). Busy connections are never cut: while none waits for a head, this
+    waits for a slot, looking again every ``RECLAIM_RETRY_SECONDS``.
+    """
+    slots = state.connection_slots
+    while True:
+        try:
+            slots.acquire_nowait()
+            return
+        except trio.WouldBlock:
+            pass
+        await trio.lowlevel.wait_readable(listener.socket)  # someone is waiting to connect
+        state.reclaim_waiting_connections()
+        with trio.move_on_after(RECLAIM_RETRY_SECONDS):
+            await slots.acquire()
+            return
+
+
 async def _accept_loop(listener: trio.SocketListener, state: ServerState, nursery: trio.Nursery) -> None:
     limits, route = connection_limits(state.config), router(state)
     trouble = AcceptTrouble()
     async with listener:
         while True:
-            # Past the cap, connections wait in the kernel's backlog rather than being accepted.
-            await state.connection_slots.acquire()
+            await _connection_slot(listener, state)
             try:
                 stream = await listener.accept()
             except OSError as error:
