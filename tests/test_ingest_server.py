@@ -442,6 +442,8 @@ async def test_failed_jobs_leak_no_descriptor(start_server: StartServer, failure
     async def fds_with_one_idle_worker() -> int:
         response = await post(server, as_ndjson(events))
         assert response.json()["summary"]["events"] == truth.events
+        # Counted once every connection is closed on the server's side too (a cut one lingers a moment).
+        await wait_until(lambda: server.state.stats.connections_open == 0)
         return _open_fds()
 
     baseline = await fds_with_one_idle_worker()
