@@ -14,6 +14,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -38,20 +39,27 @@ PAYLOAD = as_ndjson(BODY)
 FIRST_PART = 1024
 
 
-def _limit_descriptors() -> None:
-    resource.setrlimit(resource.RLIMIT_NOFILE, (LIMIT, LIMIT))
+def _limit(soft: int, hard: int) -> Callable[[], None]:
+    def limit_descriptors() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    return limit_descriptors
 
 
-def start_limited(spool_dir: Path) -> ServerProcess:
+def _popen_limited(spool_dir: Path, soft: int, hard: int) -> subprocess.Popen[str]:
     command = server_command(spool_dir, "--workers", str(WORKERS), "--min-body-rate", "0")
-    process = subprocess.Popen(
+    return subprocess.Popen(
         command,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
         env=clean_env(),
-        preexec_fn=_limit_descriptors,
+        preexec_fn=_limit(soft, hard),
     )
+
+
+def start_limited(spool_dir: Path, soft: int = LIMIT, hard: int = LIMIT) -> ServerProcess:
+    process = _popen_limited(spool_dir, soft, hard)
     server = ServerProcess(process)
     threading.Thread(target=_pump, args=(process.stderr, server.lines), daemon=True).start()
     server.port = int(server.wait_for(LISTENING, START_TIMEOUT).group(1))
@@ -153,3 +161,27 @@ async def test_accept_failures_are_reported_once_per_interval(
     warnings = [record.getMessage() for record in caplog.records if "cannot accept" in record.getMessage()]
     assert len(warnings) == 3  # at 0, 10 and 20 s
     assert all(re.search(r"\(\d{2,3} more failures since the last warning\)", line) for line in warnings[1:])
+
+
+def _soft_open_files(pid: int) -> int:
+    with open(f"/proc/{pid}/limits") as limits:
+        line = next(line for line in limits if line.startswith("Max open files"))
+    return int(line.split()[3])
+
+
+def test_the_soft_limit_is_raised_to_the_hard_one(tmp_path: Path) -> None:
+    server = start_limited(tmp_path, soft=LIMIT, hard=4096)
+    try:
+        assert _soft_open_files(server.process.pid) == 4096
+        assert not any("does not fit" in line for line in server.seen), server.seen  # 1024 + 100 fit now
+    finally:
+        server.process.kill()
+        server.process.wait()
+
+
+def test_a_limit_too_low_for_any_use_refuses_to_start(tmp_path: Path) -> None:
+    process = _popen_limited(tmp_path, 64, 64)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 1
+    assert "open-files limit (64) leaves room for 0 connections" in stderr
+    assert "Traceback" not in stderr
