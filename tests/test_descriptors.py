@@ -26,6 +26,7 @@ import trio.testing
 from events_factory import as_ndjson, make_events
 from test_cli import LISTENING, START_TIMEOUT, ServerProcess, _pump, clean_env, server_command
 from upload_server.config import Config
+from upload_server.errors import OutOfFileDescriptors, root_cause
 from upload_server.fdlimit import reserve
 from upload_server.server import ACCEPT_RETRY_SECONDS, AcceptTrouble
 
@@ -185,3 +186,23 @@ def test_a_limit_too_low_for_any_use_refuses_to_start(tmp_path: Path) -> None:
     assert process.returncode == 1
     assert "open-files limit (64) leaves room for 0 connections" in stderr
     assert "Traceback" not in stderr
+
+
+def test_exhaustion_anywhere_in_the_chain_is_out_of_file_descriptors() -> None:
+    """However it surfaces (raw, re-raised by a library, inside a nursery's group), EMFILE or ENFILE is a 503
+    with Retry-After; any other OSError stays what it is (a 500, logged)."""
+    emfile = OSError(errno.EMFILE, "Too many open files")
+    try:
+        try:
+            raise OSError(errno.ENFILE, "Too many open files in system")
+        except OSError as inner:
+            raise RuntimeError("worker start failed") from inner
+    except RuntimeError as error:
+        wrapped = error
+    for raised in (emfile, wrapped, ExceptionGroup("nursery", [ValueError("x"), emfile])):
+        answer = root_cause(raised)
+        assert isinstance(answer, OutOfFileDescriptors)
+        assert answer.status == 503 and answer.code == "OUT_OF_FILE_DESCRIPTORS"
+        assert (b"retry-after", b"2") in answer.headers
+    other = OSError(errno.EACCES, "Permission denied")
+    assert root_cause(other) is other
