@@ -5,11 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import orjson
+import pytest
 
 from events_factory import as_ndjson, make_events
+from upload_server.ingest import assemble
 from upload_server.ingest.assemble import RenderRequest, merge_and_render, run_job_to_file
-from upload_server.ingest.results import UploadReceipt
-from upload_server.ingest.worker import Job
+from upload_server.ingest.results import (
+    UploadReceipt,
+    actor_lines,
+    file_line,
+    merge,
+    render_answer,
+    summary_line,
+)
+from upload_server.ingest.worker import Job, run_job
 
 RECEIPT = UploadReceipt(upload_id="u", size_bytes=1, sha256="0" * 64, content_kind="json")
 
@@ -80,3 +89,41 @@ def test_strict_mode_renders_nothing_and_names_the_failures(tmp_path: Path) -> N
     assert [failure["name"] for failure in outcome.failed] == ["f1.json"]
     assert outcome.failed[0]["error"]["code"] == "INVALID_JSON"
     assert not (tmp_path / "answer").exists()
+
+
+@pytest.mark.parametrize("ndjson", [False, True])
+def test_streamed_merge_answers_the_same_bytes_as_the_in_memory_merge(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ndjson: bool
+) -> None:
+    """Three jobs sharing actors, their runs in chunks of 7 rows: the answer is byte for byte what merging
+    every FileResult in memory (``results.merge``) and rendering it gives."""
+    monkeypatch.setattr(assemble, "ACTOR_CHUNK_ROWS", 7)
+    bodies = [as_ndjson(make_events(count, seed=seed)[0]) for count, seed in ((90, 5), (70, 6), (1, 7))]
+    paths = _job_files(tmp_path, bodies)
+    request = RenderRequest(
+        receipt=RECEIPT,
+        result_paths=paths,
+        answer_path=str(tmp_path / "answer"),
+        ndjson=ndjson,
+        strict=False,
+        include_actors=True,
+        ignored=[("notes.txt", "unsupported_name")],
+    )
+    assert merge_and_render(request).rendered
+    produced = (tmp_path / "answer").read_bytes()
+    results = []
+    for number in range(len(bodies)):
+        results += run_job(Job(str(tmp_path / f"in-{number}.json"), "json", display_name=f"f{number}.json"))
+    merged = merge(results)
+    if ndjson:
+        timing = orjson.loads(produced.splitlines()[-1])["timing_ms"]
+        expected = b"".join(actor_lines(merged.actors.items()))
+        expected += b"".join(map(file_line, merged.files))
+        expected += summary_line(merged, RECEIPT, ignored=request.ignored, timing_ms=timing)
+    else:
+        timing = orjson.loads(produced)["timing_ms"]
+        expected = orjson.dumps(
+            render_answer(merged, RECEIPT, ignored=request.ignored, timing_ms=timing, include_actors=True)
+        )
+    assert len(merged.actors) > 7 * 3
+    assert produced == expected

@@ -724,8 +724,13 @@ async def test_watching_for_a_disconnect_does_not_buffer_pipelined_bytes_without
 
 
 async def test_connections_over_the_cap_wait_to_be_accepted(start_server: StartServer) -> None:
+    """While the open connections are busy (here: halfway through a head); idle ones would be reclaimed
+    (tests/test_connection_cap.py)."""
     server = await start_server(max_connections=2)
     first, second = await RawClient.connect(server), await RawClient.connect(server)
+    for busy in (first, second):
+        await busy.send(b"GET /api/v1/health HTTP/1.1\r\n")
+    await trio.sleep(0.05)  # let the server read those bytes before the third connection arrives
     third = await RawClient.connect(server)  # completes in the kernel's backlog
     await third.send(get("/api/v1/health"))
     assert await third.nothing_within(0.2)  # not accepted while two are open

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import itertools
 import random
 from collections import Counter
 from typing import Any
@@ -18,8 +20,10 @@ from upload_server.ingest.results import (
     actor_lines,
     file_line,
     merge,
+    merge_runs,
     render_answer,
     summary_line,
+    write_answer,
 )
 
 
@@ -161,7 +165,7 @@ def test_render_answer_shape() -> None:
 
 def test_ndjson_lines() -> None:
     m = merge([fr("a.json", 0, {i: info(f"u{i}", 1) for i in range(2500)})])
-    chunks = list(actor_lines(m, batch=1000))
+    chunks = list(actor_lines(m.actors.items(), batch=1000))
     assert len(chunks) == 3
     lines = b"".join(chunks).splitlines(keepends=True)
     assert len(lines) == 2500 and all(x.endswith(b"\n") for x in lines)
@@ -201,4 +205,48 @@ def test_empty_merge() -> None:
         "unique_actors": 0,
         "event_types": {},
     }
-    assert list(actor_lines(m)) == []
+    assert list(actor_lines(m.actors.items())) == []
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    files=st.lists(
+        st.dictionaries(
+            st.integers(min_value=-3, max_value=40),
+            st.tuples(st.sampled_from(["a", "b", "c"]), st.integers(min_value=1, max_value=5)),
+            max_size=25,
+        ),
+        max_size=8,
+    ),
+    cuts=st.lists(st.integers(min_value=0, max_value=8), max_size=4),
+    seed=st.integers(min_value=0, max_value=1000),
+)
+def test_merge_runs_follows_the_merger_rule(
+    files: list[dict[int, tuple[str, int]]], cuts: list[int], seed: int
+) -> None:
+    """Files grouped into jobs (each job's run made by a Merger), the runs merged as streams, equal the
+    one in-memory merge of every file, whatever the files' orders and the grouping."""
+    orders = random.Random(seed).sample(range(100), len(files))
+    results = [
+        fr(f"f{n}.json", orders[n], {aid: info(f"{tag}{aid}", count) for aid, (tag, count) in actors.items()})
+        for n, actors in enumerate(files)
+    ]
+    bounds = sorted({0, len(results), *(cut for cut in cuts if cut <= len(results))})
+    runs = []
+    for start, end in itertools.pairwise(bounds):
+        job = Merger()
+        job.extend(results[start:end])
+        runs.append(job.actor_run())
+    assert list(merge_runs(runs)) == list(merge(results).actors.items())
+
+
+def test_write_answer_is_render_answer_byte_for_byte() -> None:
+    a = fr("a.json", 0, {i: info(f"u{i}", 1) for i in range(2500)})
+    bad = FileResult(
+        name="bad.json", layout="ndjson", error={"code": "INVALID_JSON", "message": "m"}, order=1
+    )
+    m = merge([a, bad])
+    for include_actors in (True, False):
+        out = io.BytesIO()
+        write_answer(out, m, **ANSWER_ARGS, actors=m.actors.items() if include_actors else None)
+        assert out.getvalue() == orjson.dumps(render_answer(m, include_actors=include_actors, **ANSWER_ARGS))

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 import trio
 
 from .config import Config, ConfigError, load_config
+from .fdlimit import DescriptorLimitError, fit_connections, raise_soft_limit
 from .listen import describe_startup_failure
 from .server import serve
 from .state import ServerState
@@ -143,6 +144,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def serve_process(config: Config, ready: Callable[[], None] | None = None) -> int:
     """One serving process, from logging set-up to exit code (the whole server unless --processes > 1)."""
     configure_logging(config)
+    try:
+        config = fit_connections(config, raise_soft_limit())
+    except DescriptorLimitError as error:
+        print(f"upload-server: {error}", file=sys.stderr)
+        return 1
     tune_allocator()
     tune_collector()
     try:

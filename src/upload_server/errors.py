@@ -7,6 +7,7 @@ Code anywhere in the server raises one of these; the connection handler turns it
 
 from __future__ import annotations
 
+import errno
 from typing import Any, ClassVar
 
 import orjson
@@ -191,6 +192,40 @@ class ServerBusy(ServiceUnavailable):
     closes_connection = True
 
 
+class OutOfFileDescriptors(ServiceUnavailable):
+    """The process (EMFILE) or the system (ENFILE) has no file descriptor left for this request."""
+
+    code = "OUT_OF_FILE_DESCRIPTORS"
+    #: Closing gives the descriptor back, which is the scarce thing here.
+    closes_connection = True
+
+
+#: Seconds a client is asked to wait after OUT_OF_FILE_DESCRIPTORS: descriptors come back as requests end.
+OUT_OF_FDS_RETRY_AFTER = b"2"
+_OUT_OF_FDS = (errno.EMFILE, errno.ENFILE)
+
+
+def as_client_error(error: BaseException) -> BaseException:
+    """``error``, or the answer it deserves when it is an exhaustion of file descriptors.
+
+    EMFILE/ENFILE can come from any open (the spool file, a worker's pipes, a result file); whichever it
+    was, the request could not get a resource it will likely get in a moment: 503 with Retry-After, not a
+    500 with a traceback.
+    """
+    cause: BaseException | None = error
+    for _ in range(4):  # the OSError itself, or what a library re-raised it as
+        if cause is None:
+            break
+        if isinstance(cause, OSError) and cause.errno in _OUT_OF_FDS:
+            return OutOfFileDescriptors(
+                "The server has no file descriptor free for this request; retry shortly.",
+                detail={"errno": errno.errorcode[cause.errno]},
+                headers=[(b"retry-after", OUT_OF_FDS_RETRY_AFTER)],
+            )
+        cause = cause.__cause__ or cause.__context__
+    return error
+
+
 class ProcessingTimeout(ServiceUnavailable):
     code = "PROCESSING_TIMEOUT"
 
@@ -218,9 +253,10 @@ def root_cause(error: BaseException) -> BaseException:
     """The error that matters inside a (possibly nested) exception group from a nursery.
 
     A vanished client wins (nobody to answer), then an error meant for the client, then anything else.
+    Running out of file descriptors counts as an error meant for the client (``as_client_error``).
     """
     if not isinstance(error, BaseExceptionGroup):
-        return error
+        return as_client_error(error)
     leaves = [root_cause(inner) for inner in error.exceptions]
     for wanted in (ClientDisconnected, UploadServerError):
         for leaf in leaves:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 
 import trio
@@ -40,6 +41,11 @@ lifecycle = logging.getLogger("upload_server.lifecycle")
 
 DISK_WATCH_INTERVAL = 1.0
 RESUMABLE_EXPIRY_INTERVAL = 60.0
+#: While accept fails for want of descriptors or memory: how often to retry, and to say so.
+ACCEPT_RETRY_SECONDS = 0.1
+ACCEPT_WARNING_INTERVAL = 10.0
+#: With the cap full and nothing to reclaim: how often to look again for a connection gone idle.
+RECLAIM_RETRY_SECONDS = 0.01
 #: After the shutdown grace: time for cancelled uploads to send their last line or error answer.
 LAST_WORDS_SECONDS = 2.0
 
@@ -94,19 +100,64 @@ async def _serve_connection(
         state.connection_slots.release()
 
 
+class AcceptTrouble:
+    """Says that accept fails for want of resources, at most once per ``ACCEPT_WARNING_INTERVAL``.
+
+    The loop retries every ``ACCEPT_RETRY_SECONDS``; a warning each time was 10 lines a second for as long
+    as the descriptors stayed short.
+    """
+
+    def __init__(self) -> None:
+        self.last_warned = -math.inf
+        self.unreported = 0
+
+    def failed(self, error: OSError) -> None:
+        now = trio.current_time()
+        if now - self.last_warned < ACCEPT_WARNING_INTERVAL:
+            self.unreported += 1
+            return
+        since = f" ({self.unreported} more failures since the last warning)" if self.unreported else ""
+        log.warning(
+            "cannot accept a connection (%s); retrying every %.1fs%s", error, ACCEPT_RETRY_SECONDS, since
+        )
+        self.last_warned, self.unreported = now, 0
+
+
+async def _connection_slot(listener: trio.SocketListener, state: ServerState) -> None:
+    """Take a slot under the connection cap for the next connection.
+
+    When the cap is full, the next connection waits in the kernel's backlog; once one is there, idle
+    connections are reclaimed to make room for it, so that a health probe gets in at once (it waited ~9 s,
+    until header timeouts freed slots). Busy connections are never cut: while none waits for a head, this
+    waits for a slot, looking again every ``RECLAIM_RETRY_SECONDS``.
+    """
+    slots = state.connection_slots
+    while True:
+        try:
+            slots.acquire_nowait()
+            return
+        except trio.WouldBlock:
+            pass
+        await trio.lowlevel.wait_readable(listener.socket)  # someone is waiting to connect
+        state.reclaim_waiting_connections()
+        with trio.move_on_after(RECLAIM_RETRY_SECONDS):
+            await slots.acquire()
+            return
+
+
 async def _accept_loop(listener: trio.SocketListener, state: ServerState, nursery: trio.Nursery) -> None:
     limits, route = connection_limits(state.config), router(state)
+    trouble = AcceptTrouble()
     async with listener:
         while True:
-            # Past the cap, connections wait in the kernel's backlog rather than being accepted.
-            await state.connection_slots.acquire()
+            await _connection_slot(listener, state)
             try:
                 stream = await listener.accept()
             except OSError as error:
                 state.connection_slots.release()
                 if error.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.warning("cannot accept a connection (%s); retrying shortly", error)
-                    await trio.sleep(0.1)
+                    trouble.failed(error)
+                    await trio.sleep(ACCEPT_RETRY_SECONDS)
                     continue
                 raise
             except BaseException:

@@ -6,6 +6,7 @@ passes the router to each connection.
 
 from __future__ import annotations
 
+import heapq
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -21,6 +22,10 @@ if TYPE_CHECKING:
     from .http.connection import HttpConnection
 
 
+#: Connections reclaimed at most per newcomer (nginx's ngx_drain_connections takes 32).
+RECLAIM_BATCH = 32
+
+
 @dataclass
 class Stats:
     """Live counters the server keeps as it works; health reads them and never waits for anything."""
@@ -34,6 +39,8 @@ class Stats:
     uploads_failed: int = 0
     #: Free bytes in the temp dir, refreshed off the event loop by the server's disk watcher.
     tmp_free_bytes: int = 0
+    #: Connections closed while waiting for a head because the connection cap was full.
+    connections_reclaimed: int = 0
 
     @property
     def uptime_s(self) -> float:
@@ -99,3 +106,18 @@ class ServerState:
     @property
     def shutting_down(self) -> bool:
         return self.accepting.cancel_called
+
+    def reclaim_waiting_connections(self) -> int:
+        """The cap is full and a client waits to connect: close connections that wait for a head.
+
+        As nginx does when its ``worker_connections`` run out: idle keep-alive connections go first, then
+        connections that never sent a byte, oldest first; at most 32, and an eighth of the candidates, at a
+        time. Returns how many were told to close (each frees its slot as its task ends, within a tick).
+        """
+        candidates = [(order, conn) for conn in self.connections if (order := conn.reclaim_order) is not None]
+        count = max(1, min(RECLAIM_BATCH, len(candidates) // 8))
+        reclaimed = 0
+        for _, conn in heapq.nsmallest(count, candidates, key=lambda pair: pair[0]):
+            reclaimed += conn.reclaim()
+        self.stats.connections_reclaimed += reclaimed
+        return reclaimed

@@ -69,6 +69,11 @@ class HttpConnection:
         # Shutdown: answer the request in progress with Connection: close, then take no other.
         self.closing = False
         self._idle_scope: trio.CancelScope | None = None
+        # While no byte of the next head (the first one included) has arrived: the server may reclaim the
+        # connection when its cap is full (``reclaim``). ``waiting_since`` orders them, oldest first.
+        self._waiting_scope: trio.CancelScope | None = None
+        self.waiting_since = 0.0
+        self.reclaimed = False
 
     # ------------------------------------------------------------------------ bytes in, events out
     async def receive(self, max_bytes: int = RECEIVE_SIZE, *, give_up_after: float = float("inf")) -> bool:
@@ -158,6 +163,7 @@ class HttpConnection:
         with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
             # While no byte of the next head has arrived, shutdown may close the connection (close_if_idle).
             self._idle_scope = None if head_started else scope
+            self._waiting_scope, self.waiting_since = scope, trio.current_time()
             try:
                 while True:
                     event = self.next_event()
@@ -170,13 +176,17 @@ class HttpConnection:
                         return None
                     if event is not h11.NEED_DATA:
                         raise BadRequest("Unexpected data before the request head.")
+                    if self.protocol.trailing_data[0]:
+                        self._waiting_scope = None
                     if not head_started and self.protocol.trailing_data[0]:
                         head_started = True
                         self._idle_scope = None
                         scope.deadline = trio.current_time() + limits.header_timeout
                     await self.receive()
             finally:
-                self._idle_scope = None
+                self._idle_scope = self._waiting_scope = None
+        if self.reclaimed:
+            return None  # closed quietly, as nginx closes the idle connections it reuses
         if first or self.protocol.trailing_data[0]:
             raise RequestTimeout(
                 f"The request head did not arrive within {limits.header_timeout:g} seconds.",
@@ -231,6 +241,23 @@ class HttpConnection:
         self.closing = True
         if self._idle_scope is not None:
             self._idle_scope.cancel()
+
+    def reclaim(self) -> bool:
+        """For a full connection cap: close now if no byte of a next (or first) head has arrived."""
+        if self._waiting_scope is None:
+            return False
+        self.closing = self.reclaimed = True
+        self._waiting_scope.cancel()
+        self._waiting_scope = None
+        return True
+
+    @property
+    def reclaim_order(self) -> tuple[bool, float] | None:
+        """None if busy; else idle keep-alive connections first, then those still waiting for their
+        first head, each oldest first."""
+        if self._waiting_scope is None:
+            return None
+        return (self.requests_served == 0, self.waiting_since)
 
     @property
     def idle(self) -> bool:

@@ -3,10 +3,14 @@
 Ordering: results may be added in any order (as workers finish). Files are listed by ``FileResult.order``
 (the ``infolist()`` index; ties keep arrival order), and an actor's attributes are those of the file that
 comes first in that order, whatever order the results arrived in. Actors are sorted by id.
+
+Two ways in, one rule: ``Merger`` merges results held in memory; ``merge_runs`` merges sorted actor runs
+streamed from disk (``assemble``), so that an upload of millions of actors never holds them all at once.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,8 +28,10 @@ __all__ = [
     "error_line",
     "file_line",
     "merge",
+    "merge_runs",
     "render_answer",
     "summary_line",
+    "write_answer",
 ]
 
 _ACTOR_KEYS = ("login", "display_login", "avatar_url", "url", "gravatar_id")
@@ -42,6 +48,8 @@ class Merged:
     skipped: dict[str, int] = field(default_factory=dict)
     event_types: dict[str, int] = field(default_factory=dict)
     actors: dict[int, tuple[Any, ...]] = field(default_factory=dict)
+    #: ``len(actors)``, or the count of actors streamed by ``merge_runs`` when ``actors`` is left empty.
+    unique_actors: int = 0
 
     def summary(self, files_ignored: int) -> dict[str, Any]:
         return {
@@ -50,7 +58,7 @@ class Merged:
             "files_ignored": files_ignored,
             "events": self.events,
             "skipped": self.skipped,
-            "unique_actors": len(self.actors),
+            "unique_actors": self.unique_actors,
             "event_types": self.event_types,
         }
 
@@ -98,7 +106,33 @@ class Merger:
             skipped=dict(sorted(self._skipped.items())),
             event_types=dict(sorted(self._types.items())),
             actors={aid: tuple(rec[1:]) for aid, rec in sorted(self._actors.items())},
+            unique_actors=len(self._actors),
         )
+
+    def actor_run(self) -> list[tuple[Any, ...]]:
+        """The actors as one sorted run for ``merge_runs``: ``(id, order, login, ..., events)`` by id."""
+        return [(aid, *rec) for aid, rec in sorted(self._actors.items())]
+
+
+def merge_runs(runs: Iterable[Iterable[Sequence[Any]]]) -> Iterator[tuple[int, tuple[Any, ...]]]:
+    """Merge runs of ``(id, order, login, display_login, avatar_url, url, gravatar_id, events)`` rows, each
+    sorted by id with each id once, into ``(id, (login, ..., events))`` in id order: ``Merger``'s rule (the
+    attributes of the lowest order, the events summed), holding one row per run at a time."""
+    current: Sequence[Any] | None = None
+    events = 0
+    for row in heapq.merge(*runs, key=_run_key):
+        if current is not None and row[0] == current[0]:
+            events += row[7]  # the lowest order came first (the key): its attributes stay
+            continue
+        if current is not None:
+            yield current[0], (*current[2:7], events)
+        current, events = row, row[7]
+    if current is not None:
+        yield current[0], (*current[2:7], events)
+
+
+def _run_key(row: Sequence[Any]) -> tuple[int, int]:
+    return row[0], row[1]
 
 
 def _add_counts(into: dict[str, int], counts: Mapping[str, int]) -> None:
@@ -167,6 +201,36 @@ def render_answer(
     return answer
 
 
+def write_answer(
+    out: Any,
+    merged: Merged,
+    receipt: UploadReceipt,
+    *,
+    ignored: Sequence[tuple[str, str]],
+    timing_ms: Mapping[str, float],
+    actors: Iterable[tuple[int, tuple[Any, ...]]] | None,
+    batch: int = 1000,
+) -> None:
+    """Write the JSON answer to ``out``, the same bytes as ``orjson.dumps(render_answer(...))``, with the
+    actors (``None``: left out) streamed ``batch`` at a time rather than built as one list first."""
+    answer = render_answer(merged, receipt, ignored=ignored, timing_ms=timing_ms, include_actors=False)
+    if actors is None:
+        out.write(orjson.dumps(answer))
+        return
+    timing = answer.pop("timing_ms")  # the actors come before it
+    out.write(orjson.dumps(answer)[:-1] + b',"actors":[')
+    pieces: list[bytes] = []
+    separator = b""
+    for aid, rec in actors:
+        pieces.append(orjson.dumps(_actor_dict(aid, rec)))
+        if len(pieces) >= batch:
+            out.write(separator + b",".join(pieces))
+            pieces, separator = [], b","
+    if pieces:
+        out.write(separator + b",".join(pieces))
+    out.write(b'],"timing_ms":' + orjson.dumps(timing) + b"}")
+
+
 def _line(obj: dict[str, Any]) -> bytes:
     return orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE)
 
@@ -176,10 +240,11 @@ def actor_line(actor_id: int, rec: tuple[Any, ...]) -> bytes:
     return _line({"kind": "actor", **_actor_dict(actor_id, rec)})
 
 
-def actor_lines(merged: Merged, batch: int = 1000) -> Iterator[bytes]:
-    """All actor lines in id order, ``batch`` lines joined per item (fewer writes for a chunked answer)."""
+def actor_lines(actors: Iterable[tuple[int, tuple[Any, ...]]], batch: int = 1000) -> Iterator[bytes]:
+    """The actor lines of ``(id, record)`` pairs in id order, ``batch`` lines joined per item (fewer
+    writes for a chunked answer)."""
     lines: list[bytes] = []
-    for aid, rec in merged.actors.items():
+    for aid, rec in actors:
         lines.append(actor_line(aid, rec))
         if len(lines) >= batch:
             yield b"".join(lines)
