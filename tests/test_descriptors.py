@@ -24,7 +24,7 @@ import trio
 import trio.testing
 
 from events_factory import as_ndjson, make_events
-from test_cli import LISTENING, START_TIMEOUT, ServerProcess, _pump, clean_env, server_command
+from server_process import LISTENING, START_TIMEOUT, ServerProcess, _pump, clean_env, server_command
 from upload_server.config import Config
 from upload_server.errors import OutOfFileDescriptors, root_cause
 from upload_server.fdlimit import reserve
