@@ -1,4 +1,4 @@
-"""The OpenAPI document against the code: every route, every error code with its status, every per-file code."""
+"""The OpenAPI document against the code: every route, every error code with its status, per-file codes."""
 
 from __future__ import annotations
 

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Sequence
 import trio
 
 from .config import Config, ConfigError, load_config
+from .logs import configure_logging
 from .server import serve
 from .state import ServerState
 
@@ -57,15 +58,6 @@ def tune_collector() -> None:
     """
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("upload_server.lifecycle").setLevel(logging.INFO)
 
 
 async def run(config: Config) -> None:
@@ -117,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"upload-server: configuration error: {error}", file=sys.stderr)
         return 2
-    configure_logging(config.log_level)
+    configure_logging(config.log_level, config.access_log_format)
     tune_allocator()
     tune_collector()
     try:

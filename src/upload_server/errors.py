@@ -119,14 +119,6 @@ class RequestTimeout(UploadServerError):
     closes_connection = True
 
 
-class HeadTimeout(RequestTimeout):
-    """The request head did not arrive in time (same answer; counted apart in the metrics)."""
-
-
-class BodyTimeout(RequestTimeout):
-    """No body byte arrived in time."""
-
-
 class PayloadTooLarge(UploadServerError):
     status = 413
     code = "PAYLOAD_TOO_LARGE"

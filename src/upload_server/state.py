@@ -15,6 +15,7 @@ import trio
 from .admission import Backlog, SpoolBudget
 from .config import Config
 from .ingest.dispatch import WorkerPool
+from .telemetry import Metrics
 from .resumable import ResumableUploads
 
 if TYPE_CHECKING:
@@ -57,6 +58,7 @@ class ServerState:
     workers: WorkerPool
     spool_budget: SpoolBudget
     stats: Stats = field(default_factory=Stats)
+    metrics: Metrics = field(default_factory=Metrics)
     backlog: Backlog = field(init=False)
     connection_slots: trio.Semaphore = field(init=False)
     port: int = 0

@@ -17,17 +17,21 @@ The directory must exist and be emptied before the processes start.
 from __future__ import annotations
 
 import os
+import re
 from typing import TYPE_CHECKING
 
+import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-from .errors import BodyTimeout, HeadTimeout, UploadServerError
+from .errors import UploadServerError
+from .http.messages import Finished
 
 if TYPE_CHECKING:
     from .server import ServerState
 
+PREFIX = "upload_server_"
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 #: How stale another process's live gauges may be in a multiprocess scrape.
 MULTIPROCESS_REFRESH_S = 1.0
@@ -42,6 +46,9 @@ DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 
 SIZE_BUCKETS = (_KIB, 16 * _KIB, 256 * _KIB, _MIB, 16 * _MIB, 64 * _MIB, 256 * _MIB, _GIB, 2 * _GIB, 4 * _GIB)
 
 
+_REASON = re.compile(r"[a-z_]{1,40}")
+
+
 def multiprocess_dir() -> str | None:
     return os.environ.get(MULTIPROCESS_ENV) or None
 
@@ -53,61 +60,54 @@ class Metrics:
         self.multiprocess = multiprocess_dir() is not None
         self.registry = registry = CollectorRegistry()
 
-        def gauge(name: str, documentation: str) -> Gauge:
-            return Gauge(name, documentation, registry=registry, multiprocess_mode="livesum")
+        def counter(name: str, documentation: str, labels: tuple[str, ...] = ()) -> Counter:
+            return Counter(PREFIX + name, documentation, labels, registry=registry)
 
-        self.requests = Counter(
-            "upload_server_requests", "Requests answered, by route and status", ["route", "status"],
-            registry=registry,
-        )  # fmt: skip
-        self.request_duration = Histogram(
-            "upload_server_request_duration_seconds", "From the first byte of the head to the last byte "
-            "of the answer, by route", ["route"], buckets=DURATION_BUCKETS, registry=registry,
-        )  # fmt: skip
-        self.received_bytes = Counter(
-            "upload_server_received_bytes", "Bytes read from clients (heads and bodies)", registry=registry
+        def histogram(name: str, documentation: str, buckets: tuple[float, ...], *labels: str) -> Histogram:
+            return Histogram(PREFIX + name, documentation, labels, buckets=buckets, registry=registry)
+
+        def gauge(name: str, documentation: str) -> Gauge:
+            # livesum: summed over the processes still running (multiprocess mode; ignored otherwise).
+            return Gauge(PREFIX + name, documentation, registry=registry, multiprocess_mode="livesum")
+
+        self.requests = counter("requests", "Requests that ended, by route and status", ("route", "status"))
+        self.request_duration = histogram(
+            "request_duration_seconds", "Head to last answer byte, by route", DURATION_BUCKETS, "route"
         )
-        self.sent_bytes = Counter("upload_server_sent_bytes", "Bytes sent to clients", registry=registry)
-        self.rejections = Counter(
-            "upload_server_rejections", "Requests refused, by status and reason (408: head_timeout or "
-            "body_timeout; otherwise the error code, lower-case)", ["status", "reason"], registry=registry,
-        )  # fmt: skip
-        self.upload_size = Histogram(
-            "upload_server_upload_size_bytes", "Size of each upload received whole (the file, without "
-            "multipart framing)", buckets=SIZE_BUCKETS, registry=registry,
-        )  # fmt: skip
-        self.processing_duration = Histogram(
-            "upload_server_processing_duration_seconds", "From the end of receiving to the answer being "
-            "ready, per processed upload", buckets=DURATION_BUCKETS, registry=registry,
-        )  # fmt: skip
-        self.events = Counter("upload_server_events_extracted", "Events extracted", registry=registry)
-        self.actors = Counter(
-            "upload_server_actors_extracted", "Unique actors per upload, summed over uploads", registry=registry
+        self.received_bytes = counter("received_bytes", "Bytes read from clients (heads and bodies)")
+        self.sent_bytes = counter("sent_bytes", "Bytes sent to clients")
+        self.rejections = counter(
+            "rejections",
+            "Requests refused, by status, code and reason (see README)",
+            ("status", "code", "reason"),
         )
-        self.files_failed = Counter(
-            "upload_server_files_failed", "Files that failed inside uploads, by code", ["code"],
-            registry=registry,
-        )  # fmt: skip
-        self.worker_crashes = Counter(
-            "upload_server_worker_crashes", "Worker processes that died during a job", registry=registry
+        self.upload_size = histogram("upload_size_bytes", "Size of each upload received whole", SIZE_BUCKETS)
+        self.processing_duration = histogram(
+            "processing_duration_seconds", "End of receiving to answer ready, per upload", DURATION_BUCKETS
         )
-        self.connections_open = gauge("upload_server_connections_open", "Open client connections")
-        self.uploads_in_flight = gauge("upload_server_uploads_in_flight", "Uploads being received or processed")
-        self.uploads_queued = gauge("upload_server_uploads_queued", "Received uploads waiting for processing")
-        self.uploads_processing = gauge("upload_server_uploads_processing", "Uploads being processed")
-        self.jobs_running = gauge("upload_server_worker_jobs_running", "Jobs running in worker processes")
-        self.jobs_waiting = gauge("upload_server_worker_jobs_waiting", "Jobs waiting for a worker")
-        self.draining = gauge("upload_server_draining", "1 while the server drains (per process; summed)")
+        self.events = counter("events_extracted", "Events extracted")
+        self.actors = counter("actors_extracted", "Unique actors per upload, summed over uploads")
+        self.files_failed = counter("files_failed", "Files that failed inside uploads, by code", ("code",))
+        self.worker_crashes = counter("worker_crashes", "Worker processes that died during a job")
+        self.connections_open = gauge("connections_open", "Open client connections")
+        self.uploads_in_flight = gauge("uploads_in_flight", "Uploads being received or processed")
+        self.uploads_receiving = gauge("uploads_receiving", "Uploads whose body is arriving")
+        self.uploads_queued = gauge("uploads_queued", "Uploads received whole, waiting for the workers")
+        self.uploads_processing = gauge("uploads_processing", "Uploads whose jobs have started")
+        self.jobs_running = gauge("worker_jobs_running", "Jobs running in worker processes")
+        self.jobs_waiting = gauge("worker_jobs_waiting", "Jobs waiting for a worker")
+        self.draining = gauge("draining", "1 while this process drains (summed: processes draining)")
         self._crashes_seen = 0
 
     # ------------------------------------------------------------------------------------- scrape
     def refresh(self, state: ServerState) -> None:
         """Copy the server's live counters into the gauges (and new worker crashes into their counter)."""
-        stats, workers = state.stats, state.workers
+        stats, workers, backlog = state.stats, state.workers, state.backlog
         self.connections_open.set(stats.connections_open)
         self.uploads_in_flight.set(stats.uploads_in_flight)
-        self.uploads_queued.set(stats.uploads_queued)
-        self.uploads_processing.set(stats.uploads_processing)
+        self.uploads_receiving.set(stats.uploads_receiving)
+        self.uploads_queued.set(backlog.queued_uploads)
+        self.uploads_processing.set(backlog.processing_uploads)
         self.jobs_running.set(workers.running)
         self.jobs_waiting.set(workers.waiting)
         self.draining.set(1 if state.shutting_down else 0)
@@ -115,6 +115,12 @@ class Metrics:
         if workers.crashed > self._crashes_seen:
             self.worker_crashes.inc(workers.crashed - self._crashes_seen)
             self._crashes_seen = workers.crashed
+
+    async def refresh_forever(self, state: ServerState) -> None:
+        """Multiprocess mode: keep this process's gauges fresh for scrapes answered by the others."""
+        while True:
+            self.refresh(state)
+            await trio.sleep(MULTIPROCESS_REFRESH_S)
 
     def render(self) -> bytes:
         """The text exposition: this process's registry, or every process's files in multiprocess mode."""
@@ -130,23 +136,15 @@ class Metrics:
             mark_process_dead(os.getpid())
 
     # ------------------------------------------------------------------------- observations
-    def observe_request(
-        self,
-        *,
-        route: str,
-        status: int,
-        seconds: float,
-        bytes_in: int,
-        bytes_out: int,
-        error: UploadServerError | None,
-    ) -> None:
+    def observe_request(self, done: Finished, route: str) -> None:
         """One request ended (answered, or its client gone: status 0)."""
-        self.requests.labels(route, str(status)).inc()
-        self.request_duration.labels(route).observe(seconds)
-        self.received_bytes.inc(bytes_in)
-        self.sent_bytes.inc(bytes_out)
+        self.requests.labels(route, str(done.status)).inc()
+        self.request_duration.labels(route).observe(done.seconds)
+        self.received_bytes.inc(done.bytes_in)
+        self.sent_bytes.inc(done.bytes_out)
+        error = done.error
         if error is not None and error.status in REJECTION_STATUSES:
-            self.rejections.labels(str(error.status), rejection_reason(error)).inc()
+            self.rejections.labels(str(error.status), error.code, rejection_reason(error)).inc()
 
     def observe_received(self, size_bytes: int) -> None:
         """An upload's body arrived whole (it may still fail to process)."""
@@ -162,8 +160,8 @@ class Metrics:
 
 
 def rejection_reason(error: UploadServerError) -> str:
-    if isinstance(error, HeadTimeout):
-        return "head_timeout"
-    if isinstance(error, BodyTimeout):
-        return "body_timeout"
-    return error.code.lower()
+    """The error's ``detail.reason`` (which 408 or 503 this is: ``header_timeout``, ``body_idle_timeout``,
+    ``min_body_rate``, ``queue_full``, ``spool_budget``...), or "" when it has none. Only fixed, short
+    words are taken, so a label never carries text from a request."""
+    reason = error.detail.get("reason")
+    return reason if isinstance(reason, str) and _REASON.fullmatch(reason) else ""

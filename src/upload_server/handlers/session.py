@@ -147,6 +147,7 @@ class UploadSession:
         self.receive_ms = (time.perf_counter() - started) * 1000
         spool = self.spool
         self.receipt = UploadReceipt(self.upload_id, spool.size, spool.sha256, self.received.kind.value)
+        self.state.metrics.observe_received(spool.size)
 
     @property
     def display_name(self) -> str:

@@ -85,6 +85,9 @@ class RenderOutcome:
     failed: list[dict[str, Any]]
     #: Whether an answer was written: not when strict mode refuses the upload for its failed files.
     rendered: bool
+    #: Events and unique actors of the upload (for the metrics).
+    events: int = 0
+    actors: int = 0
 
 
 def merge_and_render(request: RenderRequest) -> RenderOutcome:
@@ -102,8 +105,9 @@ def _merge_and_render(request: RenderRequest) -> RenderOutcome:
             merger.extend(_RESULTS_DECODER.decode(results.read()))
     merged = merger.result()
     failed = [{"name": result.name, "error": result.error} for result in merged.files if result.error]
+    events, actors = merged.events, len(merged.actors)
     if request.strict and failed:
-        return RenderOutcome(failed=failed, rendered=False)
+        return RenderOutcome(failed=failed, rendered=False, events=events, actors=actors)
     timing_ms = request.timing_ms()
     with open(request.answer_path, "wb", buffering=WRITE_BUFFER_BYTES) as out:
         if request.ndjson:
@@ -117,7 +121,7 @@ def _merge_and_render(request: RenderRequest) -> RenderOutcome:
                 include_actors=request.include_actors,
             )
             out.write(orjson.dumps(answer))
-    return RenderOutcome(failed=failed, rendered=True)
+    return RenderOutcome(failed=failed, rendered=True, events=events, actors=actors)
 
 
 def _write_ndjson_tail(out: Any, merged: Merged, request: RenderRequest, timing_ms: dict[str, float]) -> None:
