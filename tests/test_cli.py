@@ -86,26 +86,33 @@ def _pump(stream: Iterator[str], lines: queue.Queue[str]) -> None:
         lines.put(line)
 
 
-@pytest.fixture
-def spawn() -> Iterator[Spawn]:
-    """Start ``command`` and wait for its listening line; every process is killed at the end of the test."""
-    started: list[subprocess.Popen[str]] = []
+def start_process(
+    command: list[str], env: dict[str, str] | None, started: list[subprocess.Popen[str]]
+) -> ServerProcess:
+    """Start ``command`` (appended to ``started`` at once) and wait for its listening line."""
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env or clean_env()
+    )
+    started.append(process)
+    server = ServerProcess(process)
+    threading.Thread(target=_pump, args=(process.stderr, server.lines), daemon=True).start()
+    server.port = int(server.wait_for(LISTENING, START_TIMEOUT).group(1))
+    return server
 
-    def spawn_server(command: list[str], env: dict[str, str] | None = None) -> ServerProcess:
-        process = subprocess.Popen(
-            command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env or clean_env()
-        )
-        started.append(process)
-        server = ServerProcess(process)
-        threading.Thread(target=_pump, args=(process.stderr, server.lines), daemon=True).start()
-        server.port = int(server.wait_for(LISTENING, START_TIMEOUT).group(1))
-        return server
 
-    yield spawn_server
+def kill_all(started: list[subprocess.Popen[str]]) -> None:
     for process in started:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+@pytest.fixture
+def spawn() -> Iterator[Spawn]:
+    """Start ``command`` and wait for its listening line; every process is killed at the end of the test."""
+    started: list[subprocess.Popen[str]] = []
+    yield lambda command, env=None: start_process(command, env, started)
+    kill_all(started)
 
 
 @pytest.fixture

@@ -10,7 +10,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 import upload_server
+from conftest import RunningServer
 from upload_server import errors
 from upload_server.routes import ROUTES
 
@@ -132,3 +135,14 @@ def test_ndjson_line_kinds() -> None:
         "bytes_total",
         "events",
     }
+
+
+async def test_the_server_serves_this_document(server: RunningServer) -> None:
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        answer = await client.get("/api/v1/openapi.json")
+        head = await client.head("/api/v1/openapi.json")
+    assert answer.status_code == 200 and answer.headers["content-type"] == "application/json"
+    assert answer.json() == DOCUMENT
+    assert DOCUMENT["openapi"].startswith("3.1")
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-length"] == answer.headers["content-length"]
