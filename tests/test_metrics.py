@@ -45,7 +45,9 @@ async def scrape(server: RunningServer) -> dict[Sample, float]:
 
 
 def value(samples: dict[Sample, float], name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
+    """The sum of the samples named ``name`` whose labels include ``labels``."""
+    wanted = set(labels.items())
+    return sum(found for (sample, have), found in samples.items() if sample == name and wanted <= have)
 
 
 def moved(before: dict[Sample, float], after: dict[Sample, float], name: str, **labels: str) -> float:
@@ -86,11 +88,9 @@ async def test_counters_move_with_real_requests(start_server: StartServer) -> No
     assert moved(before, after, total, route="/metrics", status="200") == 1  # the first scrape
     assert moved(before, after, "upload_server_request_duration_seconds_count", route=UPLOAD) == 4
     assert moved(before, after, "upload_server_received_bytes_total") > len(EVENTS) + len(archive)
+    assert moved(before, after, "upload_server_rejections_total", status="413", code="PAYLOAD_TOO_LARGE") == 1
     assert (
-        moved(before, after, "upload_server_rejections_total", status="413", reason="payload_too_large") == 1
-    )
-    assert (
-        moved(before, after, "upload_server_rejections_total", status="415", reason="unsupported_media_type")
+        moved(before, after, "upload_server_rejections_total", status="415", code="UNSUPPORTED_MEDIA_TYPE")
         == 1
     )
     assert moved(before, after, "upload_server_upload_size_bytes_count") == 2
@@ -112,40 +112,43 @@ async def test_timeouts_are_counted_by_kind(start_server: StartServer) -> None:
     assert (await slow_body.read_response()).status == 408
     after = await scrape(server)
     rejections = "upload_server_rejections_total"
-    assert moved(before, after, rejections, status="408", reason="head_timeout") == 1
-    assert moved(before, after, rejections, status="408", reason="body_timeout") == 1
+    assert moved(before, after, rejections, status="408", reason="header_timeout") == 1
+    assert moved(before, after, rejections, status="408", reason="body_idle_timeout") == 1
     # A head that never arrived has no route.
     assert moved(before, after, "upload_server_requests_total", route="none", status="408") == 1
 
 
 async def test_live_gauges_are_read_at_scrape_time(start_server: StartServer) -> None:
-    server = await start_server(max_concurrent_uploads=1)
+    server = await start_server(spool_budget=len(EVENTS_BYTES) + 500)
     holder = await RawClient.connect(server)
     await holder.send(upload_head(len(EVENTS_BYTES)) + EVENTS_BYTES[:10])
     assert await eventually(lambda: server.state.stats.uploads_in_flight == 1)
     busy = await RawClient.connect(server)
     await busy.send(upload_head(len(EVENTS_BYTES)))
-    response = await busy.read_response()
-    assert response.status == 503 and response.headers["retry-after"] == "1"
+    assert (await busy.read_response()).status == 503
 
     during = await scrape(server)
     assert value(during, "upload_server_uploads_in_flight") == 1
-    assert value(during, "upload_server_uploads_processing") == 0  # still receiving
+    assert value(during, "upload_server_uploads_receiving") == 1
+    assert value(during, "upload_server_uploads_queued") == 0
+    assert value(during, "upload_server_uploads_processing") == 0
     assert value(during, "upload_server_connections_open") >= 2  # the holder and this scrape
     assert value(during, "upload_server_draining") == 0
-    assert value(during, "upload_server_rejections_total", status="503", reason="server_busy") == 1
+    busy_refusals = value(during, "upload_server_rejections_total", status="503", code="SERVER_BUSY")
+    assert busy_refusals == value(during, "upload_server_rejections_total", reason="spool_budget") == 1
 
     await holder.send(EVENTS_BYTES[10:])
     assert (await holder.read_response()).status == 200
     await holder.aclose()
     after = await scrape(server)
     assert value(after, "upload_server_uploads_in_flight") == 0
+    assert value(after, "upload_server_uploads_receiving") == 0
     assert value(after, "upload_server_worker_jobs_running") == 0
     assert value(after, "upload_server_worker_jobs_waiting") == 0
 
 
-async def test_processing_gauge_and_draining(start_server: StartServer) -> None:
-    """An upload whose processing waits on the workers shows as processing; shutdown shows as draining."""
+async def test_queued_gauge_and_draining(start_server: StartServer) -> None:
+    """An upload waiting for the only worker shows as queued; shutdown shows as draining."""
     server = await start_server(workers=1)
     workers = server.state.workers
 
@@ -158,11 +161,16 @@ async def test_processing_gauge_and_draining(start_server: StartServer) -> None:
         nursery.start_soon(workers.run, time.sleep, 1.5)
         assert await eventually(lambda: workers.running == 1)
         nursery.start_soon(upload, client)
-        assert await eventually(lambda: server.state.stats.uploads_processing == 1)
+        assert await eventually(lambda: server.state.backlog.queued_uploads == 1)
         during = await scrape(server)
-        assert value(during, "upload_server_uploads_processing") == 1
+        assert value(during, "upload_server_uploads_queued") == 1
+        assert value(during, "upload_server_uploads_processing") == 0
         assert value(during, "upload_server_worker_jobs_running") == 1
         assert value(during, "upload_server_worker_jobs_waiting") == 1
+    after = await scrape(server)
+    assert (
+        value(after, "upload_server_uploads_queued") == value(after, "upload_server_uploads_processing") == 0
+    )
     server.state.shutdown()
     # The listener is closed now: read the page the way the handler makes it.
     server.state.metrics.refresh(server.state)

@@ -102,19 +102,19 @@ class Metrics:
     # ------------------------------------------------------------------------------------- scrape
     def refresh(self, state: ServerState) -> None:
         """Copy the server's live counters into the gauges (and new worker crashes into their counter)."""
-        stats, workers, backlog = state.stats, state.workers, state.backlog
+        stats, backlog, workers = state.stats, state.backlog, state.workers.snapshot()
         self.connections_open.set(stats.connections_open)
         self.uploads_in_flight.set(stats.uploads_in_flight)
         self.uploads_receiving.set(stats.uploads_receiving)
         self.uploads_queued.set(backlog.queued_uploads)
         self.uploads_processing.set(backlog.processing_uploads)
-        self.jobs_running.set(workers.running)
-        self.jobs_waiting.set(workers.waiting)
+        self.jobs_running.set(workers["jobs_running"])
+        self.jobs_waiting.set(workers["jobs_waiting"])
         self.draining.set(1 if state.shutting_down else 0)
         # WorkerPool counts crashes itself; the counter follows it rather than being updated beside it.
-        if workers.crashed > self._crashes_seen:
-            self.worker_crashes.inc(workers.crashed - self._crashes_seen)
-            self._crashes_seen = workers.crashed
+        if workers["crashed"] > self._crashes_seen:
+            self.worker_crashes.inc(workers["crashed"] - self._crashes_seen)
+            self._crashes_seen = workers["crashed"]
 
     async def refresh_forever(self, state: ServerState) -> None:
         """Multiprocess mode: keep this process's gauges fresh for scrapes answered by the others."""
