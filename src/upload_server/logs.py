@@ -1,9 +1,9 @@
 """Logging set-up: text lines for people, or JSON lines (``--access-log-format json``) for log shippers.
 
 Only the access log changes format; the other lines (start, stop, warnings) stay text. An access-log record
-carries its fields in ``record.access`` (see ``http.connection``), so the text line and the JSON line are
-made from the same values. No log line carries upload content: the access log names the request (method,
-target, version), its sizes and its outcome, never a body byte.
+carries the request's ``Finished`` in ``record.access`` (see ``http.connection``), so the text line and the
+JSON line are made from the same values. No log line carries upload content: the access log names the
+request (method, target, version), its sizes and its outcome, never a body byte.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+
+from .http.messages import Finished
 
 ACCESS_LOGGER = "upload_server.access"
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -28,9 +30,9 @@ class JsonAccessFormatter(logging.Formatter):
             "level": record.levelname,
             "logger": record.name,
         }
-        fields = getattr(record, "access", None)
-        if isinstance(fields, dict):
-            line.update(fields)
+        access = getattr(record, "access", None)
+        if isinstance(access, Finished):
+            line.update(access.log_fields())
         else:
             line["message"] = record.getMessage()
         return orjson.dumps(line, default=str).decode()

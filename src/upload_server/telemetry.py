@@ -98,6 +98,8 @@ class Metrics:
         self.jobs_waiting = gauge("worker_jobs_waiting", "Jobs waiting for a worker")
         self.draining = gauge("draining", "1 while this process drains (summed: processes draining)")
         self._crashes_seen = 0
+        # labels() costs ~3.5 us a call (measured); a request's children are looked up once per pair.
+        self._request_children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
 
     # ------------------------------------------------------------------------------------- scrape
     def refresh(self, state: ServerState) -> None:
@@ -138,8 +140,12 @@ class Metrics:
     # ------------------------------------------------------------------------- observations
     def observe_request(self, done: Finished, route: str) -> None:
         """One request ended (answered, or its client gone: status 0)."""
-        self.requests.labels(route, str(done.status)).inc()
-        self.request_duration.labels(route).observe(done.seconds)
+        children = self._request_children.get((route, done.status))
+        if children is None:
+            children = (self.requests.labels(route, str(done.status)), self.request_duration.labels(route))
+            self._request_children[route, done.status] = children
+        children[0].inc()
+        children[1].observe(done.seconds)
         self.received_bytes.inc(done.bytes_in)
         self.sent_bytes.inc(done.bytes_out)
         error = done.error

@@ -348,7 +348,7 @@ class HttpConnection:
             done.bytes_out,
             done.seconds * 1000,
             f" ({note})" if note else "",
-            extra={"access": done.log_fields()},
+            extra={"access": done},  # its fields are built only by a JSON formatter
         )
         if self.observe is not None:
             self.observe(done)
