@@ -15,8 +15,8 @@ import trio
 from .admission import Backlog, SpoolBudget
 from .config import Config
 from .ingest.dispatch import WorkerPool
-from .telemetry import Metrics
 from .resumable import ResumableUploads
+from .telemetry import Metrics
 
 if TYPE_CHECKING:
     from .http.connection import HttpConnection
