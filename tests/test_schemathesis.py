@@ -5,7 +5,8 @@ The schema is loaded from the packaged file at collection time (test_openapi.py 
 exactly that file): schemathesis' lazy ``from_fixture`` loader reads a private pytest attribute that
 pytest 9 no longer has.
 
-Bounded: ``MAX_EXAMPLES`` generated requests per operation (about 20 s in all on the 2-core machine).
+Bounded: ``MAX_EXAMPLES`` generated requests per operation, 15 operations: 17-28 s of test time measured
+on the shared 2-core machine (load average 8-9).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from schemathesis.config import SchemathesisConfig
 import upload_server
 from test_cli import ServerProcess, kill_all, server_command, start_process
 
-MAX_EXAMPLES = 25
+MAX_EXAMPLES = 20
 
 
 @pytest.fixture(scope="module")
