@@ -69,6 +69,9 @@ async def test_counters_move_with_real_requests(start_server: StartServer) -> No
         for _ in range(3):
             assert (await client.get(HEALTH)).status_code == 200
         assert (await client.get("/nowhere")).status_code == 404
+        for unknown in ("abc", "def"):  # ids are one label value, not one each
+            tus_head = await client.head(f"/api/v1/files/{unknown}", headers={"tus-resumable": "1.0.0"})
+            assert tus_head.status_code == 404
         ok = await client.post(UPLOAD, content=EVENTS, headers={"content-type": "application/json"})
         assert ok.status_code == 200
         archive = zip_with_a_bad_file()
@@ -84,6 +87,7 @@ async def test_counters_move_with_real_requests(start_server: StartServer) -> No
     total = "upload_server_requests_total"
     assert moved(before, after, total, route=HEALTH, status="200") == 3
     assert moved(before, after, total, route="unmatched", status="404") == 1
+    assert moved(before, after, total, route="/api/v1/files/{id}", status="404") == 2
     assert moved(before, after, total, route=UPLOAD, status="200") == 2
     assert moved(before, after, total, route="/metrics", status="200") == 1  # the first scrape
     assert moved(before, after, "upload_server_request_duration_seconds_count", route=UPLOAD) == 4
