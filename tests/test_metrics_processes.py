@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -61,3 +62,16 @@ def test_two_processes_are_summed(spawn: Spawn, tmp_path: Path) -> None:  # noqa
     page = scrape(first.url)
     assert value(page, "upload_server_requests_total", route=HEALTH, status="200") == 8
     assert value(page, "upload_server_connections_open") == 1
+
+
+def test_a_missing_multiprocess_directory_stops_the_start(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere"
+    done = subprocess.run(
+        server_command(tmp_path, "--workers", "1"),
+        env=clean_env(PROMETHEUS_MULTIPROC_DIR=str(missing)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert f"PROMETHEUS_MULTIPROC_DIR must be an existing directory ({missing})" in done.stderr

@@ -16,6 +16,7 @@ The directory must exist and be emptied before the processes start.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from typing import TYPE_CHECKING
@@ -57,7 +58,11 @@ class Metrics:
     """One server's metrics, in a registry of its own (several servers may run in one test process)."""
 
     def __init__(self) -> None:
-        self.multiprocess = multiprocess_dir() is not None
+        directory = multiprocess_dir()
+        self.multiprocess = directory is not None
+        if directory is not None and not os.path.isdir(directory):
+            # Otherwise the first metric fails on a file name inside it, which does not say what to fix.
+            raise OSError(errno.ENOENT, f"{MULTIPROCESS_ENV} must be an existing directory", directory)
         self.registry = registry = CollectorRegistry()
 
         def counter(name: str, documentation: str, labels: tuple[str, ...] = ()) -> Counter:
