@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import trio
 
-from server_process import Spawn, spawner
+from server_process import Spawn, kill_all, spawner
 from upload_server.config import Config
 from upload_server.server import serve
 from upload_server.state import ServerState
@@ -76,10 +76,7 @@ def spawn() -> Iterator[Spawn]:
     """Start ``command`` and wait for its listening line; every process is killed at the end of the test."""
     started: list[subprocess.Popen[str]] = []
     yield spawner(started)
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    kill_all(started)
 
 
 @pytest.fixture

@@ -122,3 +122,11 @@ def spawner(started: list[subprocess.Popen[str]]) -> Spawn:
         return server
 
     return spawn_server
+
+
+def kill_all(started: list[subprocess.Popen[str]]) -> None:
+    """Kill every process in ``started`` that still runs (the end of a test or module)."""
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -21,6 +21,7 @@ import trio
 from .config import Config, ConfigError, load_config
 from .fdlimit import DescriptorLimitError, fit_connections, raise_soft_limit
 from .listen import describe_startup_failure
+from .logs import configure_logging
 from .server import serve
 from .state import ServerState
 from .supervisor import supervise
@@ -63,17 +64,6 @@ def tune_collector() -> None:
     """
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
-
-
-def configure_logging(config: Config) -> None:
-    # With several serving processes, each line says which one wrote it.
-    pid = "[%(process)d]" if config.processes > 1 else ""
-    logging.basicConfig(
-        level=getattr(logging, config.log_level.upper()),
-        stream=sys.stderr,
-        format=f"%(asctime)s %(levelname)s %(name)s{pid}: %(message)s",
-    )
-    logging.getLogger("upload_server.lifecycle").setLevel(logging.INFO)
 
 
 async def run(config: Config, ready: Callable[[], None] | None = None) -> None:

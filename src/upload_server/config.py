@@ -93,6 +93,7 @@ class Config:
     drain_delay: float = 5.0
     processes: int = 1
     log_level: str = "info"
+    access_log_format: str = "text"
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,10 @@ def _directory(value: str) -> str | None:
 
 def _log_level(value: str) -> str | None:
     return None if value in {"debug", "info", "warning", "error"} else "must be debug, info, warning or error"
+
+
+def _access_log_format(value: str) -> str | None:
+    return None if value in {"text", "json"} else "must be text or json"
 
 
 def _ratio(value: float) -> str | None:
@@ -232,6 +237,12 @@ SETTINGS: tuple[Setting, ...] = (
         _positive,
     ),
     Setting("log_level", lambda text: text.strip().lower(), "debug, info, warning or error", _log_level),
+    Setting(
+        "access_log_format",
+        lambda text: text.strip().lower(),
+        "access log lines as text, or as JSON objects with a request id",
+        _access_log_format,
+    ),
 )
 
 

@@ -8,6 +8,7 @@ Code anywhere in the server raises one of these; the connection handler turns it
 from __future__ import annotations
 
 import errno
+import json
 from typing import Any, ClassVar
 
 import orjson
@@ -45,7 +46,14 @@ class UploadServerError(Exception):
 
     def body(self) -> bytes:
         """The JSON document sent to the client."""
-        return orjson.dumps({"error": self.payload()})
+        document = {"error": self.payload()}
+        try:
+            return orjson.dumps(document)
+        except TypeError:
+            # orjson refuses integers beyond 64 bits, and a client's number can be one (a declared
+            # Content-Length or Upload-Length of 2e19, found by schemathesis): the answer was lost and the
+            # connection dropped. The standard library writes any integer.
+            return json.dumps(document, separators=(",", ":"), default=str).encode()
 
 
 def _rebuild(

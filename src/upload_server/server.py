@@ -25,13 +25,14 @@ from .admission import SpoolBudget
 from .config import Config
 from .handlers import tus
 from .http.body_rate import BodyRateRules
-from .http.connection import HttpConnection, Router
+from .http.connection import HttpConnection, Observer, Router
 from .http.limits import ConnectionLimits
+from .http.messages import Finished
 from .ingest.dispatch import open_worker_pool
 from .listen import open_listeners
 from .receive.spool import remove_stale_files
 from .resumable import ResumableStore, ResumableUploads, UploadState
-from .routes import router
+from .routes import route_label, router
 from .state import ServerState, derived_spool_budget
 
 log = logging.getLogger("upload_server")
@@ -80,12 +81,21 @@ async def _watch_disk(state: ServerState) -> None:
             state.stats.tmp_free_bytes = 0
 
 
+def request_observer(state: ServerState) -> Observer:
+    """Counts every request as it ends, under the route it was meant for."""
+
+    def observe(done: Finished) -> None:
+        state.metrics.observe_request(done, route_label(done.request))
+
+    return observe
+
+
 async def _serve_connection(
-    stream: trio.SocketStream, state: ServerState, limits: ConnectionLimits, route: Router
+    stream: trio.SocketStream, state: ServerState, limits: ConnectionLimits, route: Router, observe: Observer
 ) -> None:
     state.stats.connections_open += 1
     try:
-        conn = HttpConnection(stream, limits)
+        conn = HttpConnection(stream, limits, observe)
         if state.draining:
             conn.keep_alive_off()
         if state.shutting_down:  # accepted just before the listener closed
@@ -146,7 +156,7 @@ async def _connection_slot(listener: trio.SocketListener, state: ServerState) ->
 
 
 async def _accept_loop(listener: trio.SocketListener, state: ServerState, nursery: trio.Nursery) -> None:
-    limits, route = connection_limits(state.config), router(state)
+    limits, route, observe = connection_limits(state.config), router(state), request_observer(state)
     trouble = AcceptTrouble()
     async with listener:
         while True:
@@ -163,7 +173,7 @@ async def _accept_loop(listener: trio.SocketListener, state: ServerState, nurser
             except BaseException:
                 state.connection_slots.release()
                 raise
-            nursery.start_soon(_serve_connection, stream, state, limits, route)
+            nursery.start_soon(_serve_connection, stream, state, limits, route, observe)
 
 
 def _open_resumable(config: Config) -> ResumableUploads:
@@ -206,6 +216,8 @@ async def serve(
             state.background = outer
             outer.start_soon(_watch_disk, state)
             outer.start_soon(_expire_resumable, state.resumable)
+            if state.metrics.multiprocess:
+                outer.start_soon(state.metrics.refresh_forever, state)
             for record in state.resumable.store.records():
                 if record.state in (UploadState.QUEUED, UploadState.PROCESSING):  # cut by a stop or a crash
                     tus.start_processing(state, record)
@@ -223,3 +235,4 @@ async def serve(
                 outer.start_soon(_end_after_grace, state, connections.cancel_scope)
                 lifecycle.info("shutting down: %d connection(s) open", state.stats.connections_open)
             outer.cancel_scope.cancel()
+        state.metrics.close()

@@ -17,6 +17,7 @@ from .admission import Backlog, SpoolBudget
 from .config import Config
 from .ingest.dispatch import WorkerPool
 from .resumable import ResumableUploads
+from .telemetry import Metrics
 
 if TYPE_CHECKING:
     from .http.connection import HttpConnection
@@ -65,6 +66,7 @@ class ServerState:
     workers: WorkerPool
     spool_budget: SpoolBudget
     stats: Stats = field(default_factory=Stats)
+    metrics: Metrics = field(default_factory=Metrics)
     backlog: Backlog = field(init=False)
     connection_slots: trio.Semaphore = field(init=False)
     port: int = 0

@@ -38,6 +38,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 import trio
+from prometheus_client.multiprocess import mark_process_dead
 
 from .config import Config
 from .listen import bind_sockets, bound_port, describe_startup_failure
@@ -175,6 +176,8 @@ class Supervisor:
                 self._announce_ready()
             code = await self._wait_exit(process)
             del self.children[index]
+            # A child that was killed could not say so itself: its live gauges stop counting now.
+            mark_process_dead(process.pid, os.environ[RUN_DIR_ENV])
             if self.stopping:
                 if code not in (0, -signal.SIGTERM, -signal.SIGINT):
                     self.unclean_exits += 1

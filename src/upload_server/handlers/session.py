@@ -127,6 +127,7 @@ class UploadSession:
         session = cls(state, None)
         session.spool, session.received = spool, received
         session.receipt = UploadReceipt(session.upload_id, spool.size, spool.sha256, received.kind.value)
+        state.metrics.observe_received(spool.size)
         state.stats.uploads_in_flight += 1
         try:
             yield session
@@ -147,6 +148,7 @@ class UploadSession:
         self.receive_ms = (time.perf_counter() - started) * 1000
         spool = self.spool
         self.receipt = UploadReceipt(self.upload_id, spool.size, spool.sha256, self.received.kind.value)
+        self.state.metrics.observe_received(spool.size)
 
     @property
     def display_name(self) -> str:

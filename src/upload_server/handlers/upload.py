@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -301,6 +302,12 @@ async def _render(
         process_started=session.processing_started,
     )
     rendered = await session.state.workers.run(merge_and_render, request, ticket=session.ticket)
+    session.state.metrics.observe_processed(
+        seconds=time.monotonic() - session.processing_started,
+        events=rendered.events,
+        actors=rendered.actors,
+        failed_codes=[failure["error"]["code"] for failure in rendered.failed],
+    )
     if not rendered.rendered:
         raise StrictModeFailure(
             f"{len(rendered.failed)} file(s) failed and strict mode is on.",

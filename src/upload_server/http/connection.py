@@ -37,7 +37,7 @@ from ..errors import (
 )
 from .exchange import Exchange, Responder
 from .limits import ConnectionLimits
-from .messages import Request
+from .messages import Finished, Request
 
 log = logging.getLogger("upload_server.http")
 access_log = logging.getLogger("upload_server.access")
@@ -52,12 +52,17 @@ LINGER_SECONDS = 5.0
 LINGER_IDLE_SECONDS = 1.0
 
 Router = Callable[[Exchange], Awaitable[None]]
+#: Told of every request as it ends (the metrics); must not block.
+Observer = Callable[[Finished], None]
 
 
 class HttpConnection:
-    def __init__(self, stream: trio.abc.Stream, limits: ConnectionLimits) -> None:
+    def __init__(
+        self, stream: trio.abc.Stream, limits: ConnectionLimits, observe: Observer | None = None
+    ) -> None:
         self.stream = stream
         self.limits = limits
+        self.observe = observe
         self.protocol = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
         self.requests_served = 0
         self.peer_closed = False
@@ -318,6 +323,7 @@ class HttpConnection:
 
     async def _answer_error(self, responder: Responder, error: UploadServerError) -> None:
         request = self.head  # a head refused by _check_head (505, 431) is still named
+        responder.error = error
         if isinstance(error, ServerBusy | HttpVersionNotSupported):
             # Expected under load, or the client's doing: not something an operator must look at.
             log.info("%s -> %d %s: %s", _describe(request), error.status, error.code, error.message)
@@ -354,17 +360,30 @@ class HttpConnection:
         request = self.head
         if request is None and responder.status is None:
             return
+        done = Finished(
+            request=request,
+            status=responder.status or 0,
+            seconds=time.perf_counter() - started,
+            bytes_in=self.bytes_received - counted_from[0],
+            bytes_out=self.bytes_sent - counted_from[1],
+            request_id=responder.request_id,
+            error=responder.error,
+            note=note,
+        )
         access_log.info(
             "%s %s %s %d in=%d out=%d %.1fms%s",
             request.method if request else "-",
             request.target if request else "-",
             f"HTTP/{request.http_version}" if request else "-",
-            responder.status or 0,
-            self.bytes_received - counted_from[0],
-            self.bytes_sent - counted_from[1],
-            (time.perf_counter() - started) * 1000,
+            done.status,
+            done.bytes_in,
+            done.bytes_out,
+            done.seconds * 1000,
             f" ({note})" if note else "",
+            extra={"access": done},  # its fields are built only by a JSON formatter
         )
+        if self.observe is not None:
+            self.observe(done)
 
 
 def _header(event: h11.Request, name: bytes) -> str:

@@ -20,6 +20,7 @@ from ..errors import BadRequest, RequestTimeout, UploadServerError
 from .body_rate import BodyRateGuard
 from .limits import ConnectionLimits
 from .messages import Headers, Request, Response
+from .request_id import new_request_id, request_id
 
 # Bodies are read in large pieces: per-piece overhead (an h11 event, a deadline, a task switch) was a
 # third of the receive cost at 256 KiB (loadtest/bench_upload.py with py-spy, BENCH_NOTES.md).
@@ -56,12 +57,20 @@ class Responder:
 
     def __init__(self, conn: Transport) -> None:
         self.status: int | None = None
+        #: Echoed in every answer and in the access log; the client's own when it sent a sane one.
+        self.request_id = new_request_id()
+        #: The error answered (or that cut the stream), for the access log and the metrics.
+        self.error: UploadServerError | None = None
         self._conn = conn
         self._protocol = conn.protocol
 
     # ------------------------------------------------------------------------------------ answering
     def _response_headers(self, content_type: str | None, extra: Headers) -> Headers:
-        headers: Headers = [(b"server", SERVER_HEADER), (b"date", http_date())]
+        headers: Headers = [
+            (b"server", SERVER_HEADER),
+            (b"date", http_date()),
+            (b"x-request-id", self.request_id.encode()),
+        ]
         if content_type:
             headers.append((b"content-type", content_type.encode()))
         headers.extend(extra)
@@ -118,6 +127,7 @@ class Exchange(Responder):
     def __init__(self, conn: Transport, request: Request) -> None:
         super().__init__(conn)
         self.request = request
+        self.request_id = request_id(request.headers.get("x-request-id"))
         # The body's end was met while gathering a piece: the next receive_body_chunk returns b"".
         self._body_ended = False
         self._rate = BodyRateGuard(conn.limits.body_rate)

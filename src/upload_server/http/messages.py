@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import h11
+
+from ..errors import UploadServerError
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -62,3 +65,36 @@ class Response:
     body: bytes = b""
     content_type: str = "application/json"
     headers: Headers = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Finished:
+    """One request as it ended: what the access log writes and the metrics count."""
+
+    request: Request | None  # None when no head was parsed (a head that timed out or was too large)
+    status: int  # 0 when nothing was answered (the client left first)
+    seconds: float
+    bytes_in: int
+    bytes_out: int
+    request_id: str
+    error: UploadServerError | None = None
+    note: str = ""
+
+    def log_fields(self) -> dict[str, Any]:
+        """The access log's fields (the JSON line's keys). Names the request, never its body."""
+        request = self.request
+        fields: dict[str, Any] = {
+            "request_id": self.request_id,
+            "method": request.method if request else None,
+            "target": request.target if request else None,
+            "http_version": request.http_version if request else None,
+            "status": self.status,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "duration_ms": round(self.seconds * 1000, 1),
+        }
+        if self.error is not None:
+            fields["error"] = self.error.code
+        if self.note:
+            fields["note"] = self.note
+        return fields

@@ -170,6 +170,9 @@ class RenderOutcome:
     failed: list[dict[str, Any]]
     #: Whether an answer was written: not when strict mode refuses the upload for its failed files.
     rendered: bool
+    #: Events and unique actors of the upload (for the metrics).
+    events: int = 0
+    actors: int = 0
 
 
 def merge_and_render(request: RenderRequest) -> RenderOutcome:
@@ -191,7 +194,7 @@ def _merge_and_render(request: RenderRequest) -> RenderOutcome:
         return merge_runs(_run(path, job.chunks) for path, job in jobs)
 
     failed = [{"name": result.name, "error": result.error} for result in merged.files if result.error]
-    if request.strict and failed:
+    if request.strict and failed:  # refused: nothing was extracted for the metrics to count
         return RenderOutcome(failed=failed, rendered=False)
     timing_ms = request.timing_ms()
     with open(request.answer_path, "wb", buffering=WRITE_BUFFER_BYTES) as out:
@@ -208,7 +211,7 @@ def _merge_and_render(request: RenderRequest) -> RenderOutcome:
                 timing_ms=timing_ms,
                 actors=actors() if request.include_actors else None,
             )
-    return RenderOutcome(failed=failed, rendered=True)
+    return RenderOutcome(failed=failed, rendered=True, events=merged.events, actors=merged.unique_actors)
 
 
 def _write_ndjson_tail(
