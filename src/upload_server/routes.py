@@ -9,6 +9,7 @@ from .handlers import tus
 from .handlers.health import handle_health
 from .handlers.metrics import handle_metrics
 from .handlers.openapi import handle_openapi
+from .handlers.static import static_routes
 from .handlers.upload import handle_upload
 from .http.exchange import Exchange
 from .http.messages import Request
@@ -22,6 +23,7 @@ ROUTES: Mapping[str, Mapping[str, RouteHandler]] = {
     "/api/v1/files": {"POST": tus.handle_create, "OPTIONS": tus.handle_options},
     "/api/v1/openapi.json": {"GET": handle_openapi, "HEAD": handle_openapi},
     "/metrics": {"GET": handle_metrics, "HEAD": handle_metrics},
+    **static_routes(),  # "/" (the upload page) and its script, style and icon
 }
 #: Paths with an upload id in them: (the path with the id as ``{id}``, its handlers).
 ID_ROUTES: Mapping[str, Mapping[str, RouteHandler]] = {

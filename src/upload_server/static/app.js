@@ -1,0 +1,638 @@
+// The upload page: choose or drop files, send each to POST /api/v1/upload with XMLHttpRequest (for its
+// upload progress events), read the NDJSON answer as it streams (progress lines, then events, actors, files
+// and the summary) and show the result. No library, no build step; served under a CSP that forbids inline
+// script and style, so everything is built with DOM calls and styled by class.
+"use strict";
+
+(() => {
+  const UPLOAD_URL = "/api/v1/upload";
+  const HEALTH_URL = "/api/v1/health";
+  const CONTENT_TYPES = {
+    zip: "application/zip",
+    gz: "application/gzip",
+    json: "application/json",
+    ndjson: "application/x-ndjson",
+    jsonl: "application/x-ndjson",
+  };
+  const ACCEPTED_TEXT = ".zip, .gz, .json, .ndjson or .jsonl";
+  const ACTORS_SHOWN = 100; // rows of the actors table; the filter reaches all of them
+  const MAX_BUSY_RETRIES = 10; // 503 SERVER_BUSY answers retried (after Retry-After) before giving up
+  const SVG_NS = "http://www.w3.org/2000/svg";
+
+  // ------------------------------------------------------------------ numbers, in the reader's locale
+  const integer = new Intl.NumberFormat();
+  const oneDecimal = new Intl.NumberFormat(undefined, { maximumFractionDigits: 1 });
+  const seconds = new Intl.NumberFormat(undefined, { style: "unit", unit: "second", unitDisplay: "long" });
+  const minutes = new Intl.NumberFormat(undefined, { style: "unit", unit: "minute", unitDisplay: "long" });
+  const percent = new Intl.NumberFormat(undefined, { style: "percent" });
+  const collator = new Intl.Collator(undefined, { sensitivity: "base", numeric: true });
+  const BYTE_UNITS = ["bytes", "KiB", "MiB", "GiB", "TiB"]; // the server's sizes are binary (K = 1024)
+
+  function formatBytes(n) {
+    let value = n;
+    let unit = 0;
+    while (value >= 1024 && unit < BYTE_UNITS.length - 1) {
+      value /= 1024;
+      unit += 1;
+    }
+    return `${unit === 0 ? integer.format(value) : oneDecimal.format(value)} ${BYTE_UNITS[unit]}`;
+  }
+
+  function formatDuration(s) {
+    if (!Number.isFinite(s)) return "";
+    return s < 90 ? seconds.format(Math.ceil(s)) : minutes.format(Math.round(s / 60));
+  }
+
+  // ---------------------------------------------------------------------------------- small helpers
+  function el(tag, text, className) {
+    const node = document.createElement(tag);
+    if (text !== undefined && text !== null) node.textContent = text;
+    if (className) node.className = className;
+    return node;
+  }
+
+  function extensionOf(name) {
+    const dot = name.lastIndexOf(".");
+    return dot < 0 ? "" : name.slice(dot + 1).toLowerCase();
+  }
+
+  function isAccepted(file) {
+    return Object.hasOwn(CONTENT_TYPES, extensionOf(file.name));
+  }
+
+  // ------------------------------------------------------------------------------- errors in words
+  const BAD_ZIP_REASONS = {
+    truncated: "it is cut short (was the download or copy complete?)",
+    bad_local_header: "an entry's header is damaged",
+  };
+  const FILE_ERRORS = {
+    INVALID_JSON: "not valid JSON",
+    JSON_TOO_DEEP: "its JSON is nested too deeply",
+    BAD_COMPRESSED_DATA: "its compressed data is damaged",
+    ENCRYPTED_ENTRY: "it is encrypted",
+    UNSUPPORTED_COMPRESSION: "it is compressed with a method the server does not read",
+    VALUE_TOO_LARGE: "one value in it is larger than the server's memory budget for one value",
+  };
+  const IGNORED_REASONS = {
+    directory: "a folder",
+    macos_metadata: "macOS metadata",
+    hidden_file: "a hidden file",
+    nested_archive: "an archive inside the archive (not opened)",
+    unsupported_name: "not named .json, .ndjson or .jsonl",
+  };
+  const SKIPPED_REASONS = {
+    not_an_object: "values that are not objects",
+    no_actor: "events without an actor",
+    invalid_actor: "events whose actor has no usable id",
+  };
+
+  function zipBombWords(d) {
+    switch (d.reason) {
+      case "too_many_entries":
+        return `it has ${integer.format(d.entries)} entries; the server opens at most ${integer.format(d.max_entries)}.`;
+      case "ratio":
+        return `“${d.entry}” would expand ${integer.format(Math.round(d.ratio))} times; the server allows at most ${integer.format(d.max_ratio)} times.`;
+      case "total_uncompressed": {
+        const size = d.declared_uncompressed_bytes ?? d.uncompressed_bytes;
+        const limit = d.max_uncompressed_bytes ?? d.limit;
+        return `it expands to more than ${formatBytes(limit)}${size ? ` (${formatBytes(size)})` : ""}.`;
+      }
+      case "overlapping_entries":
+        return "its entries overlap, a trick used to make small archives expand enormously.";
+      default:
+        return "it expands far beyond what its headers declare.";
+    }
+  }
+
+  function describeError(status, error, file) {
+    const code = error && error.code;
+    const d = (error && error.detail) || {};
+    switch (code) {
+      case "PAYLOAD_TOO_LARGE":
+        return `This file is ${formatBytes(file.size)}; the server accepts at most ${formatBytes(d.max_upload_bytes)} in one upload.`;
+      case "UNSUPPORTED_MEDIA_TYPE":
+        return "The server did not recognise this file as a ZIP archive, a gzip file or JSON text. It judges by the first bytes, not by the name.";
+      case "EMPTY_UPLOAD":
+        return "The file is empty.";
+      case "BAD_ZIP":
+        return `The ZIP archive cannot be read: ${BAD_ZIP_REASONS[d.reason] || "it is damaged or not a ZIP archive"}.`;
+      case "ZIP_BOMB":
+        return `The archive was refused as a likely ZIP bomb: ${zipBombWords(d)}`;
+      case "NO_JSON_FILES":
+        return `The archive holds no .json, .ndjson or .jsonl file to process (it has ${integer.format(d.entries || 0)} entries).`;
+      case "PROCESSING_TIMEOUT":
+        return `Processing took longer than the server allows (${formatDuration(d.process_timeout_s)}); it stopped the work.`;
+      case "INSUFFICIENT_STORAGE":
+        return "The server ran out of disk space while receiving this file.";
+      case "WORKER_CRASHED":
+        return "A worker process of the server died while reading this file. Trying again may work.";
+      default:
+        if (error && error.message) return `The server refused the upload (${status}): ${error.message}`;
+        return status ? `The server answered with status ${status}.` : "The connection to the server was lost.";
+    }
+  }
+
+  function fileOutcome(file) {
+    const err = file.error;
+    if (err) {
+      const words = FILE_ERRORS[err.code] || err.message || err.code;
+      const where = [];
+      if (err.line !== undefined) where.push(`line ${integer.format(err.line)}`);
+      if (err.offset !== undefined) where.push(`byte ${integer.format(err.offset)}`);
+      return { failed: true, text: `Failed: ${words}${where.length ? ` (${where.join(", ")})` : ""}.`, why: err.message };
+    }
+    const skipped = skippedWords(file.skipped || {});
+    return { failed: false, text: skipped ? `Read; skipped ${skipped}.` : "Read.", why: "" };
+  }
+
+  function skippedWords(skipped) {
+    return Object.entries(skipped)
+      .filter(([, n]) => n > 0)
+      .map(([reason, n]) => `${integer.format(n)} ${SKIPPED_REASONS[reason] || reason}`)
+      .join(", ");
+  }
+
+  // ---------------------------------------------------------------------------- the NDJSON answer
+  // Reads the growing responseText of an XMLHttpRequest line by line. Event lines are kept as text (they
+  // are only counted and offered for download), every other line is parsed.
+  class AnswerReader {
+    constructor(onProgress) {
+      this.offset = 0;
+      this.eventLines = [];
+      this.actors = [];
+      this.files = [];
+      this.summary = null;
+      this.error = null;
+      this.onProgress = onProgress;
+    }
+
+    feed(text) {
+      let start = this.offset;
+      let end = text.indexOf("\n", start);
+      while (end >= 0) {
+        if (end > start) this.line(text.slice(start, end + 1));
+        start = end + 1;
+        end = text.indexOf("\n", start);
+      }
+      this.offset = start;
+    }
+
+    line(line) {
+      if (line.startsWith('{"kind":"event"')) {
+        this.eventLines.push(line); // the common case, without the cost of parsing it
+        return;
+      }
+      const value = JSON.parse(line);
+      switch (value.kind) {
+        case "event": this.eventLines.push(line); break;
+        case "progress": this.onProgress(value); break;
+        case "actor": this.actors.push(value); break;
+        case "file": this.files.push(value); break;
+        case "summary": this.summary = value; break;
+        case "error": this.error = value.error; break;
+        default: break; // a kind this page does not know yet: ignored, as the README allows
+      }
+    }
+
+    // The JSON answer the server gives without Accept: application/x-ndjson, rebuilt from the lines.
+    jsonAnswer() {
+      const { kind, ...rest } = this.summary;
+      const answer = {};
+      for (const [key, value] of Object.entries(rest)) {
+        if (key === "ignored") answer.files = this.files.map(({ kind: _, ...file }) => file);
+        answer[key] = value;
+        if (key === "ignored") answer.actors = this.actors.map(({ kind: _, ...actor }) => actor);
+      }
+      return answer;
+    }
+  }
+
+  // -------------------------------------------------------------------------------- one upload card
+  let uploadsMade = 0; // numbers each card's ids
+
+  class Upload {
+    constructor(file) {
+      this.file = file;
+      this.xhr = null;
+      this.timer = null;
+      this.finished = false;
+      this.busyRetries = 0;
+      this.card = document.getElementById("upload-template").content.firstElementChild.cloneNode(true);
+      this.part = (selector) => this.card.querySelector(selector);
+      uploadsMade += 1;
+      const id = `upload-${uploadsMade}`;
+      this.part(".upload-name").id = `${id}-name`;
+      this.card.setAttribute("aria-labelledby", `${id}-name`);
+      this.part(".upload-name").textContent = file.name;
+      this.part(".upload-size").textContent = formatBytes(file.size);
+      this.part(".cancel").setAttribute("aria-label", `Cancel ${file.name}`);
+      this.part(".cancel").addEventListener("click", () => this.cancel());
+      this.part(".retry").addEventListener("click", () => this.retryNow());
+      this.setStatus("Waiting for the uploads before it.");
+      this.done = new Promise((resolve) => { this.resolve = resolve; });
+    }
+
+    setStatus(text) {
+      this.part(".status").textContent = text;
+    }
+
+    start() {
+      if (this.finished) return this.done;
+      this.part(".error").hidden = true;
+      this.part(".phase-process").hidden = true;
+      this.reader = new AnswerReader((p) => this.showProcessing(p));
+      this.sent = { at: performance.now(), bytes: 0, rate: 0 };
+      const xhr = new XMLHttpRequest();
+      this.xhr = xhr;
+      xhr.open("POST", UPLOAD_URL);
+      xhr.setRequestHeader("Accept", "application/x-ndjson");
+      xhr.setRequestHeader("Content-Type", CONTENT_TYPES[extensionOf(this.file.name)]);
+      xhr.upload.addEventListener("progress", (e) => this.showUpload(e.loaded, e.lengthComputable ? e.total : this.file.size));
+      xhr.upload.addEventListener("load", () => this.enterProcessing());
+      xhr.addEventListener("progress", () => this.readAnswer());
+      xhr.addEventListener("load", () => this.answered());
+      xhr.addEventListener("error", () => this.fail(describeError(0, null, this.file)));
+      xhr.addEventListener("abort", () => this.cancelled());
+      this.setStatus("Uploading…");
+      xhr.send(this.file);
+      return this.done;
+    }
+
+    showUpload(loaded, total) {
+      const now = performance.now();
+      const elapsed = (now - this.sent.at) / 1000;
+      if (elapsed >= 0.25) {
+        // Smoothed over the last few readings, so speed and time left do not jump about.
+        const rate = (loaded - this.sent.bytes) / elapsed;
+        this.sent = { at: now, bytes: loaded, rate: this.sent.rate ? 0.7 * this.sent.rate + 0.3 * rate : rate };
+      }
+      const bar = this.part(".bar-upload");
+      bar.max = total || 1;
+      bar.value = loaded;
+      const parts = [`${formatBytes(loaded)} of ${formatBytes(total)} sent (${percent.format(total ? loaded / total : 1)})`];
+      if (this.sent.rate > 0 && loaded < total) {
+        parts.push(`${formatBytes(this.sent.rate)}/s`, `${formatDuration((total - loaded) / this.sent.rate)} left`);
+      }
+      this.part(".detail-upload").textContent = parts.join(" · ");
+    }
+
+    enterProcessing() {
+      this.showUpload(this.file.size, this.file.size);
+      this.part(".phase-process").hidden = false;
+      this.part(".bar-process").removeAttribute("value"); // indeterminate until a progress line arrives
+      this.part(".detail-process").textContent = "Waiting for the server…";
+      this.setStatus("Uploaded; the server is reading the files.");
+    }
+
+    isNdjson() {
+      const type = this.xhr.getResponseHeader("content-type") || "";
+      return this.xhr.status === 200 && type.startsWith("application/x-ndjson");
+    }
+
+    // False (and the card failed) when the answer has a line that is not JSON.
+    feedAnswer() {
+      try {
+        this.reader.feed(this.xhr.responseText);
+        return true;
+      } catch {
+        this.fail("The server's answer could not be read (a line that is not JSON).");
+        this.xhr.abort();
+        return false;
+      }
+    }
+
+    readAnswer() {
+      if (this.finished || !this.isNdjson() || !this.feedAnswer()) return;
+      if (!this.reader.sawProgress) {
+        this.part(".detail-process").textContent = `${integer.format(this.reader.eventLines.length)} events so far`;
+      }
+    }
+
+    showProcessing(p) {
+      this.reader.sawProgress = true;
+      const bar = this.part(".bar-process");
+      const byBytes = p.bytes_total > 0;
+      bar.max = (byBytes ? p.bytes_total : p.files_total) || 1;
+      bar.value = byBytes ? p.bytes_done : p.files_done;
+      const parts = [`${integer.format(p.files_done)} of ${integer.format(p.files_total)} files`];
+      if (byBytes) parts.push(`${formatBytes(p.bytes_done)} of ${formatBytes(p.bytes_total)}`);
+      parts.push(`${integer.format(p.events)} events`);
+      this.part(".detail-process").textContent = parts.join(" · ");
+    }
+
+    answered() {
+      const xhr = this.xhr;
+      if (this.isNdjson()) {
+        if (!this.feedAnswer()) return undefined;
+        if (this.reader.summary) return this.succeed();
+        if (this.reader.error) return this.fail(`The server stopped part-way: ${describeError(200, this.reader.error, this.file)}`);
+        return this.fail("The answer ended before its summary line, so it is incomplete. Try again.");
+      }
+      let error = null;
+      try {
+        error = JSON.parse(xhr.responseText).error;
+      } catch {
+        error = null; // not one of the server's JSON errors (a proxy's page, say): described by status
+      }
+      if (xhr.status === 503 && error && error.code === "SERVER_BUSY") return this.busy(xhr.getResponseHeader("retry-after"));
+      return this.fail(describeError(xhr.status, error, this.file));
+    }
+
+    busy(retryAfter) {
+      this.busyRetries += 1;
+      if (this.busyRetries > MAX_BUSY_RETRIES) {
+        return this.fail(`The server stayed busy through ${integer.format(MAX_BUSY_RETRIES)} tries. Try again later.`);
+      }
+      let left = Math.max(1, Number.parseInt(retryAfter, 10) || 5);
+      this.showError(`The server is busy with other uploads. Retrying in ${formatDuration(left)}…`, true);
+      this.timer = setInterval(() => {
+        left -= 1;
+        if (left <= 0) return this.retryNow();
+        this.part(".error-text").textContent = `The server is busy with other uploads. Retrying in ${formatDuration(left)}…`;
+      }, 1000);
+      this.setStatus("Waiting to retry.");
+    }
+
+    retryNow() {
+      clearInterval(this.timer);
+      this.timer = null;
+      this.start();
+    }
+
+    showError(text, retry) {
+      this.part(".error").hidden = false;
+      this.part(".error-text").textContent = text;
+      this.part(".retry").hidden = !retry;
+    }
+
+    fail(text) {
+      this.finish("Failed.");
+      this.part(".phase-process").hidden = true;
+      this.showError(text, false);
+    }
+
+    cancel() {
+      if (this.timer !== null) {
+        clearInterval(this.timer);
+        this.timer = null;
+        this.part(".error").hidden = true;
+        return this.cancelled();
+      }
+      if (this.xhr) return this.xhr.abort(); // its abort event ends the card
+      return this.cancelled(); // still waiting in the queue
+    }
+
+    cancelled() {
+      if (this.finished) return; // an abort after a failure, not the reader's Cancel
+      this.finish("Cancelled. The server stops its work on this upload when the connection closes.");
+      this.card.classList.add("is-cancelled");
+    }
+
+    finish(status) {
+      this.finished = true;
+      this.setStatus(status);
+      this.part(".cancel").hidden = true;
+      this.card.classList.add("is-finished");
+      this.resolve();
+    }
+
+    succeed() {
+      const { summary } = this.reader;
+      this.finish(`Done: ${integer.format(summary.summary.events)} events read.`);
+      this.part(".phase-process").hidden = true;
+      renderResult(this.card, this.reader, this.file);
+    }
+  }
+
+  // ----------------------------------------------------------------------------------- the result
+  function renderResult(card, reader, file) {
+    const part = (selector) => card.querySelector(selector);
+    const answer = reader.summary;
+    const s = answer.summary;
+    const skipped = Object.values(s.skipped || {}).reduce((a, b) => a + b, 0);
+    const counts = { ...s, skipped };
+    for (const dd of card.querySelectorAll("[data-count]")) {
+      dd.textContent = integer.format(counts[dd.dataset.count] || 0);
+    }
+    const skippedText = skippedWords(s.skipped || {});
+    const timing = answer.timing_ms || {};
+    part(".received").textContent =
+      `${formatBytes(answer.size_bytes)} received as ${answer.content_kind}` +
+      `${skippedText ? `; skipped ${skippedText}` : ""}. ` +
+      `Receiving took ${integer.format(Math.round(timing.receive || 0))} ms, processing ${integer.format(Math.round(timing.process || 0))} ms.`;
+    part(".result").hidden = false; // before the chart, which is drawn to the width it is given
+    const chartId = `${card.getAttribute("aria-labelledby")}-chart`;
+    part(".chart-title").id = chartId;
+    drawChart(part(".chart"), s.event_types || {}, chartId);
+    new ActorsTable(part(".actors"), part(".actor-filter"), part(".actors-shown"), reader.actors);
+    renderFiles(part(".files tbody"), reader.files, answer.ignored || []);
+    const base = file.name.replace(/\.[^.]*$/, "");
+    setDownload(part(".download-json"), [JSON.stringify(reader.jsonAnswer(), null, 2)], "application/json", `${base}.answer.json`);
+    setDownload(part(".download-ndjson"), reader.eventLines, "application/x-ndjson", `${base}.events.ndjson`);
+  }
+
+  function setDownload(link, parts, type, name) {
+    link.href = URL.createObjectURL(new Blob(parts, { type }));
+    link.download = name;
+  }
+
+  // Drawn in the figure's own pixel width, so its text keeps the page's size; drawn again when that
+  // width changes (a rotated phone, a resized window).
+  function drawChart(figure, types, labelledBy) {
+    let drawnWidth = 0;
+    const draw = () => {
+      const width = Math.round(figure.clientWidth);
+      if (width === drawnWidth || width === 0) return;
+      drawnWidth = width;
+      figure.replaceChildren(...eventTypeChart(types, labelledBy, width));
+    };
+    draw();
+    new ResizeObserver(draw).observe(figure);
+  }
+
+  // Event types as horizontal bars: one row per type, its name and count above its bar, so long names
+  // fit a 375 px screen.
+  function eventTypeChart(types, labelledBy, width) {
+    const entries = Object.entries(types).sort((a, b) => b[1] - a[1] || collator.compare(a[0], b[0]));
+    if (entries.length === 0) return [el("p", "No events.")];
+    const row = 32;
+    const max = entries[0][1] || 1;
+    const svg = document.createElementNS(SVG_NS, "svg");
+    svg.setAttribute("viewBox", `0 0 ${width} ${entries.length * row}`);
+    svg.setAttribute("width", String(width));
+    svg.setAttribute("height", String(entries.length * row));
+    svg.setAttribute("role", "img");
+    svg.setAttribute("aria-labelledby", labelledBy);
+    svg.setAttribute("class", "bars");
+    const total = entries.reduce((sum, [, n]) => sum + n, 0);
+    const described = entries.map(([type, n]) => `${type}: ${integer.format(n)}`).join(", ");
+    svg.append(svgNode("desc", { textContent: described }));
+    entries.forEach(([type, n], i) => {
+      const y = i * row;
+      const g = svgNode("g", { class: "bar", "data-type": type, "data-count": String(n) });
+      g.append(
+        svgNode("text", { x: 0, y: y + 13, class: "bar-label", textContent: type }),
+        svgNode("text", { x: width, y: y + 13, class: "bar-value", textContent: `${integer.format(n)} (${percent.format(n / total)})` }),
+        svgNode("rect", { x: 0, y: y + 18, height: 10, rx: 2, width: Math.max(2, (n / max) * width), class: "bar-fill" }),
+      );
+      svg.append(g);
+    });
+    return [svg];
+  }
+
+  function svgNode(tag, attributes) {
+    const node = document.createElementNS(SVG_NS, tag);
+    for (const [name, value] of Object.entries(attributes)) {
+      if (name === "textContent") node.textContent = value;
+      else node.setAttribute(name, String(value));
+    }
+    return node;
+  }
+
+  class ActorsTable {
+    constructor(table, filter, shown, actors) {
+      this.table = table;
+      this.shown = shown;
+      this.actors = actors;
+      this.sort = { key: "events", descending: true };
+      this.query = "";
+      filter.addEventListener("input", () => {
+        this.query = filter.value.trim().toLocaleLowerCase();
+        this.render();
+      });
+      for (const button of table.querySelectorAll("th button")) {
+        button.addEventListener("click", () => this.sortBy(button.dataset.sort));
+      }
+      this.render();
+    }
+
+    sortBy(key) {
+      // A new column starts in its natural order (most events first, logins A to Z); again reverses it.
+      this.sort = key === this.sort.key ? { key, descending: !this.sort.descending } : { key, descending: key === "events" };
+      for (const button of this.table.querySelectorAll("th button")) {
+        const active = button.dataset.sort === key;
+        button.parentElement.setAttribute("aria-sort", active ? (this.sort.descending ? "descending" : "ascending") : "none");
+      }
+      this.render();
+    }
+
+    compare(a, b) {
+      const byLogin = collator.compare(a.login || "", b.login || "");
+      const primary = this.sort.key === "events" ? a.events - b.events || -byLogin : byLogin || b.events - a.events;
+      return this.sort.descending ? -primary : primary;
+    }
+
+    render() {
+      const matching = this.query
+        ? this.actors.filter((a) => (a.login || "").toLocaleLowerCase().includes(this.query))
+        : this.actors.slice();
+      matching.sort((a, b) => this.compare(a, b));
+      const rows = matching.slice(0, ACTORS_SHOWN).map((actor) => {
+        const tr = el("tr");
+        tr.append(el("td", actor.login || `#${actor.id}`), el("td", integer.format(actor.events), "num"));
+        return tr;
+      });
+      this.table.tBodies[0].replaceChildren(...rows);
+      const total = integer.format(this.actors.length);
+      this.shown.textContent = this.query
+        ? `${integer.format(matching.length)} of ${total} actors match; ${matching.length > ACTORS_SHOWN ? `showing the first ${integer.format(ACTORS_SHOWN)}` : "all shown"}.`
+        : `Showing ${integer.format(rows.length)} of ${total} actors.`;
+    }
+  }
+
+  function renderFiles(tbody, files, ignored) {
+    const rows = files.map((file) => {
+      const outcome = fileOutcome(file);
+      const tr = el("tr", null, outcome.failed ? "file-failed" : "");
+      const cell = el("td", outcome.text);
+      if (outcome.why) cell.append(el("span", ` ${outcome.why}`, "why"));
+      tr.append(el("td", file.name, "name"), el("td", formatBytes(file.size_bytes || 0), "num size"),
+        el("td", outcome.failed ? "—" : integer.format(file.events), "num events"), cell);
+      return tr;
+    });
+    for (const item of ignored) {
+      const tr = el("tr", null, "file-ignored");
+      tr.append(el("td", item.name, "name"), el("td", "", "num size"), el("td", "—", "num events"),
+        el("td", `Ignored: ${IGNORED_REASONS[item.reason] || item.reason}.`));
+      rows.push(tr);
+    }
+    tbody.replaceChildren(...rows);
+  }
+
+  // ------------------------------------------------------------------------------ choosing files
+  const queue = [];
+  let running = false;
+
+  async function runQueue() {
+    if (running) return;
+    running = true;
+    while (queue.length > 0) {
+      await queue.shift().start();
+    }
+    running = false;
+  }
+
+  function addFiles(files) {
+    const refused = [];
+    const list = document.getElementById("uploads");
+    for (const file of files) {
+      if (!isAccepted(file)) {
+        refused.push(file.name);
+        continue;
+      }
+      const upload = new Upload(file);
+      list.prepend(upload.card);
+      queue.push(upload);
+    }
+    const message = document.getElementById("refused");
+    message.textContent = refused.length
+      ? `Not uploaded: ${refused.map((n) => `“${n}”`).join(", ")}. Only ${ACCEPTED_TEXT} files are accepted.`
+      : "";
+    runQueue();
+  }
+
+  function setUpDropping() {
+    const zone = document.getElementById("drop-zone");
+    let depth = 0; // dragenter/dragleave fire for every child crossed
+    document.addEventListener("dragenter", (e) => {
+      e.preventDefault();
+      depth += 1;
+      zone.classList.add("is-dragging");
+    });
+    document.addEventListener("dragleave", () => {
+      depth = Math.max(0, depth - 1);
+      if (depth === 0) zone.classList.remove("is-dragging");
+    });
+    document.addEventListener("dragover", (e) => e.preventDefault());
+    document.addEventListener("drop", (e) => {
+      e.preventDefault();
+      depth = 0;
+      zone.classList.remove("is-dragging");
+      if (e.dataTransfer && e.dataTransfer.files.length) addFiles(e.dataTransfer.files);
+    });
+  }
+
+  async function showLimit() {
+    // The server's own limit, to say it before a too-large file is sent (the server still decides).
+    try {
+      const health = await (await fetch(HEALTH_URL, { cache: "no-store" })).json();
+      const limit = health.limits && health.limits.max_upload_bytes;
+      if (limit) document.getElementById("limit").textContent = `, up to ${formatBytes(limit)} each.`;
+    } catch {
+      // No limit shown: the page works without it.
+    }
+  }
+
+  function main() {
+    const input = document.getElementById("file-input");
+    document.getElementById("choose").addEventListener("click", () => input.click());
+    input.addEventListener("change", () => {
+      addFiles(input.files);
+      input.value = ""; // choosing the same file again is a new upload
+    });
+    setUpDropping();
+    showLimit();
+  }
+
+  main();
+})();
