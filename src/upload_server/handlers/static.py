@@ -12,13 +12,10 @@ import hashlib
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from importlib import resources
-from typing import TYPE_CHECKING
 
-from ..http.connection import HttpConnection
-from ..http.messages import Headers, Request, Response
-
-if TYPE_CHECKING:
-    from ..server import ServerState
+from ..http.exchange import Exchange
+from ..http.messages import Headers, Response
+from ..state import ServerState
 
 #: Route path → (file name in ``upload_server/static``, Content-Type). The only files this handler serves.
 STATIC_FILES: Mapping[str, tuple[str, str]] = {
@@ -63,7 +60,7 @@ class StaticFile:
         return "*" in tags or self.etag in tags
 
 
-StaticHandler = Callable[[Request, HttpConnection, "ServerState"], Awaitable[None]]
+StaticHandler = Callable[[Exchange, ServerState], Awaitable[None]]
 
 
 def static_handler(file: StaticFile) -> StaticHandler:
@@ -74,7 +71,8 @@ def static_handler(file: StaticFile) -> StaticHandler:
         (b"etag", file.etag.encode()),
     ]
 
-    async def handle_static(request: Request, conn: HttpConnection, state: ServerState) -> None:
+    async def handle_static(exchange: Exchange, state: ServerState) -> None:
+        request = exchange.request
         # A 304 has no body; its Content-Length states the representation's, as RFC 9110 §8.6 allows.
         not_modified = file.matches(request.header("if-none-match"))
         response = Response(
@@ -83,7 +81,7 @@ def static_handler(file: StaticFile) -> StaticHandler:
             content_type=file.content_type,
             headers=headers,
         )
-        await conn.send_response(response, head_only=not_modified or request.method == "HEAD")
+        await exchange.send_response(response, head_only=not_modified or request.method == "HEAD")
 
     return handle_static
 
