@@ -1,0 +1,465 @@
+"""The upload page in a real browser: Debian's headless Chromium, driven by Playwright, against the real
+server on a real socket.
+
+Playwright's sync API runs in a thread of its own (``in_browser``) while the server keeps serving in the
+test's Trio loop; the browser side reads server state through ``trio.from_thread``. A missing browser fails
+these tests: CI installs it (.ci/run), and a skipped browser test would pass for nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+import trio
+from playwright.sync_api import ConsoleMessage, Locator, Page, expect, sync_playwright
+
+from conftest import RunningServer, StartServer, wait_until
+from events_factory import as_ndjson, make_events, make_zip
+from test_http_protocol import RawClient, assert_no_leftovers, assert_still_serving, upload_head
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+#: Where the result view's screenshots go: ``PAGE_SCREENSHOT_DIR=docs`` refreshes the README's.
+SCREENSHOT_DIR = os.environ.get("PAGE_SCREENSHOT_DIR")
+WAIT_MS = 60_000  # upper bound on any one wait in the page; a passing test is far below it
+
+T = TypeVar("T")
+
+
+@pytest.fixture(autouse=True)
+def chromium_is_installed() -> None:
+    assert CHROMIUM.exists(), (
+        f"{CHROMIUM} is missing: apt-get install chromium chromium-driver (.ci/run does)"
+    )
+
+
+def _run_browser(script: Callable[[Page], T], context_options: dict[str, Any]) -> T:
+    problems: list[str] = []
+
+    def on_console(message: ConsoleMessage) -> None:
+        # Chromium logs every non-2xx answer to an XHR as "Failed to load resource"; the tests cause
+        # those on purpose. Anything else at error level (a CSP violation, an exception) is a defect.
+        if message.type == "error" and not message.text.startswith("Failed to load resource"):
+            problems.append(message.text)
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context(**{"locale": "en-US", **context_options})
+            page = context.new_page()
+            page.set_default_timeout(WAIT_MS)
+            page.on("console", on_console)
+            page.on("pageerror", lambda error: problems.append(f"uncaught: {error}"))
+            result = script(page)
+        finally:
+            browser.close()
+    assert problems == [], problems
+    return result
+
+
+async def in_browser(script: Callable[[Page], T], **context_options: Any) -> T:
+    """Run ``script(page)`` in a fresh headless Chromium (in a thread; the server keeps serving)."""
+    return await trio.to_thread.run_sync(functools.partial(_run_browser, script, context_options))
+
+
+def server_stats(server: RunningServer) -> dict[str, int]:
+    """The server's upload counters and worker jobs, read inside its Trio loop (for the browser thread)."""
+
+    def read() -> dict[str, int]:
+        stats = server.state.stats
+        return {
+            "in_flight": stats.uploads_in_flight,
+            "completed": stats.uploads_completed,
+            "failed": stats.uploads_failed,
+            "jobs_running": server.state.workers.snapshot()["jobs_running"],
+        }
+
+    return trio.from_thread.run_sync(read)
+
+
+# ------------------------------------------------------------------------------------------- data
+@pytest.fixture(scope="module")
+def sample_zip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """GH-Archive-like hours from the project's generator, plus what the result view must explain: a file
+    that is not JSON, a file with events that have no actor, and entries the server ignores."""
+    out = tmp_path_factory.mktemp("page") / "2024-01-01.zip"
+    cmd = [sys.executable, str(ROOT / "loadtest" / "gen_dataset.py"), "--out", str(out), "--kind", "zip"]
+    cmd += ["--events", "3000", "--files", "3", "--seed", "5"]
+    subprocess.run(cmd, check=True, timeout=60, capture_output=True)
+    without_actors, _ = make_events(40, seed=3, without_actor_every=4)
+    with zipfile.ZipFile(out, "a") as archive:
+        archive.writestr("2024-01-01-16.json", b'{"id": "1", "type": "PushEvent"}\n{"id": 2, oops\n')
+        archive.writestr("2024-01-01-17.json", as_ndjson(without_actors))
+        archive.writestr("__MACOSX/._2024-01-01-15-000.json", b"\0")
+        archive.writestr("README.txt", b"not events")
+    return out
+
+
+async def json_answer(server: RunningServer, path: Path) -> dict[str, Any]:
+    """The server's JSON answer for the same file, sent as a plain client would."""
+    async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+        response = await client.post(
+            "/api/v1/upload",
+            content=await trio.Path(path).read_bytes(),
+            headers={"content-type": "application/zip"},
+        )
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def en(number: int) -> str:
+    return f"{number:,}"
+
+
+def de(number: int) -> str:
+    return f"{number:,}".replace(",", ".")
+
+
+def upload_through_page(page: Page, server: RunningServer, path: Path, *, tap: bool = False) -> Locator:
+    """Open the page, choose ``path`` with the keyboard (focus the button, Enter) or a finger; return
+    its card."""
+    page.goto(server.url)
+    button = page.get_by_role("button", name="Choose files…")
+    with page.expect_file_chooser() as chooser:
+        if tap:
+            button.tap()
+        else:
+            button.focus()
+            page.keyboard.press("Enter")
+    chooser.value.set_files(str(path))
+    return page.locator("article.upload").first
+
+
+# ------------------------------------------------------------------------------------ the result
+async def test_a_zip_uploaded_through_the_page_shows_the_servers_answer(
+    start_server: StartServer, sample_zip: Path, tmp_path: Path
+) -> None:
+    server = await start_server()
+    expected = await json_answer(server, sample_zip)
+    shots = Path(SCREENSHOT_DIR) if SCREENSHOT_DIR else tmp_path
+
+    def script(page: Page) -> dict[str, Any]:
+        page.set_viewport_size({"width": 1000, "height": 900})
+        card = upload_through_page(page, server, sample_zip)
+        expect(card.locator(".result")).to_be_visible()
+        shown = read_result(card)
+        for scheme in ("light", "dark"):
+            page.emulate_media(color_scheme=scheme)
+            card.screenshot(path=shots / f"page-result-{scheme}.png")
+        shown["downloads"] = read_downloads(page, card)
+        shown["sorting"] = exercise_actor_table(card, expected["actors"])
+        return shown
+
+    shown = await in_browser(script)
+    summary = expected["summary"]
+    skipped = sum(summary["skipped"].values())
+    assert skipped > 0 and summary["files_failed"] == 1 and summary["files_ignored"] == 2
+    assert shown["status"] == f"Done: {en(summary['events'])} events read."
+    assert shown["counts"] == {
+        key: en(summary[key]) for key in ("events", "unique_actors", "files", "files_failed", "files_ignored")
+    } | {"skipped": en(skipped)}
+    assert shown["bars"] == {name: (n, f"{en(n)} (") for name, n in summary["event_types"].items()}
+    _assert_tables(shown, expected)
+    _assert_downloads(shown["downloads"], expected)
+    for scheme in ("light", "dark"):
+        assert (shots / f"page-result-{scheme}.png").read_bytes().startswith(b"\x89PNG")
+
+
+def read_result(card: Locator) -> dict[str, Any]:
+    bars = {}
+    for bar in card.locator("g.bar").all():
+        value = bar.locator(".bar-value").text_content() or ""
+        bars[bar.get_attribute("data-type")] = (
+            int(bar.get_attribute("data-count") or -1),
+            value[: value.index("(") + 1],
+        )
+    return {
+        "status": card.locator(".status").inner_text(),
+        "counts": {
+            dd.get_attribute("data-count"): dd.inner_text() for dd in card.locator("dd[data-count]").all()
+        },
+        "bars": bars,
+        "actors": [
+            row.locator("td").all_inner_texts() for row in card.locator("table.actors tbody tr").all()
+        ],
+        "actors_shown": card.locator(".actors-shown").inner_text(),
+        "files": [row.locator("td").all_inner_texts() for row in card.locator("table.files tbody tr").all()],
+    }
+
+
+def read_downloads(page: Page, card: Locator) -> dict[str, Any]:
+    texts = {}
+    for link in ("download-json", "download-ndjson"):
+        with page.expect_download() as download:
+            card.locator(f".{link}").click()
+        texts[link] = (download.value.suggested_filename, Path(download.value.path()).read_text())
+    return texts
+
+
+def _assert_tables(shown: dict[str, Any], expected: dict[str, Any]) -> None:
+    actors = sorted(expected["actors"], key=lambda a: -a["events"])
+    assert len(shown["actors"]) == min(100, len(actors))
+    assert shown["actors"][0][1] == en(actors[0]["events"])
+    assert [int(events.replace(",", "")) for _, events in shown["actors"]] == [
+        a["events"] for a in actors[:100]
+    ]
+    by_login = {a["login"]: a["events"] for a in expected["actors"]}
+    assert all(by_login[login] == int(events.replace(",", "")) for login, events in shown["actors"])
+    assert shown["actors_shown"] == f"Showing 100 of {en(len(actors))} actors."
+    rows = {row[0]: row for row in shown["files"]}
+    assert set(rows) == {f["name"] for f in expected["files"]} | {i["name"] for i in expected["ignored"]}
+    for file in expected["files"]:
+        if file["error"] is None:
+            assert rows[file["name"]][2] == en(file["events"])
+    assert rows["2024-01-01-16.json"][3].startswith("Failed: not valid JSON (line 2, byte ")
+    assert rows["2024-01-01-17.json"][3] == "Read; skipped 10 events without an actor."
+    assert rows["README.txt"][3] == "Ignored: not named .json, .ndjson or .jsonl."
+    assert rows["__MACOSX/._2024-01-01-15-000.json"][3] == "Ignored: macOS metadata."
+    assert shown["sorting"]["events_ascending"][0] == min(a["events"] for a in actors)
+    assert shown["sorting"]["events_ascending"] == sorted(shown["sorting"]["events_ascending"])
+    assert shown["sorting"]["login_sorted"] and shown["sorting"]["login_first_is_least"]
+    bots = [a for a in actors if "bot" in a["login"].lower()]
+    assert shown["sorting"]["filtered"] == (
+        f"{en(len(bots))} of {en(len(actors))} actors match; all shown.",
+        True,
+    )
+
+
+def _assert_downloads(downloads: dict[str, Any], expected: dict[str, Any]) -> None:
+    name, text = downloads["download-json"]
+    assert name == "2024-01-01.answer.json"
+    answer = json.loads(text)
+    volatile = {"upload_id", "timing_ms"}
+    assert list(answer) == list(expected)  # the same document, keys in the same order
+    assert {k: v for k, v in answer.items() if k not in volatile} == {
+        k: v for k, v in expected.items() if k not in volatile
+    }
+    name, text = downloads["download-ndjson"]
+    assert name == "2024-01-01.events.ndjson"
+    lines = [json.loads(line) for line in text.splitlines()]
+    assert len(lines) == expected["summary"]["events"]
+    assert {line["kind"] for line in lines} == {"event"}
+
+
+def exercise_actor_table(card: Locator, actors: list[dict[str, Any]]) -> dict[str, Any]:
+    """Sort with the keyboard (focus a column's button, Enter) and filter; report what the table showed."""
+    events = card.get_by_role("button", name="Events")
+    events.focus()
+    events.press("Enter")
+    expect(events.locator("xpath=..")).to_have_attribute("aria-sort", "ascending")
+    ascending = [int(t.replace(",", "")) for t in card.locator("table.actors tbody td.num").all_inner_texts()]
+    login = card.get_by_role("button", name="Login")
+    login.focus()
+    login.press("Enter")
+    expect(login.locator("xpath=..")).to_have_attribute("aria-sort", "ascending")
+    expect(events.locator("xpath=..")).to_have_attribute("aria-sort", "none")
+    logins = card.locator("table.actors tbody tr td:first-child").all_inner_texts()
+    compare = "(a, b) => a.localeCompare(b, undefined, {sensitivity: 'base', numeric: true})"
+    # Sorted by the page's own rule, and its first row is the least of *all* actors, not of the top 100.
+    ordered = card.evaluate(
+        f"(_, logins) => logins.every((l, i) => i === 0 || ({compare})(logins[i - 1], l) <= 0)", logins
+    )
+    least = card.evaluate(
+        f"(_, all) => all.reduce((m, l) => ({compare})(l, m) < 0 ? l : m)", [a["login"] for a in actors]
+    )
+    card.get_by_label("Filter by login").fill("BOT")
+    rows = card.locator("table.actors tbody tr td:first-child").all_inner_texts()
+    filtered = (card.locator(".actors-shown").inner_text(), all("bot" in r.lower() for r in rows))
+    return {
+        "events_ascending": ascending,
+        "login_sorted": ordered,
+        "login_first_is_least": logins[0] == least,
+        "filtered": filtered,
+    }
+
+
+# ---------------------------------------------------------------------------- a phone, in German
+async def test_a_375_px_screen_in_german_fits_and_formats_numbers_for_its_reader(
+    start_server: StartServer, sample_zip: Path, tmp_path: Path
+) -> None:
+    server = await start_server()
+    expected = await json_answer(server, sample_zip)
+    shots = Path(SCREENSHOT_DIR) if SCREENSHOT_DIR else tmp_path
+
+    def script(page: Page) -> tuple[int, list[str], dict[str, Any]]:
+        card = upload_through_page(page, server, sample_zip, tap=True)
+        expect(card.locator(".result")).to_be_visible()
+        page.screenshot(path=shots / "page-result-375.png", full_page=True)
+        width = page.evaluate("document.documentElement.scrollWidth")
+        # Anything drawn past the right edge (outside a scrolling region) would need a sideways scroll.
+        sticking_out = page.evaluate(
+            """() => [...document.querySelectorAll('body *')]
+                 .filter(e => e.getBoundingClientRect().right > innerWidth + 0.5)
+                 .map(e => `${e.tagName.toLowerCase()}.${e.getAttribute('class') || ''}`)"""
+        )
+        return width, sticking_out, read_result(card)
+
+    width, sticking_out, shown = await in_browser(
+        script, viewport={"width": 375, "height": 812}, locale="de-DE", is_mobile=True, has_touch=True
+    )
+    assert width <= 375
+    assert sticking_out == []
+    summary = expected["summary"]
+    assert summary["events"] >= 1000  # so that the grouping separator shows
+    assert shown["counts"]["events"] == de(summary["events"])
+    assert shown["counts"]["unique_actors"] == de(summary["unique_actors"])
+    assert shown["status"] == f"Done: {de(summary['events'])} events read."
+    assert shown["bars"] == {name: (n, f"{de(n)} (") for name, n in summary["event_types"].items()}
+
+
+# ----------------------------------------------------------------------------------------- cancel
+def poll(predicate: Callable[[], bool], within: float = 30.0) -> None:
+    """In the browser thread: wait for server state to reach ``predicate``; fail after ``within``."""
+    deadline = trio.from_thread.run_sync(trio.current_time) + within
+    while not predicate():
+        assert trio.from_thread.run_sync(trio.current_time) < deadline, "the server never got there"
+        trio.from_thread.run(trio.sleep, 0.02)
+
+
+async def test_cancel_aborts_the_upload_and_the_server_lets_it_go(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    server = await start_server()
+    big = tmp_path / "big.zip"
+    big.write_bytes(make_zip({"big.json": os.urandom(8 << 20)}, zipfile.ZIP_STORED))
+
+    def script(page: Page) -> tuple[str, str, bool]:
+        page.goto(server.url)
+        # 1 MiB/s up: the 8 MiB upload is still going when Cancel is pressed.
+        cdp = page.context.new_cdp_session(page)
+        cdp.send("Network.enable")
+        conditions = {"offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": 1 << 20}
+        cdp.send("Network.emulateNetworkConditions", conditions)
+        page.set_input_files("#file-input", str(big))
+        card = page.locator("article.upload").first
+        poll(lambda: server_stats(server)["in_flight"] == 1 and bool(server.leftover_files()))
+        expect(card.locator(".detail-upload")).to_contain_text("left")
+        during = card.locator(".detail-upload").inner_text()
+        card.get_by_role("button", name="Cancel big.zip").press("Enter")
+        expect(card.locator(".status")).to_contain_text("Cancelled")
+        return during, card.locator(".status").inner_text(), card.locator(".cancel").is_hidden()
+
+    during, status, cancel_hidden = await in_browser(script)
+    assert " of 8 MiB sent (" in during and "/s · " in during, during
+    assert status == "Cancelled. The server stops its work on this upload when the connection closes."
+    assert cancel_hidden
+    await wait_until(lambda: server.state.stats.uploads_in_flight == 0, within=10)
+    assert (server.state.stats.uploads_completed, server.state.stats.uploads_failed) == (0, 1)
+    assert server.state.workers.snapshot()["jobs_running"] == 0
+    await assert_no_leftovers(server)
+    await assert_still_serving(server)
+
+
+# ----------------------------------------------------------------------------------------- refusals
+async def test_a_name_not_accepted_is_refused_before_upload_and_unknown_content_gets_415(
+    server: RunningServer, tmp_path: Path
+) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not events")
+    fake = tmp_path / "events.json"
+    fake.write_bytes(b"hello, this is not JSON\n")
+
+    def script(page: Page) -> dict[str, Any]:
+        page.goto(server.url)
+        page.set_input_files("#file-input", str(notes))
+        refused = page.locator("#refused")
+        expect(refused).to_contain_text("notes.txt")
+        seen = {"refused": refused.inner_text(), "cards": page.locator("article.upload").count()}
+        seen["stats_after_refusal"] = server_stats(server)
+        page.set_input_files("#file-input", str(fake))
+        card = page.locator("article.upload").first
+        expect(card.locator(".error")).to_be_visible()
+        seen |= {
+            "error": card.locator(".error-text").inner_text(),
+            "status": card.locator(".status").inner_text(),
+        }
+        seen["refused_after"] = refused.inner_text()
+        return seen
+
+    seen = await in_browser(script)
+    assert (
+        seen["refused"]
+        == "Not uploaded: “notes.txt”. Only .zip, .gz, .json, .ndjson or .jsonl files are accepted."
+    )
+    assert seen["cards"] == 0
+    assert seen["stats_after_refusal"] == {"in_flight": 0, "completed": 0, "failed": 0, "jobs_running": 0}
+    assert seen["error"] == (
+        "The server did not recognise this file as a ZIP archive, a gzip file or JSON text. "
+        "It judges by the first bytes, not by the name."
+    )
+    assert seen["status"] == "Failed."
+    assert seen["refused_after"] == ""
+    assert server.state.stats.uploads_failed == 1
+    await assert_no_leftovers(server)
+
+
+async def test_a_file_over_the_limit_gets_413_with_the_limit_in_words(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    server = await start_server(max_upload_bytes=64 * 1024)
+    big = tmp_path / "hour.json"
+    big.write_bytes(b"[" + b" " * (256 * 1024 - 2) + b"]")
+
+    def script(page: Page) -> tuple[str, str]:
+        page.goto(server.url)
+        expect(page.locator("#limit")).to_have_text(", up to 64 KiB each.")
+        page.set_input_files("#file-input", str(big))
+        error = page.locator("article.upload .error-text")
+        expect(error).to_be_visible()
+        return error.inner_text(), page.locator("#accepted").inner_text()
+
+    error, accepted = await in_browser(script)
+    assert error == "This file is 256 KiB; the server accepts at most 64 KiB in one upload."
+    assert accepted == "Accepted: .zip, .gz, .json, .ndjson, .jsonl, up to 64 KiB each."
+    await assert_no_leftovers(server)
+    await assert_still_serving(server)
+
+
+async def test_a_busy_server_gets_a_countdown_from_retry_after_then_a_retry(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    server = await start_server(max_concurrent_uploads=1)
+    events, truth = make_events(20, seed=1)
+    hour = tmp_path / "hour.ndjson"
+    body = as_ndjson(events)
+    hour.write_bytes(body)
+    holder = await RawClient.connect(server)  # takes the one upload slot and keeps it
+    await holder.send(upload_head(len(body)) + body[:10])
+    await wait_until(lambda: server.state.stats.uploads_in_flight == 1)
+
+    def script(page: Page) -> tuple[str, str]:
+        page.goto(server.url)
+        page.set_input_files("#file-input", str(hour))
+        card = page.locator("article.upload").first
+        expect(card.locator(".error-text")).to_be_visible()
+        busy = card.locator(".error-text").inner_text()
+        expect(card.get_by_role("button", name="Retry now")).to_be_visible()
+        trio.from_thread.run(holder.send, body[10:])  # the slot frees once that upload is answered
+        expect(card.locator(".result")).to_be_visible()
+        return busy, card.locator("dd[data-count=events]").inner_text()
+
+    busy, shown_events = await in_browser(script)
+    assert busy == "The server is busy with other uploads. Retrying in 1 second…"
+    assert shown_events == en(truth.events)
+    assert (await holder.read_response()).status == 200
+    await holder.aclose()
