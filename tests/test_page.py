@@ -463,3 +463,42 @@ async def test_a_busy_server_gets_a_countdown_from_retry_after_then_a_retry(
     assert shown_events == en(truth.events)
     assert (await holder.read_response()).status == 200
     await holder.aclose()
+
+
+async def test_files_dropped_on_the_page_are_sorted_into_uploads_and_refusals(server: RunningServer) -> None:
+    events, truth = make_events(30, seed=2)
+
+    def script(page: Page) -> dict[str, Any]:
+        page.goto(server.url)
+        # What a drop from a file manager delivers: a DataTransfer holding File objects.
+        drop = page.evaluate_handle(
+            """(text) => {
+                 const data = new DataTransfer();
+                 data.items.add(new File([text], "hour.ndjson", {type: ""}));
+                 data.items.add(new File(["\\x89PNG"], "photo.png", {type: "image/png"}));
+                 return data;
+               }""",
+            as_ndjson(events).decode(),
+        )
+        zone = page.locator("#drop-zone")
+        zone.dispatch_event("dragenter", {"dataTransfer": drop})
+        dragging = "is-dragging" in (zone.get_attribute("class") or "")
+        zone.dispatch_event("drop", {"dataTransfer": drop})
+        card = page.locator("article.upload").first
+        expect(card.locator(".result")).to_be_visible()
+        return {
+            "dragging": dragging,
+            "after_drop": zone.get_attribute("class"),
+            "cards": page.locator("article.upload").count(),
+            "name": card.locator(".upload-name").inner_text(),
+            "events": card.locator("dd[data-count=events]").inner_text(),
+            "refused": page.locator("#refused").inner_text(),
+        }
+
+    seen = await in_browser(script)
+    assert seen["dragging"] and seen["after_drop"] == "drop-zone"
+    assert (seen["cards"], seen["name"], seen["events"]) == (1, "hour.ndjson", en(truth.events))
+    assert (
+        seen["refused"]
+        == "Not uploaded: “photo.png”. Only .zip, .gz, .json, .ndjson or .jsonl files are accepted."
+    )
