@@ -115,6 +115,12 @@ def sample_zip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture
+def shots(tmp_path: Path) -> Path:
+    """Where screenshots go: the test's temp dir, or ``PAGE_SCREENSHOT_DIR`` when set."""
+    return Path(SCREENSHOT_DIR) if SCREENSHOT_DIR else tmp_path
+
+
 async def json_answer(server: RunningServer, path: Path) -> dict[str, Any]:
     """The server's JSON answer for the same file, sent as a plain client would."""
     async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
@@ -152,11 +158,10 @@ def upload_through_page(page: Page, server: RunningServer, path: Path, *, tap: b
 
 # ------------------------------------------------------------------------------------ the result
 async def test_a_zip_uploaded_through_the_page_shows_the_servers_answer(
-    start_server: StartServer, sample_zip: Path, tmp_path: Path
+    start_server: StartServer, sample_zip: Path, shots: Path
 ) -> None:
     server = await start_server()
     expected = await json_answer(server, sample_zip)
-    shots = Path(SCREENSHOT_DIR) if SCREENSHOT_DIR else tmp_path
 
     def script(page: Page) -> dict[str, Any]:
         page.set_viewport_size({"width": 1000, "height": 900})
@@ -295,11 +300,10 @@ def exercise_actor_table(card: Locator, actors: list[dict[str, Any]]) -> dict[st
 
 # ---------------------------------------------------------------------------- a phone, in German
 async def test_a_375_px_screen_in_german_fits_and_formats_numbers_for_its_reader(
-    start_server: StartServer, sample_zip: Path, tmp_path: Path
+    start_server: StartServer, sample_zip: Path, shots: Path
 ) -> None:
     server = await start_server()
     expected = await json_answer(server, sample_zip)
-    shots = Path(SCREENSHOT_DIR) if SCREENSHOT_DIR else tmp_path
 
     def script(page: Page) -> tuple[int, list[str], dict[str, Any]]:
         card = upload_through_page(page, server, sample_zip, tap=True)
