@@ -253,7 +253,7 @@
 
     start() {
       if (this.finished) return this.done;
-      this.part(".error").hidden = true;
+      this.showError("", false);
       this.part(".phase-process").hidden = true;
       this.reader = new AnswerReader((p) => this.showProcessing(p));
       this.lastRead = 0;
@@ -384,7 +384,6 @@
     }
 
     showError(text, retry) {
-      this.part(".error").hidden = false;
       this.part(".error-text").textContent = text;
       this.part(".retry").hidden = !retry;
     }
@@ -399,7 +398,7 @@
       if (this.timer !== null) {
         clearInterval(this.timer);
         this.timer = null;
-        this.part(".error").hidden = true;
+        this.showError("", false);
         return this.cancelled();
       }
       if (this.xhr) return this.xhr.abort(); // its abort event ends the card
