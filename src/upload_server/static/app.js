@@ -124,6 +124,9 @@
       case "PROCESSING_TIMEOUT":
         return `Processing took longer than the server allows (${formatDuration(d.process_timeout_s)}); it stopped the work.`;
       case "INSUFFICIENT_STORAGE":
+        if (d.reason === "spool_budget" && d.spool_budget) {
+          return `This file is ${formatBytes(file.size)}; the server's storage for uploads holds ${formatBytes(d.spool_budget)} in all.`;
+        }
         return "The server ran out of disk space while receiving this file.";
       case "WORKER_CRASHED":
         return "A worker process of the server died while reading this file. Trying again may work.";
@@ -131,6 +134,15 @@
         if (error && error.message) return `The server refused the upload (${status}): ${error.message}`;
         return status ? `The server answered with status ${status}.` : "The connection to the server was lost.";
     }
+  }
+
+  // Why a 503 that carries Retry-After came; the page then counts down and tries again.
+  function busyWords(error) {
+    const d = (error && error.detail) || {};
+    if (error && error.code === "QUEUE_TIMEOUT") return "The upload waited longer than the server allows for a free worker.";
+    if (d.reason === "spool_budget") return "The server's storage for uploads is taken by uploads in progress.";
+    if (d.reason === "queue_full") return "More uploads are waiting for the server's workers than it lets wait.";
+    return "The server is busy with other uploads.";
   }
 
   function fileOutcome(file) {
@@ -358,21 +370,24 @@
       } catch {
         error = null; // not one of the server's JSON errors (a proxy's page, say): described by status
       }
-      if (xhr.status === 503 && error && error.code === "SERVER_BUSY") return this.busy(xhr.getResponseHeader("retry-after"));
+      const retryAfter = xhr.getResponseHeader("retry-after");
+      if (xhr.status === 503 && retryAfter) return this.busy(busyWords(error), retryAfter);
       return this.fail(describeError(xhr.status, error, this.file));
     }
 
-    busy(retryAfter) {
+    busy(why, retryAfter) {
       this.busyRetries += 1;
       if (this.busyRetries > MAX_BUSY_RETRIES) {
-        return this.fail(`The server stayed busy through ${integer.format(MAX_BUSY_RETRIES)} tries. Try again later.`);
+        return this.fail(`${why} It stayed so through ${integer.format(MAX_BUSY_RETRIES)} tries; try again later.`);
       }
-      let left = Math.max(1, Number.parseInt(retryAfter, 10) || 5);
-      this.showError(`The server is busy with other uploads. Retrying in ${formatDuration(left)}…`, true);
+      // Retry-After in seconds (the server's form) or an HTTP date.
+      const seconds = /^\d+$/.test(retryAfter) ? Number(retryAfter) : (Date.parse(retryAfter) - Date.now()) / 1000;
+      let left = Math.max(1, Math.ceil(seconds) || 5);
+      this.showError(`${why} Retrying in ${formatDuration(left)}…`, true);
       this.timer = setInterval(() => {
         left -= 1;
         if (left <= 0) return this.retryNow();
-        this.part(".error-text").textContent = `The server is busy with other uploads. Retrying in ${formatDuration(left)}…`;
+        this.part(".error-text").textContent = `${why} Retrying in ${formatDuration(left)}…`;
       }, 1000);
       this.setStatus("Waiting to retry.");
     }
