@@ -39,6 +39,10 @@
     return `${unit === 0 ? integer.format(value) : oneDecimal.format(value)} ${BYTE_UNITS[unit]}`;
   }
 
+  function ms(milliseconds) {
+    return `${integer.format(Math.round(milliseconds || 0))} ms`;
+  }
+
   function formatDuration(s) {
     if (!Number.isFinite(s)) return "";
     return s < 90 ? seconds.format(Math.ceil(s)) : minutes.format(Math.round(s / 60));
@@ -457,7 +461,7 @@
     part(".received").textContent =
       `${formatBytes(answer.size_bytes)} received as ${answer.content_kind}` +
       `${skippedText ? `; skipped ${skippedText}` : ""}. ` +
-      `Receiving took ${integer.format(Math.round(timing.receive || 0))} ms, processing ${integer.format(Math.round(timing.process || 0))} ms.`;
+      `Receiving took ${ms(timing.receive)}, ${timing.queue ? `waiting for a worker ${ms(timing.queue)}, ` : ""}processing ${ms(timing.process)}.`;
     part(".result").hidden = false; // before the chart, which is drawn to the width it is given
     const chartId = `${card.getAttribute("aria-labelledby")}-chart`;
     part(".chart-title").id = chartId;
