@@ -453,7 +453,7 @@
     const s = answer.summary;
     const skipped = Object.values(s.skipped || {}).reduce((a, b) => a + b, 0);
     const counts = { ...s, skipped };
-    for (const dd of card.querySelectorAll("[data-count]")) {
+    for (const dd of card.querySelectorAll("dd[data-count]")) {
       dd.textContent = integer.format(counts[dd.dataset.count] || 0);
     }
     const skippedText = skippedWords(s.skipped || {});
