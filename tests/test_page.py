@@ -99,6 +99,14 @@ def server_stats(server: RunningServer) -> dict[str, int]:
     return trio.from_thread.run_sync(read)
 
 
+def throttle(page: Page, *, up: int = -1, down: int = -1) -> None:
+    """Chromium's own network emulation: at most ``up`` / ``down`` bytes a second (-1: no limit)."""
+    cdp = page.context.new_cdp_session(page)
+    cdp.send("Network.enable")
+    conditions = {"offline": False, "latency": 0, "downloadThroughput": down, "uploadThroughput": up}
+    cdp.send("Network.emulateNetworkConditions", conditions)
+
+
 # ------------------------------------------------------------------------------------------- data
 @pytest.fixture(scope="module")
 def sample_zip(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -322,16 +330,7 @@ async def test_the_processing_bar_follows_the_progress_lines(
 
     def script(page: Page) -> list[list[Any]]:
         page.goto(server.url)
-        # The answer (about 1 MB) comes in at 256 KiB/s, so the page reads it in several pieces.
-        cdp = page.context.new_cdp_session(page)
-        cdp.send("Network.enable")
-        conditions = {
-            "offline": False,
-            "latency": 0,
-            "downloadThroughput": 256 * 1024,
-            "uploadThroughput": -1,
-        }
-        cdp.send("Network.emulateNetworkConditions", conditions)
+        throttle(page, down=256 * 1024)  # the answer (about 1 MB) is read in several pieces
         page.evaluate(WATCH_PROGRESS)
         page.set_input_files("#file-input", str(sample_zip))
         expect(page.locator("article.upload .result")).to_be_visible()
@@ -402,11 +401,7 @@ async def test_cancel_aborts_the_upload_and_the_server_lets_it_go(
 
     def script(page: Page) -> tuple[str, float, str, bool]:
         page.goto(server.url)
-        # 1 MiB/s up: the 8 MiB upload is still going when Cancel is pressed.
-        cdp = page.context.new_cdp_session(page)
-        cdp.send("Network.enable")
-        conditions = {"offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": 1 << 20}
-        cdp.send("Network.emulateNetworkConditions", conditions)
+        throttle(page, up=1 << 20)  # the 8 MiB upload is still going when Cancel is pressed
         page.set_input_files("#file-input", str(big))
         card = page.locator("article.upload").first
         poll(lambda: server_stats(server)["in_flight"] == 1 and bool(server.leftover_files()))
@@ -423,6 +418,29 @@ async def test_cancel_aborts_the_upload_and_the_server_lets_it_go(
     assert 0 < sent < 1
     assert status == "Cancelled. The server stops its work on this upload when the connection closes."
     assert cancel_hidden
+    await wait_until(lambda: server.state.stats.uploads_in_flight == 0, within=10)
+    assert (server.state.stats.uploads_completed, server.state.stats.uploads_failed) == (0, 1)
+    assert server.state.workers.snapshot()["jobs_running"] == 0
+    await assert_no_leftovers(server)
+    await assert_still_serving(server)
+
+
+async def test_cancel_while_the_answer_streams_ends_the_servers_work_too(
+    start_server: StartServer, sample_zip: Path
+) -> None:
+    server = await start_server()
+
+    def script(page: Page) -> None:
+        page.goto(server.url)
+        throttle(page, down=32 * 1024)  # the 1 MB answer would take half a minute to arrive
+        page.set_input_files("#file-input", str(sample_zip))
+        card = page.locator("article.upload").first
+        expect(card.locator(".detail-process")).to_contain_text(" of 5 files")
+        assert server_stats(server)["in_flight"] == 1
+        card.get_by_role("button", name=f"Cancel {sample_zip.name}").press("Enter")
+        expect(card.get_by_role("status")).to_contain_text("Cancelled")
+
+    await in_browser(script)
     await wait_until(lambda: server.state.stats.uploads_in_flight == 0, within=10)
     assert (server.state.stats.uploads_completed, server.state.stats.uploads_failed) == (0, 1)
     assert server.state.workers.snapshot()["jobs_running"] == 0
