@@ -461,7 +461,7 @@
     part(".received").textContent =
       `${formatBytes(answer.size_bytes)} received as ${answer.content_kind}` +
       `${skippedText ? `; skipped ${skippedText}` : ""}. ` +
-      `Receiving took ${ms(timing.receive)}, ${timing.queue ? `waiting for a worker ${ms(timing.queue)}, ` : ""}processing ${ms(timing.process)}.`;
+      `Receiving took ${ms(timing.receive)}, ${Math.round(timing.queue || 0) > 0 ? `waiting for a worker ${ms(timing.queue)}, ` : ""}processing ${ms(timing.process)}.`;
     part(".result").hidden = false; // before the chart, which is drawn to the width it is given
     const chartId = `${card.getAttribute("aria-labelledby")}-chart`;
     part(".chart-title").id = chartId;
