@@ -278,12 +278,12 @@ def _assert_downloads(downloads: dict[str, Any], expected: dict[str, Any]) -> No
 
 def exercise_actor_table(card: Locator, actors: list[dict[str, Any]]) -> dict[str, Any]:
     """Sort with the keyboard (focus a column's button, Enter) and filter; report what the table showed."""
-    events = card.get_by_role("button", name="Events")
+    events = card.get_by_role("button", name="Events", exact=True)
     events.focus()
     events.press("Enter")
     expect(events.locator("xpath=..")).to_have_attribute("aria-sort", "ascending")
     ascending = [int(t.replace(",", "")) for t in card.locator("table.actors tbody td.num").all_inner_texts()]
-    login = card.get_by_role("button", name="Login")
+    login = card.get_by_role("button", name="Login", exact=True)
     login.focus()
     login.press("Enter")
     expect(login.locator("xpath=..")).to_have_attribute("aria-sort", "ascending")
