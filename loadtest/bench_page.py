@@ -21,19 +21,10 @@ import time
 from playwright.sync_api import Page, expect, sync_playwright
 
 import harness
-from harness import load_average, median
+from harness import ROOT, load_average, median
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
+sys.path.insert(0, str(ROOT / "tests"))
+from browser import launch
 
 
 def through_page(page: Page, url: str, dataset: harness.Dataset, timeout_s: float) -> tuple[float, int]:
@@ -69,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         harness.running_server("ours", harness.server_command("ours", tmp_dir, args.workers)) as server,
         sync_playwright() as playwright,
     ):
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = launch(playwright)
         try:
             page = browser.new_page()
             for round_no in range(1, args.rounds + 1):

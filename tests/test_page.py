@@ -24,23 +24,13 @@ import pytest
 import trio
 from playwright.sync_api import ConsoleMessage, Locator, Page, expect, sync_playwright
 
+from browser import CHROMIUM, launch
 from conftest import RunningServer, StartServer, wait_until
 from events_factory import as_ndjson, make_events, make_zip
 from test_http_protocol import RawClient, assert_no_leftovers, assert_still_serving, upload_head
 from test_uploads import events_json
 
 ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 #: Where the result view's screenshots go: ``PAGE_SCREENSHOT_DIR=docs`` refreshes the README's.
 SCREENSHOT_DIR = os.environ.get("PAGE_SCREENSHOT_DIR")
 WAIT_MS = 60_000  # upper bound on any one wait in the page; a passing test is far below it
@@ -65,7 +55,7 @@ def _run_browser(script: Callable[[Page], T], context_options: dict[str, Any]) -
             problems.append(message.text)
 
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        browser = launch(playwright)
         try:
             context = browser.new_context(**{"locale": "en-US", **context_options})
             page = context.new_page()
@@ -392,6 +382,16 @@ def poll(predicate: Callable[[], bool], within: float = 30.0) -> None:
         trio.from_thread.run(trio.sleep, 0.02)
 
 
+async def assert_let_go(server: RunningServer) -> None:
+    """After a Cancel: nothing in flight, the upload counted as failed, no worker busy, no temp file, and
+    the server still answers."""
+    await wait_until(lambda: server.state.stats.uploads_in_flight == 0, within=10)
+    assert (server.state.stats.uploads_completed, server.state.stats.uploads_failed) == (0, 1)
+    assert server.state.workers.snapshot()["jobs_running"] == 0
+    await assert_no_leftovers(server)
+    await assert_still_serving(server)
+
+
 async def test_cancel_aborts_the_upload_and_the_server_lets_it_go(
     start_server: StartServer, tmp_path: Path
 ) -> None:
@@ -418,11 +418,7 @@ async def test_cancel_aborts_the_upload_and_the_server_lets_it_go(
     assert 0 < sent < 1
     assert status == "Cancelled. The server stops its work on this upload when the connection closes."
     assert cancel_hidden
-    await wait_until(lambda: server.state.stats.uploads_in_flight == 0, within=10)
-    assert (server.state.stats.uploads_completed, server.state.stats.uploads_failed) == (0, 1)
-    assert server.state.workers.snapshot()["jobs_running"] == 0
-    await assert_no_leftovers(server)
-    await assert_still_serving(server)
+    await assert_let_go(server)
 
 
 async def test_cancel_while_the_answer_streams_ends_the_servers_work_too(
@@ -441,11 +437,7 @@ async def test_cancel_while_the_answer_streams_ends_the_servers_work_too(
         expect(card.get_by_role("status")).to_contain_text("Cancelled")
 
     await in_browser(script)
-    await wait_until(lambda: server.state.stats.uploads_in_flight == 0, within=10)
-    assert (server.state.stats.uploads_completed, server.state.stats.uploads_failed) == (0, 1)
-    assert server.state.workers.snapshot()["jobs_running"] == 0
-    await assert_no_leftovers(server)
-    await assert_still_serving(server)
+    await assert_let_go(server)
 
 
 # ----------------------------------------------------------------------------------------- refusals
