@@ -177,7 +177,7 @@ async def test_queued_gauge_and_draining(start_server: StartServer) -> None:
     )
     server.state.shutdown()
     # The listener is closed now: read the page the way the handler makes it.
-    server.state.metrics.refresh(server.state)
+    server.state.metrics.refresh(server.state.live_figures())
     assert value(parse(server.state.metrics.render().decode()), "upload_server_draining") == 1
 
 

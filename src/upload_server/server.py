@@ -217,7 +217,7 @@ async def serve(
             outer.start_soon(_watch_disk, state)
             outer.start_soon(_expire_resumable, state.resumable)
             if state.metrics.multiprocess:
-                outer.start_soon(state.metrics.refresh_forever, state)
+                outer.start_soon(state.metrics.refresh_forever, state.live_figures)
             for record in state.resumable.store.records():
                 if record.state in (UploadState.QUEUED, UploadState.PROCESSING):  # cut by a stop or a crash
                     tus.start_processing(state, record)

@@ -17,7 +17,7 @@ from .admission import Backlog, SpoolBudget
 from .config import Config
 from .ingest.dispatch import WorkerPool
 from .resumable import ResumableUploads
-from .telemetry import Metrics
+from .telemetry import LiveFigures, Metrics
 
 if TYPE_CHECKING:
     from .http.connection import HttpConnection
@@ -86,6 +86,20 @@ class ServerState:
     def __post_init__(self) -> None:
         self.backlog = Backlog(workers=self.workers.count)
         self.connection_slots = trio.Semaphore(self.config.max_connections)
+
+    def live_figures(self) -> LiveFigures:
+        workers = self.workers.snapshot()
+        return LiveFigures(
+            connections_open=self.stats.connections_open,
+            uploads_in_flight=self.stats.uploads_in_flight,
+            uploads_receiving=self.stats.uploads_receiving,
+            uploads_queued=self.backlog.queued_uploads,
+            uploads_processing=self.backlog.processing_uploads,
+            jobs_running=workers["jobs_running"],
+            jobs_waiting=workers["jobs_waiting"],
+            draining=self.draining or self.shutting_down,
+            worker_crashes=workers["crashed"],
+        )
 
     def abort_work(self) -> None:
         """The grace ran out: cancel every upload's processing, so each can still say why to its client."""

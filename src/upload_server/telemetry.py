@@ -19,7 +19,8 @@ from __future__ import annotations
 import errno
 import os
 import re
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -28,9 +29,6 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 
 from .errors import UploadServerError
 from .http.messages import Finished
-
-if TYPE_CHECKING:
-    from .server import ServerState
 
 PREFIX = "upload_server_"
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -52,6 +50,21 @@ _REASON = re.compile(r"[a-z_]{1,40}")
 
 def multiprocess_dir() -> str | None:
     return os.environ.get(MULTIPROCESS_ENV) or None
+
+
+@dataclass(frozen=True)
+class LiveFigures:
+    """The server's live counters as the gauges show them (``ServerState.live_figures`` makes one)."""
+
+    connections_open: int
+    uploads_in_flight: int
+    uploads_receiving: int
+    uploads_queued: int
+    uploads_processing: int
+    jobs_running: int
+    jobs_waiting: int
+    draining: bool
+    worker_crashes: int
 
 
 class Metrics:
@@ -107,26 +120,25 @@ class Metrics:
         self._request_children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
 
     # ------------------------------------------------------------------------------------- scrape
-    def refresh(self, state: ServerState) -> None:
+    def refresh(self, live: LiveFigures) -> None:
         """Copy the server's live counters into the gauges (and new worker crashes into their counter)."""
-        stats, backlog, workers = state.stats, state.backlog, state.workers.snapshot()
-        self.connections_open.set(stats.connections_open)
-        self.uploads_in_flight.set(stats.uploads_in_flight)
-        self.uploads_receiving.set(stats.uploads_receiving)
-        self.uploads_queued.set(backlog.queued_uploads)
-        self.uploads_processing.set(backlog.processing_uploads)
-        self.jobs_running.set(workers["jobs_running"])
-        self.jobs_waiting.set(workers["jobs_waiting"])
-        self.draining.set(1 if state.draining or state.shutting_down else 0)
+        self.connections_open.set(live.connections_open)
+        self.uploads_in_flight.set(live.uploads_in_flight)
+        self.uploads_receiving.set(live.uploads_receiving)
+        self.uploads_queued.set(live.uploads_queued)
+        self.uploads_processing.set(live.uploads_processing)
+        self.jobs_running.set(live.jobs_running)
+        self.jobs_waiting.set(live.jobs_waiting)
+        self.draining.set(1 if live.draining else 0)
         # WorkerPool counts crashes itself; the counter follows it rather than being updated beside it.
-        if workers["crashed"] > self._crashes_seen:
-            self.worker_crashes.inc(workers["crashed"] - self._crashes_seen)
-            self._crashes_seen = workers["crashed"]
+        if live.worker_crashes > self._crashes_seen:
+            self.worker_crashes.inc(live.worker_crashes - self._crashes_seen)
+            self._crashes_seen = live.worker_crashes
 
-    async def refresh_forever(self, state: ServerState) -> None:
+    async def refresh_forever(self, live: Callable[[], LiveFigures]) -> None:
         """Multiprocess mode: keep this process's gauges fresh for scrapes answered by the others."""
         while True:
-            self.refresh(state)
+            self.refresh(live())
             await trio.sleep(MULTIPROCESS_REFRESH_S)
 
     def render(self) -> bytes:

@@ -12,7 +12,7 @@ from ..telemetry import CONTENT_TYPE
 
 async def handle_metrics(exchange: Exchange, state: ServerState) -> None:
     metrics = state.metrics
-    metrics.refresh(state)
+    metrics.refresh(state.live_figures())
     # In multiprocess mode the page is read from every process's files: disk work, kept off the loop.
     body = await trio.to_thread.run_sync(metrics.render) if metrics.multiprocess else metrics.render()
     response = Response(
