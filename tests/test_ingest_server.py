@@ -377,22 +377,21 @@ async def test_processing_timeout_kills_the_work(start_server: StartServer) -> N
     assert after.json()["summary"]["events"] == truth.events
 
 
-def _worker_processes(pid: int) -> list[int]:
-    """Child processes of ``pid`` started by multiprocessing's spawn (trio-parallel's workers)."""
-    workers: list[int] = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as listing:
-            for child in map(int, listing.read().split()):
-                with open(f"/proc/{child}/cmdline", "rb") as cmdline:
-                    if b"spawn_main" in cmdline.read():
-                        workers.append(child)
-    return workers
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid``: the workers are children of the forkserver, a child of the server."""
+    found: list[int] = []
+    with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as listing:
+                for child in map(int, listing.read().split()):
+                    found += [child, *_descendants(child)]
+    return found
 
 
 def _workers_reading(directory: Path) -> list[int]:
-    """Worker processes of this test process that hold a file of ``directory`` open."""
+    """Processes below this test process (the server's workers) that hold a file of ``directory`` open."""
     readers = []
-    for worker in _worker_processes(os.getpid()):
+    for worker in _descendants(os.getpid()):
         with contextlib.suppress(FileNotFoundError, ProcessLookupError):
             targets = [os.readlink(f"/proc/{worker}/fd/{fd}") for fd in os.listdir(f"/proc/{worker}/fd")]
             if any(target.startswith(str(directory)) for target in targets):
