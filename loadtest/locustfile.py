@@ -19,6 +19,8 @@ Configuration (environment variables):
 ``LOADTEST_UPLOAD_WAIT``     "min,max" seconds between an uploader's requests (default "0,0.5")
 ``LOADTEST_HEALTH_INTERVAL`` seconds between health polls of one load-balancer user (default 0.05)
 ``LOADTEST_TIMEOUT``         network timeout for uploads, seconds (default 300)
+``LOADTEST_STOP_AFTER``      stop the run once uploads, health polls and streams have each been made this
+                             many times (default 0: run for the whole ``-t``)
 
 Every dataset is read once into bytes at start-up (and its multipart body built once), so the load
 generator spends its CPU on the wire, not on disk or encoding: it shares the machine with the server.
@@ -29,13 +31,17 @@ from __future__ import annotations
 import os
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import gevent
+import locust.stats
 import orjson
-from locust import between, constant, task
+from locust import between, constant, events, task
 from locust.contrib.fasthttp import FastHttpUser
+from locust.env import Environment
 
 UPLOAD_PATH = "/api/v1/upload"
 HEALTH_PATH = "/api/v1/health"
@@ -153,6 +159,41 @@ DATASETS = load_datasets(
     else None,
 )
 _UPLOAD_WAIT = [float(x) for x in os.environ.get("LOADTEST_UPLOAD_WAIT", "0,0.5").split(",")]
+
+
+_STOP_AFTER = int(os.environ.get("LOADTEST_STOP_AFTER", "0"))
+_made: Counter[str] = Counter()
+if _STOP_AFTER:
+    # locust writes its CSVs every CSV_STATS_INTERVAL_SEC (1 s) and not again at exit: a short run must
+    # have them written more often, and quit only after one more write (locust's documented knob).
+    locust.stats.CSV_STATS_INTERVAL_SEC = 0.2
+
+
+def request_kind(name: str) -> str:
+    """``upload``, ``health`` or ``stream``: the three kinds of request the users make."""
+    if name.startswith("health"):
+        return "health"
+    return "stream" if name.startswith("upload stream") else "upload"
+
+
+@events.request.add_listener
+def _stop_once_every_kind_ran(name: str, context: Any, **_: Any) -> None:
+    """With LOADTEST_STOP_AFTER, a smoke run ends as soon as it has shown what it must, not after ``-t``."""
+    _made[request_kind(name)] += 1
+    if _STOP_AFTER and all(_made[kind] >= _STOP_AFTER for kind in ("upload", "health", "stream")):
+        runner = _environment.runner if _environment else None
+        if runner is not None:
+            # Not from inside this user's greenlet, which quit() kills; after the CSVs were written again.
+            gevent.spawn_later(2 * locust.stats.CSV_STATS_INTERVAL_SEC, runner.quit)
+
+
+_environment: Environment | None = None
+
+
+@events.init.add_listener
+def _keep_environment(environment: Environment, **_: Any) -> None:
+    global _environment
+    _environment = environment
 
 
 class Uploader(FastHttpUser):

@@ -191,6 +191,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results-dir", type=Path, default=HERE / "results")
     p.add_argument("--upload-wait", default="0,0.5", help="min,max seconds between uploads of one user")
     p.add_argument("--health-interval", type=float, default=0.05, help="seconds between polls of one LB user")
+    p.add_argument(
+        "--stop-after",
+        type=int,
+        default=0,
+        metavar="N",
+        help="end the run once uploads, health polls and streams were each made N times (-t stays the bound)",
+    )
     args = p.parse_args(argv)
     parse_duration(args.run_time)  # fail on a bad duration before starting anything
 
@@ -215,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         "LOADTEST_WEIGHT_STREAM": weights[2],
         "LOADTEST_UPLOAD_WAIT": args.upload_wait,
         "LOADTEST_HEALTH_INTERVAL": str(args.health_interval),
+        "LOADTEST_STOP_AFTER": str(args.stop_after),
     }
 
     with tempfile.TemporaryDirectory(prefix=f"loadtest-{args.target}-") as tmp_dir:
