@@ -4,6 +4,8 @@ started from the command line as subprocesses (``spawn``, see server_process.py)
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
 import subprocess
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -11,6 +13,7 @@ from typing import Any
 
 import pytest
 import trio
+from hypothesis import settings
 
 from server_process import Spawn, kill_all, spawner
 from upload_server.config import Config
@@ -22,6 +25,38 @@ from upload_server.state import ServerState
 # in the forkserver that costs nothing, otherwise each worker of each test server imports pytest again
 # (~0.2 s of CPU per worker).
 dispatch.FORKSERVER_PRELOAD.append("pytest")
+
+#: Hypothesis: the suite (and CI) runs derandomized, so a run is reproducible and a failure shows up again on
+#: the next run; ``HYPOTHESIS_PROFILE=thorough uv run pytest -m hypothesis`` runs every property with
+#: THOROUGH_FACTOR times the examples, randomized (new examples each run; a failure prints its blob).
+HYPOTHESIS_PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
+THOROUGH_FACTOR = 20
+settings.register_profile("ci", derandomize=True, database=None, deadline=None, print_blob=True)
+settings.register_profile("thorough", derandomize=False, deadline=None, print_blob=True)
+settings.load_profile(HYPOTHESIS_PROFILE)
+
+
+def examples(count: int) -> int:
+    """A property's number of examples: ``count`` in the suite, THOROUGH_FACTOR times more when thorough."""
+    return count * THOROUGH_FACTOR if HYPOTHESIS_PROFILE == "thorough" else count
+
+
+#: What tests marked ``loadtest`` (the locust smoke runs, the reference peer) need from the loadtest group.
+LOADTEST_MODULES = ("locust", "fastapi", "uvicorn", "psutil")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A loadtest test without its dependency group fails with the command that installs it: a skip would
+    let a run that never exercised them look green."""
+    if item.get_closest_marker("loadtest") is None:
+        return
+    missing = [name for name in LOADTEST_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        pytest.fail(
+            f"{', '.join(missing)} not installed: this test needs the loadtest dependency group. "
+            "Run `uv run --group loadtest pytest` (or leave these tests out with `-m 'not loadtest'`).",
+            pytrace=False,
+        )
 
 
 @dataclasses.dataclass

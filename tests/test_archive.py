@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import examples
 from upload_server import errors
 from upload_server.ingest.archive import ArchiveLimits, ignore_reason, plan_zip
 
@@ -102,7 +103,7 @@ def test_not_a_zip_is_bad_zip(tmp_path: Path, data: bytes) -> None:
         plan_zip(path, LIMITS)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40))
 @given(cut=st.integers(1, 10_000))
 def test_any_truncation_is_bad_zip(tmp_path_factory: pytest.TempPathFactory, cut: int) -> None:
     tmp = tmp_path_factory.mktemp("trunc")

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from conftest import examples
 from upload_server.ingest.extract import FileResult, extract_bytes, extract_stream
 
 INT64_MAX = (1 << 63) - 1
@@ -143,7 +144,7 @@ def render(items: list[Any], layout: str, bom: bool, crlf: bool) -> bytes:
 # ------------------------------------------------------------------------------------------------ properties
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(300), suppress_health_check=[HealthCheck.too_slow])
 @given(
     items=st.lists(item, max_size=12),
     layout=st.sampled_from(["array", "ndjson", "concat", "pretty"]),
@@ -171,7 +172,7 @@ def test_counts_match_ground_truth_in_every_layout(
     assert mem.layout == streamed.layout == expected_layout
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150))
 @given(items=st.lists(item, min_size=1, max_size=8), cut=st.integers(0, 10_000), chunk=st.integers(1, 32))
 def test_truncated_file_fails_as_a_whole(items: list[Any], cut: int, chunk: int) -> None:
     data = b"[" + b",".join(dumps(v) for v in items) + b"]"

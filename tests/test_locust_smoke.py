@@ -17,6 +17,9 @@ from pathlib import Path
 
 import pytest
 
+#: Needs the loadtest dependency group (conftest fails these clearly without it).
+pytestmark = pytest.mark.loadtest
+
 ROOT = Path(__file__).resolve().parent.parent
 RUN_LOCUST = ROOT / "loadtest" / "run_locust.py"
 #: Targets the scenario runs against: the FastAPI reference peer and our server

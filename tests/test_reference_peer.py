@@ -21,6 +21,9 @@ from typing import Any
 import httpx
 import pytest
 
+#: Needs the loadtest dependency group (conftest fails these clearly without it).
+pytestmark = pytest.mark.loadtest
+
 ROOT = Path(__file__).resolve().parent.parent
 LISTENING = re.compile(r"listening on (http://127\.0\.0\.1:\d+)")
 ACTOR_FIELDS = ("login", "display_login", "avatar_url", "url", "gravatar_id")

@@ -12,6 +12,7 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import examples
 from upload_server.ingest.extract import FileResult
 from upload_server.ingest.results import (
     Merger,
@@ -60,7 +61,7 @@ def test_merge_dedups_actors_first_seen_in_file_order_whatever_the_arrival_order
         assert m.event_types == {"PushEvent": 5, "X": 3}
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100))
 @given(
     st.lists(
         st.lists(st.tuples(st.integers(1, 30), st.sampled_from(["a", "b", "c"])), max_size=15),
