@@ -255,17 +255,27 @@ async def test_twenty_thousand_tiny_entries(start_server: StartServer) -> None:
     assert server.state.workers.done < 200
 
 
-async def test_traversal_names_are_only_names(server: RunningServer, tmp_path: Path) -> None:
+def _tree(root: Path) -> list[Path]:
+    """Every path under ``root``."""
+    return sorted(root.rglob("*"))
+
+
+async def test_traversal_names_are_only_names(start_server: StartServer, tmp_path: Path) -> None:
+    # The spool sits three levels down, so that any of these names resolved against it (or against a file
+    # beside it) would land inside tmp_path, where the check below looks.
+    spool = tmp_path / "a" / "b" / "spool"
+    spool.mkdir(parents=True)
+    server = await start_server(tmp_dir=str(spool))
+    before = _tree(tmp_path)
     events, truth = make_events(5, seed=14)
-    names = ["../../escape.json", "/abs/root.json", "..\\win.json", "ok/../../x.json"]
+    names = ["../../escape.json", "/abs/root.json", "..\\win.json", "ok/../../x.json", "../../../up.json"]
     body = make_zip({name: as_ndjson(events) for name in names})
     response = await post(server, body, content_type="application/zip")
     assert response.status_code == 200, response.text
     assert {entry["name"] for entry in response.json()["files"]} == set(names)
     assert response.json()["summary"]["events"] == truth.events * len(names)
-    assert not await trio.Path(tmp_path / "escape.json").exists()
+    assert _tree(tmp_path) == before
     assert not await trio.Path("/abs/root.json").exists()
-    assert server.leftover_files() == []
 
 
 async def test_ratio_bomb_rejected_from_the_directory(server: RunningServer) -> None:
@@ -365,16 +375,36 @@ def _gzip_of_spaces(total: int) -> bytes:
 SLOW_WORK = {"max_ratio": 1_000_000.0, "workers": 1}
 
 
+#: Short enough to keep the suite quick, long enough that the worker has the spool open when it fires.
+SLOW_TIMEOUT = 0.5
+
+
 async def test_processing_timeout_kills_the_work(start_server: StartServer) -> None:
-    server = await start_server(process_timeout=1.0, **SLOW_WORK)
+    server = await start_server(process_timeout=SLOW_TIMEOUT, **SLOW_WORK)
+    worker = await server.state.workers.run(os.getpid)  # the one worker, started before the clock runs
+    sent = trio.current_time()
     response = await post(server, _gzip_of_spaces(2 << 30))
+    answered = trio.current_time() - sent
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "PROCESSING_TIMEOUT"
+    # The 503 comes at the timeout, not when the worker would have finished (2 GiB: seconds), and the
+    # worker was killed rather than left to run.
+    assert SLOW_TIMEOUT <= answered < SLOW_TIMEOUT + 5, answered
+    await wait_until(lambda: not _alive(worker), 5)
     assert server.leftover_files() == []
     events, truth = make_events(10, seed=17)
     after = await post(server, as_ndjson(events))
     assert after.status_code == 200, after.json()
     assert after.json()["summary"]["events"] == truth.events
+
+
+def _alive(pid: int) -> bool:
+    """The process exists and is not a zombie (a killed worker is reaped by its parent, the forkserver)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def _descendants(pid: int) -> list[int]:
@@ -467,8 +497,8 @@ async def test_failed_jobs_leak_no_descriptor(start_server: StartServer, failure
         gc.enable()
 
 
-async def test_client_leaving_during_processing_cancels_the_work(start_server: StartServer) -> None:
-    server = await start_server(**SLOW_WORK)
+async def _slow_upload_being_processed(server: RunningServer) -> tuple[trio.SocketStream, list[int]]:
+    """A connection whose upload a worker is now processing (for seconds), and that worker's pid(s)."""
     body = _gzip_of_spaces(2 << 30)
     stream = await trio.open_tcp_stream("127.0.0.1", server.port)
     head = (
@@ -476,13 +506,51 @@ async def test_client_leaving_during_processing_cancels_the_work(start_server: S
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode()
     await stream.send_all(head + body)
-    await wait_until(lambda: server.state.workers.running > 0)
-    await stream.aclose()
+    await wait_until(lambda: bool(_workers_reading(server.tmp_dir)))
+    return stream, _workers_reading(server.tmp_dir)
+
+
+async def _assert_work_cancelled(server: RunningServer, workers: list[int]) -> None:
+    """The upload counts as failed, its worker processes are gone and so are its files."""
+    await wait_until(lambda: not any(map(_alive, workers)), 10)
     await wait_until(
         lambda: not server.state.stats.uploads_in_flight and not server.state.workers.running, 10
     )
     assert server.state.stats.uploads_failed == 1
     assert server.leftover_files() == []
+
+
+async def test_client_leaving_during_processing_cancels_the_work(start_server: StartServer) -> None:
+    server = await start_server(**SLOW_WORK)
+    stream, workers = await _slow_upload_being_processed(server)
+    await stream.aclose()
+    await _assert_work_cancelled(server, workers)
+
+
+async def test_a_half_close_during_processing_cancels_the_work(start_server: StartServer) -> None:
+    """EOF from the client (shutdown of its sending side only) means it is gone, as nginx takes it."""
+    server = await start_server(**SLOW_WORK)
+    stream, workers = await _slow_upload_being_processed(server)
+    await stream.send_eof()
+    await _assert_work_cancelled(server, workers)
+    with trio.fail_after(5):
+        assert await stream.receive_some() == b""  # closed without an answer
+    await stream.aclose()
+
+
+async def test_health_answers_while_the_workers_are_busy(start_server: StartServer) -> None:
+    server = await start_server(**SLOW_WORK)
+    stream, workers = await _slow_upload_being_processed(server)
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        for method in ("GET", "HEAD"):
+            health = await client.request(method, "/api/v1/health")
+            assert health.status_code == 200
+    document = (await httpx.AsyncClient(base_url=server.url).get("/api/v1/health")).json()
+    assert document["status"] == "ok"
+    assert document["workers"]["jobs_running"] == 1 == document["workers"]["count"]
+    assert document["uploads"]["in_flight"] == 1
+    await stream.aclose()
+    await _assert_work_cancelled(server, workers)
 
 
 async def test_ndjson_stream_ends_with_an_error_line_in_strict_mode(server: RunningServer) -> None:
@@ -526,3 +594,62 @@ async def test_a_stream_that_ends_in_an_error_counts_as_failed(server: RunningSe
     stats = server.state.stats
     await wait_until(lambda: stats.uploads_in_flight == 0)  # the counters move just after the last byte
     assert (stats.uploads_completed, stats.uploads_failed) == (0, 1)
+
+
+async def _ndjson_answer(server: RunningServer, body: bytes, content_type: str) -> httpx.Response:
+    """The whole answer to an upload that asks for NDJSON, read to its end."""
+    headers = {"accept": "application/x-ndjson", "content-type": content_type}
+    async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+        return await client.post(UPLOAD, content=body, headers=headers)
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "code"),
+    [
+        (make_zip({"a.json": b"{}"})[:40], "application/zip", 422, "BAD_ZIP"),
+        (make_zip({"notes.txt": b"x"}), "application/zip", 422, "NO_JSON_FILES"),
+        (make_zip({"spaces.json": b"[" + b" " * (8 << 20) + b"]"}), "application/zip", 422, "ZIP_BOMB"),
+        (b"GIF89a" + bytes(64), "application/octet-stream", 415, "UNSUPPORTED_MEDIA_TYPE"),
+    ],
+)
+async def test_ndjson_errors_before_the_stream_starts_are_plain_json_answers(
+    server: RunningServer, body: bytes, content_type: str, status: int, code: str
+) -> None:
+    response = await _ndjson_answer(server, body, content_type)
+    assert response.status_code == status
+    assert response.headers["content-type"].startswith("application/json")
+    assert response.json()["error"]["code"] == code
+    assert server.leftover_files() == []
+
+
+def _stream_lines(response: httpx.Response) -> list[dict[str, Any]]:
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("application/x-ndjson")
+    return [orjson.loads(line) for line in response.content.splitlines() if line]
+
+
+async def test_ndjson_stream_ends_with_an_error_line_on_processing_timeout(start_server: StartServer) -> None:
+    server = await start_server(process_timeout=SLOW_TIMEOUT, **SLOW_WORK)
+    worker = await server.state.workers.run(os.getpid)
+    lines = _stream_lines(await _ndjson_answer(server, _gzip_of_spaces(2 << 30), "application/gzip"))
+    assert [line["kind"] for line in lines] == ["error"]
+    assert lines[-1]["error"]["code"] == "PROCESSING_TIMEOUT"
+    await wait_until(lambda: not _alive(worker), 5)
+    assert server.leftover_files() == []
+
+
+async def test_ndjson_stream_ends_with_an_error_line_when_a_worker_crashes(start_server: StartServer) -> None:
+    server = await start_server(**SLOW_WORK)
+    headers = {"accept": "application/x-ndjson", "content-type": "application/gzip"}
+    async with (
+        httpx.AsyncClient(base_url=server.url, timeout=60) as client,
+        client.stream("POST", UPLOAD, content=_gzip_of_spaces(2 << 30), headers=headers) as response,
+    ):
+        assert response.status_code == 200  # the stream has started; the worker is still at work
+        await wait_until(lambda: bool(_workers_reading(server.tmp_dir)))
+        for worker in _workers_reading(server.tmp_dir):
+            os.kill(worker, signal.SIGKILL)
+        lines = [orjson.loads(line) async for line in response.aiter_lines() if line]
+    assert [line["kind"] for line in lines] == ["error"]
+    assert lines[-1]["error"]["code"] == "WORKER_CRASHED"
+    assert server.leftover_files() == []
