@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -38,9 +40,50 @@ def test_parse_size_refuses(text: str) -> None:
         parse_size(text)
 
 
-def test_defaults() -> None:
+README = Path(__file__).resolve().parent.parent / "README.md"
+#: README defaults that are not a literal value, and what they stand for on this machine.
+README_WORDS = {
+    "CPU count": os.cpu_count() or 1,
+    "2 × CPU count": 2 * (os.cpu_count() or 1),
+    "system temp dir": tempfile.gettempdir(),
+}
+
+
+def readme_table() -> dict[str, tuple[str, str]]:
+    """The README's configuration table: flag → (environment variable, default as written)."""
+    rows = {}
+    for line in README.read_text().splitlines():
+        cells = [cell.strip().strip("`") for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0][:3].startswith("--") and cells[0][2:3].isalpha():
+            rows[cells[0]] = (cells[1], cells[2])
+    return rows
+
+
+def readme_value(written: str, like: object) -> object:
+    """A README default (``10 s``, ``16K``, ``2 × CPU count``) as the value Config holds."""
+    if written in README_WORDS:
+        return README_WORDS[written]
+    written = written.removesuffix(" s")
+    if isinstance(like, bool) or not isinstance(like, int | float):
+        return written
+    return parse_size(written) if isinstance(like, int) and written[-1:] in "KMGT" else type(like)(written)
+
+
+def test_every_default_is_the_one_in_the_readme_table() -> None:
+    """Config() is pinned to what the README promises, row by row (not to itself)."""
+    table = readme_table()
     config = load_config([], environ={})
-    assert config == Config()
+    assert sorted(table) == sorted(flag_name(setting) for setting in SETTINGS)
+    for setting in SETTINGS:
+        environment, written = table[flag_name(setting)]
+        assert environment == env_name(setting)
+        default = getattr(config, setting.name)
+        assert default == readme_value(written, default), (setting.name, written, default)
+
+
+def test_defaults_spelled_out() -> None:
+    """The same defaults once more, literally, so that a change to both the code and the README shows here."""
+    config = load_config([], environ={})
     assert config.host == "127.0.0.1" and config.port == 8000
     assert config.max_upload_bytes == 2 << 30
     assert config.max_header_bytes == 16 << 10
