@@ -14,7 +14,6 @@ import logging
 import os
 import socket
 import subprocess
-import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -226,17 +225,21 @@ async def test_multipart_sent_chunked_is_byte_exact(server: RunningServer) -> No
     assert_receipt(await client.read_response(), LARGE, "json")
 
 
-async def test_upload_in_one_byte_chunks_is_exact_and_health_stays_prompt(start_server: StartServer) -> None:
-    """With the chunk-size rule off: about 200 KB as 1-byte chunks, ~1.2 MB on the wire, one h11 event per
-    byte. The answer is exact, and health answers promptly all along (the events are taken in bounded
-    pieces, with a checkpoint each). The BOM and whitespace in front are split across chunks too, and the
-    sniffer still sees JSON."""
+async def test_upload_in_one_byte_chunks_is_exact_and_health_answers_throughout(
+    start_server: StartServer,
+) -> None:
+    """With the chunk-size rule off: about 80 KB as 1-byte chunks, ~500 KB on the wire, one h11 event per
+    byte. The answer is exact, and health keeps answering while it streams (the events are taken in bounded
+    pieces, with a checkpoint each). How fast it answers is measured by bench_compare.py's health section,
+    not here: client and server share this test's event loop, so a time taken here measures the test as
+    much as the server. The BOM and whitespace in front are split across chunks too, and the sniffer still
+    sees JSON."""
     server = await start_server(min_chunk_bytes=0)
-    data = b"\xef\xbb\xbf \r\n\t" + events_json(1000)
+    data = b"\xef\xbb\xbf \r\n\t" + events_json(400)
     wire = upload_head(None) + chunked(*(data[i : i + 1] for i in range(len(data))))
     uploader = await RawClient.connect(server)
     prober = await RawClient.connect(server)
-    latencies: list[float] = []
+    probes = 0
     answer: RawResponse | None = None
     async with trio.open_nursery() as nursery:
 
@@ -250,16 +253,14 @@ async def test_upload_in_one_byte_chunks_is_exact_and_health_stays_prompt(start_
         nursery.start_soon(upload)
         assert await eventually(lambda: server.state.stats.uploads_in_flight == 1)
         while True:
-            started = time.perf_counter()
             await prober.send(get("/api/v1/health"))
             response = await prober.read_response()
-            latencies.append(time.perf_counter() - started)
             assert response.status == 200
+            probes += server.state.stats.uploads_in_flight
             await trio.sleep(0.01)
     assert answer is not None
     assert_receipt(answer, data, "json")
-    assert len(latencies) >= 5, latencies  # the probes did overlap the upload
-    assert max(latencies) < 0.2, latencies
+    assert probes >= 5, probes  # answered while the upload was in flight, again and again
     await assert_no_leftovers(server)
 
 
@@ -506,12 +507,12 @@ async def test_a_refused_upload_does_not_hold_its_spool_budget(start_server: Sta
         assert_receipt(await client.post(UPLOAD, content=SMALL), SMALL, "json")
 
 
-async def test_health_answers_quickly_while_an_upload_streams(server: RunningServer) -> None:
-    """While an upload streams in (for as long as the checks take), health answers at once."""
+async def test_health_answers_while_an_upload_streams(server: RunningServer) -> None:
+    """While an upload streams in (for as long as the checks take), health answers, and reports it. (Its
+    latency under load is bench_compare.py's to measure: here client and server share one event loop.)"""
     client = await RawClient.connect(server)
     item = b'{"id":"1","type":"PushEvent","payload":{}},'
     piece = item * (65536 // len(item))
-    latencies: list[float] = []
     async with trio.open_nursery() as nursery:
 
         async def stream_upload() -> None:
@@ -524,15 +525,12 @@ async def test_health_answers_quickly_while_an_upload_streams(server: RunningSer
         assert await eventually(lambda: server.state.stats.uploads_in_flight == 1)
         async with httpx.AsyncClient(base_url=server.url) as http:
             for _ in range(10):
-                started = time.perf_counter()
                 response = await http.get("/api/v1/health")
-                latencies.append(time.perf_counter() - started)
                 assert response.status_code == 200
                 assert response.json()["uploads"]["in_flight"] == 1
                 await trio.sleep(0.01)
         nursery.cancel_scope.cancel()
     await client.aclose()
-    assert max(latencies) < 0.25, latencies
     await assert_no_leftovers(server)
 
 
@@ -542,14 +540,14 @@ async def test_an_ndjson_answer_nobody_reads_frees_its_budget_after_the_send_tim
     """A client that uploads, asks for the NDJSON stream and never reads it must not hold its spool budget,
     its connection and the open answer file for ever: the send times out and everything is released."""
     data = events_json(NEVER_READ_EVENTS)
-    server = await start_server(send_timeout=1.0, spool_budget=len(data))
+    server = await start_server(send_timeout=SEND_TIMEOUT, spool_budget=len(data))
     stuck = await RawClient.connect(server, receive_buffer=4096)
     await stuck.send(upload_head(len(data), "Accept: application/x-ndjson") + data)
     assert await eventually(lambda: server.state.stats.uploads_in_flight == 1)
     started = trio.current_time()
     assert await eventually(lambda: server.state.stats.uploads_in_flight == 0, within=10)
     assert await eventually(lambda: server.state.stats.connections_open == 0)
-    assert trio.current_time() - started >= 0.5
+    assert trio.current_time() - started >= SEND_TIMEOUT / 2
     health = await settled_health(server)
     assert health["uploads"]["in_flight"] == 0 and health["uploads"]["failed"] == 1
     async with httpx.AsyncClient(base_url=server.url) as client:
@@ -558,6 +556,7 @@ async def test_an_ndjson_answer_nobody_reads_frees_its_budget_after_the_send_tim
     await stuck.aclose()
 
 
+SEND_TIMEOUT = 0.3
 #: Enough events that their NDJSON lines (~150 bytes each) overflow both ends' socket buffers.
 NEVER_READ_EVENTS = 20_000
 
@@ -660,4 +659,111 @@ async def test_oversized_form_fields_besides_file_are_413(server: RunningServer)
             UPLOAD, data={"note": "n" * (2 << 20)}, files={"file": ("a.json", SMALL, "application/json")}
         )
     assert response.status_code == 413 and error_code(response) == "FORM_FIELDS_TOO_LARGE"
+    await assert_no_leftovers(server)
+
+
+# ------------------------------------------------------------------------- Accept, query flags, 500
+@pytest.mark.parametrize(
+    ("accept", "answer"),
+    [
+        (None, "json"),
+        ("application/json", "json"),
+        ("application/x-ndjson", "ndjson"),
+        ("*/*", "json"),
+        ("application/*", "json"),
+        ("application/json;q=0.5, application/x-ndjson;q=0.9", "ndjson"),
+        ("application/x-ndjson;q=0.4, application/json", "json"),
+        ("application/json;q=0, application/x-ndjson", "ndjson"),
+        ("text/html, */*;q=0.1", "json"),
+        ("text/html", 406),
+        ("application/xml, text/*", 406),
+        ("application/json;q=0, application/x-ndjson;q=0", 406),
+        ("*/*;q=0", 406),
+        ("application/json;q=bogus", 406),  # an unreadable quality counts as 0
+    ],
+)
+async def test_accept_and_its_q_values_choose_the_answer(
+    server: RunningServer, accept: str | None, answer: str | int
+) -> None:
+    headers = {"content-type": "application/json", **({"accept": accept} if accept is not None else {})}
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        response = await client.post(UPLOAD, content=SMALL, headers=headers)
+    if answer == 406:
+        assert response.status_code == 406 and error_code(response) == "NOT_ACCEPTABLE"
+        assert response.json()["error"]["detail"]["available"] == ["application/json", "application/x-ndjson"]
+        assert server.state.stats.uploads_in_flight == 0
+    elif answer == "ndjson":
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("application/x-ndjson")
+        assert json.loads(response.text.splitlines()[-1])["kind"] == "summary"
+    else:
+        assert_receipt(response, SMALL, "json")
+        assert response.headers["content-type"].startswith("application/json")
+    await assert_no_leftovers(server)
+
+
+TRUE_SPELLINGS = ["true", "1", "yes", "on", "TRUE", "Yes", "On"]
+FALSE_SPELLINGS = ["false", "0", "no", "off", "", "2", "y", "enabled"]
+
+
+async def test_query_flag_spellings(server: RunningServer) -> None:
+    """strict and actors take true, 1, yes or on (any case); anything else, a bare ?strict included, is
+    false; a flag left out keeps its default (strict off, actors on)."""
+    one_bad_file = zipped({"good.json": SMALL, "bad.json": b"[1, 2"})
+    async with httpx.AsyncClient(base_url=server.url) as client:
+
+        async def status_with(query: str) -> int:
+            return (await client.post(f"{UPLOAD}?{query}", content=one_bad_file)).status_code
+
+        async def has_actors(query: str) -> bool:
+            return "actors" in (await client.post(f"{UPLOAD}?{query}", content=SMALL)).json()
+
+        for spelling in TRUE_SPELLINGS:
+            assert await status_with(f"strict={spelling}") == 422, spelling
+            assert await has_actors(f"actors={spelling}"), spelling
+        for spelling in FALSE_SPELLINGS:
+            assert await status_with(f"strict={spelling}") == 200, spelling
+            assert not await has_actors(f"actors={spelling}"), spelling
+        assert await status_with("strict") == 200
+        assert not await has_actors("actors")
+        assert await status_with("other=1") == 200 and await has_actors("other=1")
+    await assert_no_leftovers(server)
+
+
+async def test_an_unexpected_failure_is_a_500_internal_error_in_json(
+    start_server: StartServer, server_tmp: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A failure no error class describes (here the temp dir vanished under the running server) is a JSON
+    500 INTERNAL_ERROR without internals; the traceback goes to the log; the server keeps serving."""
+    server = await start_server()
+    server_tmp.rmdir()  # noqa: ASYNC240 (a test's own setup, nothing else runs meanwhile)
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        response = await client.post(UPLOAD, content=SMALL)
+        assert response.status_code == 500
+        assert response.headers["content-type"].startswith("application/json")
+        assert error_code(response) == "INTERNAL_ERROR"
+        assert "Traceback" not in response.text and str(server_tmp) not in response.text
+        logged = [record for record in caplog.records if record.exc_info and record.levelno >= logging.ERROR]
+        assert logged, caplog.records
+        server_tmp.mkdir()  # noqa: ASYNC240
+        assert_receipt(await client.post(UPLOAD, content=SMALL), SMALL, "json")
+    assert (await settled_health(server))["uploads"]["failed"] == 1
+
+
+async def test_a_value_over_the_worker_memory_budget_fails_its_file(start_server: StartServer) -> None:
+    """Over --worker-memory-budget a file is streamed value by value; one value larger than the budget fails
+    that file with VALUE_TOO_LARGE, while values under it stream fine however large the file."""
+    budget = 64 << 10
+    server = await start_server(worker_memory_budget=budget)
+    fits = events_json(400, pad=400)  # ~200 KB: over the budget as a file, each event well under it
+    too_big = events_json(2, pad=(1 << 20) + budget)  # one value over the budget and over a 1 MiB read
+    assert len(fits) > budget
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        streamed = (await client.post(UPLOAD, content=fits)).json()
+        failed = (await client.post(UPLOAD, content=too_big)).json()
+        strict = await client.post(f"{UPLOAD}?strict=true", content=too_big)
+    assert streamed["summary"]["events"] == 400 and streamed["files"][0]["error"] is None
+    assert failed["files"][0]["error"]["code"] == "VALUE_TOO_LARGE"
+    assert (failed["files"][0]["events"], failed["summary"]["files_failed"]) == (0, 1)
+    assert strict.status_code == 422 and error_code(strict) == "FILES_FAILED"
     await assert_no_leftovers(server)
