@@ -8,7 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from upload_server.config import SETTINGS, Config, ConfigError, env_name, flag_name, load_config, parse_size
+from upload_server.config import (
+    SETTINGS,
+    Config,
+    ConfigError,
+    Setting,
+    env_name,
+    flag_name,
+    load_config,
+    parse_size,
+)
 
 
 @pytest.mark.parametrize(
@@ -59,14 +68,11 @@ def readme_table() -> dict[str, tuple[str, str]]:
     return rows
 
 
-def readme_value(written: str, like: object) -> object:
-    """A README default (``10 s``, ``16K``, ``2 × CPU count``) as the value Config holds."""
+def readme_value(written: str, setting: Setting) -> object:
+    """A README default (``10 s``, ``16K``, ``auto``, ``2 × CPU count``) read by the setting's parser."""
     if written in README_WORDS:
         return README_WORDS[written]
-    written = written.removesuffix(" s")
-    if isinstance(like, bool) or not isinstance(like, int | float):
-        return written
-    return parse_size(written) if isinstance(like, int) and written[-1:] in "KMGT" else type(like)(written)
+    return setting.parse(written.removesuffix(" s"))
 
 
 def test_every_default_is_the_one_in_the_readme_table() -> None:
@@ -78,7 +84,7 @@ def test_every_default_is_the_one_in_the_readme_table() -> None:
         environment, written = table[flag_name(setting)]
         assert environment == env_name(setting)
         default = getattr(config, setting.name)
-        assert default == readme_value(written, default), (setting.name, written, default)
+        assert default == readme_value(written, setting), (setting.name, written, default)
 
 
 def test_defaults_spelled_out() -> None:
