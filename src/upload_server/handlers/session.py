@@ -98,6 +98,9 @@ class UploadSession:
         self.processing_started: float | None = None
         self.client_left = False
         self._queued_at = 0.0
+        #: While the client's time runs (client_time): since when, and the work's deadline held off the scope.
+        self._paused_at: float | None = None
+        self._paused_deadline = math.inf
         self._sharing = 0
         self._finished = False
 
@@ -192,7 +195,11 @@ class UploadSession:
         self.processing_started = time.monotonic()
         self.state.backlog.start(self._size)
         self._sharing = self.state.backlog.processing_uploads
-        self.work.deadline = now + self.state.config.process_timeout
+        deadline = now + self.state.config.process_timeout
+        if self._paused_at is not None:  # started while a line was being sent: counts from the send's end
+            self._paused_deadline = deadline - (now - self._paused_at)
+        else:
+            self.work.deadline = deadline
 
     def _why_cut(self) -> UploadServerError | ClientDisconnected:
         config = self.state.config
@@ -217,13 +224,19 @@ class UploadSession:
 
     @contextlib.contextmanager
     def client_time(self) -> Iterator[None]:
-        """Time spent waiting on the client (sending it lines) does not count against the deadline."""
-        remaining = self.work.deadline - trio.current_time()
+        """Time spent waiting on the client (sending it lines) does not count against the deadline.
+
+        The processing deadline may be set meanwhile (the first job got its worker during the send): it
+        is then the one restored, so the queue's deadline does not replace it.
+        """
+        self._paused_at = paused_at = trio.current_time()
+        self._paused_deadline = self.work.deadline
         self.work.deadline = math.inf
         try:
             yield
         finally:
-            self.work.deadline = trio.current_time() + remaining
+            self.work.deadline = self._paused_deadline + (trio.current_time() - paused_at)
+            self._paused_at = None
 
     async def cancel_when_client_leaves(self, client: ClientWatch) -> None:
         await client.wait_for_disconnect()
