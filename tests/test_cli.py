@@ -90,9 +90,11 @@ def test_console_script_serves_real_clients_and_stops_on_sigterm(
     assert leftovers(spool_dir) == []
 
 
-def test_sigterm_with_an_upload_in_flight_waits_the_grace_then_cleans_up(
-    spawn: Spawn, spool_dir: Path
+@pytest.mark.parametrize("first_signal", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_with_an_upload_in_flight_waits_the_grace_then_cleans_up(
+    spawn: Spawn, spool_dir: Path, first_signal: signal.Signals
 ) -> None:
+    """SIGTERM or SIGINT (Ctrl-C) first: a graceful stop either way."""
     server = spawn(server_command(spool_dir, "--shutdown-grace", "0.5"))
     with socket.create_connection(("127.0.0.1", server.port)) as client:
         head = f"POST /api/v1/upload HTTP/1.1\r\nHost: x\r\nContent-Length: {len(EVENTS)}\r\n\r\n"
@@ -101,10 +103,11 @@ def test_sigterm_with_an_upload_in_flight_waits_the_grace_then_cleans_up(
         while not leftovers(spool_dir) and time.monotonic() < deadline:
             time.sleep(0.01)
         assert leftovers(spool_dir), "the upload never reached the spool"
-        code, took = stop(server)
+        code, took = stop(server, first_signal)
     assert code == 0, server.stderr_text()
     assert 0.4 <= took < 3, took
     assert leftovers(spool_dir) == []
+    assert "shutting down gracefully" in server.stderr_text()
     assert "Traceback" not in server.stderr_text()
 
 
@@ -197,3 +200,28 @@ def test_sigterm_does_not_wait_for_idle_keep_alive_connections(spawn: Spawn, spo
         code, took = stop(server)
     assert code == 0, server.stderr_text()
     assert took < 2, took
+
+
+def with_file_size_limit(limit: int, command: list[str]) -> list[str]:
+    """``command`` run under RLIMIT_FSIZE = ``limit`` bytes: every file it writes stops growing there, as on a
+    full disk (Python ignores SIGXFSZ, so the write fails with EFBIG)."""
+    setup = f"import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
+    return [sys.executable, "-c", setup + "os.execv(sys.argv[1], sys.argv[1:])", *command]
+
+
+def test_a_temp_dir_that_fills_up_while_receiving_is_507(spawn: Spawn, spool_dir: Path) -> None:
+    """The spool file cannot grow past 1 MiB: a 4 MB upload is 507 INSUFFICIENT_STORAGE, the partial file is
+    removed, and a small upload still works."""
+    server = spawn(with_file_size_limit(1 << 20, server_command(spool_dir, "--workers", "1")))
+    big = json.dumps([{"id": str(n), "payload": "x" * 1000} for n in range(4000)]).encode()
+    assert len(big) > 3 << 20
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        response = client.post("/api/v1/upload", content=big, headers={"content-type": "application/json"})
+        assert response.status_code == 507, response.text
+        assert response.json()["error"]["code"] == "INSUFFICIENT_STORAGE"
+        assert leftovers(spool_dir) == []
+        small = client.post("/api/v1/upload", content=EVENTS, headers={"content-type": "application/json"})
+        assert small.status_code == 200, small.text
+    code, _ = stop(server)
+    assert code == 0, server.stderr_text()
+    assert "Traceback" not in server.stderr_text()

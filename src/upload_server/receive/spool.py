@@ -142,7 +142,8 @@ class Spool:
         try:
             await trio.to_thread.run_sync(self._write_blocking, batch)
         except OSError as error:
-            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            # EFBIG: the file system's (or the process's RLIMIT_FSIZE) largest file: storage, not the client.
+            if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
                 raise InsufficientStorage(
                     "The server ran out of temporary disk space while receiving the upload.",
                     detail={"tmp_dir": str(self.path.parent)},
