@@ -21,6 +21,8 @@ from typing import Any
 import httpx
 import pytest
 
+from corpus_check import ARCHIVES, archive_bytes, differences
+
 #: Needs the loadtest dependency group (conftest fails these clearly without it).
 pytestmark = pytest.mark.loadtest
 
@@ -156,14 +158,14 @@ def test_extraction_rules_on_a_mixed_archive(base_url: str) -> None:
         "dir/": "directory",
         ".DS_Store": "hidden_file",
         "inner.zip": "nested_archive",
-        "notes.txt": "not_json",
+        "notes.txt": "unsupported_name",
     }
     assert doc["summary"] | {"event_types": None} == {
         "files": 3,
         "files_failed": 1,
         "files_ignored": 5,
         "events": 4,  # 2 in a.json.gz, 2 objects in b.json; nothing from bad.ndjson
-        "skipped": {"no_actor": 1, "not_an_object": 1},
+        "skipped": {"invalid_actor": 1, "not_an_object": 1},
         "unique_actors": 2,
         "event_types": None,
     }
@@ -179,3 +181,12 @@ def test_health_answers_get_and_head(base_url: str) -> None:
     head = httpx.head(f"{base_url}/api/v1/health")
     assert (get.status_code, get.json()["status"]) == (200, "ok")
     assert (head.status_code, head.content) == (200, b"")
+
+
+@pytest.mark.parametrize("archive", ARCHIVES)
+def test_answers_match_the_shared_corpus(base_url: str, archive: str) -> None:
+    """The same corpus and expectations as our server's (tests/corpus/, test_corpus.py): the peer's own rules
+    give the same per-file results, skip reasons and ignore reasons."""
+    response = httpx.post(f"{base_url}/api/v1/upload", content=archive_bytes(archive), timeout=30)
+    assert response.status_code == 200, response.text
+    assert differences(archive, response.json()) == []

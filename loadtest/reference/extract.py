@@ -15,6 +15,7 @@ import os
 import threading
 import time
 import zipfile
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -31,6 +32,7 @@ RATIO_FLOOR_BYTES = 1 << 20
 BATCH_BYTES = 8 << 20
 BATCH_ENTRIES = 512
 
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 #: Actor fields copied from the first event an actor appears in, in answer order.
 ACTOR_FIELDS = ("login", "display_login", "avatar_url", "url", "gravatar_id")
 
@@ -75,13 +77,17 @@ class Plan:
 
 
 def _ignore_reason(info: zipfile.ZipInfo) -> str | None:
-    """Why a zip entry is not processed, or ``None`` when it is a JSON file to extract."""
+    """Why a zip entry is not processed, or ``None`` when it is a JSON file to extract.
+
+    The reasons and the rules are upload-server's; tests/corpus/ holds the archives both are checked on.
+    """
     name = info.filename
-    if info.is_dir():
+    if info.is_dir() or name.endswith("\\"):
         return "directory"
-    if name.startswith("__MACOSX/") or "/__MACOSX/" in name:
+    parts = name.replace("\\", "/").split("/")
+    if "__MACOSX" in parts:
         return "macos_metadata"
-    base = name.rsplit("/", 1)[-1]
+    base = parts[-1]
     if base.startswith("."):
         return "hidden_file"
     lower = base.lower()
@@ -89,7 +95,7 @@ def _ignore_reason(info: zipfile.ZipInfo) -> str | None:
         return "nested_archive"
     if lower.removesuffix(".gz").endswith(JSON_SUFFIXES):
         return None
-    return "not_json"
+    return "unsupported_name"
 
 
 def plan_zip(path: str, max_entries: int, max_total: int, max_ratio: float) -> Plan:
@@ -138,12 +144,15 @@ def plan_zip(path: str, max_entries: int, max_total: int, max_ratio: float) -> P
 
 
 class BadJson(ValueError):
-    """A file that is not valid JSON in any of the accepted layouts."""
+    """A file that is not valid JSON in any of the accepted layouts (``code`` as upload-server names it)."""
 
-    def __init__(self, message: str, line: int | None, layout: str = "ndjson") -> None:
+    def __init__(
+        self, message: str, line: int | None, layout: str = "ndjson", code: str = "INVALID_JSON"
+    ) -> None:
         super().__init__(message)
         self.line = line
         self.layout = layout
+        self.code = code
 
 
 def parse_values(data: bytes) -> tuple[str, list[Any]]:
@@ -159,8 +168,12 @@ def parse_values(data: bytes) -> tuple[str, list[Any]]:
     if text_start == b"[":
         try:
             return "array", orjson.loads(data)
-        except orjson.JSONDecodeError as exc:
-            raise BadJson(str(exc), exc.lineno, "array") from None
+        except orjson.JSONDecodeError:
+            # The json module tells nesting too deep (RecursionError) from malformed text.
+            values = _concatenated(data)
+            if len(values) != 1 or not isinstance(values[0], list):
+                raise BadJson("trailing data after the top-level array", None, "array") from None
+            return "array", values[0]
     try:
         return "object", [orjson.loads(data)]
     except orjson.JSONDecodeError:
@@ -196,7 +209,7 @@ def _concatenated(data: bytes) -> list[Any]:
     except json.JSONDecodeError as exc:
         raise BadJson(exc.msg, exc.lineno) from None
     except RecursionError:
-        raise BadJson("nested too deeply", text.count("\n", 0, pos) + 1) from None
+        raise BadJson("nested too deeply", text.count("\n", 0, pos) + 1, code="JSON_TOO_DEEP") from None
 
 
 def extract_file(name: str, data: bytes, want_events: bool) -> dict[str, Any]:
@@ -220,10 +233,10 @@ def extract_file(name: str, data: bytes, want_events: bool) -> dict[str, Any]:
         layout, values = parse_values(data)
     except BadJson as exc:
         result["layout"] = exc.layout
-        result["error"] = {"code": "BAD_JSON", "message": str(exc), "line": exc.line}
+        result["error"] = {"code": exc.code, "message": str(exc), "line": exc.line}
         return result
     except RecursionError:
-        result["error"] = {"code": "BAD_JSON", "message": "nested too deeply", "line": None}
+        result["error"] = {"code": "JSON_TOO_DEEP", "message": "nested too deeply", "line": None}
         return result
     del data  # the raw bytes are no longer needed; the parsed values are the big part now
     result["layout"] = layout
@@ -239,13 +252,12 @@ def extract_file(name: str, data: bytes, want_events: bool) -> dict[str, Any]:
             continue
         events += 1
         etype = event.get("type")
-        if isinstance(etype, str):
-            types[etype] += 1
+        types[etype if isinstance(etype, str) else "<missing>" if etype is None else "<non-string>"] += 1
         actor = event.get("actor")
         actor_id = actor.get("id") if isinstance(actor, dict) else None
-        # bool is an int subclass in Python; a JSON true is not an actor id.
-        if type(actor_id) is not int:
-            skipped["no_actor"] += 1
+        # bool is an int subclass in Python: a JSON true is not an id. Ids stay in the signed 64-bit range.
+        if type(actor_id) is not int or not INT64_MIN <= actor_id <= INT64_MAX:
+            skipped["no_actor" if actor is None else "invalid_actor"] += 1
             actor_id = None
             login = None
         else:
@@ -286,8 +298,8 @@ def extract_batch(path: str, kind: ContentKind, jobs: list[Job], want_events: bo
         try:
             if kind == "gzip":
                 data = gzip.decompress(data)
-        except (OSError, EOFError, zipfile.BadZipFile) as exc:
-            return [_failed(job.name, "BAD_GZIP", str(exc))]
+        except (OSError, EOFError, zlib.error) as exc:
+            return [_failed(job.name, "BAD_COMPRESSED_DATA", str(exc))]
         return [extract_file(job.name, data, want_events)]
 
     with zipfile.ZipFile(path) as zf:
@@ -295,14 +307,17 @@ def extract_batch(path: str, kind: ContentKind, jobs: list[Job], want_events: bo
             assert job.member is not None
             info = zf.getinfo(job.member)
             if info.flag_bits & 0x1:
-                results.append(_failed(job.name, "ENCRYPTED", "encrypted entries are not supported"))
+                results.append(_failed(job.name, "ENCRYPTED_ENTRY", "encrypted entries are not supported"))
                 continue
             try:
                 data = zf.read(info)
                 if job.gunzip:
                     data = gzip.decompress(data)
-            except (OSError, EOFError, zipfile.BadZipFile, NotImplementedError, RuntimeError) as exc:
-                results.append(_failed(job.name, "BAD_ENTRY", str(exc)))
+            except NotImplementedError as exc:
+                results.append(_failed(job.name, "UNSUPPORTED_COMPRESSION", str(exc)))
+                continue
+            except (OSError, EOFError, zipfile.BadZipFile, RuntimeError, zlib.error) as exc:
+                results.append(_failed(job.name, "BAD_COMPRESSED_DATA", str(exc)))
                 continue
             results.append(extract_file(job.name, data, want_events))
     return results
