@@ -1,6 +1,6 @@
 """Health with the connection cap overrun: 1,100 keep-alive pollers against --max-connections 1024.
 
-Starts our server (default cap, one worker), starts ``harness.py swarm`` in a client process (1,100
+Starts our server (default cap, one worker), starts ``python -m harness swarm`` in a client process (1,100
 connections each polling health every 3 s over keep-alive), and meanwhile probes health from this process
 as a load balancer does: a new connection every ``--probe-interval`` s, timed from connect to answer.
 Prints the probes' latency (p50/p99/max) and what the pollers saw (their latency, and how many found

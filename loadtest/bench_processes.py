@@ -6,7 +6,7 @@ connections, interleaved, medians.
 
 Both servers run side by side for the whole run (``--workers 1`` each serving process; their workers stay
 idle, only health is asked), each on its own port. Every round measures both, in alternating order, with the
-asyncio client of ``harness.py`` in a separate process:
+asyncio client of ``harness`` (``python -m harness``) in a separate process:
 
 ``throughput``   ``--tp-clients`` client processes at once, each with ``--tp-connections`` keep-alive
                  connections sending ``--tp-requests`` health requests back to back (the next as soon as the

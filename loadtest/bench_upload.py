@@ -28,8 +28,8 @@ What it does, all on 127.0.0.1 and every step under a deadline:
    request head to the last byte written to the temp file); their ratios; the peak RSS; then PASS/FAIL for
    the targets of issue 2: server >= 0.5 x sink MB/s, server RSS <= 64 MiB during the upload.
 
-Starting and stopping the targets, the /proc sampling and the raw-socket client live in ``harness.py``,
-shared with ``bench_ingest.py`` and ``bench_compare.py``.
+Starting and stopping the targets, the /proc sampling and the raw-socket client live in the ``harness``
+package, shared with ``bench_ingest.py`` and ``bench_compare.py``.
 
 MB is 10^6 bytes. Exit status: 0 when every target passes, 1 when one is missed, 2 when the run failed.
 The other engineers' tests share the same 2 cores, so the script also prints the load average before

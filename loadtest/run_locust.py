@@ -30,20 +30,20 @@ from pathlib import Path
 
 import psutil  # locust depends on it, so the loadtest group always has it
 
-import harness  # loadtest/harness.py: found because this runs as a script from loadtest/
+import harness  # the loadtest/harness package: found because this runs as a script from loadtest/
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SERVER_STOP_TIMEOUT = 15.0  # SIGTERM grace before the server's process group is killed
 
 
-#: The datasets a locust run may use: harness.py's catalogue, less the 1 GiB one (too big to hold in memory
+#: The datasets a locust run may use: harness's catalogue, less the 1 GiB one (too big to hold in memory
 #: per locust user).
 SIZES = [name for name in harness.DATASETS if name != "gib"]
 
 
 def ensure_datasets(names: list[str], data_dir: Path) -> list[str]:
-    """Make every named dataset that is missing or stale (harness.py's cache); return their file names."""
+    """Make every named dataset that is missing or stale (harness's cache); return their file names."""
     return [harness.ensure_dataset(name, data_dir).path.name for name in names]
 
 
