@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import zipfile
@@ -736,7 +737,7 @@ async def test_an_unexpected_failure_is_a_500_internal_error_in_json(
     """A failure no error class describes (here the temp dir vanished under the running server) is a JSON
     500 INTERNAL_ERROR without internals; the traceback goes to the log; the server keeps serving."""
     server = await start_server()
-    server_tmp.rmdir()  # noqa: ASYNC240 (a test's own setup, nothing else runs meanwhile)
+    shutil.rmtree(server_tmp)  # its resumable/ folder too
     async with httpx.AsyncClient(base_url=server.url) as client:
         response = await client.post(UPLOAD, content=SMALL)
         assert response.status_code == 500
