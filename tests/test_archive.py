@@ -25,6 +25,19 @@ def make_zip(path: Path, entries: list[tuple[str, bytes]], method: int = zipfile
     return path
 
 
+#: (central-directory offset, local-header offset) of fields that both headers carry.
+FLAGS, METHOD, CRC = (8, 6), (10, 8), (16, 14)
+
+
+def patch_both(raw: bytearray, record: int, where: tuple[int, int], value: int) -> None:
+    """Set one 16-bit field (or the 32-bit CRC) in a central record and in its local header alike, as an
+    honest writer would have written it."""
+    fmt = "<I" if where == CRC else "<H"
+    local = struct.unpack_from("<I", raw, record + 42)[0]
+    struct.pack_into(fmt, raw, record + where[0], value)
+    struct.pack_into(fmt, raw, local + where[1], value)
+
+
 def central_records(raw: bytes) -> list[int]:
     """Offsets of the central-directory file headers in ``raw``."""
     out, i = [], raw.find(b"PK\x01\x02")
@@ -180,8 +193,8 @@ def test_encrypted_and_unsupported_entries_fail_individually(tmp_path: Path) -> 
     path = make_zip(tmp_path / "e.zip", [("ok.json", EVENT), ("secret.json", EVENT), ("d64.json", EVENT)])
     raw = bytearray(path.read_bytes())
     _, secret, d64 = central_records(raw)
-    raw[secret + 8] |= 0x1  # general purpose flag bit 0: encrypted
-    struct.pack_into("<H", raw, d64 + 10, 9)  # compression method 9: deflate64, which zipfile cannot read
+    patch_both(raw, secret, FLAGS, raw[secret + 8] | 0x1)  # general purpose flag bit 0: encrypted
+    patch_both(raw, d64, METHOD, 9)  # compression method 9: deflate64, which we do not read
     path.write_bytes(raw)
     plan = plan_zip(path, LIMITS)
     assert [e.name for e in plan.entries] == ["ok.json"]
@@ -196,7 +209,7 @@ def test_only_encrypted_json_is_answered_not_rejected(tmp_path: Path) -> None:
     path = make_zip(tmp_path / "e.zip", [("secret.json", EVENT)])
     raw = bytearray(path.read_bytes())
     (rec,) = central_records(raw)
-    raw[rec + 8] |= 0x1
+    patch_both(raw, rec, FLAGS, raw[rec + 8] | 0x1)
     path.write_bytes(raw)
     plan = plan_zip(path, LIMITS)
     assert plan.entries == [] and len(plan.failed) == 1

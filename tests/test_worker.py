@@ -118,20 +118,10 @@ def test_plain_json_upload(tmp_path: Path, budget: int) -> None:
     assert res.layout == "array"
 
 
-@pytest.mark.filterwarnings("ignore:Duplicate name")
-def test_entry_plan_without_offsets_is_looked_up(tmp_path: Path) -> None:
-    path = tmp_path / "u.zip"
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
-        zf.writestr("a.json", ndjson(events(50, 1)))
-        zf.writestr("a.json", ndjson(events(60, 2)))  # same name, different index
-    bare = (EntryPlan(1, "a.json", 0, 0, False),)
-    (res,) = run_job(Job(str(path), "zip", entries=bare))
-    check(res, events(60, 2))
-    assert res.order == 1
-
-
 def test_job_pickles() -> None:
-    job = Job("/x", "zip", entries=(EntryPlan(0, "a.json", 1, 2, False, 10, 8, 123, 0),), events_path="/y")
+    job = Job(
+        "/x", "zip", entries=(EntryPlan(0, "a.json", 1, 2, True, 10, 8, 123, 0, 4096),), events_path="/y"
+    )
     assert pickle.loads(pickle.dumps(job)) == job
 
 
@@ -259,14 +249,15 @@ def test_gzip_ratio_and_total_guards(tmp_path: Path) -> None:
     assert over.error is not None and over.error["code"] == "ZIP_BOMB"
 
 
-def test_gz_entry_inside_zip_is_guarded(tmp_path: Path) -> None:
+def test_gz_entry_inside_zip_is_guarded_and_ends_its_job(tmp_path: Path) -> None:
     path = tmp_path / "u.zip"
     with zipfile.ZipFile(path, "w") as zf:
-        zf.writestr("bomb.json.gz", gzip.compress(b" " * (32 << 20)))
         zf.writestr("ok.json", ndjson(events(3, 1)))
-    bomb, ok = run_job(zip_job(path))
-    assert bomb.error is not None and bomb.error["code"] == "ZIP_BOMB"
+        zf.writestr("bomb.json.gz", gzip.compress(b" " * (32 << 20)))
+        zf.writestr("after.json", ndjson(events(3, 2)))
+    ok, bomb = run_job(zip_job(path))  # a bomb fails the upload: the entries after it are not worked on
     check(ok, events(3, 1))
+    assert bomb.error is not None and bomb.error["code"] == "ZIP_BOMB"
 
 
 @pytest.mark.parametrize("cut", [1, 10, 100, 1000])
@@ -296,7 +287,9 @@ def test_corrupt_deflate_and_bad_crc(tmp_path: Path) -> None:
     for i in range(local0 + 60, local0 + 90):  # scribble over the deflate stream
         raw[i] ^= 0x5A
     crc = struct.unpack_from("<I", raw, c1 + 16)[0]
-    struct.pack_into("<I", raw, c1 + 16, crc ^ 1)
+    local1 = struct.unpack_from("<I", raw, c1 + 42)[0]
+    struct.pack_into("<I", raw, c1 + 16, crc ^ 1)  # both headers agree; the data does not
+    struct.pack_into("<I", raw, local1 + 14, crc ^ 1)
     path.write_bytes(raw)
     corrupt, bad_crc, ok = run_job(zip_job(path))
     assert corrupt.error is not None and corrupt.error["code"] in {"BAD_COMPRESSED_DATA", "INVALID_JSON"}

@@ -8,13 +8,16 @@ Readings of the rules:
   ``hidden_file`` (base name starting with ``.``: ``.DS_Store``, ``._x.json``), ``nested_archive``
   (``.zip``), ``unsupported_name`` (anything else). Only the base name decides "hidden", so traversal-like
   names such as ``../../x.json`` are selected: names are labels here, never paths.
-* Failed up front (in ``ArchivePlan.failed``, not raised): encrypted entries (``ENCRYPTED_ENTRY``) and
-  compression methods zipfile cannot read, e.g. deflate64 (``UNSUPPORTED_COMPRESSION``).
-* Raised: ``BadZip`` for an unreadable directory, a bad local header or data past the end of the file;
-  ``ZipBomb`` for overlapping entries (or an entry overlapping the directory), more entries than
-  ``max_entries`` (every directory record counts, processed or not: each costs work), a selected entry whose
-  declared ratio exceeds ``max_ratio`` while its declared size is above ``ratio_floor_bytes``, and selected
-  entries whose declared sizes total more than ``max_uncompressed_bytes``; ``NoJsonFiles`` when no entry is
+* Failed up front (in ``ArchivePlan.failed``, not raised): encrypted entries (``ENCRYPTED_ENTRY``),
+  compression methods we do not read, e.g. deflate64, and patched data (``UNSUPPORTED_COMPRESSION``).
+* Raised: ``BadZip`` for an unreadable directory, any value in it that does not fit the file, a bad local
+  header or data past the end of the file (``zipdir.py`` reads them);
+  ``ZipBomb`` for overlapping entries (or an entry overlapping the directory), a local header that
+  contradicts the directory, more entries than ``max_entries`` (every directory record counts, processed
+  or not: each costs work), a selected entry whose declared ratio exceeds ``max_ratio`` while its declared
+  size is above ``ratio_floor_bytes``, and selected entries whose declared sizes total more than the
+  upload's budget (``upload_budget``: ``max_uncompressed_bytes``, or ``max_ratio`` times the upload's size
+  when that is smaller); ``NoJsonFiles`` when no entry is
   selected or failed (an archive whose only JSON entries are encrypted is answered with those failures).
   ``detail`` always carries the numbers.
 """
@@ -23,22 +26,27 @@ from __future__ import annotations
 
 import itertools
 import os
-import struct
 import zipfile
 from dataclasses import dataclass, field
-from typing import Any
+from typing import BinaryIO
 
 from upload_server import errors
 from upload_server.ingest.extract import FileResult
+from upload_server.ingest.zipdir import (
+    FLAG_ENCRYPTED,
+    FLAG_PATCHED,
+    CentralEntry,
+    ZipDirectory,
+    read_directory,
+    read_local_header,
+)
 
-__all__ = ["ArchiveLimits", "ArchivePlan", "EntryPlan", "ignore_reason", "plan_zip"]
+__all__ = ["ArchiveLimits", "ArchivePlan", "EntryPlan", "ignore_reason", "plan_zip", "upload_budget"]
 
 _JSON_SUFFIXES = (".json", ".ndjson", ".jsonl")
 _SUPPORTED_METHODS = frozenset(
     {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
 )
-LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, (version .. sizes), name length, extra length
-LOCAL_SIGNATURE = b"PK\x03\x04"
 _MAX_DETAIL_NAMES = 20
 
 
@@ -50,26 +58,39 @@ class ArchiveLimits:
     ratio_floor_bytes: int = 1 << 20
 
 
+def upload_budget(upload_bytes: int, limits: ArchiveLimits) -> tuple[int, str]:
+    """How many bytes all decompression layers of one upload may produce together, and which rule sets
+    that: ``total_uncompressed`` (--max-uncompressed-bytes) or ``upload_ratio`` (--max-ratio times the
+    bytes uploaded, but never under the ratio floor, so that a small upload may still expand 1 MiB)."""
+    by_ratio = max(limits.ratio_floor_bytes, int(limits.max_ratio * upload_bytes))
+    if by_ratio < limits.max_uncompressed_bytes:
+        return by_ratio, "upload_ratio"
+    return limits.max_uncompressed_bytes, "total_uncompressed"
+
+
 @dataclass(frozen=True)
 class EntryPlan:
-    index: int  # position in ZipFile.infolist(); names can repeat
+    index: int  # position in the central directory; names can repeat
     name: str
     compressed_size: int
     declared_size: int
     gzipped: bool
-    # Where and how to read the entry, so a worker need not parse the central directory again (20,000 tiny
-    # entries in batches would otherwise parse it once per batch). None: the worker looks them up itself.
-    header_offset: int | None = None
-    method: int | None = None
-    crc: int | None = None
+    # Where and how to read the entry (checked against its local header), so that a worker reads the
+    # data directly: 20,000 tiny entries in batches would otherwise cost a directory parse per batch.
+    data_offset: int = 0
+    method: int = zipfile.ZIP_STORED
+    crc: int = 0
     flag_bits: int = 0
+    #: Bytes the entry's gzip layer may produce: its share of the upload's budget, reserved at planning
+    #: so that jobs running side by side can never exceed the budget together. 0 for plain entries.
+    gzip_budget: int = 0
 
 
 @dataclass(frozen=True)
 class ArchivePlan:
     entries: list[EntryPlan] = field(default_factory=list)
     ignored: list[tuple[str, str]] = field(default_factory=list)  # (name, reason), archive order
-    failed: list[FileResult] = field(default_factory=list)  # order = infolist() index
+    failed: list[FileResult] = field(default_factory=list)  # order = directory index
 
 
 def ignore_reason(name: str) -> str | None:
@@ -91,67 +112,45 @@ def ignore_reason(name: str) -> str | None:
 
 
 def plan_zip(path: str | os.PathLike[str], limits: ArchiveLimits) -> ArchivePlan:
-    """Check the archive at ``path`` against ``limits`` and choose the entries to process."""
+    """Check the archive at ``path`` against ``limits`` and choose the entries to process.
+
+    Every failure is an UploadServerError naming the entry and the reason: reading errors of the file
+    itself included (their OS text is not passed on)."""
     try:
         with open(path, "rb") as f:
-            file_size = os.fstat(f.fileno()).st_size
-            try:
-                zf = zipfile.ZipFile(f)
-            except (
-                zipfile.BadZipFile,
-                EOFError,
-                OSError,
-                ValueError,
-                struct.error,
-                UnicodeDecodeError,
-            ) as exc:
-                raise errors.BadZip(
-                    f"not a readable ZIP archive: {exc}", detail={"reason": str(exc)}
-                ) from None
-            with zf:
-                infos = zf.infolist()
-                if len(infos) > limits.max_entries:
-                    raise errors.ZipBomb(
-                        f"the archive has {len(infos)} entries; the limit is {limits.max_entries}",
-                        detail={
-                            "reason": "too_many_entries",
-                            "entries": len(infos),
-                            "max_entries": limits.max_entries,
-                        },
-                    )
-                directory_start = getattr(zf, "start_dir", file_size)
-                _check_layout(f, infos, directory_start, file_size)
+            directory = read_directory(f, limits.max_entries)
+            starts = _check_layout(f, directory)
     except OSError as exc:
-        raise errors.BadZip(f"cannot read the archive: {exc}", detail={"reason": str(exc)}) from None
-    return _select(infos, limits)
+        raise errors.BadZip(
+            "the archive cannot be read", detail={"reason": "unreadable", "errno": exc.errno}
+        ) from None
+    return _select(directory, starts, limits)
 
 
-def _check_layout(f: Any, infos: list[zipfile.ZipInfo], directory_start: int, file_size: int) -> None:
-    """Read each local header; reject entries that overlap each other or the central directory (the
-    'overlapping files' bomb reuses one compressed stream for many entries) or that run past the end."""
+def _check_layout(f: BinaryIO, directory: ZipDirectory) -> list[int]:
+    """Check each local header against the directory; reject entries that run past the end of the file,
+    overlap each other or the central directory (the 'overlapping files' bomb reuses one compressed stream
+    for many entries). Returns where each entry's data starts."""
     spans: list[tuple[int, int, str]] = []
-    for info in infos:
-        start = info.header_offset
-        f.seek(start)
-        head = f.read(LOCAL_HEADER.size)
-        if len(head) < LOCAL_HEADER.size:
+    starts: list[int] = []
+    mismatches: list[errors.ZipBomb] = []
+    for entry in directory.entries:
+        data_start, mismatch = read_local_header(f, entry)
+        if mismatch is not None:
+            mismatches.append(mismatch)
+        end = data_start + entry.compressed_size
+        if end > directory.file_size:
             raise errors.BadZip(
-                f"entry {info.filename!r}: local header past the end of the file",
-                detail={"reason": "truncated", "entry": info.filename, "offset": start},
+                f"entry {entry.name!r}: data runs past the end of the file (truncated archive?)",
+                detail={
+                    "reason": "truncated",
+                    "entry": entry.name,
+                    "end": end,
+                    "file_size": directory.file_size,
+                },
             )
-        sig, name_len, extra_len = LOCAL_HEADER.unpack(head)
-        if sig != LOCAL_SIGNATURE:
-            raise errors.BadZip(
-                f"entry {info.filename!r}: bad local header",
-                detail={"reason": "bad_local_header", "entry": info.filename, "offset": start},
-            )
-        end = start + LOCAL_HEADER.size + name_len + extra_len + info.compress_size
-        if end > file_size:
-            raise errors.BadZip(
-                f"entry {info.filename!r}: data runs past the end of the file (truncated archive?)",
-                detail={"reason": "truncated", "entry": info.filename, "end": end, "file_size": file_size},
-            )
-        spans.append((start, end, info.filename))
+        spans.append((entry.header_offset, end, entry.name))
+        starts.append(data_start)
     spans.sort()
     for (s1, e1, n1), (s2, _e2, n2) in itertools.pairwise(spans):
         if s2 < e1:
@@ -159,7 +158,7 @@ def _check_layout(f: Any, infos: list[zipfile.ZipInfo], directory_start: int, fi
                 f"entries {n1!r} and {n2!r} overlap",
                 detail={"reason": "overlapping_entries", "entries": [n1, n2], "offsets": [s1, s2]},
             )
-    if spans and spans[-1][1] > directory_start:
+    if spans and spans[-1][1] > directory.directory_start:
         _s, e, n = spans[-1]
         raise errors.ZipBomb(
             f"entry {n!r} overlaps the central directory",
@@ -167,75 +166,101 @@ def _check_layout(f: Any, infos: list[zipfile.ZipInfo], directory_start: int, fi
                 "reason": "overlapping_entries",
                 "entries": [n],
                 "end": e,
-                "directory_start": directory_start,
+                "directory_start": directory.directory_start,
             },
         )
+    if mismatches:
+        raise mismatches[0]
+    return starts
 
 
-def _select(infos: list[zipfile.ZipInfo], limits: ArchiveLimits) -> ArchivePlan:
-    entries: list[EntryPlan] = []
+def _select(directory: ZipDirectory, starts: list[int], limits: ArchiveLimits) -> ArchivePlan:
+    selected: list[CentralEntry] = []
     ignored: list[tuple[str, str]] = []
     failed: list[FileResult] = []
-    total = 0
-    for index, info in enumerate(infos):
-        name = info.filename
-        reason = "directory" if info.is_dir() else ignore_reason(name)
+    for entry in directory.entries:
+        reason = "directory" if entry.is_dir else ignore_reason(entry.name)
         if reason is not None:
-            ignored.append((name, reason))
-            continue
-        if info.flag_bits & 0x1:
-            failed.append(_failed(name, index, "ENCRYPTED_ENTRY", "the entry is encrypted"))
-            continue
-        if info.compress_type not in _SUPPORTED_METHODS:
-            failed.append(
-                _failed(name, index, "UNSUPPORTED_COMPRESSION", f"compression method {info.compress_type}")
-            )
-            continue
-        ratio = info.file_size / max(info.compress_size, 1)
-        if info.file_size > limits.ratio_floor_bytes and ratio > limits.max_ratio:
-            raise errors.ZipBomb(
-                f"entry {name!r} expands {ratio:.0f}:1; the limit is {limits.max_ratio:g}:1",
-                detail={
-                    "reason": "ratio",
-                    "entry": name,
-                    "compressed_size": info.compress_size,
-                    "declared_size": info.file_size,
-                    "ratio": round(ratio, 1),
-                    "max_ratio": limits.max_ratio,
-                },
-            )
-        total += info.file_size
-        entries.append(
-            EntryPlan(
-                index=index,
-                name=name,
-                compressed_size=info.compress_size,
-                declared_size=info.file_size,
-                gzipped=name.lower().endswith(".gz"),
-                header_offset=info.header_offset,
-                method=info.compress_type,
-                crc=info.CRC,
-                flag_bits=info.flag_bits,
-            )
-        )
-    if total > limits.max_uncompressed_bytes:
-        raise errors.ZipBomb(
-            f"the entries expand to {total} bytes; the limit is {limits.max_uncompressed_bytes}",
-            detail={
-                "reason": "total_uncompressed",
-                "declared_uncompressed_bytes": total,
-                "max_uncompressed_bytes": limits.max_uncompressed_bytes,
-            },
-        )
-    if not entries and not failed:
+            ignored.append((entry.name, reason))
+        elif (refusal := _refusal(entry)) is not None:
+            failed.append(_failed(entry.name, entry.index, *refusal))
+        else:
+            _check_ratio(entry, limits)
+            selected.append(entry)
+    if not selected and not failed:
         raise errors.NoJsonFiles(
             "the archive holds no .json, .ndjson or .jsonl file (optionally .gz)",
             detail={
-                "entries": len(infos),
+                "entries": len(directory.entries),
                 "ignored": [{"name": n, "reason": r} for n, r in ignored[:_MAX_DETAIL_NAMES]],
             },
         )
+    entries = _reserve(selected, starts, directory.file_size, limits)
     return ArchivePlan(entries=entries, ignored=ignored, failed=failed)
+
+
+def _refusal(entry: CentralEntry) -> tuple[str, str] | None:
+    if entry.flags & FLAG_ENCRYPTED:
+        return "ENCRYPTED_ENTRY", "the entry is encrypted"
+    if entry.flags & FLAG_PATCHED:
+        return "UNSUPPORTED_COMPRESSION", "compressed patched data (flag bit 5)"
+    if entry.method not in _SUPPORTED_METHODS:
+        return "UNSUPPORTED_COMPRESSION", f"compression method {entry.method}"
+    return None
+
+
+def _check_ratio(entry: CentralEntry, limits: ArchiveLimits) -> None:
+    ratio = entry.declared_size / max(entry.compressed_size, 1)
+    if entry.declared_size > limits.ratio_floor_bytes and ratio > limits.max_ratio:
+        raise errors.ZipBomb(
+            f"entry {entry.name!r} expands {ratio:.0f}:1; the limit is {limits.max_ratio:g}:1",
+            detail={
+                "reason": "ratio",
+                "entry": entry.name,
+                "compressed_size": entry.compressed_size,
+                "declared_size": entry.declared_size,
+                "ratio": round(ratio, 1),
+                "max_ratio": limits.max_ratio,
+            },
+        )
+
+
+def _reserve(
+    selected: list[CentralEntry], starts: list[int], upload_bytes: int, limits: ArchiveLimits
+) -> list[EntryPlan]:
+    """Reserve the upload's byte budget before anything is inflated: the entries' declared sizes first
+    (the worker holds each entry to its declared size), then what is left for the gzip layers of ``.gz``
+    entries, shared in proportion to the bytes each occupies in the upload."""
+    budget, rule = upload_budget(upload_bytes, limits)
+    declared = sum(entry.declared_size for entry in selected)
+    if declared > budget:
+        raise errors.ZipBomb(
+            f"the entries expand to {declared} bytes; the limit for this upload is {budget}",
+            detail={
+                "reason": rule,
+                "declared_uncompressed_bytes": declared,
+                "limit": budget,
+                "upload_bytes": upload_bytes,
+            },
+        )
+    gzipped = {entry.index for entry in selected if entry.name.lower().endswith(".gz")}
+    weight = sum(max(entry.compressed_size, 1) for entry in selected if entry.index in gzipped)
+    left = budget - declared
+    return [
+        EntryPlan(
+            index=entry.index,
+            name=entry.name,
+            compressed_size=entry.compressed_size,
+            declared_size=entry.declared_size,
+            gzipped=entry.index in gzipped,
+            data_offset=starts[entry.index],
+            method=entry.method,
+            crc=entry.crc,
+            flag_bits=entry.flags,
+            gzip_budget=left * max(entry.compressed_size, 1) // weight if entry.index in gzipped else 0,
+        )
+        for entry in selected
+    ]
 
 
 def _failed(name: str, index: int, code: str, message: str) -> FileResult:

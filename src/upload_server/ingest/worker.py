@@ -7,12 +7,15 @@ reporting a CRC error where the truth is "this entry is larger than its header s
 parses the central directory (only when a plan lacks the offsets) and the entry data is read by offset;
 an entry name is only ever a label, never a path.
 
-Guards, because headers lie (each fails only that file, with ``ZIP_BOMB``):
+Guards, because headers lie (each fails only that file, with ``ZIP_BOMB``, and ends its job: a bomb fails
+the whole upload, so the job's later entries are not worth a worker's time):
 
 * a ZIP entry that produces more than its declared size;
-* any layer whose running ratio, output over compressed input consumed so far, exceeds ``max_ratio``
-  once its output is past ``ratio_floor_bytes``;
-* a gzip layer whose output passes ``max_uncompressed_bytes``.
+* a ``.gz`` entry's gzip layer that produces more than the share of the upload's byte budget reserved for it
+  at planning (``archive.upload_budget``: --max-uncompressed-bytes, or --max-ratio times the bytes
+  uploaded); a gzip upload is held to the whole budget;
+* any layer whose output, once past ``ratio_floor_bytes``, exceeds ``max_ratio`` times the bytes *of the
+  upload* consumed so far (``_Meter``): ratios cannot multiply across layers.
 
 Corrupt or truncated compressed data (bad deflate / gzip / bzip2 / LZMA stream, CRC or size mismatch)
 fails the file with ``BAD_COMPRESSED_DATA``; an encrypted entry with ``ENCRYPTED_ENTRY``; a method other
@@ -25,6 +28,7 @@ from __future__ import annotations
 import bz2
 import io
 import lzma
+import os
 import struct
 import zipfile
 import zlib
@@ -32,8 +36,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Protocol
 
-from upload_server.ingest.archive import LOCAL_HEADER, LOCAL_SIGNATURE, EntryPlan
+from upload_server.ingest.archive import ArchiveLimits, EntryPlan, upload_budget
 from upload_server.ingest.extract import FileResult, extract_bytes, extract_stream, rewind
+from upload_server.ingest.zipdir import FLAG_ENCRYPTED
 
 __all__ = ["DecompressionFailure", "Job", "run_job"]
 
@@ -90,33 +95,54 @@ def run_job(job: Job) -> list[FileResult]:
 
 
 class _Meter:
-    """Counts the bytes one layer consumed and produced, and enforces the guards on them."""
+    """Counts what one decompression layer produced and enforces the guards on it.
 
-    __slots__ = ("consumed", "floor", "limit", "max_ratio", "name", "produced")
+    The ratio is always taken against bytes of the upload itself: the outermost layer counts the
+    compressed bytes its decompressor actually consumed, and an inner layer (the gzip inside a ``.gz``
+    entry) asks its ``source`` meter. So ratios cannot multiply across layers: a ``.json.gz`` in a ZIP,
+    each layer at 150:1, is 22,500:1 against the upload, and is stopped once past ``floor``.
+    """
 
-    def __init__(self, name: str, job: Job, limit: int) -> None:
+    __slots__ = ("consumed", "floor", "limit", "max_ratio", "name", "produced", "reason", "source")
+
+    def __init__(self, name: str, job: Job, limit: int, reason: str, source: _Meter | None = None) -> None:
         self.name = name
         self.consumed = 0
         self.produced = 0
         self.limit = limit
+        self.reason = reason  # why ``limit`` is what it is, for the error's detail
         self.max_ratio = job.max_ratio
         self.floor = job.ratio_floor_bytes
+        self.source = source
+
+    def upload_bytes(self) -> int:
+        return self.source.upload_bytes() if self.source is not None else self.consumed
 
     def check(self) -> None:
         if self.produced > self.limit:
             raise DecompressionFailure(
                 "ZIP_BOMB",
-                f"{self.name}: decompresses to more than {self.limit} bytes",
+                f"{self.name}: decompresses to more than {self.limit} bytes ({_LIMIT_WHY[self.reason]})",
+                reason=self.reason,
                 produced=self.produced,
                 limit=self.limit,
             )
-        if self.produced > self.floor and self.produced > self.max_ratio * max(self.consumed, 1):
+        consumed = self.upload_bytes()
+        if self.produced > self.floor and self.produced > self.max_ratio * max(consumed, 1):
             raise DecompressionFailure(
                 "ZIP_BOMB",
-                f"{self.name}: expands more than {self.max_ratio:g}:1",
+                f"{self.name}: expands more than {self.max_ratio:g}:1 against the bytes uploaded",
+                reason="ratio",
                 produced=self.produced,
-                consumed=self.consumed,
+                consumed=consumed,
             )
+
+
+_LIMIT_WHY = {
+    "declared_size": "the size its ZIP headers declare",
+    "upload_ratio": "its share of the upload's budget, --max-ratio times the bytes uploaded",
+    "total_uncompressed": "its share of the upload's budget, --max-uncompressed-bytes",
+}
 
 
 class _ChunkReader(io.RawIOBase):
@@ -209,7 +235,8 @@ class _Decompressor(Protocol):
 
 
 class _Inflate:
-    """zlib's decompressobj behind the bz2/lzma interface (``needs_input``, bounded ``decompress``)."""
+    """zlib's decompressobj behind the bz2/lzma interface (``needs_input``, bounded ``decompress``), and
+    ``held``: input given but not yet consumed, so that the meter counts exactly what was consumed."""
 
     def __init__(self, wbits: int) -> None:
         self._d = zlib.decompressobj(wbits)
@@ -226,6 +253,10 @@ class _Inflate:
     def unused_data(self) -> bytes:
         return self._d.unused_data
 
+    @property
+    def held(self) -> int:
+        return len(self._d.unconsumed_tail) + len(self._d.unused_data)
+
     def decompress(self, data: bytes, max_length: int = -1) -> bytes:
         tail = self._d.unconsumed_tail
         return self._d.decompress(tail + data if tail else data, max(max_length, 0))
@@ -239,6 +270,18 @@ class _Stored:
         return data
 
 
+def lzma1_filter(properties: bytes) -> dict[str, int]:
+    """The LZMA1 filter that ZIP's 5-byte properties describe (APPNOTE 5.8.8; the LZMA SDK's
+    ``LzmaProps_Decode``): one byte ``(pb * 5 + lp) * 9 + lc``, then the dictionary size, little-endian.
+    Replaces ``lzma._decode_filter_properties``, a private function."""
+    if len(properties) != 5 or properties[0] >= 9 * 5 * 5:
+        raise DecompressionFailure("BAD_COMPRESSED_DATA", "bad LZMA properties")
+    lc, rest = properties[0] % 9, properties[0] // 9
+    lp, pb = rest % 5, rest // 5
+    (dict_size,) = struct.unpack("<I", properties[1:])
+    return {"id": lzma.FILTER_LZMA1, "lc": lc, "lp": lp, "pb": pb, "dict_size": dict_size}
+
+
 def _zip_lzma(header: bytes) -> tuple[_Decompressor, int]:
     """LZMA in ZIP: 2 version bytes, 2-byte properties size, properties, then a raw LZMA1 stream."""
     if len(header) < 4:
@@ -246,99 +289,103 @@ def _zip_lzma(header: bytes) -> tuple[_Decompressor, int]:
     (psize,) = struct.unpack("<H", header[2:4])
     if len(header) < 4 + psize:
         raise DecompressionFailure("BAD_COMPRESSED_DATA", "LZMA entry too short for its properties")
+    filters = [lzma1_filter(header[4 : 4 + psize])]
     try:
-        filt = lzma._decode_filter_properties(lzma.FILTER_LZMA1, header[4 : 4 + psize])  # type: ignore[attr-defined]
-        return lzma.LZMADecompressor(lzma.FORMAT_RAW, filters=[filt]), 4 + psize
-    except _DECOMPRESS_ERRORS as exc:
-        raise DecompressionFailure("BAD_COMPRESSED_DATA", f"bad LZMA properties: {exc}") from None
+        return lzma.LZMADecompressor(lzma.FORMAT_RAW, filters=filters), 4 + psize
+    except _DECOMPRESS_ERRORS:
+        raise DecompressionFailure("BAD_COMPRESSED_DATA", "bad LZMA properties") from None
+
+
+#: bz2 and LZMA take all the input they are given and say nothing of how much they used; fed in pieces
+#: this small, the bytes counted as consumed run at most this far ahead of the truth, so the ratio guard
+#: trips within max_ratio x 16 KiB (3.2 MB at 200:1) of output rather than max_ratio x one read (51 MB).
+_OPAQUE_FEED = 16 << 10
 
 
 def _pump(
     d: _Decompressor, source: Iterator[bytes], meter: _Meter, what: str, first: bytes = b""
 ) -> Iterator[bytes]:
     """Drive a decompressor over compressed chunks, at most _OUT_CHUNK bytes of output per step, checking
-    the guards after each step. Ends at the stream's end marker."""
+    the guards after each step. Ends at the stream's end marker; when the input ends first, what the
+    decompressor still holds is drained before the data is called truncated (a valid deflate stream can
+    end with its last back-reference still to be copied out: issue 7, class 2)."""
     pending = first
+    opaque = isinstance(d, bz2.BZ2Decompressor | lzma.LZMADecompressor)
+    feed = _OPAQUE_FEED if opaque else len(first) + _IN_CHUNK
+    base, given = meter.consumed, 0
     while not d.eof:
-        if d.needs_input and not pending:
+        hungry = d.needs_input
+        if hungry and not pending:
             pending = next(source, b"")
-            if not pending:
-                if isinstance(d, _Stored):
-                    return
-                raise DecompressionFailure("BAD_COMPRESSED_DATA", f"{what}: compressed data ends early")
-            meter.consumed += len(pending)
-        try:
-            data = d.decompress(pending, _OUT_CHUNK) if d.needs_input else d.decompress(b"", _OUT_CHUNK)
-        except _DECOMPRESS_ERRORS as exc:
-            raise DecompressionFailure("BAD_COMPRESSED_DATA", f"{what}: {exc}") from None
-        pending = b""
+        piece = b""
+        if hungry and pending:
+            piece, pending = pending[:feed], pending[feed:]
+            given += len(piece)
+        data = _step(d, piece, what)
+        meter.consumed = base + given - (d.held if isinstance(d, _Inflate) else 0)
+        if hungry and not piece and not data and not d.eof:  # drained, and still not at the end
+            if isinstance(d, _Stored):
+                return
+            raise DecompressionFailure("BAD_COMPRESSED_DATA", f"{what}: compressed data ends early")
         if data:
             meter.produced += len(data)
             meter.check()
             yield data
 
 
+def _step(d: _Decompressor, piece: bytes, what: str) -> bytes:
+    try:
+        return d.decompress(piece, _OUT_CHUNK)
+    except _DECOMPRESS_ERRORS:
+        # The library's words are not passed on: they differ between zlib, bz2 and lzma, and versions.
+        raise DecompressionFailure("BAD_COMPRESSED_DATA", f"{what}: the compressed data is corrupt") from None
+
+
 # ------------------------------------------------------------------------------------------------------ zip
 
 
 def _run_zip(job: Job, out: BinaryIO | None) -> list[FileResult]:
-    infos: list[zipfile.ZipInfo] | None = None
-    results = []
+    """Each entry in turn; a bomb ends the job there: it fails the whole upload, so the rest is not
+    worth a worker's time."""
+    results: list[FileResult] = []
     with open(job.source_path, "rb") as f:
+        budget = _upload_budget(job, os.fstat(f.fileno()).st_size)
         for entry in job.entries:
-            if infos is None and entry.header_offset is None:
-                with zipfile.ZipFile(f) as zf:
-                    infos = zf.infolist()
-            info = infos[entry.index] if entry.header_offset is None and infos is not None else None
-            results.append(
-                _guarded(
-                    entry.name, entry.index, out, lambda e=entry, i=info: _process_entry(job, f, e, i, out)
-                )
+            result = _guarded(
+                entry.name, entry.index, out, lambda e=entry: _process_entry(job, f, e, budget, out)
             )
+            results.append(result)
+            if result.error is not None and result.error.get("code") == "ZIP_BOMB":
+                break
     return results
 
 
+def _upload_budget(job: Job, upload_bytes: int) -> tuple[int, str]:
+    limits = ArchiveLimits(0, job.max_uncompressed_bytes, job.max_ratio, job.ratio_floor_bytes)
+    return upload_budget(upload_bytes, limits)
+
+
 def _process_entry(
-    job: Job, f: BinaryIO, entry: EntryPlan, info: zipfile.ZipInfo | None, out: BinaryIO | None
+    job: Job, f: BinaryIO, entry: EntryPlan, budget: tuple[int, str], out: BinaryIO | None
 ) -> FileResult:
-    if info is not None:
-        offset, method, crc, flags = info.header_offset, info.compress_type, info.CRC, info.flag_bits
-        compressed, declared = info.compress_size, info.file_size
-    else:
-        assert entry.header_offset is not None
-        offset, method, crc, flags = entry.header_offset, entry.method, entry.crc, entry.flag_bits
-        compressed, declared = entry.compressed_size, entry.declared_size
-    if flags & 0x1:
+    if entry.flag_bits & FLAG_ENCRYPTED:
         raise DecompressionFailure("ENCRYPTED_ENTRY", "the entry is encrypted")
-    meter = _Meter(entry.name, job, declared)
-    chunks = _zip_entry_chunks(f, offset, method, compressed, declared, crc, meter, entry.name)
+    meter = _Meter(entry.name, job, entry.declared_size, "declared_size")
+    chunks = _zip_entry_chunks(f, entry, meter)
     if entry.gzipped:
-        inner = _Meter(entry.name, job, job.max_uncompressed_bytes)
+        inner = _Meter(entry.name, job, entry.gzip_budget, budget[1], source=meter)
         return _extract_chunks(entry.name, _gunzip(chunks, inner, entry.name), out, job.memory_budget, False)
-    return _extract_chunks(entry.name, chunks, out, job.memory_budget, declared <= job.memory_budget)
+    known_small = entry.declared_size <= job.memory_budget
+    return _extract_chunks(entry.name, chunks, out, job.memory_budget, known_small)
 
 
-def _zip_entry_chunks(
-    f: BinaryIO,
-    offset: int,
-    method: int | None,
-    compressed: int,
-    declared: int,
-    crc: int | None,
-    meter: _Meter,
-    name: str,
-) -> Iterator[bytes]:
-    """The entry's decompressed bytes, read by offset from the upload, checked against size and CRC."""
-    f.seek(offset)
-    head = f.read(LOCAL_HEADER.size)
-    if len(head) < LOCAL_HEADER.size or head[:4] != LOCAL_SIGNATURE:
-        raise DecompressionFailure("BAD_COMPRESSED_DATA", "bad local header")
-    _sig, name_len, extra_len = LOCAL_HEADER.unpack(head)
-    start = offset + LOCAL_HEADER.size + name_len + extra_len
+def _zip_entry_chunks(f: BinaryIO, entry: EntryPlan, meter: _Meter) -> Iterator[bytes]:
+    """The entry's decompressed bytes, read by offset from the upload (the plan checked the local
+    header), checked against the declared size and CRC."""
 
     def raw() -> Iterator[bytes]:
         # Seek before every read: the file object is shared by the entries of one job.
-        pos, left = start, compressed
+        pos, left = entry.data_offset, entry.compressed_size
         while left > 0:
             f.seek(pos)
             data = f.read(min(_IN_CHUNK, left))
@@ -349,39 +396,41 @@ def _zip_entry_chunks(
             yield data
 
     source = raw()
-    first = b""
-    d: _Decompressor
-    if method == zipfile.ZIP_STORED:
-        d = _Stored()
-    elif method == zipfile.ZIP_DEFLATED:
-        d = _Inflate(-15)
-    elif method == zipfile.ZIP_BZIP2:
-        d = bz2.BZ2Decompressor()
-    elif method == zipfile.ZIP_LZMA:
+    d, first = _zip_decompressor(entry, source, meter)
+    running = 0
+    for chunk in _pump(d, source, meter, entry.name, first):
+        running = zlib.crc32(chunk, running)
+        yield chunk
+    if meter.produced != entry.declared_size:
+        raise DecompressionFailure(
+            "BAD_COMPRESSED_DATA",
+            f"{entry.name}: decompressed to {meter.produced} bytes, the header says {entry.declared_size}",
+        )
+    if running != entry.crc:
+        raise DecompressionFailure("BAD_COMPRESSED_DATA", f"{entry.name}: CRC-32 mismatch")
+
+
+def _zip_decompressor(
+    entry: EntryPlan, source: Iterator[bytes], meter: _Meter
+) -> tuple[_Decompressor, bytes]:
+    """The decompressor for the entry's method, and compressed bytes already read past its header."""
+    if entry.method == zipfile.ZIP_STORED:
+        return _Stored(), b""
+    if entry.method == zipfile.ZIP_DEFLATED:
+        return _Inflate(-15), b""
+    if entry.method == zipfile.ZIP_BZIP2:
+        return bz2.BZ2Decompressor(), b""
+    if entry.method == zipfile.ZIP_LZMA:
         header = b""
-        while len(header) < 4 + 65535:
+        while len(header) < 4 or len(header) < 4 + struct.unpack("<H", header[2:4])[0]:
             more = next(source, b"")
             if not more:
                 break
-            meter.consumed += len(more)
             header += more
-            if len(header) >= 4 and len(header) >= 4 + struct.unpack("<H", header[2:4])[0]:
-                break
         d, skip = _zip_lzma(header)
-        first = header[skip:]
-    else:
-        raise DecompressionFailure("UNSUPPORTED_COMPRESSION", f"compression method {method}")
-    running = 0
-    for chunk in _pump(d, source, meter, name, first):
-        running = zlib.crc32(chunk, running)
-        yield chunk
-    if meter.produced != declared:
-        raise DecompressionFailure(
-            "BAD_COMPRESSED_DATA",
-            f"{name}: decompressed to {meter.produced} bytes, the header says {declared}",
-        )
-    if crc is not None and running != crc:
-        raise DecompressionFailure("BAD_COMPRESSED_DATA", f"{name}: CRC-32 mismatch")
+        meter.consumed += skip
+        return d, header[skip:]
+    raise DecompressionFailure("UNSUPPORTED_COMPRESSION", f"compression method {entry.method}")
 
 
 # ----------------------------------------------------------------------------------------------------- gzip
@@ -399,7 +448,6 @@ def _gunzip(source: Iterator[bytes], meter: _Meter, name: str) -> Iterator[bytes
             nxt = next(source, None)
             if nxt is None:
                 return
-            meter.consumed += len(nxt)
             pending = nxt
         if pending[:1] != b"\x1f":
             if pending.strip(b"\0") or any(c.strip(b"\0") for c in source):
@@ -416,7 +464,8 @@ def _file_chunks(path: str) -> Iterator[bytes]:
 
 
 def _process_gzip_upload(job: Job, out: BinaryIO | None) -> FileResult:
-    meter = _Meter(job.display_name, job, job.max_uncompressed_bytes)
+    limit, reason = _upload_budget(job, os.path.getsize(job.source_path))
+    meter = _Meter(job.display_name, job, limit, reason)
     return _extract_chunks(
         job.display_name,
         _gunzip(_file_chunks(job.source_path), meter, job.display_name),
