@@ -11,10 +11,12 @@ import zipfile
 import zlib
 from pathlib import Path
 
+import orjson
 import pytest
 
 from upload_server import errors
 from upload_server.ingest.archive import ArchiveLimits, plan_zip
+from upload_server.ingest.extract import FileResult, extract_bytes, extract_stream
 from upload_server.ingest.worker import DecompressionFailure, Job, lzma1_filter, run_job
 from zipcraft import BZIP2, DEFLATED, LZMA, STORED, Raw, build, entry
 
@@ -222,3 +224,74 @@ def test_zipfile_lzma_entries_are_read(tmp_path: Path) -> None:
         zf.writestr("a.json", LINE * 500)
     (result,) = run_job(zip_job(path))
     assert result.error is None and result.events == 500
+
+
+# ------------------------------------------------------------------------------------- class 5: JSON rules
+
+
+HUGE_INTEGER = b"9" * 5000
+
+
+def streamed(data: bytes, chunk: int) -> FileResult:
+    return extract_stream("f.json", io.BytesIO(data), chunk_size=chunk)
+
+
+@pytest.mark.parametrize("number", [b"1e400", b"-1e400", HUGE_INTEGER])
+@pytest.mark.parametrize("layout", ["ndjson", "array", "pretty"])
+def test_an_actor_id_no_integer_can_hold_is_an_invalid_actor(number: bytes, layout: str) -> None:
+    good = b'{"type":"A","actor":{"id":1,"login":"a"}}'
+    bad = b'{"type":"B","actor":{"id":' + number + b',"login":"b"}}'
+    data = {
+        "ndjson": good + b"\n" + bad + b"\n" + good + b"\n",
+        "array": b"[" + good + b"," + bad + b"," + good + b"]",
+        "pretty": good + b"\n" + bad.replace(b",", b",\n  ") + b"\n" + good + b"\n",
+    }[layout]
+    for result in (extract_bytes("f.json", data), streamed(data, 7), streamed(data, 1 << 20)):
+        assert result.error is None, result.error
+        assert result.events == 3 and result.skipped == {"invalid_actor": 1}
+        assert list(result.actors) == [1] and result.actors[1][5] == 2
+        assert result.event_types == {"A": 2, "B": 1}
+
+
+def test_unusable_numbers_elsewhere_are_null_not_a_failed_file() -> None:
+    data = (
+        b'{"id":1e400,"type":1e400,"created_at":' + HUGE_INTEGER + b',"repo":{"name":1e400},'
+        b'"actor":{"id":5,"login":1e400}}\n1e400\n{"actor":1e400}\n'
+    )
+    out = io.BytesIO()
+    result = extract_bytes("f.json", data, out)
+    assert result.error is None
+    assert result.events == 2 and result.skipped == {"not_an_object": 1, "invalid_actor": 1}
+    assert result.event_types == {"<non-string>": 1, "<missing>": 1}
+    first = orjson.loads(out.getvalue().splitlines()[0])
+    assert (first["id"], first["type"], first["created_at"], first["repo"], first["actor_id"]) == (
+        None,
+        None,
+        None,
+        None,
+        5,
+    )
+    assert first["actor_login"] is None
+
+
+@pytest.mark.parametrize(
+    ("data", "offset"),
+    [
+        (b'{"a": "\\ud800"}', 7),
+        (b'{"a": "x\\ud800y"}\n', 8),
+        (b'[{"a": 1}, "\\udc00"]', 12),
+        (b'{"ok": "\\ud83d\\ude00"}\n{"a": "\\udfff"}', 30),
+    ],
+)
+def test_a_lone_surrogate_is_named_as_such_not_truncation(data: bytes, offset: int) -> None:
+    for result in (extract_bytes("f.json", data), streamed(data, 3)):
+        assert result.error is not None and result.error["code"] == "INVALID_JSON"
+        assert "surrogate" in result.error["message"] and "truncated" not in result.error["message"]
+        assert result.error["offset"] == offset
+
+
+def test_a_truncated_file_is_still_called_truncated() -> None:
+    for data in (b'{"a": "abc', b'[{"a": 1}, {"b"', b'{"a": [1, 2'):
+        for result in (extract_bytes("f.json", data), streamed(data, 2)):
+            assert result.error is not None and "truncated" in result.error["message"]
+            assert result.error["offset"] == len(data)
