@@ -38,6 +38,7 @@ from ..errors import (
 from .exchange import Exchange, Responder
 from .limits import ConnectionLimits
 from .messages import Finished, Request
+from .wire_checks import chunk_line_error, folded_head_error
 
 log = logging.getLogger("upload_server.http")
 access_log = logging.getLogger("upload_server.access")
@@ -97,11 +98,16 @@ class HttpConnection:
         return False
 
     def next_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
+        in_body = self.protocol.their_state is h11.SEND_BODY
         try:
             return self.protocol.next_event()
         except h11.RemoteProtocolError as error:
             if self.peer_closed:
                 raise ClientDisconnected("peer closed the connection mid-message") from error
+            if error.error_status_hint == 431 and in_body:  # a chunk line or trailer over the limit
+                raise chunk_line_error(self.protocol.trailing_data[0]) or BadRequest(
+                    "A chunk-size line or the trailer section is longer than this server accepts."
+                ) from error
             if error.error_status_hint == 431:
                 raise self._head_too_large() from error
             raise BadRequest(f"Malformed HTTP request: {error}.") from error
@@ -171,6 +177,8 @@ class HttpConnection:
             self._waiting_scope, self.waiting_since = scope, trio.current_time()
             try:
                 while True:
+                    if (folded := folded_head_error(self.protocol.trailing_data[0])) is not None:
+                        raise folded
                     event = self.next_event()
                     if isinstance(event, h11.Request):
                         # Built before the checks, so that a refused head is still named in the access log.

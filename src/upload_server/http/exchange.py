@@ -21,6 +21,7 @@ from .body_rate import BodyRateGuard
 from .limits import ConnectionLimits
 from .messages import Headers, Request, Response
 from .request_id import new_request_id, request_id
+from .wire_checks import chunk_line_error
 
 # Bodies are read in large pieces: per-piece overhead (an h11 event, a deadline, a task switch) was a
 # third of the receive cost at 256 KiB (loadtest/bench_upload.py with py-spy, BENCH_NOTES.md).
@@ -168,6 +169,8 @@ class Exchange(Responder):
             elif event is h11.NEED_DATA:
                 if piece:
                     return piece  # nothing more is buffered: hand over what was gathered, do not wait
+                if (bad_line := chunk_line_error(self._protocol.trailing_data[0])) is not None:
+                    raise bad_line
                 await self._receive_within_idle_timeout()
             else:
                 raise BadRequest("The request body ended unexpectedly.")
