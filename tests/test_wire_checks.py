@@ -124,9 +124,7 @@ async def test_the_connection_answers_an_endless_chunk_line_at_once(
 
 
 async def test_a_normal_chunked_body_still_passes(mock_clock: trio.testing.MockClock) -> None:
-    answer, _ = await _answer_to(
-        chunked_head() + b"5\r\nhello\r\n0000000000000000006\r\n world\r\n0\r\n\r\n"
-    )
+    answer, _ = await _answer_to(chunked_head() + b"5\r\nhello\r\n0000000000000000006\r\n world\r\n0\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 200 ")
 
 

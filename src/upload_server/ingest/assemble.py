@@ -27,6 +27,7 @@ from typing import Any
 
 import msgspec
 
+from ..errors import ZipBomb
 from .extract import FileResult, gc_paused
 from .results import (
     Merged,
@@ -61,10 +62,10 @@ _ROWS_DECODER = msgspec.msgpack.Decoder(list[list[Any]])
 @dataclass(frozen=True)
 class JobOutcome:
     results_path: str
-    #: JSON bytes the job's files produced once decompressed, for the upload-wide limit.
+    #: JSON bytes the job's files produced once decompressed.
     uncompressed_bytes: int = 0
-    #: ``{"file": name, **error}`` of a file that expanded beyond its limits, which fails the whole upload.
-    bomb: dict[str, Any] | None = None
+    #: The answer for a file that expanded beyond its limits, which fails the whole upload.
+    bomb: ZipBomb | None = None
     #: Events the job's files held (for progress lines).
     events: int = 0
 
@@ -77,7 +78,11 @@ def run_job_to_file(job: Job, results_path: str) -> JobOutcome:
     events = sum(result.events for result in results if result.error is None)
     for result in results:
         if result.error is not None and result.error.get("code") == "ZIP_BOMB":
-            return JobOutcome(results_path, produced, {"file": result.name, **result.error}, events)
+            detail = {k: v for k, v in result.error.items() if k not in ("code", "message")}
+            # The worker's message names the file and the limit it broke, in terms true for its kind of
+            # upload (a plain gzip upload has no archive headers to speak of).
+            bomb = ZipBomb(result.error["message"], detail={"file": result.name, **detail})
+            return JobOutcome(results_path, produced, bomb, events)
     return JobOutcome(results_path, produced, None, events)
 
 
