@@ -128,18 +128,22 @@ def plan_zip(path: str | os.PathLike[str], limits: ArchiveLimits) -> ArchivePlan
 
 
 def _check_layout(f: BinaryIO, directory: ZipDirectory) -> list[int]:
-    """Check each local header against the directory; reject entries that run past the end of the file,
-    overlap each other or the central directory (the 'overlapping files' bomb reuses one compressed stream
-    for many entries). Returns where each entry's data starts."""
+    """Check each local header against the directory; reject entries that overlap each other or the
+    central directory (the 'overlapping files' bomb reuses one compressed stream for many entries) or
+    that run past the end of the file. Returns where each entry's data starts.
+
+    A header that contradicts the directory is raised after the overlap check (the overlap bomb's records
+    all point at one local header, which can name only one of them), and instead of truncation (a lying
+    size is why such data seems to run past the end)."""
     spans: list[tuple[int, int, str]] = []
     starts: list[int] = []
-    mismatches: list[errors.ZipBomb] = []
+    lies: list[errors.ZipBomb] = []
     for entry in directory.entries:
         data_start, mismatch = read_local_header(f, entry)
-        if mismatch is not None:
-            mismatches.append(mismatch)
         end = data_start + entry.compressed_size
-        if end > directory.file_size:
+        if mismatch is not None:
+            lies.append(mismatch)
+        elif end > directory.file_size:  # both headers agree: the file was cut
             raise errors.BadZip(
                 f"entry {entry.name!r}: data runs past the end of the file (truncated archive?)",
                 detail={
@@ -151,6 +155,13 @@ def _check_layout(f: BinaryIO, directory: ZipDirectory) -> list[int]:
             )
         spans.append((entry.header_offset, end, entry.name))
         starts.append(data_start)
+    _check_overlaps(spans, directory.directory_start)
+    if lies:
+        raise lies[0]
+    return starts
+
+
+def _check_overlaps(spans: list[tuple[int, int, str]], directory_start: int) -> None:
     spans.sort()
     for (s1, e1, n1), (s2, _e2, n2) in itertools.pairwise(spans):
         if s2 < e1:
@@ -158,7 +169,7 @@ def _check_layout(f: BinaryIO, directory: ZipDirectory) -> list[int]:
                 f"entries {n1!r} and {n2!r} overlap",
                 detail={"reason": "overlapping_entries", "entries": [n1, n2], "offsets": [s1, s2]},
             )
-    if spans and spans[-1][1] > directory.directory_start:
+    if spans and spans[-1][1] > directory_start:
         _s, e, n = spans[-1]
         raise errors.ZipBomb(
             f"entry {n!r} overlaps the central directory",
@@ -166,12 +177,9 @@ def _check_layout(f: BinaryIO, directory: ZipDirectory) -> list[int]:
                 "reason": "overlapping_entries",
                 "entries": [n],
                 "end": e,
-                "directory_start": directory.directory_start,
+                "directory_start": directory_start,
             },
         )
-    if mismatches:
-        raise mismatches[0]
-    return starts
 
 
 def _select(directory: ZipDirectory, starts: list[int], limits: ArchiveLimits) -> ArchivePlan:

@@ -303,12 +303,20 @@ _OPAQUE_FEED = 16 << 10
 
 
 def _pump(
-    d: _Decompressor, source: Iterator[bytes], meter: _Meter, what: str, first: bytes = b""
+    d: _Decompressor,
+    source: Iterator[bytes],
+    meter: _Meter,
+    what: str,
+    first: bytes = b"",
+    *,
+    sized: bool = False,
 ) -> Iterator[bytes]:
     """Drive a decompressor over compressed chunks, at most _OUT_CHUNK bytes of output per step, checking
     the guards after each step. Ends at the stream's end marker; when the input ends first, what the
     decompressor still holds is drained before the data is called truncated (a valid deflate stream can
-    end with its last back-reference still to be copied out: issue 7, class 2)."""
+    end with its last back-reference still to be copied out: issue 7, class 2). A ``sized`` stream (a ZIP
+    entry's) may end without its end marker: zipfile reads such an entry when its size and CRC-32 are
+    right, and the caller checks both."""
     pending = first
     opaque = isinstance(d, bz2.BZ2Decompressor | lzma.LZMADecompressor)
     feed = _OPAQUE_FEED if opaque else len(first) + _IN_CHUNK
@@ -324,7 +332,7 @@ def _pump(
         data = _step(d, piece, what)
         meter.consumed = base + given - (d.held if isinstance(d, _Inflate) else 0)
         if hungry and not piece and not data and not d.eof:  # drained, and still not at the end
-            if isinstance(d, _Stored):
+            if sized:  # a ZIP entry: its declared size and CRC judge it, as zipfile judges it
                 return
             raise DecompressionFailure("BAD_COMPRESSED_DATA", f"{what}: compressed data ends early")
         if data:
@@ -398,7 +406,7 @@ def _zip_entry_chunks(f: BinaryIO, entry: EntryPlan, meter: _Meter) -> Iterator[
     source = raw()
     d, first = _zip_decompressor(entry, source, meter)
     running = 0
-    for chunk in _pump(d, source, meter, entry.name, first):
+    for chunk in _pump(d, source, meter, entry.name, first, sized=True):
         running = zlib.crc32(chunk, running)
         yield chunk
     if meter.produced != entry.declared_size:

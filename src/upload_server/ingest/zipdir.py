@@ -97,7 +97,9 @@ def _find_end_record(f: BinaryIO, file_size: int) -> int:
 def _directory_bounds(f: BinaryIO, file_size: int) -> tuple[int, int, int, int]:
     """(directory start in the file, directory size, concat shift, declared number of entries)."""
     end = _find_end_record(f, file_size)
-    _sig, disk, cd_disk, _here, total, size, offset, _comment = _EOCD.unpack(_read_at(f, end, _EOCD.size))
+    # The end record's disk numbers are not looked at, as zipfile does not: only a zip64 locator that
+    # names another disk is refused.
+    _sig, _disk, _cd_disk, _here, total, size, offset, _comment = _EOCD.unpack(_read_at(f, end, _EOCD.size))
     tables_end = end
     if end >= _LOCATOR.size:
         sig, z64_disk, _z64_offset, disks = _LOCATOR.unpack(_read_at(f, end - _LOCATOR.size, _LOCATOR.size))
@@ -108,10 +110,8 @@ def _directory_bounds(f: BinaryIO, file_size: int) -> tuple[int, int, int, int]:
             record = _read_at(f, at, _EOCD64.size) if at >= 0 else b""
             if len(record) == _EOCD64.size and record[:4] == _EOCD64_SIG:
                 fields = _EOCD64.unpack(record)
-                disk, cd_disk, total, size, offset = fields[4], fields[5], fields[7], fields[8], fields[9]
+                total, size, offset = fields[7], fields[8], fields[9]
                 tables_end = at
-    if disk != 0 or cd_disk != 0:
-        raise _bad("archives spanning several disks are not supported", "multi_disk")
     if size > tables_end:
         raise _bad(
             f"the central directory claims {size} bytes, more than the file holds before its end record",
@@ -167,12 +167,10 @@ def _central_record(
         raise _bad(f"entry #{index}: bad central-directory record signature", "bad_directory", entry=index)
     flags, method, crc, csize, usize = fields[5], fields[6], fields[9], fields[10], fields[11]
     name_len, extra_len, comment_len, offset = fields[12], fields[13], fields[14], fields[18]
-    length = _CENTRAL.size + name_len + extra_len + comment_len
-    rest = f.read(name_len + extra_len + comment_len)
-    if length > left or len(rest) < length - _CENTRAL.size:
-        raise _bad(
-            f"entry #{index}: its record runs past the central directory", "truncated_directory", entry=index
-        )
+    # A record whose name, extra field or comment runs past the directory keeps what the directory holds,
+    # as zipfile reads it (the local header must then still name the entry the same way).
+    length = min(_CENTRAL.size + name_len + extra_len + comment_len, left)
+    rest = f.read(length - _CENTRAL.size)
     name = decode_name(rest[:name_len], flags, index)
     usize, csize, offset = _apply_zip64(rest[name_len : name_len + extra_len], usize, csize, offset, name)
     offset += concat
