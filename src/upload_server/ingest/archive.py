@@ -129,12 +129,13 @@ def plan_zip(path: str | os.PathLike[str], limits: ArchiveLimits) -> ArchivePlan
 
 def _check_layout(f: BinaryIO, directory: ZipDirectory) -> list[int]:
     """Check each local header against the directory; reject entries that overlap each other or the
-    central directory (the 'overlapping files' bomb reuses one compressed stream for many entries) or
-    that run past the end of the file. Returns where each entry's data starts.
+    central directory (the 'overlapping files' bomb reuses one compressed stream for many entries).
+    Returns where each entry's data starts.
 
-    A header that contradicts the directory is raised after the overlap check (the overlap bomb's records
-    all point at one local header, which can name only one of them), and instead of truncation (a lying
-    size is why such data seems to run past the end)."""
+    Data said to run past the end of the file overlaps the central directory, which lies before the end:
+    the end record was found, so the file was not cut, and the size lies. A header that contradicts the
+    directory is raised after the overlap check: the overlap bomb's records all point at one local
+    header, which can name only one of them."""
     spans: list[tuple[int, int, str]] = []
     starts: list[int] = []
     lies: list[errors.ZipBomb] = []
@@ -143,16 +144,6 @@ def _check_layout(f: BinaryIO, directory: ZipDirectory) -> list[int]:
         end = data_start + entry.compressed_size
         if mismatch is not None:
             lies.append(mismatch)
-        elif end > directory.file_size:  # both headers agree: the file was cut
-            raise errors.BadZip(
-                f"entry {entry.name!r}: data runs past the end of the file (truncated archive?)",
-                detail={
-                    "reason": "truncated",
-                    "entry": entry.name,
-                    "end": end,
-                    "file_size": directory.file_size,
-                },
-            )
         spans.append((entry.header_offset, end, entry.name))
         starts.append(data_start)
     _check_overlaps(spans, directory.directory_start)
