@@ -23,23 +23,14 @@ from typing import Any
 from hypothesis import strategies as st
 
 from upload_server import errors
+from upload_server.codes import FileErrorCode
 from upload_server.ingest.archive import ArchiveLimits, ignore_reason, plan_zip
 from upload_server.ingest.extract import FileResult, extract_bytes
 from upload_server.ingest.worker import Job, run_job
 
 LIMITS = ArchiveLimits(max_entries=64, max_uncompressed_bytes=64 << 20, max_ratio=200.0)
-#: Per-file error codes a result may carry.
-FILE_CODES = frozenset(
-    {
-        "INVALID_JSON",
-        "JSON_TOO_DEEP",
-        "VALUE_TOO_LARGE",
-        "BAD_COMPRESSED_DATA",
-        "ENCRYPTED_ENTRY",
-        "UNSUPPORTED_COMPRESSION",
-        "ZIP_BOMB",
-    }
-)
+#: Per-file error codes a result may carry: the one enum the workers use.
+FILE_CODES = frozenset(FileErrorCode)
 
 
 def events(n: int, seed: int) -> bytes:

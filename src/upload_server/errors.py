@@ -13,6 +13,8 @@ from typing import Any, ClassVar
 
 import orjson
 
+from .codes import FileErrorCode
+
 
 class UploadServerError(Exception):
     """Base of every error that becomes an HTTP answer."""
@@ -157,7 +159,7 @@ class BadZip(Unprocessable):
 
 
 class ZipBomb(Unprocessable):
-    code = "ZIP_BOMB"
+    code = FileErrorCode.ZIP_BOMB  # a file's bomb fails the whole upload under the same code
 
 
 class NoJsonFiles(Unprocessable):

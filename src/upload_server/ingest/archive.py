@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from upload_server import errors
+from upload_server.codes import FileErrorCode
 from upload_server.ingest.extract import FileResult
 from upload_server.ingest.zipdir import (
     FLAG_ENCRYPTED,
@@ -198,13 +199,13 @@ def _select(directory: ZipDirectory, starts: list[int], limits: ArchiveLimits) -
     return ArchivePlan(entries=entries, ignored=ignored, failed=failed)
 
 
-def _refusal(entry: CentralEntry) -> tuple[str, str] | None:
+def _refusal(entry: CentralEntry) -> tuple[FileErrorCode, str] | None:
     if entry.flags & FLAG_ENCRYPTED:
-        return "ENCRYPTED_ENTRY", "the entry is encrypted"
+        return FileErrorCode.ENCRYPTED_ENTRY, "the entry is encrypted"
     if entry.flags & FLAG_PATCHED:
-        return "UNSUPPORTED_COMPRESSION", "compressed patched data (flag bit 5)"
+        return FileErrorCode.UNSUPPORTED_COMPRESSION, "compressed patched data (flag bit 5)"
     if entry.method not in _SUPPORTED_METHODS:
-        return "UNSUPPORTED_COMPRESSION", f"compression method {entry.method}"
+        return FileErrorCode.UNSUPPORTED_COMPRESSION, f"compression method {entry.method}"
     return None
 
 
@@ -262,5 +263,5 @@ def _reserve(
     ]
 
 
-def _failed(name: str, index: int, code: str, message: str) -> FileResult:
+def _failed(name: str, index: int, code: FileErrorCode, message: str) -> FileResult:
     return FileResult(name=name, layout=None, error={"code": code, "message": message}, order=index)

@@ -27,6 +27,7 @@ from typing import Any
 
 import msgspec
 
+from ..codes import FileErrorCode
 from ..errors import ZipBomb
 from .extract import FileResult, gc_paused
 from .results import (
@@ -77,7 +78,7 @@ def run_job_to_file(job: Job, results_path: str) -> JobOutcome:
     produced = sum(result.size_bytes for result in results)
     events = sum(result.events for result in results if result.error is None)
     for result in results:
-        if result.error is not None and result.error.get("code") == "ZIP_BOMB":
+        if result.error is not None and result.error.get("code") == FileErrorCode.ZIP_BOMB:
             detail = {k: v for k, v in result.error.items() if k not in ("code", "message")}
             # The worker's message names the file and the limit it broke, in terms true for its kind of
             # upload (a plain gzip upload has no archive headers to speak of).

@@ -253,7 +253,7 @@ async def plan_ingest(
     jobs = [
         Job(
             str(spool.path),
-            kind.value,
+            kind,
             entries=batch,
             events_path=str(spool.sibling(f"events-{number}.ndjson")) if with_event_lines else None,
             **common,

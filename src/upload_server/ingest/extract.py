@@ -48,6 +48,8 @@ from typing import Any, BinaryIO
 
 import msgspec
 
+from upload_server.codes import FileErrorCode
+
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "DEFAULT_MAX_VALUE_BYTES",
@@ -200,7 +202,7 @@ def _decode_leniently(region: memoryview, *, array: bool) -> list[Any]:
 class _JsonError(Exception):
     """A per-file failure with its position (absolute byte offset in the file), raised inside this module."""
 
-    def __init__(self, code: str, message: str, offset: int | None = None) -> None:
+    def __init__(self, code: FileErrorCode, message: str, offset: int | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
@@ -345,27 +347,29 @@ def _decode_error(exc: Exception, region: bytes | memoryview, base: int) -> _Jso
     bytes (``_value_end``, ``_LONE_SURROGATE``), never by msgspec's message; the message only lends the
     byte position when it has one (``json_error_position``, pinned by tests/test_msgspec_contract.py)."""
     if isinstance(exc, RecursionError):
-        return _JsonError("JSON_TOO_DEEP", "JSON nesting is too deep", None)
+        return _JsonError(FileErrorCode.JSON_TOO_DEEP, "JSON nesting is too deep", None)
     if isinstance(exc, UnicodeDecodeError):
         # msgspec reports the position inside the string token; find the real one (error path only).
         try:
             bytes(region).decode("utf-8")
         except UnicodeDecodeError as u:
-            return _JsonError("INVALID_JSON", f"invalid UTF-8: {u.reason}", base + u.start)
-        return _JsonError("INVALID_JSON", "invalid UTF-8", None)
+            return _JsonError(FileErrorCode.INVALID_JSON, f"invalid UTF-8: {u.reason}", base + u.start)
+        return _JsonError(FileErrorCode.INVALID_JSON, "invalid UTF-8", None)
     data = bytes(region)
     lone = _lone_surrogate(data)
     if lone is not None:
         return _JsonError(
-            "INVALID_JSON",
+            FileErrorCode.INVALID_JSON,
             "a \\u escape encodes half of a UTF-16 surrogate pair without the other half (not a character)",
             base + lone,
         )
     if _ends_inside_a_value(data):
-        return _JsonError("INVALID_JSON", "unexpected end of data (truncated JSON)", base + len(data))
+        return _JsonError(
+            FileErrorCode.INVALID_JSON, "unexpected end of data (truncated JSON)", base + len(data)
+        )
     position = json_error_position(exc)
     offset = base + position if position is not None and position < len(data) else None
-    return _JsonError("INVALID_JSON", "invalid JSON", offset)
+    return _JsonError(FileErrorCode.INVALID_JSON, "invalid JSON", offset)
 
 
 def json_error_position(exc: Exception) -> int | None:
@@ -652,7 +656,7 @@ def _extract_stream(
 
 def _too_large(buf: _Buf, max_value_bytes: int) -> _JsonError:
     return _JsonError(
-        "VALUE_TOO_LARGE",
+        FileErrorCode.VALUE_TOO_LARGE,
         f"a single JSON value (or a run without a value boundary) exceeds {max_value_bytes} bytes",
         buf.base + buf.pos,
     )
@@ -720,7 +724,9 @@ def _stream_values(buf: _Buf, acc: _Acc, max_value_bytes: int, *, array: bool) -
         if not buf.skip_ws():
             if array:
                 raise _JsonError(
-                    "INVALID_JSON", "unexpected end of data (array not closed)", buf.base + buf.pos
+                    FileErrorCode.INVALID_JSON,
+                    "unexpected end of data (array not closed)",
+                    buf.base + buf.pos,
                 )
             break
         c = buf.data[buf.pos]
@@ -729,12 +735,16 @@ def _stream_values(buf: _Buf, acc: _Acc, max_value_bytes: int, *, array: bool) -
                 buf.pos += 1
                 if buf.skip_ws():
                     raise _JsonError(
-                        "INVALID_JSON", "trailing data after the top-level array", buf.base + buf.pos
+                        FileErrorCode.INVALID_JSON,
+                        "trailing data after the top-level array",
+                        buf.base + buf.pos,
                     )
                 break
             if not expect_value:
                 if c != 0x2C:  # b","
-                    raise _JsonError("INVALID_JSON", "expected ',' or ']' in array", buf.base + buf.pos)
+                    raise _JsonError(
+                        FileErrorCode.INVALID_JSON, "expected ',' or ']' in array", buf.base + buf.pos
+                    )
                 buf.pos += 1
                 expect_value = True
                 continue

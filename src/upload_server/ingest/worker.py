@@ -36,9 +36,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Protocol
 
+from upload_server.codes import FileErrorCode
 from upload_server.ingest.archive import ArchiveLimits, EntryPlan, upload_budget
 from upload_server.ingest.extract import FileResult, extract_bytes, extract_stream, rewind
 from upload_server.ingest.zipdir import FLAG_ENCRYPTED
+from upload_server.receive.sniff import ContentKind
 
 __all__ = ["DecompressionFailure", "Job", "run_job"]
 
@@ -50,7 +52,7 @@ _DECOMPRESS_ERRORS = (zlib.error, lzma.LZMAError, OSError, EOFError, ValueError)
 @dataclass(frozen=True)
 class Job:
     source_path: str
-    content_kind: str  # "zip" | "gzip" | "json"
+    content_kind: ContentKind
     entries: tuple[EntryPlan, ...] = ()  # zip only; a batch of small entries or one big entry
     display_name: str = "upload"  # file name shown for gzip/json uploads
     memory_budget: int = 64 << 20  # files known to be under this are read whole (fast path); others stream
@@ -66,7 +68,7 @@ class DecompressionFailure(Exception):
     """Ends one file: the bytes cannot be decompressed honestly. Raised from inside the decompressing
     iterators, so it surfaces through ``extract_stream``'s reads."""
 
-    def __init__(self, code: str, message: str, **detail: Any) -> None:
+    def __init__(self, code: FileErrorCode, message: str, **detail: Any) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
@@ -79,13 +81,12 @@ def run_job(job: Job) -> list[FileResult]:
     try:
         if job.events_path is not None:
             out = open(job.events_path, "ab", buffering=1 << 20)  # noqa: SIM115 - closed in finally
-        if job.content_kind == "zip":
+        kind = ContentKind(job.content_kind)
+        if kind is ContentKind.ZIP:
             return _run_zip(job, out)
-        if job.content_kind == "gzip":
+        if kind is ContentKind.GZIP:
             return [_guarded(job.display_name, 0, out, lambda: _process_gzip_upload(job, out))]
-        if job.content_kind == "json":
-            return [_process_json(job, out)]
-        raise ValueError(f"unknown content_kind {job.content_kind!r}")
+        return [_process_json(job, out)]
     finally:
         if out is not None:
             out.close()
@@ -121,7 +122,7 @@ class _Meter:
     def check(self) -> None:
         if self.produced > self.limit:
             raise DecompressionFailure(
-                "ZIP_BOMB",
+                FileErrorCode.ZIP_BOMB,
                 f"{self.name}: decompresses to more than {self.limit} bytes ({_LIMIT_WHY[self.reason]})",
                 reason=self.reason,
                 produced=self.produced,
@@ -130,7 +131,7 @@ class _Meter:
         consumed = self.upload_bytes()
         if self.produced > self.floor and self.produced > self.max_ratio * max(consumed, 1):
             raise DecompressionFailure(
-                "ZIP_BOMB",
+                FileErrorCode.ZIP_BOMB,
                 f"{self.name}: expands more than {self.max_ratio:g}:1 against the bytes uploaded",
                 reason="ratio",
                 produced=self.produced,
@@ -275,7 +276,7 @@ def lzma1_filter(properties: bytes) -> dict[str, int]:
     ``LzmaProps_Decode``): one byte ``(pb * 5 + lp) * 9 + lc``, then the dictionary size, little-endian.
     Replaces ``lzma._decode_filter_properties``, a private function."""
     if len(properties) != 5 or properties[0] >= 9 * 5 * 5:
-        raise DecompressionFailure("BAD_COMPRESSED_DATA", "bad LZMA properties")
+        raise DecompressionFailure(FileErrorCode.BAD_COMPRESSED_DATA, "bad LZMA properties")
     lc, rest = properties[0] % 9, properties[0] // 9
     lp, pb = rest % 5, rest // 5
     (dict_size,) = struct.unpack("<I", properties[1:])
@@ -285,15 +286,17 @@ def lzma1_filter(properties: bytes) -> dict[str, int]:
 def _zip_lzma(header: bytes) -> tuple[_Decompressor, int]:
     """LZMA in ZIP: 2 version bytes, 2-byte properties size, properties, then a raw LZMA1 stream."""
     if len(header) < 4:
-        raise DecompressionFailure("BAD_COMPRESSED_DATA", "LZMA entry too short for its header")
+        raise DecompressionFailure(FileErrorCode.BAD_COMPRESSED_DATA, "LZMA entry too short for its header")
     (psize,) = struct.unpack("<H", header[2:4])
     if len(header) < 4 + psize:
-        raise DecompressionFailure("BAD_COMPRESSED_DATA", "LZMA entry too short for its properties")
+        raise DecompressionFailure(
+            FileErrorCode.BAD_COMPRESSED_DATA, "LZMA entry too short for its properties"
+        )
     filters = [lzma1_filter(header[4 : 4 + psize])]
     try:
         return lzma.LZMADecompressor(lzma.FORMAT_RAW, filters=filters), 4 + psize
     except _DECOMPRESS_ERRORS:
-        raise DecompressionFailure("BAD_COMPRESSED_DATA", "bad LZMA properties") from None
+        raise DecompressionFailure(FileErrorCode.BAD_COMPRESSED_DATA, "bad LZMA properties") from None
 
 
 #: bz2 and LZMA take all the input they are given and say nothing of how much they used; fed in pieces
@@ -334,7 +337,9 @@ def _pump(
         if hungry and not piece and not data and not d.eof:  # drained, and still not at the end
             if sized:  # a ZIP entry: its declared size and CRC judge it, as zipfile judges it
                 return
-            raise DecompressionFailure("BAD_COMPRESSED_DATA", f"{what}: compressed data ends early")
+            raise DecompressionFailure(
+                FileErrorCode.BAD_COMPRESSED_DATA, f"{what}: compressed data ends early"
+            )
         if data:
             meter.produced += len(data)
             meter.check()
@@ -346,7 +351,9 @@ def _step(d: _Decompressor, piece: bytes, what: str) -> bytes:
         return d.decompress(piece, _OUT_CHUNK)
     except _DECOMPRESS_ERRORS:
         # The library's words are not passed on: they differ between zlib, bz2 and lzma, and versions.
-        raise DecompressionFailure("BAD_COMPRESSED_DATA", f"{what}: the compressed data is corrupt") from None
+        raise DecompressionFailure(
+            FileErrorCode.BAD_COMPRESSED_DATA, f"{what}: the compressed data is corrupt"
+        ) from None
 
 
 # ------------------------------------------------------------------------------------------------------ zip
@@ -363,7 +370,7 @@ def _run_zip(job: Job, out: BinaryIO | None) -> list[FileResult]:
                 entry.name, entry.index, out, lambda e=entry: _process_entry(job, f, e, budget, out)
             )
             results.append(result)
-            if result.error is not None and result.error.get("code") == "ZIP_BOMB":
+            if result.error is not None and result.error.get("code") == FileErrorCode.ZIP_BOMB:
                 break
     return results
 
@@ -377,7 +384,7 @@ def _process_entry(
     job: Job, f: BinaryIO, entry: EntryPlan, budget: tuple[int, str], out: BinaryIO | None
 ) -> FileResult:
     if entry.flag_bits & FLAG_ENCRYPTED:
-        raise DecompressionFailure("ENCRYPTED_ENTRY", "the entry is encrypted")
+        raise DecompressionFailure(FileErrorCode.ENCRYPTED_ENTRY, "the entry is encrypted")
     meter = _Meter(entry.name, job, entry.declared_size, "declared_size")
     chunks = _zip_entry_chunks(f, entry, meter)
     if entry.gzipped:
@@ -398,7 +405,9 @@ def _zip_entry_chunks(f: BinaryIO, entry: EntryPlan, meter: _Meter) -> Iterator[
             f.seek(pos)
             data = f.read(min(_IN_CHUNK, left))
             if not data:
-                raise DecompressionFailure("BAD_COMPRESSED_DATA", "entry data runs past the end of the file")
+                raise DecompressionFailure(
+                    FileErrorCode.BAD_COMPRESSED_DATA, "entry data runs past the end of the file"
+                )
             pos += len(data)
             left -= len(data)
             yield data
@@ -415,7 +424,7 @@ def _zip_entry_chunks(f: BinaryIO, entry: EntryPlan, meter: _Meter) -> Iterator[
         short = meter.produced < entry.declared_size
         sizes = f" (decompressed to {meter.produced} bytes, the header says {entry.declared_size})"
         raise DecompressionFailure(
-            "BAD_COMPRESSED_DATA", f"{entry.name}: CRC-32 mismatch{sizes if short else ''}"
+            FileErrorCode.BAD_COMPRESSED_DATA, f"{entry.name}: CRC-32 mismatch{sizes if short else ''}"
         )
 
 
@@ -439,7 +448,7 @@ def _zip_decompressor(
         d, skip = _zip_lzma(header)
         meter.consumed += skip
         return d, header[skip:]
-    raise DecompressionFailure("UNSUPPORTED_COMPRESSION", f"compression method {entry.method}")
+    raise DecompressionFailure(FileErrorCode.UNSUPPORTED_COMPRESSION, f"compression method {entry.method}")
 
 
 # ----------------------------------------------------------------------------------------------------- gzip
@@ -461,7 +470,7 @@ def _gunzip(source: Iterator[bytes], meter: _Meter, name: str) -> Iterator[bytes
         if pending[:1] != b"\x1f":
             if pending.strip(b"\0") or any(c.strip(b"\0") for c in source):
                 raise DecompressionFailure(
-                    "BAD_COMPRESSED_DATA", f"{name}: data after the end of the gzip stream"
+                    FileErrorCode.BAD_COMPRESSED_DATA, f"{name}: data after the end of the gzip stream"
                 )
             return
 
