@@ -208,7 +208,13 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("max_entries", parse_int, "entries a ZIP archive may hold", _positive),
     Setting("max_uncompressed_bytes", parse_size, "total uncompressed size of one upload", _positive),
-    Setting("max_ratio", parse_float, "largest compression ratio of an entry above 1 MiB", _ratio),
+    Setting(
+        "max_ratio",
+        parse_float,
+        "largest compression ratio of an entry or layer above 1 MiB, and of the whole upload against "
+        "its bytes",
+        _ratio,
+    ),
     Setting(
         "shutdown_grace", parse_float, "seconds in-flight requests get to finish on SIGTERM", _non_negative
     ),
