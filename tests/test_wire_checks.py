@@ -4,9 +4,13 @@ then the real server on a real socket."""
 
 from __future__ import annotations
 
+import string
+
 import pytest
 import trio
 import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import RunningServer
 from upload_server.errors import BadRequest, PayloadTooLarge
@@ -156,3 +160,43 @@ async def test_the_server_refuses_both_at_once(server: RunningServer) -> None:
         assert b"connection: close" in answer.lower()
         assert seconds < 5
     assert server.leftover_files() == []
+
+
+# ------------------------------------------------------------------------------------------ properties
+
+FIELD_NAME = st.text(alphabet=string.ascii_letters + "-", min_size=1, max_size=12)
+FIELD_VALUE = st.text(alphabet=string.ascii_letters + string.digits + " ,;=/", max_size=20).map(str.strip)
+FIELDS = st.lists(st.tuples(FIELD_NAME, FIELD_VALUE), max_size=8)
+
+
+@settings(max_examples=80, derandomize=True)
+@given(
+    fields=FIELDS,
+    fold_at=st.integers(0, 8),
+    fold=st.sampled_from([b" ", b"\t"]),
+    newline=st.sampled_from([b"\r\n", b"\n"]),
+)
+def test_a_fold_anywhere_in_any_head_is_found(
+    fields: list[tuple[str, str]], fold_at: int, fold: bytes, newline: bytes
+) -> None:
+    lines = [b"POST /x HTTP/1.1"] + [f"{name}: {value}".encode() for name, value in fields]
+    assert folded_head_error(newline.join(lines) + newline * 2 + b" body") is None
+    lines.insert(1 + fold_at % len(lines), fold + b"continued")
+    error = folded_head_error(newline.join(lines) + newline * 2)
+    assert error is not None and error.detail["line"] == 2 + fold_at % (len(lines) - 1)
+
+
+@settings(max_examples=120, derandomize=True)
+@given(
+    digits=st.text(alphabet="0123456789abcdefABCDEF", min_size=1, max_size=40),
+    rest=st.sampled_from([b"", b";x"]),
+)
+def test_a_chunk_line_is_refused_exactly_when_no_end_could_make_it_valid(digits: str, rest: bytes) -> None:
+    error = chunk_line_error(digits.encode() + rest)
+    significant = len(digits.lstrip("0"))
+    if significant > 16:
+        assert isinstance(error, PayloadTooLarge)
+    elif len(digits) > 20:
+        assert isinstance(error, BadRequest)
+    else:
+        assert error is None

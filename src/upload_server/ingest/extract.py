@@ -130,25 +130,15 @@ _UNUSABLE = float("nan")
 _NULL = msgspec.Raw(b"null")
 
 
-class _RawActor(msgspec.Struct, gc=False):
-    id: msgspec.Raw = _NULL
-    login: msgspec.Raw = _NULL
-    display_login: msgspec.Raw = _NULL
-    avatar_url: msgspec.Raw = _NULL
-    url: msgspec.Raw = _NULL
-    gravatar_id: msgspec.Raw = _NULL
+def _raw_twin(schema: type[msgspec.Struct]) -> type[msgspec.Struct]:
+    """The same fields as ``schema``, each kept as raw JSON (the lenient decoding's schema)."""
+    fields = [(name, msgspec.Raw, _NULL) for name in schema.__struct_fields__]
+    return msgspec.defstruct(f"_Raw{schema.__name__}", fields, gc=False)
 
 
-class _RawRepo(msgspec.Struct, gc=False):
-    name: msgspec.Raw = _NULL
-
-
-class _RawEvent(msgspec.Struct, gc=False):
-    id: msgspec.Raw = _NULL
-    type: msgspec.Raw = _NULL
-    created_at: msgspec.Raw = _NULL
-    actor: msgspec.Raw = _NULL
-    repo: msgspec.Raw = _NULL
+_RawActor = _raw_twin(_Actor)
+_RawRepo = _raw_twin(_Repo)
+_RawEvent = _raw_twin(_Event)
 
 
 _ANY = msgspec.json.Decoder()
@@ -183,11 +173,11 @@ def _leniently(
         return _UNUSABLE
     if isinstance(value, _RawEvent):
         return _Event(
-            _usable(value.id),
-            _usable(value.type),
-            _usable(value.created_at),
-            _leniently(value.actor, _ACTORISH, _RAW_ACTOR),
-            _leniently(value.repo, _REPOISH, _RAW_REPO),
+            _usable(value.id),  # type: ignore[attr-defined]
+            _usable(value.type),  # type: ignore[attr-defined]
+            _usable(value.created_at),  # type: ignore[attr-defined]
+            _leniently(value.actor, _ACTORISH, _RAW_ACTOR),  # type: ignore[attr-defined]
+            _leniently(value.repo, _REPOISH, _RAW_REPO),  # type: ignore[attr-defined]
         )
     fields = [_usable(getattr(value, name)) for name in value.__struct_fields__]
     return _Actor(*fields) if isinstance(value, _RawActor) else _Repo(*fields)
