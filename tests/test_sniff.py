@@ -75,3 +75,9 @@ def test_whitespace_in_one_byte_pieces_is_linear() -> None:
     assert sniffer.feed(b"[") is ContentKind.JSON
     assert time.perf_counter() - started < 0.5
     assert len(sniffer.prefix) == SNIFF_WINDOW
+
+
+def test_a_zip_behind_a_self_extractor_stub_is_refused() -> None:
+    # Decided (README): the kind is told from the first bytes; a stub's are a program's.
+    with pytest.raises(UnsupportedMediaType):
+        sniff(b"MZ\x90\x00" + b"\0" * 60 + b"PK\x03\x04", complete=True)

@@ -8,6 +8,9 @@ from enum import StrEnum
 from ..errors import BadRequest, UnsupportedMediaType
 
 ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06", b"PK\x07\x08")  # local file header, empty archive, spanned
+# A ZIP behind a self-extractor stub (zipfile and unzip read one) is refused: its first bytes are a
+# program's, and reading it would mean spooling every unrecognised body whole before deciding, and taking
+# polyglot files. The README says so, and how to strip a stub (zip -J).
 GZIP_MAGIC = b"\x1f\x8b"
 UTF8_BOM = b"\xef\xbb\xbf"
 JSON_WHITESPACE = b" \t\r\n"
