@@ -5,9 +5,10 @@ compressed streams, end record), broken gzip files, and zipfile-written archives
 test against CPython's zipfile; each case is held to the oracle in tests/hostile.py.
 Phase 2, through a real server on 127.0.0.1 with real worker processes: a sample of the same broken
 files is uploaded; every answer must be 200 or a 4xx JSON error (never a 5xx or a hang), and nothing may
-be left in the server's temp dir.
+be left in the server's temp dir. Then broken HTTP requests (heads and chunk framing: bytes flipped,
+inserted, deleted, lines doubled) over raw sockets: each is answered (never 5xx) or closed within 10 s.
 
-    uv run python loadtest/fuzz_ingest.py --cases 10000 --server-cases 500 --seed 1
+    uv run python loadtest/fuzz_ingest.py --cases 10000 --server-cases 500 --head-cases 1000 --seed 1
 
 A failure stops the run with hypothesis's smallest failing case. Bounded: --cases examples per property
 in phase 1, --server-cases uploads in phase 2, each upload under a 30 s timeout.
@@ -70,6 +71,39 @@ def phase_one(cases: int, seed_value: int, work: Path) -> dict[str, collections.
     return stats
 
 
+def requests_for_the_server(count: int, seed_value: int) -> list[bytes]:
+    out: list[bytes] = []
+
+    @settings(max_examples=count, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(request=hostile.broken_request())
+    def draw(request: bytes) -> None:
+        out.append(request)
+
+    seed(seed_value)(draw)()
+    return out[:count]
+
+
+async def _send_raw(port: int, request: bytes) -> bytes:
+    """Send ``request``, close our side, read to the end: the server must answer or close within 10 s."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    answer = b""
+    async with stream:
+        await stream.send_all(request)
+        await stream.send_eof()
+        with trio.fail_after(10):
+            while piece := await stream.receive_some(65536):
+                answer += piece
+    return answer
+
+
+async def heads_phase(port: int, requests: list[bytes], seen: collections.Counter[str]) -> None:
+    for request in requests:
+        answer = await _send_raw(port, request)
+        status = answer[9:12].decode() if answer.startswith(b"HTTP/1.1 ") else "closed"
+        assert not status.startswith("5"), (request, answer[:300])
+        seen[f"head {status}"] += 1
+
+
 def samples_for_the_server(count: int, seed_value: int) -> list[tuple[str, bytes]]:
     rng = random.Random(seed_value)
     out: list[tuple[str, bytes]] = []
@@ -83,7 +117,9 @@ def samples_for_the_server(count: int, seed_value: int) -> list[tuple[str, bytes
     return out[:count]
 
 
-async def phase_two(samples: list[tuple[str, bytes]], tmp: Path) -> collections.Counter[str]:
+async def phase_two(
+    samples: list[tuple[str, bytes]], requests: list[bytes], tmp: Path
+) -> collections.Counter[str]:
     seen: collections.Counter[str] = collections.Counter()
     config = Config(host="127.0.0.1", port=0, tmp_dir=str(tmp), workers=2, max_entries=64)
     async with trio.open_nursery() as nursery:
@@ -100,6 +136,7 @@ async def phase_two(samples: list[tuple[str, bytes]], tmp: Path) -> collections.
                 else:
                     assert 400 <= response.status_code < 500, (response.status_code, body)
                     seen[f"{kind} {response.status_code} {body['error']['code']}"] += 1
+        await heads_phase(state.port, requests, seen)
         with trio.fail_after(10):
             while state.stats.uploads_in_flight:  # noqa: ASYNC110 - counters move after the last byte
                 await trio.sleep(0.05)
@@ -113,19 +150,21 @@ def main() -> None:
     )
     parser.add_argument("--cases", type=int, default=10_000, help="examples per property in phase 1")
     parser.add_argument("--server-cases", type=int, default=500, help="uploads in phase 2")
+    parser.add_argument("--head-cases", type=int, default=1000, help="broken HTTP requests in phase 2")
     parser.add_argument("--seed", type=int, default=random.randrange(1 << 30))
     args = parser.parse_args()
     print(f"seed {args.seed}", flush=True)
     with tempfile.TemporaryDirectory() as work:
         started = time.perf_counter()
-        stats = phase_one(args.cases, args.seed, Path(work))
+        stats = phase_one(args.cases, args.seed, Path(work)) if args.cases else {}
         for kind, counter in stats.items():
             print(f"  {kind}: {dict(counter.most_common(8))}")
         spool = Path(work) / "spool"
         spool.mkdir()
-        samples = samples_for_the_server(args.server_cases, args.seed)
+        samples = samples_for_the_server(args.server_cases, args.seed) if args.server_cases else []
+        requests = requests_for_the_server(args.head_cases, args.seed) if args.head_cases else []
         phase = time.perf_counter()
-        seen = trio.run(phase_two, samples, spool)
+        seen = trio.run(phase_two, samples, requests, spool)
         left = sorted(p.name for p in spool.iterdir())
         assert not left, f"left in the temp dir: {left}"
         elapsed = time.perf_counter() - phase

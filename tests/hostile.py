@@ -305,3 +305,34 @@ def check_gzip(raw: bytes, path: Path, memory_budget: int) -> str:
 
 def checksum(raw: bytes) -> int:
     return zlib.crc32(raw)
+
+
+# ------------------------------------------------------------------------------------------------ HTTP heads
+
+UPLOAD_HEAD = b"POST /api/v1/upload HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+REQUESTS = [
+    UPLOAD_HEAD + b"Transfer-Encoding: chunked\r\n\r\n8\r\n" + b'{"a":1}\n' + b"\r\n0\r\n\r\n",
+    UPLOAD_HEAD + b"Content-Length: 8\r\n\r\n" + b'{"a":1}\n',
+    b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n\r\n",
+]
+INSERTS = [b" ", b"\t", b"\r", b"\n", b"\r\n ", b"\r\n\t", b"0" * 30, b"f" * 40, b":", b"\x00", b"\xff", b";"]
+
+
+@st.composite
+def broken_request(draw: st.DrawFn) -> bytes:
+    """A request whose head (or chunk framing) is broken: bytes flipped, inserted, deleted, lines doubled."""
+    data = bytearray(draw(st.sampled_from(REQUESTS)))
+    for _ in range(draw(st.integers(1, 3))):
+        at = draw(st.integers(0, len(data) - 1))
+        kind = draw(st.sampled_from(["flip", "insert", "delete", "double"]))
+        if kind == "flip":
+            data[at] ^= draw(st.integers(1, 255))
+        elif kind == "insert":
+            data[at:at] = draw(st.sampled_from(INSERTS))
+        elif kind == "delete":
+            del data[at]
+        else:
+            start = data.rfind(b"\n", 0, at) + 1
+            end = data.find(b"\n", at) + 1 or len(data)
+            data[end:end] = data[start:end]
+    return bytes(data)
