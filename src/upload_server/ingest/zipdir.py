@@ -131,11 +131,10 @@ def _directory_bounds(f: BinaryIO, file_size: int) -> tuple[int, int, int, int]:
 
 def read_directory(f: BinaryIO, max_entries: int) -> ZipDirectory:
     """Every central-directory record of the archive in ``f``; raises BadZip, or ZipBomb past
-    ``max_entries`` records (declared or counted as read: a huge directory is never read whole)."""
+    ``max_entries`` records, counted as they are read (a huge directory is never read whole; the end
+    record's count is not trusted, as zipfile does not trust it)."""
     file_size = f.seek(0, 2)
     start, size, concat, declared = _directory_bounds(f, file_size)
-    if declared > max_entries:
-        raise _too_many(declared, max_entries)
     f.seek(start)
     entries: list[CentralEntry] = []
     pos = 0
