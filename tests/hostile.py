@@ -243,8 +243,8 @@ def zipfile_reads_whole(raw: bytes) -> dict[str, bytes] | None:
     entries after it, where we answer BAD_ZIP."""
     try:
         with zipfile.ZipFile(io.BytesIO(raw)) as zf:
-            end = raw.rfind(b"PK\x05\x06")
-            if end >= 0 and struct.unpack_from("<H", raw, end + 10)[0] not in (len(zf.infolist()), 0xFFFF):
+            end = len(raw) - 22 - len(zf.comment)  # the end record zipfile used (a comment may hold "PK\5\6")
+            if struct.unpack_from("<H", raw, end + 10)[0] not in (len(zf.infolist()), 0xFFFF):
                 return None
             return {f"{i}": zf.read(info) for i, info in enumerate(zf.infolist())}
     except Exception:
