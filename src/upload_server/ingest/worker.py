@@ -3,9 +3,9 @@
 Decompression is done here rather than through ``ZipFile.open``, for two measured reasons: zipfile calls
 the bzip2 and LZMA decompressors without an output bound (200 MB of zeros is 177 bytes of bzip2, so one
 4 KiB read can expand to gigabytes inside zipfile), and it silently cuts an entry at its declared size,
-reporting a CRC error where the truth is "this entry is larger than its header says". ``zipfile`` still
-parses the central directory (only when a plan lacks the offsets) and the entry data is read by offset;
-an entry name is only ever a label, never a path.
+reporting a CRC error where the truth is "this entry is larger than its header says". The plan
+(``archive.py``, ``zipdir.py``) hands over where each entry's data starts, checked against its local
+header; the data is read by offset. An entry name is only ever a label, never a path.
 
 Guards, because headers lie (each fails only that file, with ``ZIP_BOMB``, and ends its job: a bomb fails
 the whole upload, so the job's later entries are not worth a worker's time):
@@ -318,8 +318,8 @@ def _pump(
     the guards after each step. Ends at the stream's end marker; when the input ends first, what the
     decompressor still holds is drained before the data is called truncated (a valid deflate stream can
     end with its last back-reference still to be copied out: issue 7, class 2). A ``sized`` stream (a ZIP
-    entry's) may end without its end marker: zipfile reads such an entry when its size and CRC-32 are
-    right, and the caller checks both."""
+    entry's) may end without its end marker: zipfile reads such an entry when its CRC-32 is right, and
+    the caller checks it."""
     pending = first
     opaque = isinstance(d, bz2.BZ2Decompressor | lzma.LZMADecompressor)
     feed = _OPAQUE_FEED if opaque else len(first) + _IN_CHUNK
@@ -335,7 +335,7 @@ def _pump(
         data = _step(d, piece, what)
         meter.consumed = base + given - (d.held if isinstance(d, _Inflate) else 0)
         if hungry and not piece and not data and not d.eof:  # drained, and still not at the end
-            if sized:  # a ZIP entry: its declared size and CRC judge it, as zipfile judges it
+            if sized:  # a ZIP entry: its CRC-32 judges it, as zipfile judges it
                 return
             raise DecompressionFailure(
                 FileErrorCode.BAD_COMPRESSED_DATA, f"{what}: compressed data ends early"
