@@ -307,3 +307,18 @@ def test_a_truncated_file_is_still_called_truncated() -> None:
         for result in (extract_bytes("f.json", data), streamed(data, 2)):
             assert result.error is not None and "truncated" in result.error["message"]
             assert result.error["offset"] == len(data)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'{"actor": {"id": 1e400}, "b": x}',
+        b'{"id": 1e400, "b": x}\n{}',
+        b'[{"id": 1e400}, x]',
+        b'{"type": ' + HUGE_INTEGER + b"\n",
+    ],
+)
+def test_an_unusable_number_before_bad_json_is_still_invalid_json(data: bytes) -> None:
+    # The lenient pass parses what the first pass did not reach: its syntax errors are the file's error.
+    for result in (extract_bytes("f.json", data), streamed(data, 5)):
+        assert result.error is not None and result.error["code"] == "INVALID_JSON"

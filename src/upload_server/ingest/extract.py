@@ -183,6 +183,17 @@ def _leniently(
     return _Actor(*fields) if isinstance(value, _RawActor) else _Repo(*fields)
 
 
+def _decode(decode: Any, region: memoryview, *, array: bool = False, one: bool = False) -> Any:
+    """``decode(region)``, decoded again leniently when a number in it is unusable (``one``: the region is
+    one value, and that value is returned). Raises DecodeError (and the like) for bad JSON either way: the
+    lenient pass parses what the first did not reach."""
+    try:
+        return decode(region)
+    except msgspec.ValidationError:
+        values = _decode_leniently(region, array=array)
+        return values[0] if one else values
+
+
 def _decode_leniently(region: memoryview, *, array: bool) -> list[Any]:
     """The values of ``region`` (a whole array, or whitespace-separated values) after a ValidationError."""
     raws = _RAW_ARRAY.decode(region) if array else _RAW_LINES.decode_lines(region)
@@ -493,9 +504,7 @@ def _extract_bytes(name: str, data: bytes, events_out: BinaryIO | None) -> FileR
 
 def _decode_whole(decode: Any, region: memoryview, base: int, acc: _Acc) -> None:
     try:
-        items = decode(region)
-    except msgspec.ValidationError:
-        items = _decode_leniently(region, array=decode == _ARRAY_DECODER.decode)
+        items = _decode(decode, region, array=decode == _ARRAY_DECODER.decode)
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise _decode_error(exc, region, base) from None
     _check_utf8(region, base)
@@ -519,9 +528,7 @@ def _decode_lines_sliced(data: bytes, p: int, end: int, base: int, acc: _Acc) ->
                 e = data.find(b"\n", p + _SLICE, end) + 1 or end
         region = mv[p:e]
         try:
-            items = _ITEM_DECODER.decode_lines(region)
-        except msgspec.ValidationError:
-            items = _decode_leniently(region, array=False)
+            items = _decode(_ITEM_DECODER.decode_lines, region)
         except msgspec.DecodeError:
             return p  # a value spanning lines, or an error: the caller's value-by-value path tells which
         except (UnicodeDecodeError, RecursionError) as exc:
@@ -695,9 +702,7 @@ def _one_value(buf: _Buf, max_value_bytes: int) -> Any:
             continue
         span = memoryview(data)[p : len(data) if end < 0 else end]
         try:
-            value = _ITEM_DECODER.decode(span)
-        except msgspec.ValidationError:
-            (value,) = _decode_leniently(span, array=False)
+            value = _decode(_ITEM_DECODER.decode, span, one=True)
         except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise _decode_error(exc, span, buf.base + p) from None
         _check_utf8(span, buf.base + p)
