@@ -1,8 +1,9 @@
 """The long fuzzing run of issue 7 (the test suite runs a short, seeded budget of the same properties).
 
 Phase 1, in this process: broken ZIP archives (central directory, local headers, data descriptors,
-compressed streams, end record), broken gzip files, and zipfile-written archives for the differential
-test against CPython's zipfile; each case is held to the oracle in tests/hostile.py.
+compressed streams, end record), broken gzip files, zipfile-written archives for the differential
+test against CPython's zipfile, and event-shaped JSON with unusable numbers, lone surrogates and syntax
+errors; each case is held to the oracle in tests/hostile.py.
 Phase 2, through a real server on 127.0.0.1 with real worker processes: a sample of the same broken
 files is uploaded; every answer must be 200 or a 4xx JSON error (never a 5xx or a hang), and nothing may
 be left in the server's temp dir. Then broken HTTP requests (heads and chunk framing: bytes flipped,
@@ -62,7 +63,12 @@ def phase_one(cases: int, seed_value: int, work: Path) -> dict[str, collections.
     def differential(archive: tuple[bytes, int]) -> None:
         stats["differential"][hostile.check_written(archive, work / "d.zip")] += 1
 
-    for name, prop in (("zip", zips), ("gzip", gzips), ("differential", differential)):
+    @run
+    @given(data=hostile.json_ish(), chunk=st.integers(1, 64))
+    def json(data: bytes, chunk: int) -> None:
+        stats["json"][hostile.check_json(data, chunk)] += 1
+
+    for name, prop in (("zip", zips), ("gzip", gzips), ("differential", differential), ("json", json)):
         started = time.perf_counter()
         seed(seed_value)(prop)()
         print(

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from upload_server import errors
 from upload_server.codes import FileErrorCode
 from upload_server.ingest.archive import ArchiveLimits, ignore_reason, plan_zip
-from upload_server.ingest.extract import FileResult, extract_bytes
+from upload_server.ingest.extract import FileResult, extract_bytes, extract_stream
 from upload_server.ingest.worker import Job, run_job
 
 LIMITS = ArchiveLimits(max_entries=64, max_uncompressed_bytes=64 << 20, max_ratio=200.0)
@@ -305,6 +305,45 @@ def check_gzip(raw: bytes, path: Path, memory_budget: int) -> str:
 
 def checksum(raw: bytes) -> int:
     return zlib.crc32(raw)
+
+
+# ------------------------------------------------------------------------------------------------ JSON
+
+FIELD = st.sampled_from([b'"id"', b'"type"', b'"actor"', b'"repo"', b'"created_at"', b'"name"', b'"x"'])
+SCALAR = st.sampled_from(
+    [b"1", b"1e400", b"-1e400", b"9" * 5000, b'"s"', b'"\\ud800"', b"null", b"tru", b"x"]
+)
+
+
+@st.composite
+def json_ish(draw: st.DrawFn) -> bytes:
+    """Event-shaped JSON with unusable numbers, lone surrogates and syntax errors in the fields we read."""
+
+    def obj(depth: int) -> bytes:
+        members = []
+        for _ in range(draw(st.integers(0, 3))):
+            value = obj(depth + 1) if depth < 2 and draw(st.booleans()) else draw(SCALAR)
+            members.append(draw(FIELD) + b":" + value)
+        return b"{" + b",".join(members) + b"}"
+
+    values = [obj(0) if draw(st.booleans()) else draw(SCALAR) for _ in range(draw(st.integers(1, 4)))]
+    if draw(st.booleans()):
+        return b"[" + b",".join(values) + b"]"
+    return draw(st.sampled_from([b"\n", b" ", b"\n\n"])).join(values)
+
+
+def check_json(data: bytes, chunk: int) -> str:
+    """Never an exception; the same events, skips and error code in memory and streamed."""
+    whole = extract_bytes("f.json", data)
+    streamed = extract_stream("f.json", io.BytesIO(data), chunk_size=chunk)
+    code = (whole.error or {}).get("code")
+    assert code in (None, "INVALID_JSON"), whole.error
+    assert (whole.events, whole.skipped, code) == (
+        streamed.events,
+        streamed.skipped,
+        (streamed.error or {}).get("code"),
+    )
+    return f"{code or 'answered'}"
 
 
 # ------------------------------------------------------------------------------------------------ HTTP heads
