@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hypothesis import assume
 from hypothesis import strategies as st
 
 from upload_server import errors
@@ -222,7 +223,9 @@ def written_archive(draw: st.DrawFn) -> tuple[bytes, int]:
 def check_written(archive: tuple[bytes, int], path: Path) -> str:
     """The differential test: zipfile reads it whole, and we answer every entry with zipfile's counts."""
     raw, count = archive
-    assert zipfile_reads_whole(raw) is not None
+    # zipfile cannot read every archive it writes: a comment holding the end record's signature hides
+    # the real one from it. Such a case says nothing about us.
+    assume(zipfile_reads_whole(raw) is not None)
     outcome = check_zip(raw, path, 1 << 12)
     assert outcome == (f"answered, 0 of {count} failed" if count else "refused NO_JSON_FILES"), outcome
     return outcome
