@@ -62,7 +62,7 @@ def render(tmp: Path) -> bytes:
     merged = merge([*results, *plan.failed])
     receipt = UploadReceipt("0123456789abcdef", path.stat().st_size, "0" * 64, "zip")
     answer = orjson.dumps(render_answer(merged, receipt, ignored=plan.ignored, timing_ms=TIMING))
-    tail = b"".join(actor_lines(merged)) + b"".join(file_line(r) for r in merged.files)
+    tail = b"".join(actor_lines(merged.actors.items())) + b"".join(file_line(r) for r in merged.files)
     tail += summary_line(merged, receipt, ignored=plan.ignored, timing_ms=TIMING)
     return answer + b"\n" + events.getvalue() + tail
 
