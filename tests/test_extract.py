@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from conftest import examples
-from upload_server.ingest.extract import FileResult, extract_bytes, extract_stream
+from upload_server.ingest.extract import Actor, FileResult, extract_bytes, extract_stream
 
 INT64_MAX = (1 << 63) - 1
 
@@ -57,7 +57,7 @@ def expected_counts(items: list[Any]) -> dict[str, Any]:
         "events": events,
         "skipped": dict(skipped),
         "event_types": dict(types),
-        "actors": {k: tuple(v) for k, v in actors.items()},
+        "actors": {k: Actor(*v) for k, v in actors.items()},
     }
 
 
@@ -223,7 +223,7 @@ def test_gh_like_ndjson_same_in_memory_and_streamed() -> None:
     assert a == b
     assert a.layout == "ndjson" and a.size_bytes == len(data)
     # First seen attributes and per-actor event counts.
-    assert a.actors[1000] == (
+    assert a.actors[1000] == Actor(
         "user1000",
         "user1000",
         "https://avatars.githubusercontent.com/u/1000?",
@@ -237,7 +237,7 @@ def test_first_seen_attributes_win_within_a_file() -> None:
     items = [{"actor": {"id": 7, "login": "old"}}, {"actor": {"id": 7, "login": "new"}}]
     data = b"\n".join(dumps(v) for v in items)
     res = extract_bytes("f", data)
-    assert res.actors == {7: ("old", None, None, None, None, 2)}
+    assert res.actors == {7: Actor("old", None, None, None, None, 2)}
 
 
 def test_events_out_lines() -> None:

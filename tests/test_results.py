@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import examples
-from upload_server.ingest.extract import FileResult
+from upload_server.ingest.extract import Actor, FileResult
 from upload_server.ingest.results import (
     Merger,
     UploadReceipt,
@@ -30,8 +30,9 @@ from upload_server.ingest.results import (
 
 def fr(name: str, order: int, actors: dict[int, tuple[Any, ...]], **kw: Any) -> FileResult:
     events = kw.pop("events", sum(a[5] for a in actors.values()))
+    records = {aid: Actor(*rec) for aid, rec in actors.items()}
     return FileResult(
-        name=name, layout="ndjson", size_bytes=100, events=events, actors=actors, order=order, **kw
+        name=name, layout="ndjson", size_bytes=100, events=events, actors=records, order=order, **kw
     )
 
 
@@ -56,7 +57,7 @@ def test_merge_dedups_actors_first_seen_in_file_order_whatever_the_arrival_order
         m = merge(arrival)
         assert [f.name for f in m.files] == ["a.json", "b.json", "bad.json"]
         assert list(m.actors) == [1, 5, 9]
-        assert m.actors[5] == (*info("old5", 0)[:5], 6)
+        assert m.actors[5] == Actor(*info("old5", 0)[:5], 6)
         assert m.events == 8 and m.files_failed == 1
         assert m.event_types == {"PushEvent": 5, "X": 3}
 
@@ -89,12 +90,12 @@ def test_merge_totals_match_independent_count(files: list[list[tuple[int, str]]]
     m = merger.result()
     all_events = [ev for evs in files for ev in evs]
     assert m.events == len(all_events)
-    assert dict(Counter(aid for aid, _ in all_events)) == {aid: rec[5] for aid, rec in m.actors.items()}
+    assert dict(Counter(aid for aid, _ in all_events)) == {aid: rec.events for aid, rec in m.actors.items()}
     first_login = {}
     for order, evs in enumerate(files):
         for aid, login in evs:
             first_login.setdefault(aid, f"{login}{order}")
-    assert {aid: rec[0] for aid, rec in m.actors.items()} == first_login
+    assert {aid: rec.login for aid, rec in m.actors.items()} == first_login
     assert list(m.actors) == sorted(m.actors)
 
 

@@ -57,7 +57,7 @@ def check(res: FileResult, evs: list[dict[str, Any]]) -> None:
     assert res.events == len(evs)
     assert res.event_types == dict(Counter(e["type"] for e in evs))
     assert set(res.actors) == {e["actor"]["id"] for e in evs if "actor" in e}
-    assert sum(a[5] for a in res.actors.values()) == sum(1 for e in evs if "actor" in e)
+    assert sum(a.events for a in res.actors.values()) == sum(1 for e in evs if "actor" in e)
 
 
 def zip_job(path: Path, **kw: Any) -> Job:

@@ -261,7 +261,7 @@ def test_an_actor_id_no_integer_can_hold_is_an_invalid_actor(number: bytes, layo
     for result in (extract_bytes("f.json", data), streamed(data, 7), streamed(data, 1 << 20)):
         assert result.error is None, result.error
         assert result.events == 3 and result.skipped == {"invalid_actor": 1}
-        assert list(result.actors) == [1] and result.actors[1][5] == 2
+        assert list(result.actors) == [1] and result.actors[1].events == 2
         assert result.event_types == {"A": 2, "B": 1}
 
 

@@ -29,8 +29,9 @@ import msgspec
 
 from ..codes import FileErrorCode
 from ..errors import ZipBomb
-from .extract import FileResult, gc_paused
+from .extract import Actor, FileResult, gc_paused
 from .results import (
+    ActorRow,
     Merged,
     Merger,
     UploadReceipt,
@@ -57,7 +58,7 @@ class JobResults(msgspec.Struct):
 
 _ENCODER = msgspec.msgpack.Encoder()
 _TRAILER_DECODER = msgspec.msgpack.Decoder(JobResults)
-_ROWS_DECODER = msgspec.msgpack.Decoder(list[list[Any]])
+_ROWS_DECODER = msgspec.msgpack.Decoder(list[ActorRow])
 
 
 @dataclass(frozen=True)
@@ -96,15 +97,15 @@ def _write_results(results: list[FileResult], path: str) -> None:
         out.write(trailer + len(trailer).to_bytes(_TRAILER_LENGTH, "little"))
 
 
-def _actor_chunks(results: list[FileResult]) -> Iterator[list[tuple[Any, ...]]]:
-    """The job's actors as ``(id, order, login, ..., events)`` rows by id, ``ACTOR_CHUNK_ROWS`` at a time."""
+def _actor_chunks(results: list[FileResult]) -> Iterator[list[ActorRow]]:
+    """The job's actors as rows by id, ``ACTOR_CHUNK_ROWS`` at a time."""
     with_actors = [result for result in results if result.error is None and result.actors]
     if len(with_actors) == 1:  # one file (a gzip or JSON upload, a large entry): no merge, no copy
         only = with_actors[0]
         actors, order = only.actors, only.order
         ids = sorted(actors)
         for start in range(0, len(ids), ACTOR_CHUNK_ROWS):
-            yield [(aid, order, *actors[aid]) for aid in ids[start : start + ACTOR_CHUNK_ROWS]]
+            yield [ActorRow.of(aid, order, actors[aid]) for aid in ids[start : start + ACTOR_CHUNK_ROWS]]
         return
     merger = Merger()
     merger.extend(with_actors)
@@ -121,7 +122,7 @@ def _read_trailer(path: str) -> JobResults:
         return _TRAILER_DECODER.decode(results.read(length))
 
 
-def _run(path: str, chunks: Sequence[int]) -> Iterator[list[Any]]:
+def _run(path: str, chunks: Sequence[int]) -> Iterator[ActorRow]:
     """A job's actor rows, read a chunk at a time (opened per chunk: a thousand jobs hold no descriptor)."""
     offset = 0
     for length in chunks:
@@ -135,11 +136,11 @@ def _run(path: str, chunks: Sequence[int]) -> Iterator[list[Any]]:
 class _Counted:
     """Passes ``(id, record)`` pairs through and counts them."""
 
-    def __init__(self, pairs: Iterable[tuple[int, tuple[Any, ...]]]) -> None:
+    def __init__(self, pairs: Iterable[tuple[int, Actor]]) -> None:
         self.pairs = pairs
         self.count = 0
 
-    def __iter__(self) -> Iterator[tuple[int, tuple[Any, ...]]]:
+    def __iter__(self) -> Iterator[tuple[int, Actor]]:
         for pair in self.pairs:
             self.count += 1
             yield pair
@@ -196,7 +197,7 @@ def _merge_and_render(request: RenderRequest) -> RenderOutcome:
         merger.extend(job.files)
     merged = merger.result()  # files and counts; the actors come from the runs
 
-    def actors() -> Iterator[tuple[int, tuple[Any, ...]]]:
+    def actors() -> Iterator[tuple[int, Actor]]:
         return merge_runs(_run(path, job.chunks) for path, job in jobs)
 
     failed = [{"name": result.name, "error": result.error} for result in merged.files if result.error]
@@ -223,7 +224,7 @@ def _merge_and_render(request: RenderRequest) -> RenderOutcome:
 def _write_ndjson_tail(
     out: Any,
     merged: Merged,
-    actors: Iterable[tuple[int, tuple[Any, ...]]],
+    actors: Iterable[tuple[int, Actor]],
     request: RenderRequest,
     timing_ms: dict[str, float],
 ) -> None:

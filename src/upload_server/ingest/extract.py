@@ -53,6 +53,7 @@ from upload_server.codes import FileErrorCode
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "DEFAULT_MAX_VALUE_BYTES",
+    "Actor",
     "FileResult",
     "extract_bytes",
     "extract_stream",
@@ -69,6 +70,18 @@ _NON_WS = re.compile(rb"[^ \t\r\n]")
 _BYTE_POS = re.compile(r"\(byte (\d+)\)")
 
 
+class Actor(msgspec.Struct, array_like=True, gc=False):
+    """An actor as first seen in a file (or, after merging, in the upload), and how many events it
+    performed there. Crosses the process boundary inside FileResult, packed as an array."""
+
+    login: Any
+    display_login: Any
+    avatar_url: Any
+    url: Any
+    gravatar_id: Any
+    events: int
+
+
 class FileResult(msgspec.Struct, kw_only=True):
     """What one file yielded. Crosses the worker → server process boundary, so it holds only plain data.
 
@@ -82,7 +95,7 @@ class FileResult(msgspec.Struct, kw_only=True):
     events: int = 0
     skipped: dict[str, int] = msgspec.field(default_factory=dict)
     event_types: dict[str, int] = msgspec.field(default_factory=dict)
-    actors: dict[int, tuple[Any, ...]] = msgspec.field(default_factory=dict)
+    actors: dict[int, Actor] = msgspec.field(default_factory=dict)
     error: dict[str, Any] | None = None
     order: int = 0
 
@@ -223,7 +236,7 @@ class _Acc:
         self.first_is_object = False
         self.skipped: dict[str, int] = {}
         self.types: dict[str, int] = {}
-        self.actors: dict[int, list[Any]] = {}
+        self.actors: dict[int, Actor] = {}
 
     def add(self, items: list[Any]) -> None:
         if not items:
@@ -252,9 +265,9 @@ class _Acc:
                 if type(aid) is int and _INT64_MIN <= aid <= _INT64_MAX:
                     rec = actors.get(aid)
                     if rec is None:
-                        actors[aid] = [a.login, a.display_login, a.avatar_url, a.url, a.gravatar_id, 1]
+                        actors[aid] = Actor(a.login, a.display_login, a.avatar_url, a.url, a.gravatar_id, 1)
                     else:
-                        rec[5] += 1
+                        rec.events += 1
                 else:
                     aid = None
                     invalid_actor += 1
@@ -287,7 +300,7 @@ class _Acc:
             events=self.events,
             skipped=self.skipped,
             event_types=self.types,
-            actors={k: tuple(v) for k, v in self.actors.items()},
+            actors=self.actors,
         )
 
 

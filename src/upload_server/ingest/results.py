@@ -15,11 +15,13 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import orjson
 
-from upload_server.ingest.extract import FileResult
+from upload_server.ingest.extract import Actor, FileResult
 
 __all__ = [
+    "ActorRow",
     "Merged",
     "Merger",
     "UploadReceipt",
@@ -34,20 +36,47 @@ __all__ = [
     "write_answer",
 ]
 
-_ACTOR_KEYS = ("login", "display_login", "avatar_url", "url", "gravatar_id")
+
+class ActorRow(msgspec.Struct, array_like=True, gc=False):
+    """One row of a job's actor run (``merge_runs``): an actor of the job, the order of the file whose
+    attributes it keeps, and its events in the job. Written to the results file packed as an array."""
+
+    id: int
+    order: int
+    login: Any
+    display_login: Any
+    avatar_url: Any
+    url: Any
+    gravatar_id: Any
+    events: int
+
+    @classmethod
+    def of(cls, aid: int, order: int, actor: Actor) -> ActorRow:
+        return cls(
+            aid,
+            order,
+            actor.login,
+            actor.display_login,
+            actor.avatar_url,
+            actor.url,
+            actor.gravatar_id,
+            actor.events,
+        )
+
+    def actor(self, events: int) -> Actor:
+        return Actor(self.login, self.display_login, self.avatar_url, self.url, self.gravatar_id, events)
 
 
 @dataclass
 class Merged:
-    """One upload's totals. ``actors`` maps id → (login, display_login, avatar_url, url, gravatar_id, events),
-    iterated in id order."""
+    """One upload's totals. ``actors`` maps id → Actor (its events summed over the upload), in id order."""
 
     files: list[FileResult] = field(default_factory=list)
     files_failed: int = 0
     events: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     event_types: dict[str, int] = field(default_factory=dict)
-    actors: dict[int, tuple[Any, ...]] = field(default_factory=dict)
+    actors: dict[int, Actor] = field(default_factory=dict)
     #: ``len(actors)``, or the count of actors streamed by ``merge_runs`` when ``actors`` is left empty.
     unique_actors: int = 0
 
@@ -72,8 +101,8 @@ class Merger:
         self._events = 0
         self._skipped: dict[str, int] = {}
         self._types: dict[str, int] = {}
-        # id -> [order of the first file, login, display_login, avatar_url, url, gravatar_id, events]
-        self._actors: dict[int, list[Any]] = {}
+        self._actors: dict[int, Actor] = {}
+        self._first_order: dict[int, int] = {}  # id -> order of the file whose attributes it keeps
 
     def add(self, result: FileResult) -> None:
         self._files.append(result)
@@ -84,15 +113,17 @@ class Merger:
         _add_counts(self._skipped, result.skipped)
         _add_counts(self._types, result.event_types)
         order = result.order
-        actors = self._actors
+        actors, first_order = self._actors, self._first_order
         for aid, rec in result.actors.items():
             mine = actors.get(aid)
             if mine is None:
-                actors[aid] = [order, *rec]
+                actors[aid] = msgspec.structs.replace(rec)  # a copy: the result's own record stays as it is
+                first_order[aid] = order
+            elif order < first_order[aid]:  # an earlier file arrived later: its attributes win
+                actors[aid] = msgspec.structs.replace(rec, events=mine.events + rec.events)
+                first_order[aid] = order
             else:
-                mine[6] += rec[5]
-                if order < mine[0]:  # an earlier file arrived later: its attributes win
-                    mine[0:6] = [order, *rec[:5]]
+                mine.events += rec.events
 
     def extend(self, results: Iterable[FileResult]) -> None:
         for r in results:
@@ -105,34 +136,35 @@ class Merger:
             events=self._events,
             skipped=dict(sorted(self._skipped.items())),
             event_types=dict(sorted(self._types.items())),
-            actors={aid: tuple(rec[1:]) for aid, rec in sorted(self._actors.items())},
+            actors=dict(sorted(self._actors.items())),
             unique_actors=len(self._actors),
         )
 
-    def actor_run(self) -> list[tuple[Any, ...]]:
-        """The actors as one sorted run for ``merge_runs``: ``(id, order, login, ..., events)`` by id."""
-        return [(aid, *rec) for aid, rec in sorted(self._actors.items())]
+    def actor_run(self) -> list[ActorRow]:
+        """The actors as one sorted run for ``merge_runs``, by id."""
+        first_order = self._first_order
+        return [ActorRow.of(aid, first_order[aid], rec) for aid, rec in sorted(self._actors.items())]
 
 
-def merge_runs(runs: Iterable[Iterable[Sequence[Any]]]) -> Iterator[tuple[int, tuple[Any, ...]]]:
-    """Merge runs of ``(id, order, login, display_login, avatar_url, url, gravatar_id, events)`` rows, each
-    sorted by id with each id once, into ``(id, (login, ..., events))`` in id order: ``Merger``'s rule (the
-    attributes of the lowest order, the events summed), holding one row per run at a time."""
-    current: Sequence[Any] | None = None
+def merge_runs(runs: Iterable[Iterable[ActorRow]]) -> Iterator[tuple[int, Actor]]:
+    """Merge runs of rows, each sorted by id with each id once, into ``(id, Actor)`` in id order:
+    ``Merger``'s rule (the attributes of the lowest order, the events summed), holding one row per run at
+    a time."""
+    current: ActorRow | None = None
     events = 0
     for row in heapq.merge(*runs, key=_run_key):
-        if current is not None and row[0] == current[0]:
-            events += row[7]  # the lowest order came first (the key): its attributes stay
+        if current is not None and row.id == current.id:
+            events += row.events  # the lowest order came first (the key): its attributes stay
             continue
         if current is not None:
-            yield current[0], (*current[2:7], events)
-        current, events = row, row[7]
+            yield current.id, current.actor(events)
+        current, events = row, row.events
     if current is not None:
-        yield current[0], (*current[2:7], events)
+        yield current.id, current.actor(events)
 
 
-def _run_key(row: Sequence[Any]) -> tuple[int, int]:
-    return row[0], row[1]
+def _run_key(row: ActorRow) -> tuple[int, int]:
+    return row.id, row.order
 
 
 def _add_counts(into: dict[str, int], counts: Mapping[str, int]) -> None:
@@ -158,11 +190,16 @@ def _file_dict(r: FileResult) -> dict[str, Any]:
     }
 
 
-def _actor_dict(aid: int, rec: tuple[Any, ...]) -> dict[str, Any]:
-    d: dict[str, Any] = {"id": aid}
-    d.update(zip(_ACTOR_KEYS, rec[:5], strict=True))
-    d["events"] = rec[5]
-    return d
+def _actor_dict(aid: int, rec: Actor) -> dict[str, Any]:
+    return {
+        "id": aid,
+        "login": rec.login,
+        "display_login": rec.display_login,
+        "avatar_url": rec.avatar_url,
+        "url": rec.url,
+        "gravatar_id": rec.gravatar_id,
+        "events": rec.events,
+    }
 
 
 @dataclass(frozen=True)
@@ -208,7 +245,7 @@ def write_answer(
     *,
     ignored: Sequence[tuple[str, str]],
     timing_ms: Mapping[str, float],
-    actors: Iterable[tuple[int, tuple[Any, ...]]] | None,
+    actors: Iterable[tuple[int, Actor]] | None,
     batch: int = 1000,
 ) -> None:
     """Write the JSON answer to ``out``, the same bytes as ``orjson.dumps(render_answer(...))``, with the
@@ -235,12 +272,12 @@ def _line(obj: dict[str, Any]) -> bytes:
     return orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE)
 
 
-def actor_line(actor_id: int, rec: tuple[Any, ...]) -> bytes:
+def actor_line(actor_id: int, rec: Actor) -> bytes:
     """``{"kind": "actor", "id", "login", "display_login", "avatar_url", "url", "gravatar_id", "events"}``."""
     return _line({"kind": "actor", **_actor_dict(actor_id, rec)})
 
 
-def actor_lines(actors: Iterable[tuple[int, tuple[Any, ...]]], batch: int = 1000) -> Iterator[bytes]:
+def actor_lines(actors: Iterable[tuple[int, Actor]], batch: int = 1000) -> Iterator[bytes]:
     """The actor lines of ``(id, record)`` pairs in id order, ``batch`` lines joined per item (fewer
     writes for a chunked answer)."""
     lines: list[bytes] = []
