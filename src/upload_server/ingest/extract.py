@@ -377,13 +377,16 @@ def _decode_error(exc: Exception, region: bytes | memoryview, base: int) -> _Jso
             "a \\u escape encodes half of a UTF-16 surrogate pair without the other half (not a character)",
             base + lone,
         )
+    # A byte the decoder names before the end is where the JSON went wrong, even when a value is also left
+    # open after it ('{"id": 2, oops'): the earlier fault is the one to report.
+    position = json_error_position(exc)
+    if position is not None and position < len(data):
+        return _JsonError(FileErrorCode.INVALID_JSON, "invalid JSON", base + position)
     if _ends_inside_a_value(data):
         return _JsonError(
             FileErrorCode.INVALID_JSON, "unexpected end of data (truncated JSON)", base + len(data)
         )
-    position = json_error_position(exc)
-    offset = base + position if position is not None and position < len(data) else None
-    return _JsonError(FileErrorCode.INVALID_JSON, "invalid JSON", offset)
+    return _JsonError(FileErrorCode.INVALID_JSON, "invalid JSON", None)
 
 
 def json_error_position(exc: Exception) -> int | None:
