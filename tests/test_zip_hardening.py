@@ -322,3 +322,10 @@ def test_an_unusable_number_before_bad_json_is_still_invalid_json(data: bytes) -
     # The lenient pass parses what the first pass did not reach: its syntax errors are the file's error.
     for result in (extract_bytes("f.json", data), streamed(data, 5)):
         assert result.error is not None and result.error["code"] == "INVALID_JSON"
+
+
+def test_a_fault_before_an_open_value_is_reported_where_it_is() -> None:
+    data = b'{"id": "1", "type": "PushEvent"}\n{"id": 2, oops\n'
+    for result in (extract_bytes("f.json", data), streamed(data, 4)):
+        assert result.error is not None and result.error["message"] == "invalid JSON"
+        assert (result.error["line"], result.error["offset"]) == (2, data.index(b"oops"))
