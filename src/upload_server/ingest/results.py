@@ -37,31 +37,17 @@ __all__ = [
 ]
 
 
-class ActorRow(msgspec.Struct, array_like=True, gc=False):
-    """One row of a job's actor run (``merge_runs``): an actor of the job, the order of the file whose
-    attributes it keeps, and its events in the job. Written to the results file packed as an array."""
+class ActorRow(Actor):
+    """One row of a job's actor run (``merge_runs``): an actor of the job (its events in the job), its id,
+    and the order of the file whose attributes it keeps. Written to the results file packed as an array,
+    like the Actor it extends."""
 
     id: int
     order: int
-    login: Any
-    display_login: Any
-    avatar_url: Any
-    url: Any
-    gravatar_id: Any
-    events: int
 
     @classmethod
-    def of(cls, aid: int, order: int, actor: Actor) -> ActorRow:
-        return cls(
-            aid,
-            order,
-            actor.login,
-            actor.display_login,
-            actor.avatar_url,
-            actor.url,
-            actor.gravatar_id,
-            actor.events,
-        )
+    def of(cls, aid: int, order: int, a: Actor) -> ActorRow:
+        return cls(a.login, a.display_login, a.avatar_url, a.url, a.gravatar_id, a.events, aid, order)
 
     def actor(self, events: int) -> Actor:
         return Actor(self.login, self.display_login, self.avatar_url, self.url, self.gravatar_id, events)
