@@ -308,3 +308,18 @@ async def _patch_then_cut(server: RunningServer, url: str, offset: int, piece: b
         await trio.sleep(0.02)
     await stream.aclose()
     await wait_until(lambda: the_id not in server.state.resumable.writing, 10)
+
+
+async def test_health_and_metrics_count_incomplete_uploads_and_their_bytes(server: RunningServer) -> None:
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        url = await create(client, 1000)
+        assert (await patch(client, url, 0, b"x" * 300)).status_code == 204
+        await create(client, 50)
+        health = (await client.get("/api/v1/health")).json()["resumable"]
+        assert health["incomplete"] == 2 and health["held_bytes"] == 300
+        page = (await client.get("/metrics")).text
+        assert "upload_server_resumable_incomplete 2.0" in page
+        assert "upload_server_resumable_held_bytes 300.0" in page
+        assert (await client.delete(url, headers=TUS)).status_code == 204
+        health = (await client.get("/api/v1/health")).json()["resumable"]
+        assert health["incomplete"] == 1 and health["held_bytes"] == 0

@@ -89,6 +89,7 @@ class ServerState:
 
     def live_figures(self) -> LiveFigures:
         workers = self.workers.snapshot()
+        resumable = self.resumable.snapshot() if self.resumable is not None else {}
         return LiveFigures(
             connections_open=self.stats.connections_open,
             uploads_in_flight=self.stats.uploads_in_flight,
@@ -99,6 +100,8 @@ class ServerState:
             jobs_waiting=workers["jobs_waiting"],
             draining=self.draining or self.shutting_down,
             worker_crashes=workers["crashed"],
+            resumable_incomplete=resumable.get("incomplete", 0),
+            resumable_held_bytes=resumable.get("held_bytes", 0),
         )
 
     def abort_work(self) -> None:

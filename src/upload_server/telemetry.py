@@ -65,6 +65,8 @@ class LiveFigures:
     jobs_waiting: int
     draining: bool
     worker_crashes: int
+    resumable_incomplete: int = 0
+    resumable_held_bytes: int = 0
 
 
 class Metrics:
@@ -115,6 +117,8 @@ class Metrics:
         self.jobs_running = gauge("worker_jobs_running", "Jobs running in worker processes")
         self.jobs_waiting = gauge("worker_jobs_waiting", "Jobs waiting for a worker")
         self.draining = gauge("draining", "1 while this process drains (summed: processes draining)")
+        self.resumable_incomplete = gauge("resumable_incomplete", "Resumable uploads not yet whole")
+        self.resumable_held_bytes = gauge("resumable_held_bytes", "Bytes held by resumable uploads not yet whole")
         self._crashes_seen = 0
         # labels() costs ~3.5 us a call (measured); a request's children are looked up once per pair.
         self._request_children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
@@ -130,6 +134,8 @@ class Metrics:
         self.jobs_running.set(live.jobs_running)
         self.jobs_waiting.set(live.jobs_waiting)
         self.draining.set(1 if live.draining else 0)
+        self.resumable_incomplete.set(live.resumable_incomplete)
+        self.resumable_held_bytes.set(live.resumable_held_bytes)
         # WorkerPool counts crashes itself; the counter follows it rather than being updated beside it.
         if live.worker_crashes > self._crashes_seen:
             self.worker_crashes.inc(live.worker_crashes - self._crashes_seen)
