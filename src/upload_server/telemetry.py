@@ -118,7 +118,9 @@ class Metrics:
         self.jobs_waiting = gauge("worker_jobs_waiting", "Jobs waiting for a worker")
         self.draining = gauge("draining", "1 while this process drains (summed: processes draining)")
         self.resumable_incomplete = gauge("resumable_incomplete", "Resumable uploads not yet whole")
-        self.resumable_held_bytes = gauge("resumable_held_bytes", "Bytes held by resumable uploads not yet whole")
+        self.resumable_held_bytes = gauge(
+            "resumable_held_bytes", "Bytes held by resumable uploads not yet whole"
+        )
         self._crashes_seen = 0
         # labels() costs ~3.5 us a call (measured); a request's children are looked up once per pair.
         self._request_children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
