@@ -91,7 +91,7 @@ def request_observer(state: ServerState) -> Observer:
 
 
 async def _serve_connection(
-    stream: trio.SocketStream, state: ServerState, limits: ConnectionLimits, route: Router, observe: Observer
+    stream: trio.abc.Stream, state: ServerState, limits: ConnectionLimits, route: Router, observe: Observer
 ) -> None:
     state.stats.connections_open += 1
     try:
