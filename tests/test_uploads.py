@@ -24,7 +24,7 @@ import pytest
 import trio
 
 from conftest import RunningServer, StartServer
-from test_http_protocol import (
+from raw_http import (
     RawClient,
     RawResponse,
     assert_no_leftovers,
