@@ -419,16 +419,22 @@ async def test_head_just_under_the_limit_is_served(memory: MemoryServer, autojum
 
 
 # ------------------------------------------------------------------------------------------ timeouts
+async def assert_408_at(client: RawClient, started: float, seconds: float, setting: str) -> None:
+    """The next answer is 408 naming ``setting``, sent exactly ``seconds`` after ``started``; then EOF."""
+    response = await client.read_response()
+    assert response.status == 408 and response.error_code() == "REQUEST_TIMEOUT"
+    assert response.json()["error"]["detail"] == {f"{setting}_s": seconds}
+    assert trio.current_time() - started == pytest.approx(seconds, abs=EXACT)
+    assert response.headers["connection"] == "close"
+    assert await client.at_eof()
+
+
 async def test_slow_head_is_408(memory: MemoryServer, autojump_clock: MockClock) -> None:
     header_timeout = memory.state.config.header_timeout
     client = await memory.connect()
     started = trio.current_time()
     await client.send(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n")  # never finished
-    response = await client.read_response()
-    assert response.status == 408 and response.error_code() == "REQUEST_TIMEOUT"
-    assert response.json()["error"]["detail"] == {"header_timeout_s": header_timeout}
-    assert trio.current_time() - started == pytest.approx(header_timeout, abs=EXACT)
-    assert await client.at_eof()
+    await assert_408_at(client, started, header_timeout, "header_timeout")
     await assert_still_serving(memory)
 
 
@@ -442,38 +448,29 @@ async def test_slow_head_trickled_byte_by_byte_is_still_408(
     async with trio.open_nursery() as nursery:
 
         async def trickle() -> None:
-            for byte in b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"z" * 200:
-                await client.send(bytes([byte]))
-                await trio.sleep(0.02)
+            with contextlib.suppress(trio.BrokenResourceError):  # the server closes in the middle
+                for byte in b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"z" * 200:
+                    await client.send(bytes([byte]))
+                    await trio.sleep(0.02)
 
         nursery.start_soon(trickle)
-        response = await client.read_response()
+        await assert_408_at(client, started, 0.3, "header_timeout")
         nursery.cancel_scope.cancel()
-    assert response.status == 408
-    assert trio.current_time() - started == pytest.approx(0.3, abs=EXACT)
 
 
 async def test_silent_connection_is_closed_after_header_timeout(
     memory: MemoryServer, autojump_clock: MockClock
 ) -> None:
-    client = await memory.connect()
-    response = await client.read_response()  # nothing sent at all
-    assert response.status == 408
-    assert trio.current_time() == pytest.approx(memory.state.config.header_timeout, abs=EXACT)
-    assert await client.at_eof()
+    started = trio.current_time()
+    client = await memory.connect()  # and nothing sent at all
+    await assert_408_at(client, started, memory.state.config.header_timeout, "header_timeout")
 
 
 async def test_idle_body_is_408(memory: MemoryServer, autojump_clock: MockClock) -> None:
     idle_timeout = memory.state.config.body_idle_timeout
     client = await memory.connect()
     await client.send(echo_head(len(EVENTS_BYTES)) + EVENTS_BYTES[:100])
-    started = trio.current_time()
-    response = await client.read_response()
-    assert response.status == 408 and response.error_code() == "REQUEST_TIMEOUT"
-    assert response.json()["error"]["detail"] == {"body_idle_timeout_s": idle_timeout}
-    assert trio.current_time() - started == pytest.approx(idle_timeout, abs=EXACT)
-    assert response.headers["connection"] == "close"
-    assert await client.at_eof()
+    await assert_408_at(client, trio.current_time(), idle_timeout, "body_idle_timeout")
     await assert_still_serving(memory)
 
 
@@ -528,9 +525,7 @@ async def test_keep_alive_partial_head_then_silence_is_408(
     await trio.sleep(1.0)
     first_byte = trio.current_time()
     await client.send(b"GET /api/v1/health HTTP/1.1\r\n")
-    response = await client.read_response()
-    assert response.status == 408
-    assert trio.current_time() - first_byte == pytest.approx(0.3, abs=EXACT)
+    await assert_408_at(client, first_byte, 0.3, "header_timeout")
 
 
 # ------------------------------------------------------------------------------------------- routing
@@ -587,6 +582,28 @@ async def test_query_string_does_not_change_the_route(
 
 
 # ------------------------------------------------------------------------------------- robustness
+async def test_shutdown_closes_idle_connections_at_once_and_lets_busy_ones_finish(
+    memory: MemoryServer, autojump_clock: MockClock
+) -> None:
+    """The connection side of shutdown, timed exactly (the grace period and a real upload: end to end)."""
+    idle = await memory.connect()
+    await idle.send(get("/api/v1/health"))
+    assert (await idle.read_response()).status == 200
+    busy = await memory.connect()
+    await busy.send(echo_head(len(EVENTS_BYTES)) + EVENTS_BYTES[:10])
+    assert await busy.nothing_within(1.0)  # the body is being read
+    started = trio.current_time()
+    memory.state.shutdown()
+    assert await idle.at_eof()
+    assert trio.current_time() == started  # at once, not after the keep-alive allowance
+    await busy.send(EVENTS_BYTES[10:] + get("/api/v1/health"))
+    response = await busy.read_response()
+    assert_echoed(response, EVENTS_BYTES)
+    assert response.headers["connection"] == "close"  # the pipelined request is not taken
+    assert await busy.at_eof()
+    assert trio.current_time() - started == pytest.approx(ECHO_PROCESSING_S, abs=EXACT)
+
+
 async def test_cancellation_racing_a_disconnect_does_not_escape_the_connection() -> None:
     """Shutdown cancels a handler whose nursery also saw the client vanish: only the cancellation leaves.
 
