@@ -25,6 +25,7 @@ import trio
 import trio.testing
 
 from conftest import RunningServer
+from upload_server.admission import SpoolBudget
 from upload_server.config import Config
 from upload_server.errors import ClientDisconnected
 from upload_server.http.connection import Router
@@ -32,7 +33,7 @@ from upload_server.http.exchange import Exchange
 from upload_server.ingest.dispatch import open_worker_pool
 from upload_server.routes import router
 from upload_server.server import _serve_connection, connection_limits
-from upload_server.state import ServerState
+from upload_server.state import ServerState, derived_spool_budget
 
 #: Upper bound for any single wait on a real server; generous, since a passing test never reaches it.
 WAIT = 5.0
@@ -279,8 +280,9 @@ async def memory_servers(tmp_dir: Path) -> AsyncIterator[StartMemoryServer]:
             config = Config(**settings)
             # A real pool: health reports it. Its processes start only when a job runs, and none does here.
             workers = await pools.enter_async_context(open_worker_pool(config))
-            state = ServerState(config=config, workers=workers)
-            state.stats.tmp_free_bytes = shutil.disk_usage(tmp_dir).free
+            free = shutil.disk_usage(tmp_dir).free  # what serve() measures, the same way (statvfs)
+            state = ServerState(config, workers, SpoolBudget(derived_spool_budget(config, free)))
+            state.stats.tmp_free_bytes = free
             return MemoryServer(state=state, tmp_dir=tmp_dir, nursery=nursery, route=with_echo(router(state)))
 
         yield start

@@ -253,19 +253,20 @@ async def test_100_continue_refused_405(memory: MemoryServer, autojump_clock: Mo
     await _assert_refused_without_100(client, head, 405, "METHOD_NOT_ALLOWED")
 
 
-async def test_100_continue_refused_503_when_slots_are_taken(
+async def test_100_continue_refused_503_when_the_spool_budget_is_taken(
     start_memory_server: StartMemoryServer, autojump_clock: MockClock
 ) -> None:
-    """The holder's upload is real (slot, spool) but never finished here: finishing it runs threads and
-    worker processes, which autojump cannot wait for. That the holder still completes after a refusal
-    is tested end to end in test_uploads.py (test_concurrency_cap_answers_503_with_retry_after)."""
-    memory = await start_memory_server(max_concurrent_uploads=1)
+    """The holder's upload is real (its reservation, its spool) but never finished here: finishing it runs
+    threads and worker processes, which autojump cannot wait for. That the holder still completes after a
+    refusal is tested end to end: test_uploads.py, test_a_full_spool_budget_answers_503_with_retry_after."""
+    memory = await start_memory_server(spool_budget=len(EVENTS_BYTES) + 500)
     holder = await memory.connect()
     await holder.send(upload_head(len(EVENTS_BYTES)) + EVENTS_BYTES[:10])
     await _wait_for_in_flight(memory, 1)
     client = await memory.connect()
     await _assert_refused_without_100(client, upload_head(1000, "Expect: 100-continue"), 503, "SERVER_BUSY")
     assert memory.state.stats.uploads_in_flight == 1 and memory.state.stats.uploads_failed == 0
+    assert memory.state.spool_budget.reserved == len(EVENTS_BYTES)  # the holder's, and only the holder's
     assert await holder.nothing_within(1.0)  # the holder's connection is untouched, still waiting
 
 
@@ -423,7 +424,7 @@ async def assert_408_at(client: RawClient, started: float, seconds: float, setti
     """The next answer is 408 naming ``setting``, sent exactly ``seconds`` after ``started``; then EOF."""
     response = await client.read_response()
     assert response.status == 408 and response.error_code() == "REQUEST_TIMEOUT"
-    assert response.json()["error"]["detail"] == {f"{setting}_s": seconds}
+    assert response.json()["error"]["detail"] == {"reason": setting, f"{setting}_s": seconds}
     assert trio.current_time() - started == pytest.approx(seconds, abs=EXACT)
     assert response.headers["connection"] == "close"
     assert await client.at_eof()
@@ -488,6 +489,40 @@ async def test_body_timeout_is_per_read_not_total(
         await client.send(EVENTS_BYTES[i : i + step])
     assert_echoed(await client.read_response(), EVENTS_BYTES)
     assert trio.current_time() - started == pytest.approx(5 * 0.25 + ECHO_PROCESSING_S, abs=EXACT)
+
+
+async def test_a_body_below_the_minimum_rate_is_cut_when_the_first_window_ends(
+    memory: MemoryServer, autojump_clock: MockClock
+) -> None:
+    """Default settings (512 B/s over 30 s of waiting): 100 B/s is cut with the 30th second's bytes; 600 B/s
+    for twice the window is not. Each piece comes well within the idle timeout, so only the rate cuts."""
+    config = memory.state.config
+    window, body = config.min_body_rate_window, b"x" * 100 * 60
+
+    async def send_at(client: RawClient, per_second: int) -> None:
+        with contextlib.suppress(trio.BrokenResourceError):  # the slow one is cut in the middle
+            for start in range(0, len(body), per_second):
+                await trio.sleep(1.0)
+                await client.send(body[start : start + per_second])
+
+    slow = await memory.connect()
+    started = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        await slow.send(echo_head(len(body)))
+        nursery.start_soon(send_at, slow, 100)
+        response = await slow.read_response()
+        assert trio.current_time() - started == pytest.approx(window, abs=EXACT)
+        nursery.cancel_scope.cancel()
+    assert response.status == 408 and response.error_code() == "REQUEST_TIMEOUT"
+    detail = response.json()["error"]["detail"]
+    assert (detail["reason"], detail["bytes_per_second"]) == ("min_body_rate", 100.0)
+
+    body = b"y" * 600 * int(2 * window)
+    steady = await memory.connect()
+    async with trio.open_nursery() as nursery:
+        await steady.send(echo_head(len(body)))
+        nursery.start_soon(send_at, steady, 600)
+        assert_echoed(await steady.read_response(), body)
 
 
 async def test_idle_keep_alive_is_closed_quietly(memory: MemoryServer, autojump_clock: MockClock) -> None:
@@ -704,11 +739,8 @@ async def test_an_upload_cut_by_a_body_error_leaves_nothing(start_server: StartS
     assert await client.at_eof()
     await assert_no_leftovers(server)
     stats = server.state.stats
-    assert (stats.uploads_in_flight, stats.uploads_failed, server.state.upload_slots.borrowed_tokens) == (
-        0,
-        1,
-        0,
-    )
+    assert (stats.uploads_in_flight, stats.uploads_receiving, stats.uploads_failed) == (0, 0, 1)
+    assert server.state.spool_budget.reserved == 0
     await assert_still_serving(server)
 
 
