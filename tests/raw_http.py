@@ -38,7 +38,7 @@ from upload_server.state import ServerState, derived_spool_budget
 #: Upper bound for any single wait on a real server; generous, since a passing test never reaches it.
 WAIT = 5.0
 #: The same bound in memory, in virtual seconds: above every default deadline of the server (the longest,
-#: body idle and send, are 30 s), so that a test can wait them out; it costs no real time.
+#: body idle, send and the body-rate window, are 30 s), so that a test can wait them out; it costs nothing.
 MEMORY_WAIT = 120.0
 
 

@@ -299,6 +299,33 @@ async def test_chunked_body_sent_in_dribbles(memory: MemoryServer, autojump_cloc
     assert_echoed(await client.read_response(), EVENTS_BYTES)
 
 
+async def test_chunked_framing_split_at_every_byte(memory: MemoryServer, autojump_clock: MockClock) -> None:
+    """One request with a chunk extension, an upper-case size and a trailer, cut in two at every byte
+    (each half in a read of its own): the body is the same every time, and the connection stays usable."""
+    body = b'[{"id":"1"},' + b" " * 25 + b"]"  # chunks of 0xc and 0x1A bytes
+    wire = b"".join(
+        [
+            b"c;name=value\r\n",
+            body[:12],
+            b"\r\n",
+            b"%X\r\n" % len(body[12:]),
+            body[12:],
+            b"\r\n",
+            b"0\r\nX-Trailer: 1\r\n\r\n",
+        ]
+    )
+    request = echo_head(None) + wire
+    head_length = len(echo_head(None))
+    for cut in range(head_length - 5, len(request)):  # from within the head to the last byte
+        client = await memory.connect()
+        await client.send(request[:cut])
+        await trio.sleep(0.001)
+        await client.send(request[cut:] + get("/api/v1/health"))
+        assert_echoed(await client.read_response(), body)
+        assert (await client.read_response()).status == 200
+        await client.aclose()
+
+
 async def test_malformed_chunked_body_is_400(memory: MemoryServer, autojump_clock: MockClock) -> None:
     client = await memory.connect()
     await client.send(echo_head(None) + b"5\r\n[1,2]\r\nzz\r\n")
