@@ -15,7 +15,8 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import RunningServer, StartServer
-from test_http_protocol import EVENTS_BYTES, RawClient, eventually, upload_head
+from raw_http import RawClient, eventually, upload_head
+from test_http_protocol import EVENTS_BYTES
 from upload_server.errors import WorkerCrashed
 
 Sample = tuple[str, frozenset[tuple[str, str]]]
