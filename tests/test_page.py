@@ -27,7 +27,7 @@ from playwright.sync_api import ConsoleMessage, Locator, Page, expect, sync_play
 from browser import CHROMIUM, launch
 from conftest import RunningServer, StartServer, wait_until
 from events_factory import as_ndjson, make_events, make_zip
-from test_http_protocol import RawClient, assert_no_leftovers, assert_still_serving, upload_head
+from raw_http import RawClient, assert_no_leftovers, assert_still_serving, upload_head
 from test_uploads import events_json
 
 ROOT = Path(__file__).resolve().parent.parent

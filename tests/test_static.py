@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from conftest import RunningServer
-from test_http_protocol import RawClient, get
+from raw_http import RawClient, get
 from upload_server.handlers.static import STATIC_FILES
 
 PAGE_FILES = {
