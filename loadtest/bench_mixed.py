@@ -1,0 +1,249 @@
+"""Issue 11: the mixed locust scenario at 16 users on default settings, ours and the reference, one command.
+
+    uv run python loadtest/bench_mixed.py                      # 4 rounds of 30 s per server, alternating
+    uv run python loadtest/bench_mixed.py --rounds 2 --round-time 20
+
+Targets (ours, default settings): no upload refused; completed uploads per minute ≥ 2× the reference's;
+upload p95 ≤ the reference's; health p99 ≤ 5 ms.
+
+How, on 127.0.0.1 only, every step under a deadline (``--max-seconds`` bounds the whole run):
+
+1. Makes the datasets of ``run_locust.py`` (small.zip, medium.zip, hour.json.gz by default).
+2. Starts both servers with default settings (a temp dir and a free port each) and warms each up with one
+   upload. Both stay up for the whole run.
+3. ``--rounds`` rounds; in each, each server in turn (the order alternating from round to round) gets
+   ``--round-time`` seconds of ``locustfile.py`` at ``--users`` users (weights upload 3 : load balancer 1 :
+   NDJSON streamer 1), alone on the machine. Alternating short rounds rather than one long run each, because
+   the 2 cores are shared: whatever else runs falls on both servers alike. Not both at once on two ports,
+   because then each server's load generator and workers would compete with the other's for the same two
+   cores, and the faster server would be slowed by the slower one's backlog. Before each round the script
+   waits until the server's process tree is idle (the reference keeps computing uploads whose clients
+   locust dropped at the end of the previous round). During each round a separate process polls health on
+   one keep-alive connection every 10 ms (``harness.py poll-health``): locust's own health timings include
+   its scheduling delays on the same busy cores, so both figures are given.
+4. Every request is recorded by ``locust_record.py``; percentiles are pooled over the rounds.
+
+Exit status 0 when every target passed, 1 when one failed, 2 when the run itself failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from collections import Counter
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+import harness
+import run_locust
+from targets import Target, print_targets
+
+HERE = Path(__file__).resolve().parent
+TARGETS = ("ours", "reference")
+#: A server's process tree counts as idle when it used less than this share of one core over a second.
+IDLE_CPU_SHARE = 0.05
+IDLE_WAIT_MAX_S = 120.0
+HEALTH_P99_MS = 5.0
+
+
+@dataclass
+class Tally:
+    """One server's requests over all rounds (locust's records) and its health probe's per-round figures."""
+
+    name: str
+    uploads_ok: list[float] = field(default_factory=list)  # response times, ms
+    upload_failures: Counter[str] = field(default_factory=Counter)
+    refused: int = 0
+    health_ms: list[float] = field(default_factory=list)
+    health_failures: int = 0
+    probe: list[dict[str, Any]] = field(default_factory=list)
+    loads: list[str] = field(default_factory=list)
+    idle_waits_s: list[float] = field(default_factory=list)
+
+    def add(self, records: list[list[Any]]) -> None:
+        for request_type, _name, response_ms, status, error in records:
+            if request_type == "POST":
+                if status == 503:
+                    self.refused += 1
+                if error:
+                    self.upload_failures[f"status {status}: {error[:80]}"] += 1
+                else:
+                    self.uploads_ok.append(response_ms)
+            elif error:
+                self.health_failures += 1
+            else:
+                self.health_ms.append(response_ms)
+
+    def per_minute(self, seconds: float) -> float:
+        return len(self.uploads_ok) * 60 / seconds
+
+    def probe_p99(self) -> float:
+        return harness.median([p["p99_ms"] for p in self.probe])
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process and its living descendants."""
+    return sum(harness.process_cpu_seconds(p) for p in [pid, *harness.descendants(pid)])
+
+
+def worker_counters(pid: int) -> dict[int, tuple[float, float]]:
+    """For each descendant (the workers): CPU seconds used and seconds spent waiting for a CPU."""
+    return {
+        child: (harness.process_cpu_seconds(child), harness.run_queue_wait_seconds(child))
+        for child in harness.descendants(pid)
+    }
+
+
+def workers_used(before: dict[int, tuple[float, float]], after: dict[int, tuple[float, float]]) -> str:
+    """What the workers got during a round: CPU seconds, and seconds they waited for a CPU."""
+    cpu = sum(used - before.get(child, (0.0, 0.0))[0] for child, (used, _) in after.items())
+    wait = sum(waited - before.get(child, (0.0, 0.0))[1] for child, (_, waited) in after.items())
+    return f"workers used {cpu:.0f} CPU s and waited {wait:.0f} s for a CPU"
+
+
+def wait_idle(server: harness.Server) -> float:
+    """Wait until the server's tree uses under ``IDLE_CPU_SHARE`` of a core over a second; seconds waited."""
+    started = time.monotonic()
+    while time.monotonic() - started < IDLE_WAIT_MAX_S:
+        before = tree_cpu_seconds(server.pid)
+        time.sleep(1.0)
+        if tree_cpu_seconds(server.pid) - before < IDLE_CPU_SHARE:
+            break
+    return time.monotonic() - started
+
+
+def one_round(server: harness.Server, tally: Tally, label: str, args: argparse.Namespace) -> str:
+    """``--round-time`` s of locust against ``server`` with a health probe beside it; a line for the log."""
+    tally.idle_waits_s.append(wait_idle(server))
+    prefix = args.results_dir / f"mixed-{label}"
+    record = Path(f"{prefix}_record.json")
+    env = {**args.env, "LOADTEST_RECORD": str(record)}
+    load, counters = harness.load_average(), worker_counters(server.pid)
+    probe = harness.start_client_process(
+        ["poll-health", "--port", str(server.port), "--duration", str(args.round_time), "--interval", "0.01"]
+    )
+    code = run_locust.run_locust(
+        server.url,
+        prefix,
+        args.users,
+        args.spawn_rate,
+        f"{args.round_time:g}s",
+        env,
+        Path(f"{prefix}_locust.log"),
+        plugins=[HERE / "locust_record.py"],
+    )
+    workers = workers_used(counters, worker_counters(server.pid))
+    tally.probe.append(harness.finish_client_process(probe, args.round_time + 60))
+    if not record.exists():
+        raise RuntimeError(f"locust wrote no record (exit {code}); see {prefix}_locust.log")
+    before = len(tally.uploads_ok), tally.refused, sum(tally.upload_failures.values())
+    tally.add(orjson.loads(record.read_bytes()))
+    tally.loads.append(load)
+    failed = sum(tally.upload_failures.values()) - before[2]
+    return (
+        f"  {label}: uploads done {len(tally.uploads_ok) - before[0]}, refused {tally.refused - before[1]}, "
+        f"failed {failed}; {workers}; probe {harness.describe_latency(tally.probe[-1])}; "
+        f"waited {tally.idle_waits_s[-1]:.0f} s for idle before; load {load}"
+    )
+
+
+def verdicts(ours: Tally, ref: Tally, seconds: float) -> list[Target]:
+    per_min = ours.per_minute(seconds), ref.per_minute(seconds)
+    p95 = harness.percentile(ours.uploads_ok, 95), harness.percentile(ref.uploads_ok, 95)
+    locust_p99 = harness.percentile(ours.health_ms, 99), harness.percentile(ref.health_ms, 99)
+    worst_probe = max(p["p99_ms"] for p in ours.probe)
+    return [
+        Target(
+            "no upload refused (ours)",
+            f"{ours.refused} refused (reference {ref.refused}); other upload failures: "
+            f"ours {dict(ours.upload_failures) or 0}, reference {dict(ref.upload_failures) or 0}",
+            ours.refused == 0,
+        ),
+        Target(
+            "completed uploads per minute ≥ 2× the reference",
+            f"{per_min[0] / per_min[1]:.2f}× ({per_min[0]:.1f} vs {per_min[1]:.1f} per minute)",
+            per_min[0] >= 2 * per_min[1],
+        ),
+        Target(
+            "upload p95 ≤ the reference's",
+            f"{p95[0]:,.0f} ms vs {p95[1]:,.0f} ms (p50 {harness.median(ours.uploads_ok):,.0f} vs "
+            f"{harness.median(ref.uploads_ok):,.0f} ms)",
+            p95[0] <= p95[1],
+        ),
+        Target(
+            f"health p99 ≤ {HEALTH_P99_MS:g} ms, probe process (median of rounds)",
+            f"{ours.probe_p99():.2f} ms, worst round {worst_probe:.2f} ms "
+            f"(reference {ref.probe_p99():.2f} ms)",
+            ours.probe_p99() <= HEALTH_P99_MS,
+        ),
+        Target(
+            f"health p99 ≤ {HEALTH_P99_MS:g} ms, locust's load-balancer users (pooled)",
+            f"{locust_p99[0]:.1f} ms of {len(ours.health_ms)} polls (reference {locust_p99[1]:.1f} ms); "
+            f"health failures {ours.health_failures} vs {ref.health_failures}",
+            locust_p99[0] <= HEALTH_P99_MS,
+        ),
+    ]
+
+
+def run(args: argparse.Namespace) -> tuple[Tally, Tally]:
+    tallies = {name: Tally(name) for name in TARGETS}
+    warm = harness.ensure_dataset("medium")
+    with ExitStack() as stack:
+        servers = {}
+        for name in TARGETS:
+            tmp_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix=f"bench-mixed-{name}-"))
+            command = harness.server_command(name, tmp_dir)
+            log = args.results_dir / f"mixed-{args.stamp}-{name}_server.log"
+            servers[name] = stack.enter_context(harness.running_server(name, command, log_path=log))
+            print(f"  {name}: pid {servers[name].pid}, port {servers[name].port}: {' '.join(command)}")
+            harness.timed_upload(servers[name], warm)
+        for number in range(1, args.rounds + 1):
+            order = TARGETS if number % 2 else TARGETS[::-1]
+            for name in order:
+                label = f"{args.stamp}-r{number}-{name}"
+                print(one_round(servers[name], tallies[name], label, args), flush=True)
+    return tallies["ours"], tallies["reference"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("-u", "--users", type=int, default=16)
+    p.add_argument("-r", "--spawn-rate", type=float, default=16)
+    p.add_argument("--rounds", type=int, default=4, help="rounds; each runs both servers in turn")
+    p.add_argument("--round-time", type=float, default=30.0, help="seconds of locust per server per round")
+    p.add_argument("--max-seconds", type=float, default=1200.0, help="bound on the whole run")
+    run_locust.add_scenario_arguments(p)
+    args = p.parse_args(argv)
+    files, weights = run_locust.scenario_files(p, args)
+    args.env = run_locust.locust_env(args, files, weights)
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    args.stamp = time.strftime("%Y%m%d-%H%M%S")
+    harness.install_run_guards(args.max_seconds)
+    print(f"mixed scenario: {args.users} users, {args.rounds} rounds x {args.round_time:g} s per server")
+    ours, ref = run(args)
+    seconds = args.rounds * args.round_time
+    for tally in (ours, ref):
+        print(
+            f"  {tally.name}: {len(tally.uploads_ok)} uploads in {seconds:g} s; upload p50/p95/p99 "
+            f"{harness.median(tally.uploads_ok):,.0f} / {harness.percentile(tally.uploads_ok, 95):,.0f} / "
+            f"{harness.percentile(tally.uploads_ok, 99):,.0f} ms; locust health p50/p99 "
+            f"{harness.median(tally.health_ms):.1f} / {harness.percentile(tally.health_ms, 99):.1f} ms; "
+            f"probe p99 per round {[round(p['p99_ms'], 2) for p in tally.probe]} ms"
+        )
+    ok = print_targets(
+        "Targets (issue 11: mixed scenario, 16 users)", verdicts(ours, ref, seconds), harness.load_average()
+    )
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    try:
+        raise SystemExit(main())
+    except (harness.BenchTimeout, harness.WrongAnswer, RuntimeError) as error:
+        print(f"run failed: {error}")
+        raise SystemExit(2) from None

@@ -1,0 +1,38 @@
+"""Locust plug-in: every request's type, name, time, status and error, written as JSON when locust quits.
+
+    locust -f loadtest/locustfile.py,loadtest/locust_record.py ...   with LOADTEST_RECORD=<path>
+
+``bench_mixed.py`` loads it beside ``locustfile.py`` so that percentiles can be pooled over rounds and read
+exactly (locust's CSV rounds them and keeps one row per request name). A request still in flight when the
+run stops is not recorded, as locust does not count it either.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import orjson
+from locust import events
+
+#: One row per finished request: [type, name, response time in ms, status (0: none), error text].
+RECORDS: list[tuple[str, str, float, int, str]] = []
+
+
+@events.request.add_listener
+def _record(
+    request_type: str, name: str, response_time: float, exception: BaseException | None = None, **kw: Any
+) -> None:
+    response = kw.get("response")
+    status = int(getattr(response, "status_code", 0) or 0)
+    RECORDS.append(
+        (request_type, name, float(response_time), status, str(exception)[:300] if exception else "")
+    )
+
+
+@events.quitting.add_listener
+def _write(**kw: Any) -> None:
+    path = os.environ.get("LOADTEST_RECORD")
+    if path:
+        Path(path).write_bytes(orjson.dumps(RECORDS))
