@@ -4,20 +4,22 @@
 
 ``bench_mixed.py`` loads it beside ``locustfile.py`` so that percentiles can be pooled over rounds and read
 exactly (locust's CSV rounds them and keeps one row per request name). A request still in flight when the
-run stops is not recorded, as locust does not count it either.
+run stops is not recorded, as locust does not count it either (unless ``--stop-timeout`` lets it finish).
 """
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import orjson
 from locust import events
 
-#: One row per finished request: [type, name, response time in ms, status (0: none), error text].
-RECORDS: list[tuple[str, str, float, int, str]] = []
+#: One row per finished request: [type, name, response time in ms, status (0: none), error text, the Unix
+#: time it finished].
+RECORDS: list[tuple[str, str, float, int, str, float]] = []
 
 
 @events.request.add_listener
@@ -26,9 +28,8 @@ def _record(
 ) -> None:
     response = kw.get("response")
     status = int(getattr(response, "status_code", 0) or 0)
-    RECORDS.append(
-        (request_type, name, float(response_time), status, str(exception)[:300] if exception else "")
-    )
+    error = str(exception)[:300] if exception else ""
+    RECORDS.append((request_type, name, float(response_time), status, error, time.time()))
 
 
 @events.quitting.add_listener

@@ -98,20 +98,23 @@ def run_locust(
     env: dict[str, str],
     log_path: Path,
     plugins: Sequence[Path] = (),
+    stop_timeout: float = 0.0,
 ) -> int:
     """Run locust headless against ``host``; killed if it overruns its run time by a minute.
 
     ``plugins``: further locust files loaded beside ``locustfile.py`` (event listeners such as
-    ``locust_record.py``).
+    ``locust_record.py``). ``stop_timeout``: seconds users get to finish the request they are in when the
+    run time is up (locust's ``--stop-timeout``; by default they are dropped at once).
     """
     files = ",".join(str(path) for path in (HERE / "locustfile.py", *plugins))
     cmd = [sys.executable, "-m", "locust", "-f", files, "--headless"]
     cmd += ["-u", str(users), "-r", str(spawn_rate), "-t", run_time, "--host", host]
     cmd += ["--csv", str(csv_prefix), "--only-summary", "--loglevel", "WARNING"]
+    cmd += ["--stop-timeout", f"{stop_timeout:g}"]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
-            return proc.wait(parse_duration(run_time) + 60)
+            return proc.wait(parse_duration(run_time) + stop_timeout + 60)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
