@@ -72,6 +72,9 @@ class Tally:
     loads: list[str] = field(default_factory=list)
     idle_waits_s: list[float] = field(default_factory=list)
     seconds: float = 0.0  # the rounds' lengths, in-flight requests let finish included
+    workers_cpu_s: float = 0.0
+    workers_wait_s: float = 0.0  # runnable but waiting for a CPU
+    main_cpu_s: float = 0.0  # the serving process
 
     def add(self, records: list[list[Any]]) -> None:
         """One round's records; its length runs from the first request's start to the last one's end."""
@@ -117,6 +120,7 @@ class WorkerMeter:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self) -> WorkerMeter:
+        self.main_cpu_s = -harness.process_cpu_seconds(self.pid)
         self._sample()
         self._thread.start()
         return self
@@ -124,6 +128,7 @@ class WorkerMeter:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(5)
+        self.main_cpu_s += harness.process_cpu_seconds(self.pid)
 
     def _run(self) -> None:
         while not self._stop.wait(0.5):
@@ -135,10 +140,19 @@ class WorkerMeter:
             self.first.setdefault(child, counters if not self._thread.is_alive() else (0.0, 0.0))
             self.last[child] = counters
 
+    @property
+    def cpu_s(self) -> float:
+        return sum(self.last[c][0] - self.first[c][0] for c in self.last)
+
+    @property
+    def wait_s(self) -> float:
+        return sum(self.last[c][1] - self.first[c][1] for c in self.last)
+
     def summary(self) -> str:
-        cpu = sum(self.last[c][0] - self.first[c][0] for c in self.last)
-        wait = sum(self.last[c][1] - self.first[c][1] for c in self.last)
-        return f"workers used {cpu:.0f} CPU s and waited {wait:.0f} s for a CPU ({len(self.last)} procs)"
+        return (
+            f"workers used {self.cpu_s:.1f} CPU s and waited {self.wait_s:.0f} s for a CPU "
+            f"({len(self.last)} procs), the serving process {self.main_cpu_s:.1f} CPU s"
+        )
 
 
 def wait_idle(server: harness.Server) -> float:
@@ -175,6 +189,9 @@ def one_round(server: harness.Server, tally: Tally, label: str, args: argparse.N
             stop_timeout=args.stop_timeout,
         )
     workers = meter.summary()
+    tally.workers_cpu_s += meter.cpu_s
+    tally.workers_wait_s += meter.wait_s
+    tally.main_cpu_s += meter.main_cpu_s
     tally.probe.append(harness.finish_client_process(probe, args.round_time + 60))
     if not record.exists():
         raise RuntimeError(f"locust wrote no record (exit {code}); see {prefix}_locust.log")
@@ -227,6 +244,20 @@ def verdicts(ours: Tally, ref: Tally) -> list[Target]:
     ]
 
 
+def print_totals(tally: Tally) -> None:
+    done = max(1, len(tally.uploads_ok))
+    print(
+        f"  {tally.name}: {len(tally.uploads_ok)} uploads in {tally.seconds:.0f} s; upload p50/p95/p99 "
+        f"{harness.median(tally.uploads_ok):,.0f} / {harness.percentile(tally.uploads_ok, 95):,.0f} / "
+        f"{harness.percentile(tally.uploads_ok, 99):,.0f} ms; locust health p50/p99 "
+        f"{harness.median(tally.health_ms):.1f} / {harness.percentile(tally.health_ms, 99):.1f} ms; "
+        f"probe p99 per round {[round(p['p99_ms'], 2) for p in tally.probe]} ms\n"
+        f"    CPU s per completed upload: workers {tally.workers_cpu_s / done:.2f}, serving process "
+        f"{tally.main_cpu_s / done:.2f}; the workers used {tally.workers_cpu_s / tally.seconds:.2f} cores "
+        f"and waited {tally.workers_wait_s / tally.seconds:.2f} s per s for a CPU"
+    )
+
+
 def run(args: argparse.Namespace) -> tuple[Tally, Tally]:
     tallies = {name: Tally(name) for name in TARGETS}
     warm = harness.ensure_dataset("medium")
@@ -270,13 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"mixed scenario: {args.users} users, {args.rounds} rounds x {args.round_time:g} s per server")
     ours, ref = run(args)
     for tally in (ours, ref):
-        print(
-            f"  {tally.name}: {len(tally.uploads_ok)} uploads in {tally.seconds:.0f} s; upload p50/p95/p99 "
-            f"{harness.median(tally.uploads_ok):,.0f} / {harness.percentile(tally.uploads_ok, 95):,.0f} / "
-            f"{harness.percentile(tally.uploads_ok, 99):,.0f} ms; locust health p50/p99 "
-            f"{harness.median(tally.health_ms):.1f} / {harness.percentile(tally.health_ms, 99):.1f} ms; "
-            f"probe p99 per round {[round(p['p99_ms'], 2) for p in tally.probe]} ms"
-        )
+        print_totals(tally)
     ok = print_targets(
         "Targets (issue 11: mixed scenario, 16 users)", verdicts(ours, ref), harness.load_average()
     )
