@@ -65,6 +65,7 @@ class Tally:
     name: str
     uploads_ok: list[float] = field(default_factory=list)  # response times, ms
     upload_failures: Counter[str] = field(default_factory=Counter)
+    upload_files: Counter[str] = field(default_factory=Counter)  # completed uploads per dataset file
     refused: int = 0
     health_ms: list[float] = field(default_factory=list)
     health_failures: int = 0
@@ -80,7 +81,7 @@ class Tally:
         """One round's records; its length runs from the first request's start to the last one's end."""
         if records:
             self.seconds += max(r[5] for r in records) - min(r[5] - r[2] / 1000 for r in records)
-        for request_type, _name, response_ms, status, error, _end in records:
+        for request_type, name, response_ms, status, error, _end in records:
             if request_type == "POST":
                 if status == 503:
                     self.refused += 1
@@ -88,6 +89,7 @@ class Tally:
                     self.upload_failures[f"status {status}: {error[:80]}"] += 1
                 else:
                     self.uploads_ok.append(response_ms)
+                    self.upload_files[name.rsplit(" ", 1)[-1]] += 1
             elif error:
                 self.health_failures += 1
             else:
@@ -95,6 +97,11 @@ class Tally:
 
     def per_minute(self) -> float:
         return len(self.uploads_ok) * 60 / self.seconds
+
+    def mb_per_minute(self, data_dir: Path) -> float:
+        """Upload bytes completed per minute, MB: the uploads' mix of datasets is random."""
+        sizes = sum((data_dir / file).stat().st_size * n for file, n in self.upload_files.items())
+        return sizes / harness.MB * 60 / self.seconds
 
     def probe_p99(self) -> float:
         return harness.median([p["p99_ms"] for p in self.probe])
@@ -176,7 +183,9 @@ def one_round(server: harness.Server, tally: Tally, label: str, args: argparse.N
     probe = harness.start_client_process(
         ["poll-health", "--port", str(server.port), "--duration", str(args.round_time), "--interval", "0.01"]
     )
-    with WorkerMeter(server.pid) as meter:
+    profile = Path(f"{args.py_spy}-{label}.txt") if args.py_spy and server.name == "ours" else None
+    spying = harness.py_spy(server.pid, profile, args.round_time + args.stop_timeout, subprocesses=False)
+    with spying, WorkerMeter(server.pid) as meter:
         code = run_locust.run_locust(
             server.url,
             prefix,
@@ -189,6 +198,7 @@ def one_round(server: harness.Server, tally: Tally, label: str, args: argparse.N
             stop_timeout=args.stop_timeout,
         )
     workers = meter.summary()
+    harness.print_profile(profile, server.pid)
     tally.workers_cpu_s += meter.cpu_s
     tally.workers_wait_s += meter.wait_s
     tally.main_cpu_s += meter.main_cpu_s
@@ -206,8 +216,9 @@ def one_round(server: harness.Server, tally: Tally, label: str, args: argparse.N
     )
 
 
-def verdicts(ours: Tally, ref: Tally) -> list[Target]:
+def verdicts(ours: Tally, ref: Tally, data_dir: Path) -> list[Target]:
     per_min = ours.per_minute(), ref.per_minute()
+    mb_min = ours.mb_per_minute(data_dir), ref.mb_per_minute(data_dir)
     p95 = harness.percentile(ours.uploads_ok, 95), harness.percentile(ref.uploads_ok, 95)
     locust_p99 = harness.percentile(ours.health_ms, 99), harness.percentile(ref.health_ms, 99)
     worst_probe = max(p["p99_ms"] for p in ours.probe)
@@ -222,6 +233,11 @@ def verdicts(ours: Tally, ref: Tally) -> list[Target]:
             "completed uploads per minute ≥ 2× the reference",
             f"{per_min[0] / per_min[1]:.2f}× ({per_min[0]:.1f} vs {per_min[1]:.1f} per minute)",
             per_min[0] >= 2 * per_min[1],
+        ),
+        Target(
+            "upload MB completed per minute, ours / the reference",
+            f"{mb_min[0] / mb_min[1]:.2f}× ({mb_min[0]:.0f} vs {mb_min[1]:.0f} MB per minute)",
+            None,
         ),
         Target(
             "upload p95 ≤ the reference's",
@@ -252,6 +268,7 @@ def print_totals(tally: Tally) -> None:
         f"{harness.percentile(tally.uploads_ok, 99):,.0f} ms; locust health p50/p99 "
         f"{harness.median(tally.health_ms):.1f} / {harness.percentile(tally.health_ms, 99):.1f} ms; "
         f"probe p99 per round {[round(p['p99_ms'], 2) for p in tally.probe]} ms\n"
+        f"    completed per dataset: {dict(sorted(tally.upload_files.items()))}\n"
         f"    CPU s per completed upload: workers {tally.workers_cpu_s / done:.2f}, serving process "
         f"{tally.main_cpu_s / done:.2f}; the workers used {tally.workers_cpu_s / tally.seconds:.2f} cores "
         f"and waited {tally.workers_wait_s / tally.seconds:.2f} s per s for a CPU"
@@ -291,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds users get to finish the request they are in when a round ends (locust --stop-timeout)",
     )
     p.add_argument("--max-seconds", type=float, default=1500.0, help="bound on the whole run")
+    p.add_argument(
+        "--py-spy", default="", metavar="PREFIX", help="record our serving process, PREFIX-<round>.txt"
+    )
     run_locust.add_scenario_arguments(p)
     args = p.parse_args(argv)
     files, weights = run_locust.scenario_files(p, args)
@@ -303,7 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     for tally in (ours, ref):
         print_totals(tally)
     ok = print_targets(
-        "Targets (issue 11: mixed scenario, 16 users)", verdicts(ours, ref), harness.load_average()
+        "Targets (issue 11: mixed scenario, 16 users)",
+        verdicts(ours, ref, args.data_dir),
+        harness.load_average(),
     )
     return 0 if ok else 1
 
