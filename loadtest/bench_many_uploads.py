@@ -35,7 +35,7 @@ from typing import Any
 import orjson
 
 import harness
-from targets import Target, print_targets
+from targets import Target, report, run_script
 
 RSS_LIMIT_MIB = 64
 HEALTH_EVERY_S = 0.5
@@ -224,17 +224,8 @@ def main(argv: list[str] | None = None) -> int:
                     print_round(number, results[-1])
             hwm_kib = harness.status_kib(server.pid, "VmHWM")
     harness.print_profile(args.py_spy if args.py_spy and args.py_spy.suffix == ".txt" else None)
-    ok = print_targets(
-        "Targets (issue 11: many uploads at once)",
-        verdicts(results, args.uploads, hwm_kib),
-        harness.load_average(),
-    )
-    return 0 if ok else 1
+    return report("Targets (issue 11: many uploads at once)", verdicts(results, args.uploads, hwm_kib))
 
 
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main())
-    except (harness.BenchTimeout, harness.WrongAnswer, RuntimeError) as error:
-        print(f"run failed: {error}")
-        raise SystemExit(2) from None
+    run_script(main, (harness.BenchTimeout, harness.WrongAnswer, RuntimeError))

@@ -48,7 +48,7 @@ import orjson
 
 import harness
 import run_locust
-from targets import Target, print_targets
+from targets import Target, report, run_script
 
 HERE = Path(__file__).resolve().parent
 TARGETS = ("ours", "reference")
@@ -322,17 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     ours, ref = run(args)
     for tally in (ours, ref):
         print_totals(tally)
-    ok = print_targets(
-        "Targets (issue 11: mixed scenario, 16 users)",
-        verdicts(ours, ref, args.data_dir),
-        harness.load_average(),
-    )
-    return 0 if ok else 1
+    return report("Targets (issue 11: mixed scenario, 16 users)", verdicts(ours, ref, args.data_dir))
 
 
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main())
-    except (harness.BenchTimeout, harness.WrongAnswer, RuntimeError) as error:
-        print(f"run failed: {error}")
-        raise SystemExit(2) from None
+    run_script(main, (harness.BenchTimeout, harness.WrongAnswer, RuntimeError))

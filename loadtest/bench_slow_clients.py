@@ -41,7 +41,7 @@ import orjson
 import trio
 
 import harness
-from targets import Target, print_targets
+from targets import Target, report, run_script
 
 HOST = "127.0.0.1"
 UPLOADERS = 4
@@ -273,13 +273,8 @@ def main(argv: list[str] | None = None) -> int:
             phases = trio.run(run, server, args)
     events = slow_body(harness.ensure_dataset("ndjson"), args.slow_body)[1]
     rows = verdicts(phases, args, events, args.window)
-    ok = print_targets("Targets (issue 11: slow clients)", rows, harness.load_average())
-    return 0 if ok else 1
+    return report("Targets (issue 11: slow clients)", rows)
 
 
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main())
-    except (trio.TooSlowError, harness.WrongAnswer, RuntimeError) as error:
-        print(f"run failed: {type(error).__name__}: {error}")
-        raise SystemExit(2) from None
+    run_script(main, (trio.TooSlowError, harness.WrongAnswer, RuntimeError))

@@ -6,8 +6,11 @@ Imported by ``bench_mixed.py``, ``bench_slow_clients.py`` and ``bench_many_uploa
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NoReturn
+
+import harness
 
 
 @dataclass(frozen=True)
@@ -26,10 +29,20 @@ class Target:
         return "report" if self.ok is None else ("PASS" if self.ok else "FAIL")
 
 
-def print_targets(title: str, rows: Sequence[Target], load: str) -> bool:
-    """Print the table under ``title`` with the load average ``load``; True when no target failed."""
+def report(title: str, rows: Sequence[Target]) -> int:
+    """Print the table under ``title`` with the load average now; exit status 0, or 1 if a target failed."""
     width = max(len(row.wording) for row in rows)
-    print(f"\n{title} (load average now {load})")
+    print(f"\n{title} (load average now {harness.load_average()})")
     for row in rows:
         print(f"  {row.verdict:<6} {row.wording:<{width}}  {row.measured}")
-    return all(row.ok is not False for row in rows)
+    return 0 if all(row.ok is not False for row in rows) else 1
+
+
+def run_script(main: Callable[[], int], failures: tuple[type[BaseException], ...]) -> NoReturn:
+    """Exit with ``main()``'s status, or 2 (after saying why) when the run itself failed with ``failures``."""
+    try:
+        status = main()
+    except failures as error:
+        print(f"run failed: {type(error).__name__}: {error}")
+        status = 2
+    raise SystemExit(status)
