@@ -113,7 +113,8 @@ def tree_cpu_seconds(pid: int) -> float:
 
 
 class WorkerMeter:
-    """CPU seconds the server's workers used, and seconds they waited for a CPU, while a block runs.
+    """CPU seconds the server's workers used and seconds they waited for a CPU, while a block runs; the same
+    for the serving process (its CPU, and its event loop's wait for a CPU: what delays health answers).
 
     Sampled every half second from /proc, per worker, because workers come and go: a job cancelled when its
     client leaves kills its worker (``kill_on_cancel``), and what a dead worker used is no longer readable.
@@ -128,6 +129,7 @@ class WorkerMeter:
 
     def __enter__(self) -> WorkerMeter:
         self.main_cpu_s = -harness.process_cpu_seconds(self.pid)
+        self.main_wait_s = -harness.run_queue_wait_seconds(self.pid)
         self._sample()
         self._thread.start()
         return self
@@ -136,6 +138,7 @@ class WorkerMeter:
         self._stop.set()
         self._thread.join(5)
         self.main_cpu_s += harness.process_cpu_seconds(self.pid)
+        self.main_wait_s += harness.run_queue_wait_seconds(self.pid)
 
     def _run(self) -> None:
         while not self._stop.wait(0.5):
@@ -158,7 +161,8 @@ class WorkerMeter:
     def summary(self) -> str:
         return (
             f"workers used {self.cpu_s:.1f} CPU s and waited {self.wait_s:.0f} s for a CPU "
-            f"({len(self.last)} procs), the serving process {self.main_cpu_s:.1f} CPU s"
+            f"({len(self.last)} procs); the serving process used {self.main_cpu_s:.1f} CPU s, and its event "
+            f"loop waited {self.main_wait_s:.1f} s for a CPU"
         )
 
 
