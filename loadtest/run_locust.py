@@ -24,7 +24,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,15 +97,24 @@ def run_locust(
     run_time: str,
     env: dict[str, str],
     log_path: Path,
+    plugins: Sequence[Path] = (),
+    stop_timeout: float = 0.0,
 ) -> int:
-    """Run locust headless against ``host``; killed if it overruns its run time by a minute."""
-    cmd = [sys.executable, "-m", "locust", "-f", str(HERE / "locustfile.py"), "--headless"]
+    """Run locust headless against ``host``; killed if it overruns its run time by a minute.
+
+    ``plugins``: further locust files loaded beside ``locustfile.py`` (event listeners such as
+    ``locust_record.py``). ``stop_timeout``: seconds users get to finish the request they are in when the
+    run time is up (locust's ``--stop-timeout``; by default they are dropped at once).
+    """
+    files = ",".join(str(path) for path in (HERE / "locustfile.py", *plugins))
+    cmd = [sys.executable, "-m", "locust", "-f", files, "--headless"]
     cmd += ["-u", str(users), "-r", str(spawn_rate), "-t", run_time, "--host", host]
     cmd += ["--csv", str(csv_prefix), "--only-summary", "--loglevel", "WARNING"]
+    cmd += ["--stop-timeout", f"{stop_timeout:g}"]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
-            return proc.wait(parse_duration(run_time) + 60)
+            return proc.wait(parse_duration(run_time) + stop_timeout + 60)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
@@ -170,23 +179,10 @@ def print_summary(target: str, rows: list[Row], failures: list[tuple[str, str, i
         print(f"FAILED {count}x {name}: {error[:300]}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--target", choices=("ours", "reference"), default="ours")
-    # 5 users at weights 3,1,1 make at most 4 uploads at once: upload-server's default admission limit.
-    p.add_argument("-u", "--users", type=int, default=5)
-    p.add_argument("-r", "--spawn-rate", type=float, default=5)
-    p.add_argument("-t", "--run-time", default="60s", help="locust run time: 30s, 2m, ... (default 60s)")
+def add_scenario_arguments(p: argparse.ArgumentParser) -> None:
+    """The options that shape the locust scenario (datasets, user weights, pacing); see :func:`locust_env`."""
     p.add_argument("--sizes", default="small,medium,hour", help=f"datasets from {','.join(SIZES)}")
     p.add_argument("--weights", default="3,1,1", help="user weights upload,health,stream (default 3,1,1)")
-    p.add_argument("--workers", type=int, default=None, help="server worker processes (default: its own)")
-    p.add_argument(
-        "--server-arg",
-        action="append",
-        default=[],
-        metavar="FLAG",
-        help="extra server flag, repeatable: --server-arg=--max-concurrent-uploads=16",
-    )
     p.add_argument("--data-dir", type=Path, default=HERE / "data")
     p.add_argument("--results-dir", type=Path, default=HERE / "results")
     p.add_argument("--upload-wait", default="0,0.5", help="min,max seconds between uploads of one user")
@@ -198,9 +194,10 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help="end the run once uploads, health polls and streams were each made N times (-t stays the bound)",
     )
-    args = p.parse_args(argv)
-    parse_duration(args.run_time)  # fail on a bad duration before starting anything
 
+
+def scenario_files(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """The dataset file names (made when missing) and the three user weights; ``p.error`` on bad ones."""
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     unknown = [s for s in sizes if s not in SIZES]
     if unknown:
@@ -208,12 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     weights = args.weights.split(",")
     if len(weights) != 3:
         p.error("--weights takes three numbers: upload,health,stream")
+    return ensure_datasets(sizes, args.data_dir), weights
 
-    files = ensure_datasets(sizes, args.data_dir)
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    prefix = args.results_dir / f"{args.target}-{stamp}"
-    env = {
+
+def locust_env(args: argparse.Namespace, files: list[str], weights: list[str]) -> dict[str, str]:
+    """The environment that configures ``locustfile.py`` (see its docstring) for these options."""
+    return {
         **os.environ,
         "LOADTEST_DATA_DIR": str(args.data_dir.resolve()),
         "LOADTEST_DATASETS": ",".join(files),
@@ -224,6 +221,30 @@ def main(argv: list[str] | None = None) -> int:
         "LOADTEST_HEALTH_INTERVAL": str(args.health_interval),
         "LOADTEST_STOP_AFTER": str(args.stop_after),
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--target", choices=("ours", "reference"), default="ours")
+    p.add_argument("-u", "--users", type=int, default=5)
+    p.add_argument("-r", "--spawn-rate", type=float, default=5)
+    p.add_argument("-t", "--run-time", default="60s", help="locust run time: 30s, 2m, ... (default 60s)")
+    p.add_argument("--workers", type=int, default=None, help="server worker processes (default: its own)")
+    p.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        metavar="FLAG",
+        help="extra server flag, repeatable: --server-arg=--queue-timeout=60",
+    )
+    add_scenario_arguments(p)
+    args = p.parse_args(argv)
+    parse_duration(args.run_time)  # fail on a bad duration before starting anything
+    files, weights = scenario_files(p, args)
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    prefix = args.results_dir / f"{args.target}-{stamp}"
+    env = locust_env(args, files, weights)
 
     with tempfile.TemporaryDirectory(prefix=f"loadtest-{args.target}-") as tmp_dir:
         cmd = harness.server_command(args.target, tmp_dir, args.workers, args.server_arg)

@@ -37,6 +37,7 @@ DATASETS: dict[str, DatasetSpec] = {
     "small": DatasetSpec("small.zip", "zip", 3_000, files=4, seed=2),
     "medium": DatasetSpec("medium.zip", "zip", 30_000, files=8, seed=3),
     "large": DatasetSpec("large.zip", "zip", 330_000, files=8, seed=4),
+    "twenty": DatasetSpec("twenty.zip", "zip", 63_000, files=4, seed=12),
     "hour": DatasetSpec("hour.json.gz", "gz", 20_000, seed=5),
     "ndjson": DatasetSpec("small.ndjson", "ndjson", 3_000, seed=6),
     "array": DatasetSpec("small-array.json", "json-array", 3_000, seed=7),
