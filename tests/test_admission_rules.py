@@ -11,7 +11,17 @@ import pytest
 import trio
 import trio.testing
 
-from upload_server.admission import PRIOR_BYTES_PER_SECOND_PER_WORKER, Backlog, SpoolBudget, retry_after
+from upload_server.admission import (
+    BUFFERS_PER_UPLOAD,
+    MAX_PIECE_BYTES,
+    MIN_PIECE_BYTES,
+    PRIOR_BYTES_PER_SECOND_PER_WORKER,
+    RECEIVE_MEMORY,
+    Backlog,
+    SpoolBudget,
+    piece_size,
+    retry_after,
+)
 from upload_server.errors import ChunksTooSmall, RequestTimeout
 from upload_server.http.body_rate import CHUNK_WINDOW, BodyRateGuard, BodyRateRules
 from upload_server.http.connection import HttpConnection
@@ -236,3 +246,12 @@ async def test_a_trickling_client_is_cut_after_the_window(autojump_clock: trio.t
     assert answer.startswith(b"HTTP/1.1 408 ")
     assert b'"reason":"min_body_rate"' in answer and b"connection: close" in answer
     assert answered_at == pytest.approx(58)  # the second byte, 58 s of waiting in: 2 bytes / 58 s
+
+
+def test_body_buffers_shrink_while_many_uploads_arrive() -> None:
+    """One upload alone keeps 1 MiB reads (issue 2's receive rate); 64 at once share RECEIVE_MEMORY."""
+    assert piece_size(0) == piece_size(1) == MAX_PIECE_BYTES
+    assert piece_size(64) * BUFFERS_PER_UPLOAD * 64 <= RECEIVE_MEMORY
+    assert piece_size(10_000) == MIN_PIECE_BYTES
+    sizes = [piece_size(n) for n in range(1, 200)]
+    assert sizes == sorted(sizes, reverse=True) and all(size % MIN_PIECE_BYTES == 0 for size in sizes)

@@ -492,7 +492,9 @@ async def test_failed_jobs_leak_no_descriptor(start_server: StartServer, failure
                     os.kill(worker, signal.SIGKILL)
             await wait_until(lambda: not server.state.workers.running)
         assert server.state.workers.crashed == (FAILED_JOBS if failure == "worker_killed" else 0)
-        assert await fds_with_one_idle_worker() == baseline
+        # At most the baseline: the pool collects garbage before the next job once a worker was killed, which
+        # may also close descriptors that earlier tests in this process left to the collector.
+        assert await fds_with_one_idle_worker() <= baseline
     finally:
         gc.enable()
 

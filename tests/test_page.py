@@ -382,11 +382,17 @@ def poll(predicate: Callable[[], bool], within: float = 30.0) -> None:
         trio.from_thread.run(trio.sleep, 0.02)
 
 
-async def assert_let_go(server: RunningServer) -> None:
+async def assert_let_go(server: RunningServer, *, work_may_be_done: bool = False) -> None:
     """After a Cancel: nothing in flight, the upload counted as failed, no worker busy, no temp file, and
-    the server still answers."""
+    the server still answers.
+
+    ``work_may_be_done``: Cancel while the answer streams may come after the server finished the work and
+    counted the upload (it counts, releases and removes before the answer's last bytes); the kernel's socket
+    buffers take the event lines faster than the throttled page reads them. It is then counted completed.
+    """
     await wait_until(lambda: server.state.stats.uploads_in_flight == 0, within=10)
-    assert (server.state.stats.uploads_completed, server.state.stats.uploads_failed) == (0, 1)
+    counted = (server.state.stats.uploads_completed, server.state.stats.uploads_failed)
+    assert counted in ([(0, 1), (1, 0)] if work_may_be_done else [(0, 1)])
     assert server.state.workers.snapshot()["jobs_running"] == 0
     await assert_no_leftovers(server)
     await assert_still_serving(server)
@@ -437,7 +443,7 @@ async def test_cancel_while_the_answer_streams_ends_the_servers_work_too(
         expect(card.get_by_role("status")).to_contain_text("Cancelled")
 
     await in_browser(script)
-    await assert_let_go(server)
+    await assert_let_go(server, work_may_be_done=True)
 
 
 # ----------------------------------------------------------------------------------------- refusals

@@ -28,6 +28,22 @@ MIN_MEASURED_SECONDS = 0.05
 MAX_RETRY_AFTER_S = 3600
 
 
+#: Bytes of body buffers the serving process lets all receiving uploads hold together (read pieces, the
+#: spool's gathering batch, the batch handed over, the batch being written: about four per upload).
+RECEIVE_MEMORY = 24 << 20
+BUFFERS_PER_UPLOAD = 4
+#: One upload alone reads and writes 1 MiB at a time (issue 2's receive rate needs that); many at once
+#: share RECEIVE_MEMORY, down to 64 KiB each (64 x 20 MB uploads: 233 MiB serving RSS with 1 MiB each).
+MAX_PIECE_BYTES = 1 << 20
+MIN_PIECE_BYTES = 64 << 10
+
+
+def piece_size(receiving: int) -> int:
+    """How large a body read and a spool batch may be while ``receiving`` uploads arrive at once."""
+    share = RECEIVE_MEMORY // (BUFFERS_PER_UPLOAD * max(1, receiving))
+    return max(MIN_PIECE_BYTES, min(MAX_PIECE_BYTES, share - share % MIN_PIECE_BYTES))
+
+
 def retry_after(seconds: float) -> bytes:
     """A ``Retry-After`` value: whole seconds, at least 1."""
     return str(max(1, min(MAX_RETRY_AFTER_S, math.ceil(seconds)))).encode()

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from .admission import Backlog, SpoolBudget
+from .admission import Backlog, SpoolBudget, piece_size
 from .config import Config
 from .ingest.dispatch import WorkerPool
 from .resumable import ResumableUploads
@@ -86,6 +86,10 @@ class ServerState:
     def __post_init__(self) -> None:
         self.backlog = Backlog(workers=self.workers.count)
         self.connection_slots = trio.Semaphore(self.config.max_connections)
+
+    def receive_piece_size(self) -> int:
+        """Body read and spool batch size now: smaller while many uploads arrive at once."""
+        return piece_size(self.stats.uploads_receiving)
 
     def live_figures(self) -> LiveFigures:
         workers = self.workers.snapshot()

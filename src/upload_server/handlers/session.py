@@ -114,7 +114,10 @@ class UploadSession:
         state.stats.uploads_in_flight += 1
         try:
             config = state.config
-            async with open_spool(config.tmp_dir, config.max_upload_bytes, budget.grow) as spool:
+            spooling = open_spool(
+                config.tmp_dir, config.max_upload_bytes, budget.grow, state.receive_piece_size
+            )
+            async with spooling as spool:
                 session.spool = spool
                 yield session
         finally:

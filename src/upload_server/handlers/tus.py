@@ -316,7 +316,9 @@ async def _receive_appending(
     hash_name = checksum[0] if checksum else "sha256"
     budget = BudgetHold(state, exchange.request.content_length)
     try:
-        async with open_append(path, record.offset, room, budget.grow, hash_name) as spool:
+        exchange.piece_size = state.receive_piece_size
+        appending = open_append(path, record.offset, room, budget.grow, hash_name, state.receive_piece_size)
+        async with appending as spool:
             try:
                 while chunk := await exchange.receive_body_chunk():
                     await spool.write(chunk)

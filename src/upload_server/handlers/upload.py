@@ -161,6 +161,7 @@ def check_backlog(state: ServerState) -> None:
 async def handle_upload(exchange: Exchange, state: ServerState) -> None:
     admission = admit(exchange.request, state.config)
     check_backlog(state)
+    exchange.piece_size = state.receive_piece_size
     async with UploadSession.open(state, exchange.request.content_length) as session:
         await session.receive(exchange, admission.boundary)
         if admission.stream_ndjson:

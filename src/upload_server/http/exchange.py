@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import email.utils
 import time
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import Protocol
 
@@ -132,12 +133,15 @@ class Exchange(Responder):
         # The body's end was met while gathering a piece: the next receive_body_chunk returns b"".
         self._body_ended = False
         self._rate = BodyRateGuard(conn.limits.body_rate)
+        #: The size of body reads and gathered pieces, asked before each read: the upload handler shrinks
+        #: it while many uploads arrive at once (``admission.piece_size``).
+        self.piece_size: Callable[[], int] = _full_piece
 
     # ----------------------------------------------------------------------------------- the body
     async def receive_body_chunk(self) -> bytes | bytearray:
         """The next piece of the request body; b"" at its end.
 
-        Consecutive pieces h11 already holds are handed over as one (up to ``BODY_RECEIVE_SIZE`` bytes, or
+        Consecutive pieces h11 already holds are handed over as one (up to ``piece_size()`` bytes, or
         ``BODY_EVENTS_PER_PIECE`` of h11's events), so a body sent in tiny chunks costs one call per piece
         read, not one per chunk; a single piece is h11's own copy, handed on without another. Every call is
         a checkpoint, so a flood of buffered events cannot hold the event loop.
@@ -161,7 +165,7 @@ class Exchange(Responder):
                 self._rate.chunked_data(len(event.data), chunk_start=event.chunk_start)
                 piece = event.data if piece is None else _extend(piece, event.data)
                 events += 1
-                if len(piece) >= BODY_RECEIVE_SIZE or events >= BODY_EVENTS_PER_PIECE:
+                if len(piece) >= self.piece_size() or events >= BODY_EVENTS_PER_PIECE:
                     return piece
             elif isinstance(event, h11.EndOfMessage):
                 self._body_ended = bool(piece)
@@ -178,7 +182,7 @@ class Exchange(Responder):
     async def _receive_within_idle_timeout(self) -> None:
         conn, timeout = self._conn, self._conn.limits.body_idle_timeout
         began, received_before = trio.current_time(), conn.bytes_received
-        if not await conn.receive(BODY_RECEIVE_SIZE, give_up_after=timeout):
+        if not await conn.receive(self.piece_size(), give_up_after=timeout):
             raise RequestTimeout(
                 f"No request body byte arrived for {timeout:g} seconds.",
                 detail={"reason": "body_idle_timeout", "body_idle_timeout_s": timeout},
@@ -188,6 +192,10 @@ class Exchange(Responder):
     async def wait_for_disconnect(self) -> None:
         """Return when the client closes or resets the connection (used to cancel work nobody awaits)."""
         await self._conn.wait_for_disconnect()
+
+
+def _full_piece() -> int:
+    return BODY_RECEIVE_SIZE
 
 
 def _extend(piece: bytes | bytearray, more: bytes | bytearray) -> bytearray:

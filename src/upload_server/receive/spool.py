@@ -54,6 +54,7 @@ class Spool:
         to_writer: trio.MemorySendChannel[list[Chunk]],
         reserve: Reserve | None = None,
         hash_name: str = "sha256",
+        batch_size: Callable[[], int] | None = None,
     ) -> None:
         self.path = path
         self.max_bytes = max_bytes
@@ -73,6 +74,8 @@ class Spool:
         self._drained = trio.Event()
         self._siblings: list[Path] = []
         self._keep_file = False
+        #: Bytes gathered before a batch goes to the writer (``admission.piece_size`` in the server).
+        self._batch_size = batch_size or _full_batch
 
     @classmethod
     def written(cls, path: Path, size: int, sha256: str) -> Spool:
@@ -108,7 +111,7 @@ class Spool:
             self._small = None
             self._batch.append(data)
         self._batch_bytes += len(data)
-        if self._batch_bytes >= BATCH_BYTES:
+        if self._batch_bytes >= self._batch_size():
             await self._hand_over()
 
     async def finish(self) -> None:
@@ -181,9 +184,16 @@ class Spool:
                 os.unlink(leftover)
 
 
+def _full_batch() -> int:
+    return BATCH_BYTES
+
+
 @contextlib.asynccontextmanager
 async def open_spool(
-    tmp_dir: str | os.PathLike[str], max_bytes: int, reserve: Reserve | None = None
+    tmp_dir: str | os.PathLike[str],
+    max_bytes: int,
+    reserve: Reserve | None = None,
+    batch_size: Callable[[], int] | None = None,
 ) -> AsyncIterator[Spool]:
     """Create the temporary file; on exit (any exit: success, error, cancellation) remove it.
 
@@ -193,7 +203,9 @@ async def open_spool(
     path = Path(tmp_dir) / owned_name(".part")
     send, receive = trio.open_memory_channel[list[Chunk]](1)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
-    spool = Spool(path, max_bytes, fd, send, reserve)  # nothing that can fail between the open and the try
+    spool = Spool(
+        path, max_bytes, fd, send, reserve, batch_size=batch_size
+    )  # nothing can fail before the try
     try:
         async with _writing(spool, send, receive):
             yield spool
@@ -204,7 +216,12 @@ async def open_spool(
 
 @contextlib.asynccontextmanager
 async def open_append(
-    path: Path, offset: int, max_bytes: int, reserve: Reserve | None = None, hash_name: str = "sha256"
+    path: Path,
+    offset: int,
+    max_bytes: int,
+    reserve: Reserve | None = None,
+    hash_name: str = "sha256",
+    batch_size: Callable[[], int] | None = None,
 ) -> AsyncIterator[Spool]:
     """Append to an existing file from ``offset`` (bytes past it are cut first); the file is kept.
 
@@ -215,7 +232,7 @@ async def open_append(
     try:
         os.ftruncate(fd, offset)
         os.lseek(fd, offset, os.SEEK_SET)
-        spool = Spool(path, max_bytes, fd, send, reserve, hash_name)
+        spool = Spool(path, max_bytes, fd, send, reserve, hash_name, batch_size)
         async with _writing(spool, send, receive):
             yield spool
     finally:
