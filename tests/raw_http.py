@@ -32,7 +32,7 @@ from upload_server.http.connection import Router
 from upload_server.http.exchange import Exchange
 from upload_server.ingest.dispatch import open_worker_pool
 from upload_server.routes import router
-from upload_server.server import _serve_connection, connection_limits, request_observer
+from upload_server.server import connection_limits, request_observer, serve_connection
 from upload_server.state import ServerState, derived_spool_budget
 
 #: Upper bound for any single wait on a real server; generous, since a passing test never reaches it.
@@ -257,9 +257,9 @@ class MemoryServer(RunningServer):
             client_end = trio.StapledStream(to_server_send, to_client_receive)
             server_end = trio.StapledStream(to_client_send, to_server_receive)
         state = self.state
-        await state.connection_slots.acquire()  # _serve_connection releases it, as after an accept
+        await state.connection_slots.acquire()  # serve_connection releases it, as after an accept
         limits, observe = connection_limits(state.config), request_observer(state)
-        self.nursery.start_soon(_serve_connection, server_end, state, limits, self.route, observe)
+        self.nursery.start_soon(serve_connection, server_end, state, limits, self.route, observe)
         return RawClient(client_end, wait=MEMORY_WAIT)
 
 

@@ -90,9 +90,14 @@ def request_observer(state: ServerState) -> Observer:
     return observe
 
 
-async def _serve_connection(
+async def serve_connection(
     stream: trio.abc.Stream, state: ServerState, limits: ConnectionLimits, route: Router, observe: Observer
 ) -> None:
+    """Serve one accepted stream until it closes, then give back its connection slot.
+
+    Public because it is the server's one entry for a connection: a socket from the accept loop, or a memory
+    stream in the protocol tests (tests/raw_http.py), runs the same code.
+    """
     state.stats.connections_open += 1
     try:
         conn = HttpConnection(stream, limits, observe)
@@ -173,7 +178,7 @@ async def _accept_loop(listener: trio.SocketListener, state: ServerState, nurser
             except BaseException:
                 state.connection_slots.release()
                 raise
-            nursery.start_soon(_serve_connection, stream, state, limits, route, observe)
+            nursery.start_soon(serve_connection, stream, state, limits, route, observe)
 
 
 def _open_resumable(config: Config) -> ResumableUploads:
