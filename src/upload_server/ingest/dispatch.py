@@ -26,6 +26,7 @@ import trio_parallel
 
 from ..errors import WorkerCrashed
 from ..receive.sniff import ContentKind
+from . import worker_process
 from .archive import ArchiveLimits, EntryPlan, plan_zip
 from .assemble import JobOutcome, run_job_to_file
 from .extract import FileResult
@@ -40,50 +41,28 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-#: The lowest priority: on 2 cores, nice 10 still let busy workers delay the event loop (health p99 under
-#: upload load 4.3-5.3 ms over five runs of bench_compare --only health; at 19: 2.8-4.4 ms over three),
-#: while the workers keep the same 1.5-1.6 cores busy on an otherwise idle machine.
-WORKER_NICENESS = 19
 #: Workers are forked from a forkserver that has imported the server's code once, rather than each being a
 #: fresh interpreter: a new worker (at start, after a crash, after a kill on timeout or disconnect) is ready
 #: in ~10 ms instead of ~0.2 s of CPU (two workers: 0.35-0.49 s spawned, 0.013-0.019 s forked, measured
 #: here). The forkserver is itself a fresh interpreter (not a fork of the threaded server), started on first
 #: use, and exits with the server.
 WORKER_TYPE = trio_parallel.WorkerType.FORKSERVER
-#: What the forkserver imports before it forks. multiprocessing re-runs the parent's main script in every
-#: new worker (as ``__mp_main__``); the ``upload-server`` script imports ``upload_server.cli``, so with that
-#: preloaded the re-run imports nothing (without it, each fork paid the 0.2 s above again). A program that
+#: What the forkserver imports before it forks: the console script's entry (multiprocessing re-runs the
+#: parent's main script in every new worker as ``__mp_main__``; the ``upload-server`` script imports
+#: ``launch``, so with it preloaded the re-run imports nothing, where each fork paid the 0.2 s above again)
+#: and the modules whose functions the workers run. Not the serving code: see ``launch``. A program that
 #: runs the server under another main script can add that script's imports here before the first upload.
-FORKSERVER_PRELOAD = ["upload_server.cli"]
+FORKSERVER_PRELOAD = [
+    "upload_server.launch",
+    "upload_server.ingest.archive",
+    "upload_server.ingest.assemble",
+    "upload_server.ingest.worker_process",
+]
 #: A batch of small entries is closed at this many uncompressed bytes or entries.
 BATCH_MAX_BYTES = 16 << 20
 BATCH_MAX_ENTRIES = 2000
 #: Entries per worker we aim for at least, so that all workers get a share of a medium archive.
 SHARES_PER_WORKER = 4
-
-
-def _init_worker(retire_above_bytes: int) -> None:
-    """Runs once in each new worker process."""
-    global _retire_above_bytes
-    _retire_above_bytes = retire_above_bytes
-    with contextlib.suppress(OSError):
-        os.nice(WORKER_NICENESS)
-
-
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm", "rb") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-_retire_above_bytes = 512 << 20
-
-
-def _retire_bloated_worker() -> bool:
-    """After each job: retire a worker whose memory stayed high, so one huge file does not pin it."""
-    return _rss_bytes() > _retire_above_bytes
 
 
 def _release_dead_worker(error: trio_parallel.BrokenWorkerError) -> str:
@@ -180,8 +159,8 @@ async def open_worker_pool(config: Config) -> AsyncIterator[WorkerPool]:
     # Takes effect when the forkserver starts (once per server process); later calls change nothing.
     multiprocessing.get_context("forkserver").set_forkserver_preload(FORKSERVER_PRELOAD)
     async with trio_parallel.open_worker_context(
-        init=functools.partial(_init_worker, retire_above),
-        retire=_retire_bloated_worker,
+        init=functools.partial(worker_process.init_worker, retire_above),
+        retire=worker_process.retire_bloated_worker,
         grace_period=5.0,
         worker_type=WORKER_TYPE,
     ) as context:
