@@ -1,0 +1,206 @@
+"""The upload page's resumable path in a real browser: a file of the page's tus threshold and more goes
+through tus-js-client, and after a reload mid-upload the same file chosen again continues from the
+server's offset. Debian's headless Chromium, driven by Playwright, against the real server on a real socket
+(the harness is tests/test_page.py's)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+from playwright.sync_api import Page, Request, Route, expect
+
+from conftest import RunningServer, StartServer, wait_until
+from test_page import WAIT_MS, en, in_browser, read_downloads, read_result
+from test_tus import FILES, TUS, dataset
+
+APP_JS = Path(__file__).resolve().parent.parent / "src" / "upload_server" / "static" / "app.js"
+
+
+def page_constant(name: str) -> int:
+    """One of app.js's byte sizes (``const NAME = 8 * 1024 * 1024;``), so the test follows the page."""
+    found = re.search(rf"const {name} = ([\d *]+);", APP_JS.read_text())
+    assert found, f"{name} is not in app.js"
+    return math.prod(int(factor) for factor in found.group(1).split("*"))
+
+
+RESUMABLE_FROM = page_constant("RESUMABLE_FROM_BYTES")
+CHUNK = page_constant("RESUMABLE_CHUNK_BYTES")
+
+STORED_UPLOADS = """() => Object.keys(localStorage)
+    .filter((key) => key.startsWith("tus::"))
+    .map((key) => JSON.parse(localStorage.getItem(key)).uploadUrl)"""
+
+WATCH_STATUS = """() => {
+    window.statusSeen = [];
+    new MutationObserver(() => {
+        const status = document.querySelector("article.upload .status");
+        const last = window.statusSeen[window.statusSeen.length - 1];
+        if (status && status.textContent !== last) window.statusSeen.push(status.textContent);
+    }).observe(document.body, {subtree: true, childList: true, characterData: true});
+}"""
+
+
+def incomplete_uploads(server: RunningServer) -> dict[str, int]:
+    """The server's incomplete tus uploads (id → durable offset), read inside its Trio loop."""
+
+    def read() -> dict[str, int]:
+        assert server.state.resumable is not None
+        return dict(server.state.resumable.incomplete)
+
+    return trio.from_thread.run_sync(read)
+
+
+def upload_until_the_second_chunk(page: Page, server: RunningServer, source: Path) -> None:
+    """Choose the file and let its first chunk through; hold the second PATCH in the browser (never sent),
+    so that the reload comes at a known offset: one chunk, acknowledged, hence durable on the server."""
+    patches: list[Route] = []
+
+    def hold_the_second_patch(route: Route) -> None:
+        if route.request.method == "PATCH":
+            patches.append(route)
+            if len(patches) >= 2:
+                return  # left unanswered: the reload cancels it
+        route.continue_()
+
+    page.route("**/api/v1/files/*", hold_the_second_patch)
+    page.goto(server.url)
+    page.set_input_files("#file-input", str(source))
+    deadline = time.monotonic() + 30
+    while len(patches) < 2:
+        assert time.monotonic() < deadline, "the page never sent its second chunk"
+        page.wait_for_timeout(20)  # Playwright dispatches the route handler while it waits
+
+
+async def test_a_large_file_goes_through_tus_and_resumes_after_a_reload(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    server = await start_server()
+    body, truth = dataset(files=4, events=5200)
+    # Two chunks: the reload comes between them.
+    assert RESUMABLE_FROM <= CHUNK < len(body) < 2 * CHUNK
+    source = tmp_path / "day.zip"
+    source.write_bytes(body)
+
+    def script(page: Page) -> dict[str, Any]:
+        requests: list[Request] = []
+        page.on("request", lambda request: requests.append(request))
+        upload_until_the_second_chunk(page, server, source)
+        seen: dict[str, Any] = {"before_reload": incomplete_uploads(server)}
+        page.reload()
+        page.unroute_all(behavior="ignoreErrors")  # only now: a held request let go of would be sent
+        stored = page.evaluate(STORED_UPLOADS)
+        seen["stored"] = stored
+        # What the server holds for the stored URL, asked as any tus client would.
+        seen["head"] = httpx.head(server.url + stored[0], headers=TUS).headers["upload-offset"]
+        after_reload = len(requests)
+        page.evaluate(WATCH_STATUS)
+        page.set_input_files("#file-input", str(source))  # the same file, chosen again
+        card = page.locator("article.upload").first
+        expect(card.locator(".result")).to_be_visible(timeout=WAIT_MS)
+        page.wait_for_function(f"() => ({STORED_UPLOADS})().length === 0")  # forgotten once shown
+        seen |= {"shown": read_result(card), "statuses": page.evaluate("window.statusSeen")}
+        seen["answer"] = json.loads(read_downloads(page, card)["download-json"][1])
+        seen["first_load"] = [
+            (r.method, r.url, r.headers.get("upload-offset")) for r in requests[:after_reload]
+        ]
+        seen["second_load"] = [
+            (r.method, r.url, r.headers.get("upload-offset")) for r in requests[after_reload:]
+        ]
+        return seen
+
+    seen = await in_browser(script)
+    # Before the reload the server held exactly the first chunk, and said so to the resuming page.
+    [(upload_id, offset)] = seen["before_reload"].items()
+    assert offset == CHUNK
+    url = f"{server.url}{FILES}/{upload_id}"
+    assert seen["stored"] == [f"{FILES}/{upload_id}"]  # as the server's Location said it
+    assert seen["head"] == str(CHUNK)
+    _assert_resumed(seen, url, len(body))
+    # The result is the dataset's ground truth, shown as the POST path shows it.
+    answer = seen["answer"]
+    assert answer["sha256"] == hashlib.sha256(body).hexdigest()
+    assert answer["summary"]["events"] == truth.events
+    assert {a["id"]: a["events"] for a in answer["actors"]} == dict(truth.actor_events)
+    assert answer["summary"]["event_types"] == dict(truth.event_types)
+    assert seen["shown"]["status"] == f"Done: {en(truth.events)} events read."
+    assert seen["shown"]["counts"]["events"] == en(truth.events)
+    assert seen["shown"]["counts"]["unique_actors"] == en(len(truth.actor_events))
+    # The page deleted the server's copy once it held the answer: nothing is left on disk.
+    await wait_until(lambda: not any((server.tmp_dir / "resumable").iterdir()), within=5)
+    assert server.leftover_files() == ["resumable"]
+    assert server.state.resumable is not None and server.state.resumable.incomplete == {}
+
+
+def _assert_resumed(seen: dict[str, Any], url: str, size: int) -> None:
+    """The second page load created nothing and sent only what the server lacked: one PATCH from the
+    first chunk's end. Every request of both loads went to the page's own origin."""
+    origin = url.split(FILES)[0] + "/"
+    first, second = seen["first_load"], seen["second_load"]
+    assert all(request_url.startswith(origin) for _, request_url, _ in first + second)
+    assert [(m, u, o) for m, u, o in first if u.startswith(origin + FILES[1:])] == [
+        ("POST", origin + FILES[1:], None),
+        ("PATCH", url, "0"),
+        ("PATCH", url, str(CHUNK)),  # held in the browser, never sent
+    ]
+    tus_requests = [(m, o) for m, u, o in second if u.startswith(url) and not u.endswith("/result")]
+    assert tus_requests == [("HEAD", None), ("PATCH", str(CHUNK)), ("DELETE", None)]
+    assert (
+        f"Resumed at {_mib(CHUNK)} of {_mib(size)}: the server kept what it had received." in seen["statuses"]
+    )
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f}".removesuffix(".0") + " MiB"
+
+
+async def test_the_resumable_paths_errors_are_the_servers_json_errors_in_words(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    server = await start_server(max_upload_bytes=RESUMABLE_FROM + (2 << 20))
+    too_large = tmp_path / "big.zip"  # refused at creation, before a byte is sent
+    too_large.write_bytes(b"\0" * (RESUMABLE_FROM + (3 << 20)))
+    not_events = tmp_path / "hour.json"  # received whole, then refused by processing: the result's error
+    not_events.write_bytes((b"this is not JSON\n" * (RESUMABLE_FROM // 17 + 1))[:RESUMABLE_FROM])
+
+    def script(page: Page) -> tuple[dict[str, str], list[tuple[str, str]]]:
+        requests: list[tuple[str, str]] = []
+        page.on("request", lambda r: requests.append((r.method, r.url.removeprefix(server.url))))
+        page.goto(server.url)
+        page.set_input_files("#file-input", [str(too_large), str(not_events)])
+        seen: dict[str, str] = {}
+        for path in (too_large, not_events):
+            card = page.locator("article.upload").filter(has_text=path.name)
+            expect(card.locator(".status")).to_have_text("Failed.", timeout=WAIT_MS)
+            seen[path.name] = card.locator(".error-text").inner_text()
+        page.wait_for_function(f"() => ({STORED_UPLOADS})().length === 0")
+        return seen, requests
+
+    seen, requests = await in_browser(script)
+    # Both went the resumable way: two creations, one refused; the other's bytes PATCHed, its result read
+    # (after 202s while queued) and, being final, deleted.
+    tus = [method for method, path in requests if path.startswith(FILES)]
+    assert [m for i, m in enumerate(tus) if i == 0 or (m, tus[i - 1]) != ("GET", "GET")] == [
+        "POST",
+        "POST",
+        "PATCH",
+        "GET",
+        "DELETE",
+    ]
+    assert all(path != "/api/v1/upload" for _, path in requests)
+    assert seen == {
+        "big.zip": "This file is 11 MiB; the server accepts at most 10 MiB in one upload.",
+        "hour.json": (
+            "The server did not recognise this file as a ZIP archive, a gzip file or JSON text. "
+            "It judges by the first bytes, not by the name."
+        ),
+    }
+    await wait_until(lambda: not any((server.tmp_dir / "resumable").iterdir()), within=5)
+    assert server.leftover_files() == ["resumable"]
