@@ -1,7 +1,8 @@
 """The upload page's resumable path in a real browser: a file of the page's tus threshold and more goes
-through tus-js-client, and after a reload mid-upload the same file chosen again continues from the
-server's offset. Debian's headless Chromium, driven by Playwright, against the real server on a real socket
-(the harness is tests/test_page.py's)."""
+through tus-js-client; after a reload mid-upload the same file chosen again continues from the server's
+offset; its errors read as the POST path's, and Cancel deletes what the server held. Debian's headless
+Chromium, driven by Playwright, against the real server on a real socket (the harness is
+tests/test_page.py's)."""
 
 from __future__ import annotations
 
@@ -58,23 +59,25 @@ def incomplete_uploads(server: RunningServer) -> dict[str, int]:
     return trio.from_thread.run_sync(read)
 
 
-def upload_until_the_second_chunk(page: Page, server: RunningServer, source: Path) -> None:
-    """Choose the file and let its first chunk through; hold the second PATCH in the browser (never sent),
-    so that the reload comes at a known offset: one chunk, acknowledged, hence durable on the server."""
-    patches: list[Route] = []
+def hold_later_chunks(page: Page) -> list[Route]:
+    """From now on, every PATCH but an upload's first (at offset 0) is held in the browser, never sent:
+    a reload or a Cancel then comes at a known offset, one chunk, acknowledged and so durable on the
+    server. Returns the held requests, as they come."""
+    held: list[Route] = []
 
-    def hold_the_second_patch(route: Route) -> None:
-        if route.request.method == "PATCH":
-            patches.append(route)
-            if len(patches) >= 2:
-                return  # left unanswered: the reload cancels it
-        route.continue_()
+    def hold(route: Route) -> None:
+        if route.request.method == "PATCH" and route.request.headers.get("upload-offset") != "0":
+            held.append(route)  # left unanswered: the reload or the abort ends it
+        else:
+            route.continue_()
 
-    page.route("**/api/v1/files/*", hold_the_second_patch)
-    page.goto(server.url)
-    page.set_input_files("#file-input", str(source))
+    page.route("**/api/v1/files/*", hold)
+    return held
+
+
+def wait_for_a_held_chunk(page: Page, held: list[Route]) -> None:
     deadline = time.monotonic() + 30
-    while len(patches) < 2:
+    while not held:
         assert time.monotonic() < deadline, "the page never sent its second chunk"
         page.wait_for_timeout(20)  # Playwright dispatches the route handler while it waits
 
@@ -92,7 +95,10 @@ async def test_a_large_file_goes_through_tus_and_resumes_after_a_reload(
     def script(page: Page) -> dict[str, Any]:
         requests: list[Request] = []
         page.on("request", lambda request: requests.append(request))
-        upload_until_the_second_chunk(page, server, source)
+        held = hold_later_chunks(page)
+        page.goto(server.url)
+        page.set_input_files("#file-input", str(source))
+        wait_for_a_held_chunk(page, held)
         seen: dict[str, Any] = {"before_reload": incomplete_uploads(server)}
         page.reload()
         page.unroute_all(behavior="ignoreErrors")  # only now: a held request let go of would be sent
@@ -161,46 +167,66 @@ def _mib(n: int) -> str:
     return f"{n / (1 << 20):.1f}".removesuffix(".0") + " MiB"
 
 
-async def test_the_resumable_paths_errors_are_the_servers_json_errors_in_words(
+async def test_the_resumable_paths_errors_in_words_and_cancel_leave_nothing_behind(
     start_server: StartServer, tmp_path: Path
 ) -> None:
+    """One browser for three files (a browser's start is most of a test's time): two refused as the
+    server's JSON errors say, in the POST path's words; the third cancelled with a chunk on the server."""
     server = await start_server(max_upload_bytes=RESUMABLE_FROM + (2 << 20))
     too_large = tmp_path / "big.zip"  # refused at creation, before a byte is sent
     too_large.write_bytes(b"\0" * (RESUMABLE_FROM + (3 << 20)))
-    not_events = tmp_path / "hour.json"  # received whole, then refused by processing: the result's error
+    not_events = tmp_path / "hour.json"  # one chunk, received whole, then refused by processing
     not_events.write_bytes((b"this is not JSON\n" * (RESUMABLE_FROM // 17 + 1))[:RESUMABLE_FROM])
+    cancelled = tmp_path / "day.zip"  # two chunks; the second is held, then Cancel
+    cancelled.write_bytes(b"PK\3\4" + b"\0" * (CHUNK + (1 << 20)))
 
-    def script(page: Page) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    def script(page: Page) -> dict[str, Any]:
         requests: list[tuple[str, str]] = []
         page.on("request", lambda r: requests.append((r.method, r.url.removeprefix(server.url))))
+        held = hold_later_chunks(page)
         page.goto(server.url)
-        page.set_input_files("#file-input", [str(too_large), str(not_events)])
-        seen: dict[str, str] = {}
+        page.set_input_files("#file-input", [str(too_large), str(not_events), str(cancelled)])
+        seen: dict[str, Any] = {}
         for path in (too_large, not_events):
             card = page.locator("article.upload").filter(has_text=path.name)
             expect(card.locator(".status")).to_have_text("Failed.", timeout=WAIT_MS)
             seen[path.name] = card.locator(".error-text").inner_text()
+        wait_for_a_held_chunk(page, held)
+        seen |= {"held": incomplete_uploads(server), "stored": page.evaluate(STORED_UPLOADS)}
+        with page.expect_request(lambda r: r.method == "DELETE" and r.url == held[0].request.url):
+            page.get_by_role("button", name=f"Cancel {cancelled.name}").press("Enter")
+        seen["cancelled"] = page.locator("article.upload .status").first.inner_text()
         page.wait_for_function(f"() => ({STORED_UPLOADS})().length === 0")
-        return seen, requests
+        return seen | {"requests": requests}
 
-    seen, requests = await in_browser(script)
-    # Both went the resumable way: two creations, one refused; the other's bytes PATCHed, its result read
-    # (after 202s while queued) and, being final, deleted.
-    tus = [method for method, path in requests if path.startswith(FILES)]
-    assert [m for i, m in enumerate(tus) if i == 0 or (m, tus[i - 1]) != ("GET", "GET")] == [
-        "POST",
-        "POST",
-        "PATCH",
-        "GET",
-        "DELETE",
-    ]
-    assert all(path != "/api/v1/upload" for _, path in requests)
+    seen = await in_browser(script)
+    _assert_the_errors_went_through_tus(seen.pop("requests"))
+    [(upload_id, offset)] = seen.pop("held").items()
+    assert offset == CHUNK  # the server held the cancelled file's first chunk when Cancel was pressed
+    assert seen.pop("stored") == [f"{FILES}/{upload_id}"]
     assert seen == {
         "big.zip": "This file is 11 MiB; the server accepts at most 10 MiB in one upload.",
         "hour.json": (
             "The server did not recognise this file as a ZIP archive, a gzip file or JSON text. "
             "It judges by the first bytes, not by the name."
         ),
+        "cancelled": "Cancelled. The server removes what it received of this file.",
     }
     await wait_until(lambda: not any((server.tmp_dir / "resumable").iterdir()), within=5)
     assert server.leftover_files() == ["resumable"]
+    assert server.state.resumable is not None and server.state.resumable.incomplete == {}
+
+
+def _assert_the_errors_went_through_tus(requests: list[tuple[str, str]]) -> None:
+    """Three creations (the first refused); one PATCH for the one-chunk file, its result read (after 202s
+    while queued) and, being final, deleted; the cancelled file's first PATCH, then its DELETE. Per
+    upload, in order (the page deletes a result while the next file starts)."""
+    assert [method for method, path in requests if path == FILES] == ["POST"] * 3
+    by_upload: dict[str, list[str]] = {}
+    for method, path in requests:
+        if path.startswith(f"{FILES}/"):
+            methods = by_upload.setdefault(path.split("/")[4], [])
+            if (method, methods[-1:]) != ("GET", ["GET"]):  # a result read again after a 202
+                methods.append(method)
+    assert sorted(by_upload.values()) == [["PATCH", "GET", "DELETE"], ["PATCH", "PATCH", "DELETE"]]
+    assert all(path != "/api/v1/upload" for _, path in requests)
