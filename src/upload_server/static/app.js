@@ -392,12 +392,35 @@
           if (this.tus !== upload) return;
         }
         if (this.tus !== upload) return;
-        this.settle(response.status, response.headers.get("content-type") || "", await response.text());
+        const type = response.headers.get("content-type") || "";
+        if (response.status !== 200 || !type.startsWith("application/x-ndjson")) {
+          this.settle(response.status, type, await response.text());
+        } else if (await this.readStreaming(response, upload)) {
+          this.answerEnded();
+        }
       } catch {
         if (this.tus !== upload) return;
         return this.fail(`${describeError(0, null, this.file)} Choose the same file again to fetch its result.`);
       }
       this.forget(upload);
+    }
+
+    // The answer read piece by piece as it arrives, so that the tab never holds all of its text at once
+    // (the POST path's XMLHttpRequest must). False when the card was cancelled or failed meanwhile.
+    async readStreaming(response, upload) {
+      const decoder = new TextDecoder();
+      const pieces = response.body.getReader();
+      let pending = ""; // the last line's start, until its end arrives
+      for (;;) {
+        const { done, value } = await pieces.read();
+        if (this.tus !== upload) return false;
+        pending += decoder.decode(value, { stream: !done });
+        if (!this.feedAnswer(pending)) return false;
+        pending = pending.slice(this.reader.offset);
+        this.reader.offset = 0;
+        this.part(".detail-process").textContent = `${integer.format(this.reader.events)} events so far`;
+        if (done) return true;
+      }
     }
 
     // The page holds the answer now: the browser's note of the upload and the server's copy can go.
@@ -501,12 +524,15 @@
     // A whole answer, from either path: the NDJSON stream shown as the result, or the error in words.
     settle(status, contentType, text) {
       if (status === 200 && contentType.startsWith("application/x-ndjson")) {
-        if (!this.feedAnswer(text)) return undefined;
-        if (this.reader.summary) return this.succeed();
-        if (this.reader.error) return this.fail(`The server stopped part-way: ${describeError(200, this.reader.error, this.file)}`);
-        return this.fail("The answer ended before its summary line, so it is incomplete. Try again.");
+        return this.feedAnswer(text) ? this.answerEnded() : undefined;
       }
       return this.fail(describeError(status, errorIn(text), this.file));
+    }
+
+    answerEnded() {
+      if (this.reader.summary) return this.succeed();
+      if (this.reader.error) return this.fail(`The server stopped part-way: ${describeError(200, this.reader.error, this.file)}`);
+      return this.fail("The answer ended before its summary line, so it is incomplete. Try again.");
     }
 
     busy(why, retryAfter) {
