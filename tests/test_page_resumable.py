@@ -7,10 +7,12 @@ tests/test_page.py's)."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,66 +61,92 @@ def incomplete_uploads(server: RunningServer) -> dict[str, int]:
     return trio.from_thread.run_sync(read)
 
 
-def hold_later_chunks(page: Page) -> list[Route]:
-    """From now on, every PATCH but an upload's first (at offset 0) is held in the browser, never sent:
-    a reload or a Cancel then comes at a known offset, one chunk, acknowledged and so durable on the
-    server. Returns the held requests, as they come."""
+Hold = Callable[[Request], bool]
+
+
+def later_chunk(request: Request) -> bool:
+    """Every PATCH but an upload's first (at offset 0): held, a reload or a Cancel comes at a known
+    offset, one chunk, acknowledged and so durable on the server."""
+    return request.method == "PATCH" and request.headers.get("upload-offset") != "0"
+
+
+def result_read(request: Request) -> bool:
+    """The first look at a result: held, a reload comes after the last byte and before the answer."""
+    return request.method == "GET" and request.url.endswith("/result")
+
+
+def hold_requests(page: Page, should_hold: Hold) -> list[Route]:
+    """From now on, requests to the tus routes that ``should_hold`` picks are held in the browser, never
+    sent (a reload or an abort ends them); the others go on. Returns the held ones, as they come."""
     held: list[Route] = []
 
     def hold(route: Route) -> None:
-        if route.request.method == "PATCH" and route.request.headers.get("upload-offset") != "0":
-            held.append(route)  # left unanswered: the reload or the abort ends it
+        if should_hold(route.request):
+            held.append(route)
         else:
             route.continue_()
 
     page.route("**/api/v1/files/*", hold)
+    page.route("**/api/v1/files/*/result", hold)
     return held
 
 
-def wait_for_a_held_chunk(page: Page, held: list[Route]) -> None:
+def choose_until_held(page: Page, source: Path, should_hold: Hold) -> None:
+    """Choose ``source`` and wait until the page sends a request ``should_hold`` picks (held)."""
+    held = hold_requests(page, should_hold)
+    page.set_input_files("#file-input", str(source))
+    wait_for_held(page, held)
+
+
+def wait_for_held(page: Page, held: list[Route]) -> None:
     deadline = time.monotonic() + 30
     while not held:
-        assert time.monotonic() < deadline, "the page never sent its second chunk"
+        assert time.monotonic() < deadline, "the page never sent the request to hold"
         page.wait_for_timeout(20)  # Playwright dispatches the route handler while it waits
+
+
+def reload(page: Page, requests: list[Request], loads: list[int]) -> None:
+    page.reload()
+    page.unroute_all(behavior="ignoreErrors")  # only now: a held request let go of would be sent
+    page.evaluate(WATCH_STATUS)
+    loads.append(len(requests))
 
 
 async def test_a_large_file_goes_through_tus_and_resumes_after_a_reload(
     start_server: StartServer, tmp_path: Path
 ) -> None:
+    """Reloaded between its two chunks, the file chosen again sends only the second; reloaded again
+    between its last byte and its result, chosen again it sends no byte and shows the result."""
     server = await start_server()
     body, truth = dataset(files=4, events=5200)
-    # Two chunks: the reload comes between them.
-    assert RESUMABLE_FROM <= CHUNK < len(body) < 2 * CHUNK
+    assert RESUMABLE_FROM <= CHUNK < len(body) < 2 * CHUNK  # two chunks: the first reload between them
     source = tmp_path / "day.zip"
     source.write_bytes(body)
 
     def script(page: Page) -> dict[str, Any]:
         requests: list[Request] = []
         page.on("request", lambda request: requests.append(request))
-        held = hold_later_chunks(page)
+        loads = [0]
         page.goto(server.url)
-        page.set_input_files("#file-input", str(source))
-        wait_for_a_held_chunk(page, held)
+        choose_until_held(page, source, later_chunk)
         seen: dict[str, Any] = {"before_reload": incomplete_uploads(server)}
-        page.reload()
-        page.unroute_all(behavior="ignoreErrors")  # only now: a held request let go of would be sent
-        stored = page.evaluate(STORED_UPLOADS)
-        seen["stored"] = stored
+        reload(page, requests, loads)
+        seen["stored"] = page.evaluate(STORED_UPLOADS)
         # What the server holds for the stored URL, asked as any tus client would.
-        seen["head"] = httpx.head(server.url + stored[0], headers=TUS).headers["upload-offset"]
-        after_reload = len(requests)
-        page.evaluate(WATCH_STATUS)
-        page.set_input_files("#file-input", str(source))  # the same file, chosen again
+        seen["head"] = httpx.head(server.url + seen["stored"][0], headers=TUS).headers["upload-offset"]
+        choose_until_held(page, source, result_read)  # the same file, chosen again
+        seen["statuses"] = page.evaluate("window.statusSeen")
+        reload(page, requests, loads)
+        page.set_input_files("#file-input", str(source))  # and again
         card = page.locator("article.upload").first
         expect(card.locator(".result")).to_be_visible(timeout=WAIT_MS)
         page.wait_for_function(f"() => ({STORED_UPLOADS})().length === 0")  # forgotten once shown
-        seen |= {"shown": read_result(card), "statuses": page.evaluate("window.statusSeen")}
+        seen |= {"shown": read_result(card), "statuses_after": page.evaluate("window.statusSeen")}
         seen["answer"] = json.loads(read_downloads(page, card)["download-json"][1])
-        seen["first_load"] = [
-            (r.method, r.url, r.headers.get("upload-offset")) for r in requests[:after_reload]
-        ]
-        seen["second_load"] = [
-            (r.method, r.url, r.headers.get("upload-offset")) for r in requests[after_reload:]
+        bounds = [*loads, len(requests)]
+        seen["loads"] = [
+            [(r.method, r.url, r.headers.get("upload-offset")) for r in requests[start:end]]
+            for start, end in itertools.pairwise(bounds)
         ]
         return seen
 
@@ -146,21 +174,27 @@ async def test_a_large_file_goes_through_tus_and_resumes_after_a_reload(
 
 
 def _assert_resumed(seen: dict[str, Any], url: str, size: int) -> None:
-    """The second page load created nothing and sent only what the server lacked: one PATCH from the
-    first chunk's end. Every request of both loads went to the page's own origin."""
+    """The later page loads created nothing and sent only what the server lacked: one PATCH from the
+    first chunk's end, then none at all. Every request of every load went to the page's own origin."""
     origin = url.split(FILES)[0] + "/"
-    first, second = seen["first_load"], seen["second_load"]
-    assert all(request_url.startswith(origin) for _, request_url, _ in first + second)
-    assert [(m, u, o) for m, u, o in first if u.startswith(origin + FILES[1:])] == [
-        ("POST", origin + FILES[1:], None),
-        ("PATCH", url, "0"),
-        ("PATCH", url, str(CHUNK)),  # held in the browser, never sent
+    first, second, third = seen["loads"]
+    assert all(request_url.startswith(origin) for _, request_url, _ in first + second + third)
+
+    def tus(load: list[tuple[str, str, str | None]]) -> list[tuple[str, str, str | None]]:
+        return [(m, u.removeprefix(url) or "/", o) for m, u, o in load if u.startswith(origin + FILES[1:])]
+
+    assert tus(first) == [
+        ("POST", f"{origin}{FILES[1:]}", None),
+        ("PATCH", "/", "0"),
+        ("PATCH", "/", str(CHUNK)),  # held in the browser, never sent
     ]
-    tus_requests = [(m, o) for m, u, o in second if u.startswith(url) and not u.endswith("/result")]
-    assert tus_requests == [("HEAD", None), ("PATCH", str(CHUNK)), ("DELETE", None)]
-    assert (
-        f"Resumed at {_mib(CHUNK)} of {_mib(size)}: the server kept what it had received." in seen["statuses"]
-    )
+    assert tus(second) == [("HEAD", "/", None), ("PATCH", "/", str(CHUNK)), ("GET", "/result", None)]
+    assert tus(third)[0] == ("HEAD", "/", None)
+    assert {request[:2] for request in tus(third)[1:-1]} == {("GET", "/result")}  # 202s, then the answer
+    assert tus(third)[-1] == ("DELETE", "/", None)
+    resumed = f"Resumed at {_mib(CHUNK)} of {_mib(size)}: the server kept what it had received."
+    assert resumed in seen["statuses"]
+    assert "The server has all of this file already; its result follows." in seen["statuses_after"]
 
 
 def _mib(n: int) -> str:
@@ -183,7 +217,7 @@ async def test_the_resumable_paths_errors_in_words_and_cancel_leave_nothing_behi
     def script(page: Page) -> dict[str, Any]:
         requests: list[tuple[str, str]] = []
         page.on("request", lambda r: requests.append((r.method, r.url.removeprefix(server.url))))
-        held = hold_later_chunks(page)
+        held = hold_requests(page, later_chunk)
         page.goto(server.url)
         page.set_input_files("#file-input", [str(too_large), str(not_events), str(cancelled)])
         seen: dict[str, Any] = {}
@@ -191,7 +225,7 @@ async def test_the_resumable_paths_errors_in_words_and_cancel_leave_nothing_behi
             card = page.locator("article.upload").filter(has_text=path.name)
             expect(card.locator(".status")).to_have_text("Failed.", timeout=WAIT_MS)
             seen[path.name] = card.locator(".error-text").inner_text()
-        wait_for_a_held_chunk(page, held)
+        wait_for_held(page, held)
         seen |= {"held": incomplete_uploads(server), "stored": page.evaluate(STORED_UPLOADS)}
         with page.expect_request(lambda r: r.method == "DELETE" and r.url == held[0].request.url):
             page.get_by_role("button", name=f"Cancel {cancelled.name}").press("Enter")

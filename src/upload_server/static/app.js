@@ -371,7 +371,9 @@
 
     resumedAt(offset) {
       const of = `${formatBytes(offset)} of ${formatBytes(this.file.size)}`;
-      this.setStatus(`Resumed at ${of}: the server kept what it had received.`);
+      this.setStatus(offset < this.file.size
+        ? `Resumed at ${of}: the server kept what it had received.`
+        : "The server has all of this file already; its result follows.");
       this.showUpload(offset, this.file.size);
     }
 
