@@ -312,8 +312,8 @@
       this.reader = new AnswerReader((p) => this.showProcessing(p));
       this.lastRead = 0;
       this.sent = { at: performance.now(), bytes: 0, rate: 0 };
-      if (this.isResumable()) this.startResumable();
-      else this.startPost();
+      if (!this.isResumable()) this.startPost();
+      else this.startResumable().catch((error) => this.fail(`The resumable upload could not start: ${error.message}`));
       return this.done;
     }
 
@@ -396,15 +396,19 @@
         if (this.tus !== upload) return;
         const type = response.headers.get("content-type") || "";
         if (response.status !== 200 || !type.startsWith("application/x-ndjson")) {
-          this.settle(response.status, type, await response.text());
+          const text = await response.text();
+          // The server's own error is the upload's final answer; another's (a proxy's page) may pass.
+          if (errorIn(text) !== null) await this.forget(upload);
+          if (this.tus === upload) this.settle(response.status, type, text);
         } else if (await this.readStreaming(response, upload)) {
-          this.answerEnded();
+          await this.forget(upload); // before the card ends, so that the same file chosen next is new
+          if (this.tus === upload) this.answerEnded();
         }
       } catch {
-        if (this.tus !== upload) return;
+        if (this.tus !== upload) return undefined;
         return this.fail(`${describeError(0, null, this.file)} Choose the same file again to fetch its result.`);
       }
-      this.forget(upload);
+      return undefined;
     }
 
     // The answer read piece by piece as it arrives, so that the tab never holds all of its text at once
