@@ -25,10 +25,11 @@
   const TUS_URL = "/api/v1/files";
   // From this size on a file goes through tus: a reload, a crash or a lost connection then costs at most the
   // chunk in flight, not the whole upload. Smaller files keep the single POST, whose answer streams
-  // processing progress (a tus result is fetched whole when it is ready), and which works without tus.
+  // processing progress (a tus result is read only once it is ready), and which works without tus.
   const RESUMABLE_FROM_BYTES = 8 * 1024 * 1024;
   // One PATCH per chunk: each one's bytes are fsynced and its offset recorded before it is acknowledged,
-  // and it stays far below the request-size limits of the proxies in front of servers.
+  // and a proxy's request-size limit then bounds a chunk, not the whole file (Cloudflare's 100 MB; nginx's
+  // default of 1 MiB would still need raising).
   const RESUMABLE_CHUNK_BYTES = 8 * 1024 * 1024;
 
   // ------------------------------------------------------------------ numbers, in the reader's locale
