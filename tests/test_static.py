@@ -10,18 +10,20 @@ import pytest
 
 from conftest import RunningServer
 from raw_http import RawClient, get
-from upload_server.handlers.static import STATIC_FILES
+from upload_server.handlers.static import STATIC_FILES, TUS_JS_CLIENT
 
 PAGE_FILES = {
     "/": "text/html; charset=utf-8",
     "/static/app.js": "text/javascript; charset=utf-8",
     "/static/app.css": "text/css; charset=utf-8",
     "/static/icon.svg": "image/svg+xml",
+    f"/static/vendor/{TUS_JS_CLIENT}.min.js": "text/javascript; charset=utf-8",
+    f"/static/vendor/{TUS_JS_CLIENT}.LICENSE": "text/plain; charset=utf-8",
 }
 
 
 def packaged(name: str) -> bytes:
-    return resources.files("upload_server").joinpath("static", name).read_bytes()
+    return resources.files("upload_server").joinpath("static", *name.split("/")).read_bytes()
 
 
 @pytest.mark.parametrize(("path", "content_type"), sorted(PAGE_FILES.items()))
@@ -49,8 +51,9 @@ async def test_each_page_file_is_served_with_its_type_and_security_headers(
 async def test_the_page_has_no_inline_script_or_style_nor_another_origin(server: RunningServer) -> None:
     async with httpx.AsyncClient(base_url=server.url) as client:
         html = (await client.get("/")).text
+    assert f'<script src="/static/vendor/{TUS_JS_CLIENT}.min.js" defer></script>' in html
     assert '<script src="/static/app.js" defer></script>' in html
-    assert html.count("<script") == 1
+    assert html.count("<script") == 2
     assert "<style" not in html and " style=" not in html and " on" + "click=" not in html
     assert "http://" not in html.replace('xmlns="http://www.w3.org/2000/svg"', "")
     assert "https://" not in html
@@ -89,6 +92,8 @@ async def test_head_has_the_headers_and_no_body(server: RunningServer) -> None:
         "/static/../pyproject.toml",
         "/static/%2e%2e/pyproject.toml",
         "/static/app.js.map",
+        f"/static/vendor/{TUS_JS_CLIENT}.min.js.map",  # the build names one; it is not shipped
+        "/static/vendor/",
         "/static//etc/passwd",
         "/index.html",
         "/app.js",

@@ -17,12 +17,25 @@ from ..http.exchange import Exchange
 from ..http.messages import Headers, Response
 from ..state import ServerState
 
+#: The vendored tus client: its version is in its file names, and the same as in tests/js/package-lock.json.
+TUS_JS_CLIENT = "tus-js-client-4.3.1"
+
 #: Route path → (file name in ``upload_server/static``, Content-Type). The only files this handler serves.
 STATIC_FILES: Mapping[str, tuple[str, str]] = {
     "/": ("index.html", "text/html; charset=utf-8"),
     "/static/app.js": ("app.js", "text/javascript; charset=utf-8"),
     "/static/app.css": ("app.css", "text/css; charset=utf-8"),
     "/static/icon.svg": ("icon.svg", "image/svg+xml"),
+    # tus-js-client's browser build, byte for byte the npm package's (tests/test_vendored.py), and its
+    # licence (MIT asks that the notice go with every copy, and the minified file carries none).
+    f"/static/vendor/{TUS_JS_CLIENT}.min.js": (
+        f"vendor/{TUS_JS_CLIENT}.min.js",
+        "text/javascript; charset=utf-8",
+    ),
+    f"/static/vendor/{TUS_JS_CLIENT}.LICENSE": (
+        f"vendor/{TUS_JS_CLIENT}.LICENSE",
+        "text/plain; charset=utf-8",
+    ),
 }
 
 CONTENT_SECURITY_POLICY = (
@@ -51,7 +64,7 @@ class StaticFile:
 
     @classmethod
     def load(cls, name: str, content_type: str) -> StaticFile:
-        body = resources.files("upload_server").joinpath("static", name).read_bytes()
+        body = resources.files("upload_server").joinpath("static", *name.split("/")).read_bytes()
         return cls(body=body, content_type=content_type, etag=f'"{hashlib.sha256(body).hexdigest()[:32]}"')
 
     def matches(self, if_none_match: str) -> bool:

@@ -1,7 +1,10 @@
 // The upload page: choose or drop files, send each to POST /api/v1/upload with XMLHttpRequest (for its
 // upload progress events), read the NDJSON answer as it streams (progress lines, then events, actors, files
-// and the summary) and show the result. No library, no build step; served under a CSP that forbids inline
-// script and style, so everything is built with DOM calls and styled by class.
+// and the summary) and show the result. Files of RESUMABLE_FROM_BYTES and more go through tus instead
+// (tus-js-client, vendored beside this file), so that a reload or a lost connection resumes where the server
+// stopped; their answer is fetched from /api/v1/files/{id}/result and shown the same way. No build step;
+// served under a CSP that forbids inline script and style, so everything is built with DOM calls and styled
+// by class.
 "use strict";
 
 (() => {
@@ -19,6 +22,15 @@
   const MAX_BUSY_RETRIES = 10; // 503 SERVER_BUSY answers retried (after Retry-After) before giving up
   const SVG_NS = "http://www.w3.org/2000/svg";
   const READ_EVERY_MS = 250; // how often the streaming answer is read
+  const TUS_URL = "/api/v1/files";
+  // From this size on a file goes through tus: a reload, a crash or a lost connection then costs at most the
+  // chunk in flight, not the whole upload. Smaller files keep the single POST, whose answer streams
+  // processing progress (a tus result is read only once it is ready), and which works without tus.
+  const RESUMABLE_FROM_BYTES = 8 * 1024 * 1024;
+  // One PATCH per chunk: each one's bytes are fsynced and its offset recorded before it is acknowledged,
+  // and a proxy's request-size limit then bounds a chunk, not the whole file (Cloudflare's 100 MB; nginx's
+  // default of 1 MiB would still need raising).
+  const RESUMABLE_CHUNK_BYTES = 8 * 1024 * 1024;
 
   // ------------------------------------------------------------------ numbers, in the reader's locale
   const integer = new Intl.NumberFormat();
@@ -49,6 +61,26 @@
   }
 
   // ---------------------------------------------------------------------------------- small helpers
+  // Retry-After in seconds (the server's form) or an HTTP date; at least one second.
+  function retryAfterSeconds(value) {
+    const s = /^\d+$/.test(value || "") ? Number(value) : (Date.parse(value) - Date.now()) / 1000;
+    return Math.max(1, Math.ceil(s) || 5);
+  }
+
+  function jsonOrNull(text) {
+    try {
+      return JSON.parse(text);
+    } catch {
+      return null;
+    }
+  }
+
+  // The server's JSON error in an answer's text, or null (a proxy's page, say: then described by status).
+  function errorIn(text) {
+    const value = jsonOrNull(text);
+    return (value && value.error) || null;
+  }
+
   function el(tag, text, className) {
     const node = document.createElement(tag);
     if (text !== undefined && text !== null) node.textContent = text;
@@ -238,6 +270,12 @@
     }
   }
 
+  // What a 202 from …/result says, in words.
+  const RESULT_STATES = {
+    queued: "Waiting for a free worker…",
+    processing: "The server is reading the files…",
+  };
+
   // -------------------------------------------------------------------------------- one upload card
   let uploadsMade = 0; // numbers each card's ids
 
@@ -245,6 +283,7 @@
     constructor(file) {
       this.file = file;
       this.xhr = null;
+      this.tus = null; // the tus-js-client upload in progress, for files sent resumably
       this.timer = null;
       this.finished = false;
       this.busyRetries = 0;
@@ -274,6 +313,16 @@
       this.reader = new AnswerReader((p) => this.showProcessing(p));
       this.lastRead = 0;
       this.sent = { at: performance.now(), bytes: 0, rate: 0 };
+      if (!this.isResumable()) this.startPost();
+      else this.startResumable().catch((error) => this.fail(`The resumable upload could not start: ${error.message}`));
+      return this.done;
+    }
+
+    isResumable() {
+      return this.file.size >= RESUMABLE_FROM_BYTES && Boolean(window.tus && window.tus.isSupported);
+    }
+
+    startPost() {
       const xhr = new XMLHttpRequest();
       this.xhr = xhr;
       xhr.open("POST", UPLOAD_URL);
@@ -289,11 +338,123 @@
       on(xhr, "abort", () => this.cancelled());
       this.setStatus("Uploading…");
       xhr.send(this.file);
-      return this.done;
+    }
+
+    // ------------------------------------------------------------------- the resumable path (tus)
+    // tus-js-client keeps the upload's URL in localStorage under the file's fingerprint (name, type, size,
+    // last modified, endpoint): the same file chosen again after a reload continues from the offset the
+    // server reports. The entry stays until the result is read, so a reload while the server processes
+    // the upload finds it too (the HEAD says it is whole, and the page goes on to its result).
+    async startResumable() {
+      const upload = new window.tus.Upload(this.file, {
+        endpoint: TUS_URL,
+        chunkSize: RESUMABLE_CHUNK_BYTES,
+        metadata: { filename: this.file.name, filetype: CONTENT_TYPES[extensionOf(this.file.name)] },
+        removeFingerprintOnSuccess: false,
+        onAfterResponse: (request, response) => {
+          if (this.tus === upload && request.getMethod() === "HEAD" && response.getStatus() === 200) {
+            this.resumedAt(Number(response.getHeader("Upload-Offset")));
+          }
+        },
+        onProgress: (sent, total) => this.tus === upload && this.showUpload(sent, total),
+        onSuccess: () => this.tus === upload && this.awaitResult(upload),
+        onError: (error) => this.tus === upload && this.resumableFailed(error),
+      });
+      this.tus = upload;
+      this.sent = null; // the speed is measured from the first progress, which may be a resumed offset
+      const previous = await upload.findPreviousUploads();
+      if (this.tus !== upload) return; // cancelled meanwhile
+      previous.sort((a, b) => Date.parse(b.creationTime) - Date.parse(a.creationTime));
+      if (previous.length > 0) upload.resumeFromPreviousUpload(previous[0]);
+      this.setStatus(previous.length > 0 ? "Resuming an earlier upload of this file…" : "Uploading…");
+      upload.start();
+    }
+
+    resumedAt(offset) {
+      const of = `${formatBytes(offset)} of ${formatBytes(this.file.size)}`;
+      this.setStatus(offset < this.file.size
+        ? `Resumed at ${of}: the server kept what it had received.`
+        : "The server has all of this file already; its result follows.");
+      this.showUpload(offset, this.file.size);
+    }
+
+    // The upload is whole: wait while the server queues and processes it (202, Retry-After), then show
+    // its answer (NDJSON, read as the POST path reads its own) or its error.
+    async awaitResult(upload) {
+      this.enterProcessing();
+      const url = `${upload.url}/result`;
+      let response;
+      try {
+        for (;;) {
+          response = await fetch(url, { headers: { Accept: "application/x-ndjson" }, cache: "no-store" });
+          if (this.tus !== upload || response.status !== 202) break;
+          const waiting = jsonOrNull(await response.text()) || {}; // {"id", "state", "retry_after_s"}
+          this.part(".detail-process").textContent = RESULT_STATES[waiting.state] || "Waiting for the server…";
+          const seconds = retryAfterSeconds(response.headers.get("retry-after"));
+          await new Promise((resume) => setTimeout(resume, seconds * 1000));
+          if (this.tus !== upload) return;
+        }
+        if (this.tus !== upload) return;
+        const type = response.headers.get("content-type") || "";
+        if (response.status !== 200 || !type.startsWith("application/x-ndjson")) {
+          const text = await response.text();
+          // The server's own error is the upload's final answer; another's (a proxy's page) may pass.
+          if (errorIn(text) !== null) await this.forget(upload);
+          if (this.tus === upload) this.settle(response.status, type, text);
+        } else if (await this.readStreaming(response, upload)) {
+          await this.forget(upload); // before the card ends, so that the same file chosen next is new
+          if (this.tus === upload) this.answerEnded();
+        }
+      } catch {
+        if (this.tus !== upload) return undefined;
+        return this.fail(`${describeError(0, null, this.file)} Choose the same file again to fetch its result.`);
+      }
+      return undefined;
+    }
+
+    // The answer read piece by piece as it arrives, so that the tab never holds all of its text at once
+    // (the POST path's XMLHttpRequest must). False when the card was cancelled or failed meanwhile.
+    async readStreaming(response, upload) {
+      const decoder = new TextDecoder();
+      const pieces = response.body.getReader();
+      let pending = ""; // the last line's start, until its end arrives
+      for (;;) {
+        const { done, value } = await pieces.read();
+        if (this.tus !== upload) return false;
+        pending += decoder.decode(value, { stream: !done });
+        if (!this.feedAnswer(pending)) return false;
+        pending = pending.slice(this.reader.offset);
+        this.reader.offset = 0;
+        this.part(".detail-process").textContent = `${integer.format(this.reader.events)} events so far`;
+        if (done) return true;
+      }
+    }
+
+    // The page holds the answer now: the browser's note of the upload and the server's copy can go.
+    async forget(upload) {
+      try {
+        const url = new URL(upload.url, location.href).href; // kept as the server's Location: relative
+        for (const previous of await upload.findPreviousUploads()) {
+          if (new URL(previous.uploadUrl, location.href).href === url) {
+            await upload.options.urlStorage.removeUpload(previous.urlStorageKey);
+          }
+        }
+        await fetch(upload.url, { method: "DELETE", headers: { "Tus-Resumable": "1.0.0" } });
+      } catch {
+        // Left behind, the server's copy expires after --result-ttl and a stale note is dropped on its 404.
+      }
+    }
+
+    resumableFailed(error) {
+      const response = error && error.originalResponse;
+      const status = response ? response.getStatus() : 0;
+      const words = describeError(status, response ? errorIn(response.getBody()) : null, this.file);
+      this.fail(status === 0 ? `${words} Choose the same file again to continue where it stopped.` : words);
     }
 
     showUpload(loaded, total) {
       const now = performance.now();
+      if (!this.sent) this.sent = { at: now, bytes: loaded, rate: 0 };
       const elapsed = (now - this.sent.at) / 1000;
       if (elapsed >= 0.25) {
         // Smoothed over the last few readings, so speed and time left do not jump about.
@@ -324,14 +485,14 @@
     }
 
     // False (and the card failed) when the answer has a line that is not JSON.
-    feedAnswer() {
+    feedAnswer(text) {
       try {
-        this.reader.feed(this.xhr.responseText);
+        this.reader.feed(text);
         return true;
       } catch {
         const xhr = this.xhr;
         this.fail("The server's answer could not be read (a line that is not JSON).");
-        xhr.abort();
+        if (xhr) xhr.abort();
         return false;
       }
     }
@@ -342,7 +503,7 @@
       const now = performance.now();
       if (now - this.lastRead < READ_EVERY_MS) return;
       this.lastRead = now;
-      if (!this.isNdjson() || !this.feedAnswer()) return;
+      if (!this.isNdjson() || !this.feedAnswer(this.xhr.responseText)) return;
       if (!this.reader.sawProgress) {
         this.part(".detail-process").textContent = `${integer.format(this.reader.events)} events so far`;
       }
@@ -362,21 +523,23 @@
 
     answered() {
       const xhr = this.xhr;
-      if (this.isNdjson()) {
-        if (!this.feedAnswer()) return undefined;
-        if (this.reader.summary) return this.succeed();
-        if (this.reader.error) return this.fail(`The server stopped part-way: ${describeError(200, this.reader.error, this.file)}`);
-        return this.fail("The answer ended before its summary line, so it is incomplete. Try again.");
-      }
-      let error = null;
-      try {
-        error = JSON.parse(xhr.responseText).error;
-      } catch {
-        error = null; // not one of the server's JSON errors (a proxy's page, say): described by status
-      }
       const retryAfter = xhr.getResponseHeader("retry-after");
-      if (xhr.status === 503 && retryAfter) return this.busy(busyWords(error), retryAfter);
-      return this.fail(describeError(xhr.status, error, this.file));
+      if (xhr.status === 503 && retryAfter) return this.busy(busyWords(errorIn(xhr.responseText)), retryAfter);
+      return this.settle(xhr.status, xhr.getResponseHeader("content-type") || "", xhr.responseText);
+    }
+
+    // A whole answer, from either path: the NDJSON stream shown as the result, or the error in words.
+    settle(status, contentType, text) {
+      if (status === 200 && contentType.startsWith("application/x-ndjson")) {
+        return this.feedAnswer(text) ? this.answerEnded() : undefined;
+      }
+      return this.fail(describeError(status, errorIn(text), this.file));
+    }
+
+    answerEnded() {
+      if (this.reader.summary) return this.succeed();
+      if (this.reader.error) return this.fail(`The server stopped part-way: ${describeError(200, this.reader.error, this.file)}`);
+      return this.fail("The answer ended before its summary line, so it is incomplete. Try again.");
     }
 
     busy(why, retryAfter) {
@@ -384,9 +547,7 @@
       if (this.busyRetries > MAX_BUSY_RETRIES) {
         return this.fail(`${why} It stayed so through ${integer.format(MAX_BUSY_RETRIES)} tries; try again later.`);
       }
-      // Retry-After in seconds (the server's form) or an HTTP date.
-      const seconds = /^\d+$/.test(retryAfter) ? Number(retryAfter) : (Date.parse(retryAfter) - Date.now()) / 1000;
-      let left = Math.max(1, Math.ceil(seconds) || 5);
+      let left = retryAfterSeconds(retryAfter);
       this.showError(`${why} Retrying in ${formatDuration(left)}…`, true);
       this.timer = setInterval(() => {
         left -= 1;
@@ -421,17 +582,22 @@
         return this.cancelled();
       }
       if (this.xhr) return this.xhr.abort(); // its abort event ends the card
+      if (this.tus) {
+        this.tus.abort(true).catch(() => null); // true: DELETE, so the server drops its bytes and its work
+        return this.cancelled("Cancelled. The server removes what it received of this file.");
+      }
       return this.cancelled(); // still waiting in the queue
     }
 
-    cancelled() {
-      this.finish("Cancelled. The server stops its work on this upload when the connection closes.");
+    cancelled(words = "Cancelled. The server stops its work on this upload when the connection closes.") {
+      this.finish(words);
       this.card.classList.add("is-cancelled");
     }
 
     finish(status) {
       this.finished = true;
       this.xhr = null; // and with it the answer's text
+      this.tus = null; // its callbacks no longer change the card
       this.setStatus(status);
       this.part(".cancel").hidden = true;
       this.card.classList.add("is-finished");
