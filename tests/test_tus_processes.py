@@ -9,6 +9,8 @@ import os
 import random
 import re
 import signal
+import subprocess
+import sys
 import time
 import zipfile
 from pathlib import Path
@@ -192,6 +194,8 @@ def test_an_upload_cut_by_killing_every_process_is_processed_once_after_a_restar
     server, pids = start_supervised(spawn, spool_dir)
     location = create_upload(server.url, len(body))
     headers = {**TUS, "Upload-Offset": "0", "Content-Type": "application/offset+octet-stream"}
+    partial = create_upload(server.url, 1000)
+    assert httpx.patch(f"{server.url}{partial}", content=b"x" * 300, headers=headers).status_code == 204
     whole = httpx.patch(f"{server.url}{location}", content=body, headers=headers, timeout=30)
     assert whole.status_code == 204
     # kill -9 of the whole group while the last byte's process has the upload queued or processing: the
@@ -204,7 +208,7 @@ def test_an_upload_cut_by_killing_every_process_is_processed_once_after_a_restar
     left = ResumableStore(spool_dir).load(the_id)
     assert left.state in (UploadState.QUEUED, UploadState.PROCESSING), left.state
 
-    restarted, _ = start_supervised(spawn, spool_dir)
+    restarted, new_pids = start_supervised(spawn, spool_dir)
     answer = result_of(restarted.url, location)
     assert answer.status_code == 200, answer.text
     assert answer.json()["sha256"] == hashlib.sha256(body).hexdigest()
@@ -213,6 +217,26 @@ def test_an_upload_cut_by_killing_every_process_is_processed_once_after_a_restar
     assert len(steps["taken up again"]) == 1, steps  # by one of the two new processes, not both
     assert steps["processing"] == steps["done"] == steps["taken up again"], steps
     assert "Traceback" not in restarted.stderr_text()
+    # Both new processes count the incomplete upload they share; the metrics do not add their counts up.
+    assert resumable_health(restarted.port, new_pids) == {pid: (1, 300) for pid in new_pids}
+    deadline = time.monotonic() + 5
+    while "upload_server_resumable_held_bytes 300.0" not in (
+        page := httpx.get(f"{restarted.url}/metrics").text
+    ):
+        assert time.monotonic() < deadline, page
+        time.sleep(0.1)
+    assert "upload_server_resumable_incomplete 1.0" in page
+
+
+def resumable_health(port: int, pids: set[int]) -> dict[int, tuple[int, int]]:
+    """Health's resumable (incomplete, held_bytes) from each serving process (fresh connections)."""
+    seen: dict[int, tuple[int, int]] = {}
+    for _ in range(400):
+        health = httpx.get(f"http://127.0.0.1:{port}/api/v1/health", timeout=5).json()
+        seen[health["pid"]] = (health["resumable"]["incomplete"], health["resumable"]["held_bytes"])
+        if set(seen) == pids:
+            break
+    return seen
 
 
 async def test_a_delete_stops_the_processing_in_the_other_process(spawn: Spawn, spool_dir: Path) -> None:
@@ -240,3 +264,68 @@ async def test_a_delete_stops_the_processing_in_the_other_process(spawn: Spawn, 
     assert sorted((spool_dir / "resumable").iterdir()) == []  # the holder removed every file of it
     removed = re.compile(rf"\[{holder}\]: resumable upload {the_id}: removed, as a DELETE asked")
     await trio.to_thread.run_sync(server.wait_for, removed, 5)
+
+
+def hold_lock_in_another_process(lock_file: Path) -> subprocess.Popen[str]:
+    """A process that takes the flock on ``lock_file`` (as a serving process does) and keeps it until it
+    ends; returns once the lock is held."""
+    script = (
+        "import fcntl, os, sys\n"
+        "fd = os.open(sys.argv[1], os.O_RDWR)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+        "print('held', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", script, str(lock_file)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+    return holder
+
+
+def test_expiry_and_claims_leave_an_upload_alone_while_a_live_process_holds_it(tmp_path: Path) -> None:
+    store = ResumableStore(tmp_path)
+    expired = store.create(10, {}, expiry_s=0.0)
+    whole = store.create(10, {}, expiry_s=3600.0)
+    whole.offset, whole.state = 10, UploadState.PROCESSING  # as a process killed while processing left it
+    lock = store.try_lock(whole.id)
+    assert lock is not None
+    store.save(whole)
+    lock.release()
+    holders = [
+        hold_lock_in_another_process(tmp_path / "resumable" / f"{r.id}.lock") for r in (expired, whole)
+    ]
+    try:
+        assert store.expire() == 0 and store.try_lock(expired.id) is None  # held: left for the next round
+        assert store.claim(whole.id) is None  # someone alive is processing it
+    finally:
+        for holder in holders:
+            holder.kill()  # the kernel frees a dead process's flock
+            holder.wait()
+    assert store.expire() == 1
+    assert sorted(path.name for path in (tmp_path / "resumable").iterdir() if expired.id in path.name) == []
+    claimed = store.claim(whole.id)
+    assert claimed is not None and claimed[0].state is UploadState.PROCESSING
+    assert store.claim(whole.id) is None  # one claim at a time, in this process too
+    claimed[1].release()
+
+
+def test_expiry_removes_what_crashes_left_and_nothing_in_the_making(tmp_path: Path) -> None:
+    store = ResumableStore(tmp_path)
+    folder = tmp_path / "resumable"
+    kept = store.create(10, {}, expiry_s=3600.0)
+    (folder / f"{kept.id}.json.tmp").write_bytes(b"{")  # a save cut by a crash
+    # A removal cut by a crash after the record went: data and lock file left, an hour old.
+    debris = "0123456789abcdef0123456789abcdef"
+    for suffix in (".bin", ".lock"):
+        (folder / f"{debris}{suffix}").write_bytes(b"")
+        os.utime(folder / f"{debris}{suffix}", (time.time() - 3600, time.time() - 3600))
+    young = "fedcba9876543210fedcba9876543210"
+    (folder / f"{young}.lock").write_bytes(b"")  # a creation that has not written its record yet
+    assert store.expire() == 0
+    names = sorted(path.name for path in folder.iterdir())
+    assert names == sorted([f"{kept.id}.bin", f"{kept.id}.json", f"{kept.id}.lock", f"{young}.lock"])
+    assert store.load(kept.id).id == kept.id

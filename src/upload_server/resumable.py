@@ -344,18 +344,28 @@ def _same_file(fd: int, path: Path) -> bool:
 
 class ResumableUploads:
     """A serving process's live view of the resumable uploads: the store, and counts for health (kept in
-    memory, so health never touches the disk)."""
+    memory, so health never touches the disk).
 
-    def __init__(self, store: ResumableStore, expiry_s: float, result_ttl_s: float) -> None:
+    With ``shared`` (``--processes`` > 1), other processes create, complete and remove uploads too: the
+    incomplete ones are counted again from the records at every sweep (once a minute), and changed by this
+    process's own requests in between.
+    """
+
+    def __init__(self, store: ResumableStore, expiry_s: float, result_ttl_s: float, *, shared: bool) -> None:
         self.store = store
         self.expiry_s = expiry_s
         self.result_ttl_s = result_ttl_s
+        self.shared = shared
         #: In this process: uploads a PATCH writes to, and uploads being processed.
         self.writing: set[str] = set()
         self.processing: set[str] = set()
         #: Incomplete uploads: id -> durable offset (the bytes they hold).
-        self.incomplete: dict[str, int] = {
-            record.id: record.offset for record in store.records() if record.state is UploadState.RECEIVING
+        self.incomplete: dict[str, int] = {}
+        self.recount(store.records())
+
+    def recount(self, records: list[UploadRecord]) -> None:
+        self.incomplete = {
+            record.id: record.offset for record in records if record.state is UploadState.RECEIVING
         }
 
     def snapshot(self) -> dict[str, int]:

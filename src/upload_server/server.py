@@ -185,7 +185,7 @@ def _open_resumable(config: Config) -> ResumableUploads:
     store = ResumableStore(config.tmp_dir)
     store.add_missing_locks()
     store.expire()
-    return ResumableUploads(store, config.resumable_expiry, config.result_ttl)
+    return ResumableUploads(store, config.resumable_expiry, config.result_ttl, shared=config.processes > 1)
 
 
 async def _sweep_resumable(state: ServerState) -> None:
@@ -198,7 +198,10 @@ async def _sweep_resumable(state: ServerState) -> None:
         removed = await trio.to_thread.run_sync(state.resumable.store.expire)
         if removed:
             log.info("removed %d expired resumable upload(s)", removed)
-        await tus.claim_unfinished(state)
+        records = await trio.to_thread.run_sync(state.resumable.store.records)
+        await tus.claim_unfinished(state, records)
+        if state.resumable.shared:
+            state.resumable.recount(records)
 
 
 async def _end_after_grace(state: ServerState, connections: trio.CancelScope) -> None:
@@ -228,7 +231,8 @@ async def serve(
             outer.start_soon(_sweep_resumable, state)
             if state.metrics.multiprocess:
                 outer.start_soon(state.metrics.refresh_forever, state.live_figures)
-            await tus.claim_unfinished(state)  # cut by a stop or a crash
+            # Cut by a stop or a crash:
+            await tus.claim_unfinished(state, await trio.to_thread.run_sync(state.resumable.store.records))
             async with trio.open_nursery() as connections:
                 with state.accepting:
                     async with trio.open_nursery() as acceptors:

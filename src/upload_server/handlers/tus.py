@@ -422,12 +422,12 @@ def start_processing(state: ServerState, record: UploadRecord, lock: UploadLock)
         raise
 
 
-async def claim_unfinished(state: ServerState) -> int:
-    """Start processing every whole upload that waits for it and that no live process holds (its processing
-    was cut by a stop, a crash, or the death of the serving process that had it); how many."""
+async def claim_unfinished(state: ServerState, records: list[UploadRecord]) -> int:
+    """Start processing every whole upload of ``records`` that waits for it and that no live process holds
+    (its processing was cut by a stop, a crash, or the death of the serving process that had it); how many."""
     store = _resumables(state).store
     claimed = 0
-    for record in await trio.to_thread.run_sync(store.records):
+    for record in records:
         if record.state in (UploadState.QUEUED, UploadState.PROCESSING):
             found = await trio.to_thread.run_sync(store.claim, record.id)
             if found is not None:
