@@ -325,6 +325,7 @@ def test_expiry_removes_what_crashes_left_and_nothing_in_the_making(tmp_path: Pa
         os.utime(folder / f"{debris}{suffix}", (time.time() - 3600, time.time() - 3600))
     young = "fedcba9876543210fedcba9876543210"
     (folder / f"{young}.lock").write_bytes(b"")  # a creation that has not written its record yet
+    (folder / f"{'5' * 32}.stop").write_bytes(b"")  # a DELETE's request that came after its upload went
     assert store.expire() == 0
     names = sorted(path.name for path in folder.iterdir())
     assert names == sorted([f"{kept.id}.bin", f"{kept.id}.json", f"{kept.id}.lock", f"{young}.lock"])

@@ -166,11 +166,12 @@ class ResumableStore:
             created_at=now,
             expires_at=now + expiry_s,
         )
-        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-        lock = UploadLock(record.id, os.open(self._lock_path(record.id), flags, 0o600))
+        fd = os.open(self._lock_path(record.id), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        if not _flock_now(fd):  # a new random name: nobody else can know it yet
+            os.close(fd)
+            raise RuntimeError(f"the new upload {record.id} is locked by someone else")
+        lock = UploadLock(record.id, fd)
         try:
-            if not _flock_now(lock._fd):  # a new random name: nobody else can know it yet
-                raise RuntimeError(f"the new upload {record.id} is locked by someone else")
             os.close(os.open(self.data_path(record.id), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
             self.save(record)
         finally:
@@ -285,9 +286,15 @@ class ResumableStore:
         for leftover in self.folder.glob("*.json.tmp"):  # a save cut by a crash, unless one is under way
             self._remove_unsaved(leftover)
         for lock_file in self.folder.glob("*.lock"):
+            # Looked at without the lock first: locking every upload each round would refuse a PATCH (423)
+            # that came at that moment.
             with contextlib.suppress(FileNotFoundError):
-                if time.time() - lock_file.stat().st_mtime > ORPHAN_AGE_S:
-                    self._remove_if_free(lock_file.stem)  # removed only if its record is gone
+                orphan = not self._record_path(lock_file.stem).exists()
+                if orphan and time.time() - lock_file.stat().st_mtime > ORPHAN_AGE_S:
+                    self._remove_if_free(lock_file.stem)  # removed only if its record is still gone
+        for stop in self.folder.glob("*.stop"):  # a DELETE's request that came after its upload went
+            if not self._lock_path(stop.stem).exists():
+                stop.unlink(missing_ok=True)
         return removed
 
     def _remove_unsaved(self, leftover: Path) -> None:
