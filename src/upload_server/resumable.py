@@ -12,9 +12,10 @@ an exclusive ``flock`` on ``{id}.lock``, taken without waiting (:meth:`Resumable
 whoever changes the upload: a PATCH while it appends, the processing of a whole upload from its last byte to
 its result, a removal. The kernel drops a flock when its process dies, even by ``kill -9``, so a dead
 holder's upload can be taken up by the next process that tries; a lock file holding a PID (tusd's
-filelocker) needs a liveness check for that, and a reused PID fools it. A DELETE cannot stop a processing
-held by another process directly: it leaves ``{id}.stop``, which the holder looks for and then removes the
-upload itself.
+filelocker) needs a liveness check for that, and a reused PID fools it. Not ``fcntl``/``lockf`` record locks
+either: those belong to the process, so two requests of one process would not exclude each other, and any
+close of the file in that process would drop them. A DELETE cannot stop a processing held by another
+process directly: it leaves ``{id}.stop``, which the holder looks for and then removes the upload itself.
 
 Ids are 128 random bits in hex; a client's file name is metadata only, never part of a path.
 """
