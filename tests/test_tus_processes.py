@@ -16,6 +16,7 @@ import zipfile
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 from tusclient import client as tus_client
 
@@ -26,6 +27,7 @@ from server_process import ServerProcess, Spawn
 from test_ingest_server import SLOW_WORK, _gzip_of_spaces
 from test_processes import start_supervised
 from test_tus import FILES, TUS
+from upload_server.errors import UploadNotFound
 from upload_server.resumable import ResumableStore, UploadState
 
 
@@ -330,3 +332,15 @@ def test_expiry_removes_what_crashes_left_and_nothing_in_the_making(tmp_path: Pa
     names = sorted(path.name for path in folder.iterdir())
     assert names == sorted([f"{kept.id}.bin", f"{kept.id}.json", f"{kept.id}.lock", f"{young}.lock"])
     assert store.load(kept.id).id == kept.id
+
+
+def test_records_from_before_lock_files_get_one_at_start(tmp_path: Path) -> None:
+    store = ResumableStore(tmp_path)
+    old = store.create(10, {}, expiry_s=3600.0)
+    (tmp_path / "resumable" / f"{old.id}.lock").unlink()  # as a server without lock files left it
+    with pytest.raises(UploadNotFound):  # it could never be locked, nor expire
+        store.try_lock(old.id)
+    store.add_missing_locks()
+    lock = store.try_lock(old.id)
+    assert lock is not None
+    lock.release()
