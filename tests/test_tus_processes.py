@@ -84,9 +84,8 @@ async def connection(port: int, pid: int | None = None) -> RawClient:
     for _ in range(200):
         client = RawClient(await trio.open_tcp_stream("127.0.0.1", port))
         await client.send(get("/api/v1/health"))
-        if pid is None or (await client.read_response()).json()["pid"] == pid:
-            if pid is None:
-                await client.read_response()
+        answered_by = (await client.read_response()).json()["pid"]
+        if pid is None or answered_by == pid:
             return client
         await client.aclose()
     raise AssertionError(f"no connection reached serving process {pid}")
