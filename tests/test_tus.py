@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import os
 import random
 import signal
@@ -14,12 +15,14 @@ import zipfile
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 from tusclient import client as tus_client
 
 from conftest import RunningServer, StartServer, wait_until
 from events_factory import Truth, as_ndjson, make_events, make_zip
 from server_process import Spawn, server_command
+from test_ingest_server import SLOW_WORK, _gzip_of_spaces
 
 FILES = "/api/v1/files"
 TUS = {"Tus-Resumable": "1.0.0"}
@@ -186,6 +189,26 @@ async def test_two_writers_at_once_get_423(server: RunningServer) -> None:
         answer = await first.receive_some(4096)
         assert answer.startswith(b"HTTP/1.1 204 ")
         await first.aclose()
+
+
+async def test_a_delete_while_processing_stops_it_and_removes_everything(
+    start_server: StartServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="upload_server")
+    server = await start_server(**SLOW_WORK)  # a gzip of spaces: seconds of processing
+    body = _gzip_of_spaces(2 << 30)
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+        url = await create(client, len(body))
+        assert (await patch(client, url, 0, body)).status_code == 204
+        the_id = url.rsplit("/", 1)[1]
+        await wait_until(lambda: the_id in server.state.resumable.processing, 5)
+        deleted = await client.delete(url, headers=TUS)
+        assert deleted.status_code == 204, deleted.text
+        assert (await client.get(f"{url}/result")).status_code == 404
+    await wait_until(lambda: the_id not in server.state.resumable.processing, 5)
+    assert f"resumable upload {the_id}: removed, as a DELETE asked" in caplog.text  # stopped, not finished
+    assert f"resumable upload {the_id}: done" not in caplog.text
+    assert list((server.tmp_dir / "resumable").iterdir()) == []
 
 
 async def test_an_interrupted_patch_keeps_what_arrived(server: RunningServer) -> None:
