@@ -120,7 +120,8 @@ class RawClient:
                 if status >= 200 or not skip_interim:
                     break
                 interim.append(status)
-            length = 0 if head_request or status < 200 else int(headers["content-length"])
+            bodiless = head_request or status < 200 or status in (204, 304)  # RFC 9112 6.3
+            length = 0 if bodiless else int(headers["content-length"])
             while len(self.buffer) < length:
                 if not await self._fill():
                     raise EOFError("connection closed mid-body")

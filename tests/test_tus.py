@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import os
 import random
 import signal
@@ -14,12 +15,14 @@ import zipfile
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 from tusclient import client as tus_client
 
 from conftest import RunningServer, StartServer, wait_until
 from events_factory import Truth, as_ndjson, make_events, make_zip
 from server_process import Spawn, server_command
+from test_ingest_server import SLOW_WORK, _gzip_of_spaces
 
 FILES = "/api/v1/files"
 TUS = {"Tus-Resumable": "1.0.0"}
@@ -188,6 +191,26 @@ async def test_two_writers_at_once_get_423(server: RunningServer) -> None:
         await first.aclose()
 
 
+async def test_a_delete_while_processing_stops_it_and_removes_everything(
+    start_server: StartServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="upload_server")
+    server = await start_server(**SLOW_WORK)  # a gzip of spaces: seconds of processing
+    body = _gzip_of_spaces(2 << 30)
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+        url = await create(client, len(body))
+        assert (await patch(client, url, 0, body)).status_code == 204
+        the_id = url.rsplit("/", 1)[1]
+        await wait_until(lambda: the_id in server.state.resumable.processing, 5)
+        deleted = await client.delete(url, headers=TUS)
+        assert deleted.status_code == 204, deleted.text
+        assert (await client.get(f"{url}/result")).status_code == 404
+    await wait_until(lambda: the_id not in server.state.resumable.processing, 5)
+    assert f"resumable upload {the_id}: removed, as a DELETE asked" in caplog.text  # stopped, not finished
+    assert f"resumable upload {the_id}: done" not in caplog.text
+    assert list((server.tmp_dir / "resumable").iterdir()) == []
+
+
 async def test_an_interrupted_patch_keeps_what_arrived(server: RunningServer) -> None:
     async with httpx.AsyncClient(base_url=server.url) as client:
         url = await create(client, 1000)
@@ -213,7 +236,7 @@ async def test_expired_uploads_answer_410_and_are_removed(start_server: StartSer
         assert (await client.head(url, headers=TUS)).status_code == 410
         gone = await patch(client, url, 0, b"x")
         assert gone.status_code == 410 and gone.json()["error"]["code"] == "UPLOAD_EXPIRED"
-    removed = await trio.to_thread.run_sync(server.state.resumable.store.remove_expired)
+    removed = await trio.to_thread.run_sync(server.state.resumable.store.expire)
     assert removed == 1 and list((server.tmp_dir / "resumable").iterdir()) == []
 
 
@@ -285,7 +308,8 @@ async def test_concurrent_uploads_cut_at_random_points_arrive_whole(server: Runn
         assert answer.json()["sha256"] == hashlib.sha256(body).hexdigest()
         assert answer.json()["summary"]["events"] == truth.events
     leftovers = sorted(path.name for path in (server.tmp_dir / "resumable").iterdir())
-    assert all(".result." in name or name.endswith(".json") for name in leftovers), leftovers
+    # What a finished upload keeps until its result expires: results, record and lock file; no data.
+    assert all(name.endswith((".result.ndjson", ".json", ".lock")) for name in leftovers), leftovers
     assert len(results) == CONCURRENT_CLIENTS and server.state.resumable.snapshot()["incomplete"] == 0
     assert [name for name in os.listdir(server.tmp_dir) if name != "resumable"] == []
 

@@ -31,7 +31,7 @@ from .http.messages import Finished
 from .ingest.dispatch import open_worker_pool
 from .listen import open_listeners
 from .receive.spool import remove_stale_files
-from .resumable import ResumableStore, ResumableUploads, UploadState
+from .resumable import ResumableStore, ResumableUploads
 from .routes import route_label, router
 from .state import ServerState, derived_spool_budget
 
@@ -183,17 +183,25 @@ async def _accept_loop(listener: trio.SocketListener, state: ServerState, nurser
 
 def _open_resumable(config: Config) -> ResumableUploads:
     store = ResumableStore(config.tmp_dir)
-    store.remove_expired()
-    return ResumableUploads(store, config.resumable_expiry, config.result_ttl)
+    store.add_missing_locks()
+    store.expire()
+    return ResumableUploads(store, config.resumable_expiry, config.result_ttl, shared=config.processes > 1)
 
 
-async def _expire_resumable(resumable: ResumableUploads) -> None:
-    """Remove expired resumable uploads and results, off the event loop, every minute."""
+async def _sweep_resumable(state: ServerState) -> None:
+    """Every minute: remove expired resumable uploads and results (off the event loop), and take up whole
+    uploads that no live process holds any more (a serving process of --processes died). Every process
+    does it; the uploads' locks keep any one from being removed or processed twice."""
+    assert state.resumable is not None
     while True:
         await trio.sleep(RESUMABLE_EXPIRY_INTERVAL)
-        removed = await trio.to_thread.run_sync(resumable.store.remove_expired)
+        removed = await trio.to_thread.run_sync(state.resumable.store.expire)
         if removed:
             log.info("removed %d expired resumable upload(s)", removed)
+        records = await trio.to_thread.run_sync(state.resumable.store.records)
+        await tus.claim_unfinished(state, records)
+        if state.resumable.shared:
+            state.resumable.recount(records)
 
 
 async def _end_after_grace(state: ServerState, connections: trio.CancelScope) -> None:
@@ -220,12 +228,11 @@ async def serve(
         async with trio.open_nursery() as outer:
             state.background = outer
             outer.start_soon(_watch_disk, state)
-            outer.start_soon(_expire_resumable, state.resumable)
+            outer.start_soon(_sweep_resumable, state)
             if state.metrics.multiprocess:
                 outer.start_soon(state.metrics.refresh_forever, state.live_figures)
-            for record in state.resumable.store.records():
-                if record.state in (UploadState.QUEUED, UploadState.PROCESSING):  # cut by a stop or a crash
-                    tus.start_processing(state, record)
+            # Cut by a stop or a crash:
+            await tus.claim_unfinished(state, await trio.to_thread.run_sync(state.resumable.store.records))
             async with trio.open_nursery() as connections:
                 with state.accepting:
                     async with trio.open_nursery() as acceptors:

@@ -21,6 +21,7 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -86,9 +87,9 @@ class Metrics:
         def histogram(name: str, documentation: str, buckets: tuple[float, ...], *labels: str) -> Histogram:
             return Histogram(PREFIX + name, documentation, labels, buckets=buckets, registry=registry)
 
-        def gauge(name: str, documentation: str) -> Gauge:
+        def gauge(name: str, documentation: str, mode: Literal["livesum", "livemax"] = "livesum") -> Gauge:
             # livesum: summed over the processes still running (multiprocess mode; ignored otherwise).
-            return Gauge(PREFIX + name, documentation, registry=registry, multiprocess_mode="livesum")
+            return Gauge(PREFIX + name, documentation, registry=registry, multiprocess_mode=mode)
 
         self.requests = counter("requests", "Requests that ended, by route and status", ("route", "status"))
         self.request_duration = histogram(
@@ -117,9 +118,13 @@ class Metrics:
         self.jobs_running = gauge("worker_jobs_running", "Jobs running in worker processes")
         self.jobs_waiting = gauge("worker_jobs_waiting", "Jobs waiting for a worker")
         self.draining = gauge("draining", "1 while this process drains (summed: processes draining)")
-        self.resumable_incomplete = gauge("resumable_incomplete", "Resumable uploads not yet whole")
+        # Every serving process counts the uploads of the temp dir they share (resumable.ResumableUploads):
+        # the largest count, not the sum.
+        self.resumable_incomplete = gauge(
+            "resumable_incomplete", "Resumable uploads not yet whole", "livemax"
+        )
         self.resumable_held_bytes = gauge(
-            "resumable_held_bytes", "Bytes held by resumable uploads not yet whole"
+            "resumable_held_bytes", "Bytes held by resumable uploads not yet whole", "livemax"
         )
         self._crashes_seen = 0
         # labels() costs ~3.5 us a call (measured); a request's children are looked up once per pair.

@@ -6,6 +6,12 @@ size limit), appended to the upload's file; the offset is acknowledged only once
 the record saying so is written (``resumable.ResumableStore``). When the last byte arrives, the upload is
 processed like a POST upload, in the background (the queue, the fair rotation, the same limits), and its
 JSON and NDJSON answers are kept at ``/api/v1/files/{id}/result`` for ``--result-ttl``.
+
+Every change to an upload happens under its lock on disk (``resumable.UploadLock``), so that with
+``--processes N`` a request may land in any serving process: a PATCH holds it while it appends (a second
+writer anywhere gets 423), and the PATCH that writes the last byte keeps it for the processing, which holds it
+to the end. A whole upload whose lock is free was cut by a stop or a crash: the next process to look
+(at its start, then every minute) claims it and processes it, once.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import binascii
 import email.utils
 import functools
 import hashlib
+import logging
 import os
 import shutil
 import time
@@ -35,6 +42,7 @@ from ..errors import (
     UnsupportedMediaType,
     UploadIncomplete,
     UploadLocked,
+    UploadNotFound,
     UploadServerError,
     root_cause,
 )
@@ -46,6 +54,7 @@ from ..receive.spool import Spool, open_append
 from ..resumable import (
     ResumableStore,
     ResumableUploads,
+    UploadLock,
     UploadRecord,
     UploadState,
     encode_metadata,
@@ -60,6 +69,12 @@ EXTENSIONS = "creation,creation-with-upload,termination,expiration,checksum"
 CHECKSUMS = {"sha1": "sha1", "sha256": "sha256"}
 OFFSET_STREAM = "application/offset+octet-stream"
 FILES_PATH = "/api/v1/files"
+#: How often a processing upload looks for a DELETE's stop request (a stat of one file), and how long the
+#: DELETE waits for the upload to go before it answers 423.
+STOP_POLL_S = 0.2
+TERMINATION_WAIT_S = 10.0
+
+log = logging.getLogger("upload_server")
 
 Handler = Callable[[Exchange, ServerState], Awaitable[None]]
 
@@ -147,7 +162,7 @@ async def handle_create(exchange: Exchange, state: ServerState) -> None:
     if request.content_length or request.header("transfer-encoding"):
         if request.header("content-type").split(";")[0].strip().lower() != OFFSET_STREAM:
             raise UnsupportedMediaType(f"A creation body must be {OFFSET_STREAM}.")
-        record = await _append(exchange, state, record)
+        record = await _append(exchange, state, record.id, 0)
         headers.append((b"upload-offset", str(record.offset).encode()))
     await _tus(exchange, state, Response(status=201, headers=headers))
 
@@ -177,13 +192,7 @@ async def handle_patch(exchange: Exchange, state: ServerState) -> None:
             detail={"content_type": exchange.request.header("content-type") or None},
         )
     offset = _int_header(exchange, "Upload-Offset")
-    record = await _load(state, upload_id(exchange))
-    if offset != record.offset:
-        raise OffsetMismatch(
-            f"The upload's offset is {record.offset}, not {offset}; ask with HEAD and resume from there.",
-            detail={"upload_offset": offset, "offset": record.offset},
-        )
-    record = await _append(exchange, state, record)
+    record = await _append(exchange, state, upload_id(exchange), offset)
     await _tus(
         exchange,
         state,
@@ -198,14 +207,42 @@ async def handle_delete(exchange: Exchange, state: ServerState) -> None:
     the_id = upload_id(exchange)
     await _load(state, the_id)
     resumables = _resumables(state)
-    if the_id in resumables.writing:
-        raise _locked(the_id)
-    scope = resumables.processing.pop(the_id, None)
-    if scope is not None:
-        scope.cancel()
+    lock = await trio.to_thread.run_sync(resumables.store.try_lock, the_id)
+    if lock is None:
+        await _stop_processing(state, the_id)
+    else:
+        try:
+            await trio.to_thread.run_sync(resumables.store.remove, lock)
+        finally:
+            lock.release()
     resumables.incomplete.pop(the_id, None)
-    await trio.to_thread.run_sync(resumables.store.remove, the_id)
     await _tus(exchange, state, Response(status=204))
+
+
+async def _stop_processing(state: ServerState, the_id: str) -> None:
+    """DELETE of an upload someone holds: 423 while a PATCH writes to it; while it is processed (in any
+    process), ask the holder to remove it, and wait until it is gone."""
+    store = _resumables(state).store
+    if (await _load(state, the_id)).state is UploadState.RECEIVING:
+        raise _locked(the_id)
+    await trio.to_thread.run_sync(store.request_stop, the_id)
+    with trio.move_on_after(TERMINATION_WAIT_S):
+        while True:
+            try:
+                lock = await trio.to_thread.run_sync(store.try_lock, the_id)
+            except UploadNotFound:
+                return  # the holder removed it
+            if lock is not None:  # the processing ended first
+                try:
+                    await trio.to_thread.run_sync(store.remove, lock)
+                finally:
+                    lock.release()
+                return
+            await trio.sleep(STOP_POLL_S / 4)
+    raise UploadLocked(
+        "This upload is being processed; its removal was asked for and follows when the processing stops.",
+        detail={"id": the_id},
+    )
 
 
 async def handle_result(exchange: Exchange, state: ServerState) -> None:
@@ -274,33 +311,58 @@ def _checksum(exchange: Exchange) -> tuple[str, bytes] | None:
         raise BadRequest("Upload-Checksum's value must be base64.") from None
 
 
-async def _append(exchange: Exchange, state: ServerState, record: UploadRecord) -> UploadRecord:
-    """Append the request body at the record's offset; fsync; save the new offset; queue it when whole."""
+async def _append(exchange: Exchange, state: ServerState, the_id: str, offset: int) -> UploadRecord:
+    """Append the request body at ``offset``, under the upload's lock (423 if anyone holds it); fsync;
+    save the new offset; when whole, queue it for processing, which keeps the lock."""
     resumables = _resumables(state)
-    if record.id in resumables.writing:
-        raise _locked(record.id)
+    lock = await trio.to_thread.run_sync(resumables.store.try_lock, the_id)
+    if lock is None:
+        held = await _load(state, the_id)
+        raise _locked(the_id) if held.state is UploadState.RECEIVING else _complete_already(held.offset)
+    try:
+        record = await _load(state, the_id)  # under the lock: as the last writer, in any process, left it
+        room = _appendable(exchange, record, offset)
+        checksum = _checksum(exchange)
+        resumables.writing.add(the_id)
+        try:
+            appended = await _receive_appending(exchange, state, record, room, checksum)
+        finally:
+            resumables.writing.discard(the_id)
+        record.offset += appended
+        if record.complete:
+            record.state = UploadState.QUEUED
+            resumables.incomplete.pop(the_id, None)
+        else:
+            resumables.incomplete[the_id] = record.offset
+        await trio.to_thread.run_sync(resumables.store.save, record)
+    except BaseException:
+        lock.release()
+        raise
+    if record.complete:
+        start_processing(state, record, lock)
+    else:
+        lock.release()
+    return record
+
+
+def _appendable(exchange: Exchange, record: UploadRecord, offset: int) -> int:
+    """The bytes the upload has room for, once the PATCH is seen to fit (409, 413)."""
+    if offset != record.offset:
+        raise OffsetMismatch(
+            f"The upload's offset is {record.offset}, not {offset}; ask with HEAD and resume from there.",
+            detail={"upload_offset": offset, "offset": record.offset},
+        )
     if record.state is not UploadState.RECEIVING:
-        raise OffsetMismatch("This upload is complete already.", detail={"offset": record.offset})
+        raise _complete_already(record.offset)
     declared = exchange.request.content_length
     room = record.length - record.offset
     if declared is not None and declared > room:
         raise _too_large(record.offset + declared, record.length, "upload_length")
-    checksum = _checksum(exchange)
-    resumables.writing.add(record.id)
-    try:
-        appended = await _receive_appending(exchange, state, record, room, checksum)
-    finally:
-        resumables.writing.discard(record.id)
-    record.offset += appended
-    if record.complete:
-        record.state = UploadState.QUEUED
-        resumables.incomplete.pop(record.id, None)
-    else:
-        resumables.incomplete[record.id] = record.offset
-    await trio.to_thread.run_sync(resumables.store.save, record)
-    if record.complete:
-        start_processing(state, record)
-    return record
+    return room
+
+
+def _complete_already(offset: int) -> OffsetMismatch:
+    return OffsetMismatch("This upload is complete already.", detail={"offset": offset})
 
 
 async def _receive_appending(
@@ -350,38 +412,80 @@ async def _keep_what_arrived(spool: Spool, state: ServerState, record: UploadRec
 
 
 # ------------------------------------------------------------------------------------ processing
-def start_processing(state: ServerState, record: UploadRecord) -> None:
+def start_processing(state: ServerState, record: UploadRecord, lock: UploadLock) -> None:
+    """Process the whole upload in the background; the task owns ``lock`` from here on."""
     assert state.background is not None
-    state.background.start_soon(process_resumable, state, record)
+    try:
+        state.background.start_soon(process_resumable, state, record, lock)
+    except BaseException:
+        lock.release()
+        raise
 
 
-async def process_resumable(state: ServerState, record: UploadRecord) -> None:
-    """Process a whole resumable upload like a POST upload; keep its answers, or its error, as the result."""
+async def claim_unfinished(state: ServerState, records: list[UploadRecord]) -> int:
+    """Start processing every whole upload of ``records`` that waits for it and that no live process holds
+    (its processing was cut by a stop, a crash, or the death of the serving process that had it); how many."""
+    store = _resumables(state).store
+    claimed = 0
+    for record in records:
+        if record.state in (UploadState.QUEUED, UploadState.PROCESSING):
+            found = await trio.to_thread.run_sync(store.claim, record.id)
+            if found is not None:
+                log.info("resumable upload %s: taken up again (%s when it was left)", record.id, record.state)
+                start_processing(state, *found)
+                claimed += 1
+    return claimed
+
+
+async def process_resumable(state: ServerState, record: UploadRecord, lock: UploadLock) -> None:
+    """Process a whole resumable upload holding its lock all along (if this process dies, the kernel frees
+    it and another process takes the upload up); a DELETE's stop request removes the upload instead."""
     resumables = _resumables(state)
     store = resumables.store
-    with trio.CancelScope() as scope:
-        resumables.processing[record.id] = scope
-        try:
-            record.state = UploadState.PROCESSING
-            await trio.to_thread.run_sync(store.save, record)
-            try:
-                await _process_into_results(state, record)
-                record.state = UploadState.DONE
-            except Exception as raised:
-                error = root_cause(raised)
-                if not isinstance(error, UploadServerError):
-                    raise
-                record.state, record.error_status, record.error = (
-                    UploadState.FAILED,
-                    error.status,
-                    error.payload(),
-                )
-            record.expires_at = time.time() + resumables.result_ttl_s
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(store.save, record)
-                await trio.to_thread.run_sync(_remove_data, store.data_path(record.id))
-        finally:
-            resumables.processing.pop(record.id, None)
+    resumables.processing.add(record.id)
+    try:
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_watch_for_stop, store, record.id, scope)
+                await _process_into_record(state, record)
+                nursery.cancel_scope.cancel()
+        if await trio.to_thread.run_sync(store.stop_requested, record.id):
+            await trio.to_thread.run_sync(store.remove, lock)
+            log.info("resumable upload %s: removed, as a DELETE asked", record.id)
+    finally:
+        resumables.processing.discard(record.id)
+        lock.release()
+
+
+async def _watch_for_stop(store: ResumableStore, the_id: str, processing: trio.CancelScope) -> None:
+    # Polled, not awaited as an event: the request may come from another process, through the disk.
+    while True:
+        if await trio.to_thread.run_sync(store.stop_requested, the_id):
+            processing.cancel()
+            return
+        await trio.sleep(STOP_POLL_S)
+
+
+async def _process_into_record(state: ServerState, record: UploadRecord) -> None:
+    """The processing, and its answers or its error kept as the result."""
+    resumables = _resumables(state)
+    store = resumables.store
+    record.state = UploadState.PROCESSING
+    await trio.to_thread.run_sync(store.save, record)
+    log.info("resumable upload %s: processing", record.id)
+    try:
+        await _process_into_results(state, record)
+        record.state = UploadState.DONE
+    except Exception as raised:
+        error = root_cause(raised)
+        if not isinstance(error, UploadServerError):
+            raise
+        record.state, record.error_status, record.error = UploadState.FAILED, error.status, error.payload()
+    record.expires_at = time.time() + resumables.result_ttl_s
+    with trio.CancelScope(shield=True):
+        await trio.to_thread.run_sync(store.save, record)
+        await trio.to_thread.run_sync(_remove_data, store.data_path(record.id))
+    log.info("resumable upload %s: %s", record.id, record.state)
 
 
 def _remove_data(path: Path) -> None:
