@@ -23,6 +23,7 @@ from conftest import RunningServer, StartServer, wait_until
 from events_factory import Truth, as_ndjson, make_events, make_zip
 from server_process import Spawn, server_command
 from test_ingest_server import SLOW_WORK, _gzip_of_spaces
+from upload_server.resumable import ResumableStore, UploadState
 
 FILES = "/api/v1/files"
 TUS = {"Tus-Resumable": "1.0.0"}
@@ -347,3 +348,39 @@ async def test_health_and_metrics_count_incomplete_uploads_and_their_bytes(serve
         assert (await client.delete(url, headers=TUS)).status_code == 204
         health = (await client.get("/api/v1/health")).json()["resumable"]
         assert health["incomplete"] == 1 and health["held_bytes"] == 0
+
+
+async def test_an_unexpected_failure_in_background_processing_becomes_the_answer(
+    start_server: StartServer, server_tmp: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A whole upload left queued whose data file is gone (lost with a disk, removed by hand): taken up at
+    start, its processing fails with an error no handler expects. The server keeps serving and the upload's
+    result is a 500 answer, not the end of the serving process (and after a restart, again)."""
+    store = ResumableStore(str(server_tmp))
+    record = store.create(length=10, metadata={}, expiry_s=3600)
+    record.state, record.offset = UploadState.QUEUED, 10
+    store.save(record)
+    store.data_path(record.id).unlink()
+    with caplog.at_level(logging.ERROR, logger="upload_server"):
+        server = await start_server()
+        async with httpx.AsyncClient(base_url=server.url) as client:
+            answer = await result_when_ready(client, f"{FILES}/{record.id}")
+            assert answer.status_code == 500
+            assert answer.json()["error"]["code"] == "INTERNAL_ERROR"
+            assert (await client.get("/api/v1/health")).status_code == 200
+    assert any("processing failed" in message for message in caplog.messages)
+
+
+async def test_a_result_removed_after_its_record_was_read_is_404(server: RunningServer) -> None:
+    """Expiry or a DELETE in another process can remove the result files between the record's read and
+    their opening: the answer is the removed upload's 404, not a 500."""
+    body, _ = dataset(files=1, events=50)
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        url = await create(client, len(body))
+        assert (await patch(client, url, 0, body)).status_code == 204
+        assert (await result_when_ready(client, url)).status_code == 200
+        for result in (server.tmp_dir / "resumable").glob("*.result.*"):
+            result.unlink()
+        answer = await client.get(f"{url}/result")
+    assert answer.status_code == 404
+    assert answer.json()["error"]["code"] == "UPLOAD_NOT_FOUND"

@@ -120,7 +120,7 @@ class UploadLock:
             os.close(fd)
 
 
-def _not_found(upload_id: str) -> UploadNotFound:
+def upload_not_found(upload_id: str) -> UploadNotFound:
     return UploadNotFound("There is no resumable upload with this id.", detail={"id": upload_id[:64]})
 
 
@@ -182,13 +182,13 @@ class ResumableStore:
     def try_lock(self, upload_id: str) -> UploadLock | None:
         """The upload's lock if no one holds it, else None at once; 404 once the upload was removed."""
         if not _ID.match(upload_id):
-            raise _not_found(upload_id)
+            raise upload_not_found(upload_id)
         path = self._lock_path(upload_id)
         while True:
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
             except FileNotFoundError:
-                raise _not_found(upload_id) from None
+                raise upload_not_found(upload_id) from None
             try:
                 taken = _flock_now(fd)
                 # A remover unlinks the lock file while holding it: a flock on the unlinked file locks
@@ -224,11 +224,11 @@ class ResumableStore:
     def load(self, upload_id: str) -> UploadRecord:
         """The record; 404 for an id never made (or removed), 410 for one that expired."""
         if not _ID.match(upload_id):
-            raise _not_found(upload_id)
+            raise upload_not_found(upload_id)
         try:
             record = _decode.decode(self._record_path(upload_id).read_bytes())
         except (FileNotFoundError, msgspec.DecodeError):
-            raise _not_found(upload_id) from None
+            raise upload_not_found(upload_id) from None
         if record.expires_at <= time.time():
             raise UploadExpired(
                 "This resumable upload has expired and its files were removed.",

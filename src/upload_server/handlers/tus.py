@@ -35,6 +35,7 @@ from ..errors import (
     BadRequest,
     ChecksumMismatch,
     ClientDisconnected,
+    InternalError,
     OffsetMismatch,
     PayloadTooLarge,
     RequestTimeout,
@@ -59,6 +60,7 @@ from ..resumable import (
     UploadState,
     encode_metadata,
     parse_metadata,
+    upload_not_found,
 )
 from ..state import ServerState
 from .session import BudgetHold, UploadSession
@@ -268,7 +270,11 @@ async def handle_result(exchange: Exchange, state: ServerState) -> None:
         await exchange.send_response(Response(status=record.error_status or 500, body=body))
         return
     path = _resumables(state).store.result_path(the_id, "ndjson" if ndjson else "json")
-    async with await trio.open_file(path, "rb") as answer:
+    try:
+        opened = await trio.open_file(path, "rb")
+    except FileNotFoundError:
+        raise upload_not_found(the_id) from None  # removed (DELETE, expiry) since the record was read
+    async with opened as answer:
         size = os.fstat(answer.fileno()).st_size
         content_type = NDJSON if ndjson else "application/json"
         await exchange.start_stream(200, content_type, [(b"content-length", str(size).encode())])
@@ -479,7 +485,11 @@ async def _process_into_record(state: ServerState, record: UploadRecord) -> None
     except Exception as raised:
         error = root_cause(raised)
         if not isinstance(error, UploadServerError):
-            raise
+            # No request waits on this task, and an error escaping it would end the serving process with
+            # every connection on it (then, after a restart, the same upload again: a crash loop). Keep it
+            # as the upload's answer, as a request's unexpected error becomes a 500 answer.
+            log.exception("resumable upload %s: processing failed", record.id, exc_info=raised)
+            error = InternalError("The server failed while processing this upload.")
         record.state, record.error_status, record.error = UploadState.FAILED, error.status, error.payload()
     record.expires_at = time.time() + resumables.result_ttl_s
     with trio.CancelScope(shield=True):
