@@ -44,7 +44,7 @@ import contextlib
 import gc
 import re
 from collections.abc import Iterator
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 import msgspec
 
@@ -54,6 +54,7 @@ __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "DEFAULT_MAX_VALUE_BYTES",
     "Actor",
+    "ActorSpill",
     "FileResult",
     "extract_bytes",
     "extract_stream",
@@ -223,14 +224,39 @@ class _JsonError(Exception):
         self.offset = offset
 
 
+class ActorSpill(Protocol):
+    """Where a file's actors go when ``limit`` of them are held (``runs.JobRuns``): ``spill`` takes the set
+    (sorted by no one yet) and the extractor starts a new one. Occurrences after a spill count again from
+    one; the merge keeps the earliest occurrence's attributes and sums the events."""
+
+    @property
+    def limit(self) -> int: ...
+
+    def spill(self, actors: dict[int, Actor]) -> None: ...
+
+
 class _Acc:
     """Accumulates one file's counts; the hot loop lives in ``add``."""
 
-    __slots__ = ("actors", "events", "file", "first_is_object", "out", "skipped", "types", "values")
+    __slots__ = (
+        "actors",
+        "events",
+        "file",
+        "first_is_object",
+        "limit",
+        "out",
+        "skipped",
+        "spill",
+        "types",
+        "values",
+    )
 
-    def __init__(self, name: str, out: BinaryIO | None) -> None:
+    def __init__(self, name: str, out: BinaryIO | None, spill: ActorSpill | None = None) -> None:
         self.file = name
         self.out = out
+        self.spill = spill
+        #: Without a spill, never reached: the file's actors are held until it ends.
+        self.limit = spill.limit if spill is not None else _INT64_MAX
         self.events = 0
         self.values = 0  # top-level values seen (events + non-objects); decides "object" vs "ndjson"
         self.first_is_object = False
@@ -246,6 +272,7 @@ class _Acc:
         self.values += len(items)
         types = self.types
         actors = self.actors
+        limit = self.limit
         lines: list[_EventLine] | None = [] if self.out is not None else None
         events = not_object = no_actor = invalid_actor = 0
         # Local names and `type(x) is C` checks: this loop runs once per event, ~100k times per 140 MB.
@@ -266,6 +293,8 @@ class _Acc:
                     rec = actors.get(aid)
                     if rec is None:
                         actors[aid] = Actor(a.login, a.display_login, a.avatar_url, a.url, a.gravatar_id, 1)
+                        if len(actors) >= limit:  # only new actors can pass it: checked here only
+                            actors = self._spill()
                     else:
                         rec.events += 1
                 else:
@@ -289,6 +318,12 @@ class _Acc:
         if lines:
             assert self.out is not None
             self.out.write(_LINE_ENCODER.encode_lines(lines))
+
+    def _spill(self) -> dict[int, Actor]:
+        assert self.spill is not None
+        self.spill.spill(self.actors)
+        self.actors = {}
+        return self.actors
 
     def result(self, name: str, layout: str, size: int) -> FileResult:
         if layout != "array":
@@ -488,17 +523,22 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def extract_bytes(name: str, data: bytes, events_out: BinaryIO | None = None) -> FileResult:
-    """Extract a whole file held in memory (the fast path; use for files under the memory budget)."""
+def extract_bytes(
+    name: str, data: bytes, events_out: BinaryIO | None = None, actors_out: ActorSpill | None = None
+) -> FileResult:
+    """Extract a whole file held in memory (the fast path; use for files under the memory budget).
+    With ``actors_out``, the result holds only the actors not spilled to it."""
     with gc_paused():
-        return _extract_bytes(name, data, events_out)
+        return _extract_bytes(name, data, events_out, actors_out)
 
 
-def _extract_bytes(name: str, data: bytes, events_out: BinaryIO | None) -> FileResult:
+def _extract_bytes(
+    name: str, data: bytes, events_out: BinaryIO | None, actors_out: ActorSpill | None
+) -> FileResult:
     size = len(data)
     start = 3 if data[:3] == _BOM else 0
     m = _NON_WS.search(data, start)
-    acc = _Acc(name, events_out)
+    acc = _Acc(name, events_out, actors_out)
     if m is None:
         return acc.result(name, "ndjson", size)
     mv = memoryview(data)[start:]
@@ -628,19 +668,26 @@ def extract_stream(
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
+    actors_out: ActorSpill | None = None,
 ) -> FileResult:
     """Extract a file from a binary stream in bounded memory (about ``chunk_size`` plus the largest value, and
-    never more than ``max_value_bytes`` for one value). Exceptions raised by ``stream.read`` (decompression
-    errors, bomb guards) propagate to the caller; ``events_out`` is then left for the caller to rewind."""
+    never more than ``max_value_bytes`` for one value; the actors too, given ``actors_out``). Exceptions
+    raised by ``stream.read`` (decompression errors, bomb guards) propagate to the caller; ``events_out``
+    and ``actors_out`` are then left for the caller to rewind."""
     with gc_paused():
-        return _extract_stream(name, stream, events_out, chunk_size, max_value_bytes)
+        return _extract_stream(name, stream, events_out, chunk_size, max_value_bytes, actors_out)
 
 
 def _extract_stream(
-    name: str, stream: BinaryIO, events_out: BinaryIO | None, chunk_size: int, max_value_bytes: int
+    name: str,
+    stream: BinaryIO,
+    events_out: BinaryIO | None,
+    chunk_size: int,
+    max_value_bytes: int,
+    actors_out: ActorSpill | None,
 ) -> FileResult:
     buf = _Buf(stream, chunk_size)
-    acc = _Acc(name, events_out)
+    acc = _Acc(name, events_out, actors_out)
     pos = _tell(events_out)
     layout = "ndjson"
     try:

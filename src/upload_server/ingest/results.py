@@ -30,6 +30,7 @@ __all__ = [
     "error_line",
     "file_line",
     "merge",
+    "merge_rows",
     "merge_runs",
     "render_answer",
     "summary_line",
@@ -126,16 +127,21 @@ class Merger:
             unique_actors=len(self._actors),
         )
 
+    @property
+    def actor_count(self) -> int:
+        return len(self._actors)
+
     def actor_run(self) -> list[ActorRow]:
         """The actors as one sorted run for ``merge_runs``, by id."""
         first_order = self._first_order
         return [ActorRow.of(aid, first_order[aid], rec) for aid, rec in sorted(self._actors.items())]
 
 
-def merge_runs(runs: Iterable[Iterable[ActorRow]]) -> Iterator[tuple[int, Actor]]:
-    """Merge runs of rows, each sorted by id with each id once, into ``(id, Actor)`` in id order:
-    ``Merger``'s rule (the attributes of the lowest order, the events summed), holding one row per run at
-    a time."""
+def merge_rows(runs: Iterable[Iterable[ActorRow]]) -> Iterator[ActorRow]:
+    """Merge runs of rows, each sorted by id with each id once, into rows in id order, each id once:
+    ``Merger``'s rule (the attributes and order of the lowest order, the events summed), holding one row
+    per run at a time. Rows of one id and one order keep the first run's attributes (``heapq.merge`` is
+    stable), so a file's runs must come in the order they were written (``runs``)."""
     current: ActorRow | None = None
     events = 0
     for row in heapq.merge(*runs, key=_run_key):
@@ -143,10 +149,16 @@ def merge_runs(runs: Iterable[Iterable[ActorRow]]) -> Iterator[tuple[int, Actor]
             events += row.events  # the lowest order came first (the key): its attributes stay
             continue
         if current is not None:
-            yield current.id, current.actor(events)
+            yield current if events == current.events else msgspec.structs.replace(current, events=events)
         current, events = row, row.events
     if current is not None:
-        yield current.id, current.actor(events)
+        yield current if events == current.events else msgspec.structs.replace(current, events=events)
+
+
+def merge_runs(runs: Iterable[Iterable[ActorRow]]) -> Iterator[tuple[int, Actor]]:
+    """``merge_rows`` as ``(id, Actor)`` pairs, the form the answer is rendered from."""
+    for row in merge_rows(runs):
+        yield row.id, row.actor(row.events)
 
 
 def _run_key(row: ActorRow) -> tuple[int, int]:

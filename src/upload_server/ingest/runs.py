@@ -1,0 +1,159 @@
+"""Sorted actor runs on disk: how a worker keeps an upload's actors out of its memory (issue 12).
+
+A run is a job's actors (or part of them) as ``ActorRow``s sorted by id, each id once, written in msgpack
+chunks of ``ACTOR_CHUNK_ROWS`` rows. ``results.merge_rows`` merges runs into one stream by ``Merger``'s rule.
+
+* **While a file is extracted** (``JobRuns``, given to ``extract`` as its ``ActorSpill``): when the file's
+  actor set reaches ``limit`` actors it is written as a run and cleared. When the file ends, what is left
+  joins the job's pending set (a ``Merger`` of the job's finished files), written as a run in its turn when
+  that reaches ``limit``. A file that fails has its runs cut off the file again (all or nothing).
+* **When the runs are merged** (``bounded_runs``): at most ``MERGE_FAN_IN`` runs are read at once, each a
+  chunk at a time; more are merged in passes into scratch files first.
+
+Ties: two rows of one id and one file order come from one file's runs, and the earlier run holds the
+earlier occurrence. ``heapq.merge`` is stable (it orders like ``sorted(itertools.chain(...))``), so runs
+are always passed in the order they were written, and a pass merges consecutive runs only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from typing import BinaryIO
+
+import msgspec
+
+from .extract import Actor, FileResult, rewind
+from .results import ActorRow, Merger, merge_rows
+
+__all__ = [
+    "ACTOR_BYTES",
+    "ACTOR_CHUNK_ROWS",
+    "MERGE_FAN_IN",
+    "JobRuns",
+    "Run",
+    "bounded_runs",
+    "read_run",
+    "spill_threshold",
+    "write_run",
+]
+
+#: Actor rows per chunk: a merge holds one decoded chunk per run it reads (~0.5 MiB at 1,024 rows).
+ACTOR_CHUNK_ROWS = 1024
+#: Runs merged at once: 64 decoded chunks are ~32 MiB; a thousand jobs' runs merge in two passes.
+MERGE_FAN_IN = 64
+#: What one actor costs a worker while held (its dict entry, its Actor and five strings as GitHub's are),
+#: measured: 3,000,000 distinct actors of loadtest/bench_many_actors.py held ~2 GiB, ~700 bytes each.
+ACTOR_BYTES = 700
+#: The fewest actors held before a spill, whatever the budget (a run of fewer rows is mostly overhead).
+MIN_SPILL_ACTORS = 64
+
+_ENCODER = msgspec.msgpack.Encoder()
+_ROWS_DECODER = msgspec.msgpack.Decoder(list[ActorRow])
+
+
+def spill_threshold(memory_budget: int) -> int:
+    """Actors a worker holds before it spills them: ``--worker-memory-budget`` worth (64 MiB: 95,000)."""
+    return max(MIN_SPILL_ACTORS, memory_budget // ACTOR_BYTES)
+
+
+class Run(msgspec.Struct, frozen=True):
+    """Where a run lies: the file, the offset of its first chunk, and its chunks' lengths."""
+
+    path: str
+    offset: int
+    chunks: list[int]
+
+
+def write_run(out: BinaryIO, rows: Iterable[ActorRow]) -> list[int]:
+    """Write ``rows`` (sorted by id, each id once) at ``out``'s position; the lengths of its chunks."""
+    chunks: list[int] = []
+    batch: list[ActorRow] = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) >= ACTOR_CHUNK_ROWS:
+            chunks.append(out.write(_ENCODER.encode(batch)))
+            batch = []
+    if batch:
+        chunks.append(out.write(_ENCODER.encode(batch)))
+    return chunks
+
+
+def read_run(run: Run) -> Iterator[ActorRow]:
+    """A run's rows, a chunk at a time. The file is opened per chunk, so a merge of many runs holds no
+    descriptor between reads (issue 12: descriptors run out before memory does)."""
+    offset = run.offset
+    for length in run.chunks:
+        with open(run.path, "rb") as source:
+            source.seek(offset)
+            rows = _ROWS_DECODER.decode(source.read(length))
+        offset += length
+        yield from rows
+
+
+def runs_of(path: str, lengths: Sequence[list[int]]) -> list[Run]:
+    """The runs a job wrote one after another from the start of ``path`` (``JobRuns.runs``)."""
+    runs: list[Run] = []
+    offset = 0
+    for chunks in lengths:
+        runs.append(Run(path, offset, chunks))
+        offset += sum(chunks)
+    return runs
+
+
+def bounded_runs(runs: list[Run], scratch: Sequence[str], fan_in: int = MERGE_FAN_IN) -> list[Run]:
+    """``runs``, merged in passes of ``fan_in`` consecutive runs until at most ``fan_in`` are left. Pass
+    outputs alternate between the two ``scratch`` paths (a pass reads the other one, or the jobs' files)."""
+    passes = 0
+    while len(runs) > fan_in:
+        path = scratch[passes % 2]
+        merged: list[Run] = []
+        with open(path, "wb", buffering=1 << 20) as out:
+            for start in range(0, len(runs), fan_in):
+                offset = out.tell()
+                group = runs[start : start + fan_in]
+                merged.append(Run(path, offset, write_run(out, merge_rows(map(read_run, group)))))
+        runs, passes = merged, passes + 1
+    return runs
+
+
+class JobRuns:
+    """One job's actor runs, written one after another to ``out`` (its results file) as they fill.
+
+    ``limit`` and ``spill`` are the extractor's ``ActorSpill``; ``begin_file`` and ``end_file`` frame each
+    file of the job; ``finish`` writes what is pending. ``runs`` lists the runs' chunk lengths in order.
+    """
+
+    def __init__(self, out: BinaryIO, limit: int) -> None:
+        self.limit = limit
+        self.runs: list[list[int]] = []
+        self._out = out
+        self._pending = Merger()
+        self._order = 0
+        self._mark = (0, 0)
+
+    def begin_file(self, order: int) -> None:
+        self._order = order
+        self._mark = (self._out.tell(), len(self.runs))
+
+    def spill(self, actors: dict[int, Actor]) -> None:
+        """The current file's actors so far, as a run (the caller then starts a new set)."""
+        order = self._order
+        rows = (ActorRow.of(aid, order, actors[aid]) for aid in sorted(actors))
+        self.runs.append(write_run(self._out, rows))
+
+    def end_file(self, result: FileResult) -> None:
+        """A failed file's runs are cut off again; a good file's remaining actors join the pending set."""
+        if result.error is not None:
+            position, count = self._mark
+            rewind(self._out, position)
+            del self.runs[count:]
+            return
+        self._pending.add(result)
+        result.actors = {}  # the pending set holds its own copies
+        if self._pending.actor_count >= self.limit:
+            self.finish()
+
+    def finish(self) -> None:
+        if self._pending.actor_count:
+            self.runs.append(write_run(self._out, self._pending.actor_run()))
+        self._pending = Merger()

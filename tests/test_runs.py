@@ -1,0 +1,137 @@
+"""Actors spilled as sorted runs while files are extracted (runs.JobRuns), merged in bounded passes
+(runs.bounded_runs): the same actors, attributes and counts as holding every file's actors in memory."""
+
+from __future__ import annotations
+
+import io
+import random
+from pathlib import Path
+
+import orjson
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+
+from conftest import examples
+from upload_server.ingest.extract import FileResult, extract_bytes, extract_stream
+from upload_server.ingest.results import merge, merge_runs
+from upload_server.ingest.runs import (
+    MIN_SPILL_ACTORS,
+    JobRuns,
+    bounded_runs,
+    read_run,
+    runs_of,
+    spill_threshold,
+)
+
+#: A file: its events' (actor id, login tag) in order, and whether it ends in bad JSON (after its spills).
+FileSpec = tuple[list[tuple[int, str]], bool]
+
+files_strategy = st.lists(
+    st.tuples(
+        st.lists(st.tuples(st.integers(-3, 40), st.sampled_from("abc")), max_size=40),
+        st.booleans(),
+    ),
+    max_size=6,
+)
+
+
+def ndjson(occurrences: list[tuple[int, str]], broken: bool) -> bytes:
+    """Events whose actor's login differs between occurrences, so which occurrence wins shows."""
+    lines = [
+        orjson.dumps({"type": "T", "actor": {"id": aid, "login": f"{tag}{aid}-{n}"}})
+        for n, (aid, tag) in enumerate(occurrences)
+    ]
+    return b"\n".join(lines) + (b'\n{"actor": {"id": 1' if broken else b"\n")
+
+
+#: Read 64 bytes at a time, a file is decoded a few lines at a time: a broken file has spilled before its
+#: bad line is reached (whole, its one slice would fail before a single event is counted).
+SMALL_READS = 64
+
+
+def spilled_job(path: Path, files: list[FileSpec], orders: list[int], limit: int) -> list[FileResult]:
+    """The files extracted one after another as a job does it (streamed in small reads), spilling into
+    ``path``."""
+    results = []
+    with open(path, "wb") as out:
+        runs = JobRuns(out, limit)
+        for number, (occurrences, broken) in enumerate(files):
+            runs.begin_file(orders[number])
+            data = io.BytesIO(ndjson(occurrences, broken))
+            result = extract_stream(f"f{number}", data, None, chunk_size=SMALL_READS, actors_out=runs)
+            result.order = orders[number]
+            runs.end_file(result)
+            assert result.actors == {}  # they are in the runs now, or were dropped with a failed file
+            results.append(result)
+        runs.finish()
+    path.with_suffix(".lengths").write_bytes(orjson.dumps(runs.runs))
+    return results
+
+
+def held_in_memory(files: list[FileSpec], orders: list[int]) -> list[FileResult]:
+    results = []
+    for number, (occurrences, broken) in enumerate(files):
+        result = extract_bytes(f"f{number}", ndjson(occurrences, broken))
+        result.order = orders[number]
+        results.append(result)
+    return results
+
+
+@hsettings(max_examples=examples(60))
+@given(
+    jobs=st.lists(files_strategy, min_size=1, max_size=4),
+    limit=st.integers(1, 6),
+    fan_in=st.integers(2, 5),
+    seed=st.integers(0, 1000),
+)
+def test_spilled_runs_merge_to_the_in_memory_answer(
+    tmp_path_factory: object, jobs: list[list[FileSpec]], limit: int, fan_in: int, seed: int
+) -> None:
+    """Jobs whose files spill every ``limit`` actors (failed files' runs cut off again), merged in passes
+    of ``fan_in`` runs, give exactly the actors of one in-memory merge of every file: ids, first
+    attributes by file order, summed events."""
+    tmp = Path(tmp_path_factory.mktemp("runs"))  # type: ignore[attr-defined]
+    count = sum(len(files) for files in jobs)
+    orders = random.Random(seed).sample(range(100), count)
+    runs, expected, start = [], [], 0
+    for number, files in enumerate(jobs):
+        path = tmp / f"job-{number}"
+        job_orders = orders[start : start + len(files)]
+        start += len(files)
+        results = spilled_job(path, files, job_orders, limit)
+        assert [r.error is not None for r in results] == [broken for _, broken in files]
+        runs += runs_of(str(path), orjson.loads(path.with_suffix(".lengths").read_bytes()))
+        expected += held_in_memory(files, job_orders)
+    bounded = bounded_runs(runs, (str(tmp / "a"), str(tmp / "b")), fan_in)
+    assert len(bounded) <= fan_in
+    assert list(merge_runs(map(read_run, bounded))) == list(merge(expected).actors.items())
+
+
+def test_a_file_spills_each_time_it_holds_the_limit(tmp_path: Path) -> None:
+    """Ten distinct actors with a limit of three: three runs of three while the file is read, and the
+    last actor in the job's pending run when the job finishes."""
+    occurrences = [(aid, "a") for aid in range(10)]
+    results = spilled_job(tmp_path / "job", [(occurrences, False)], [0], 3)
+    lengths = orjson.loads((tmp_path / "job.lengths").read_bytes())
+    rows = [[row.id for row in read_run(run)] for run in runs_of(str(tmp_path / "job"), lengths)]
+    assert rows == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
+    assert results[0].events == 10
+
+
+def test_a_failed_file_leaves_no_run_behind(tmp_path: Path) -> None:
+    """A file that spilled and then failed is cut off the results file: its size is what the good file
+    before it wrote."""
+    good = ([(aid, "a") for aid in range(4)], False)
+    bad = ([(aid, "b") for aid in range(100, 120)], True)
+    spilled_job(tmp_path / "bad", [bad], [0], 2)
+    assert (tmp_path / "bad").stat().st_size == 0
+    spilled_job(tmp_path / "good", [good], [0], 2)
+    spilled_job(tmp_path / "both", [good, bad], [0, 1], 2)
+    assert (tmp_path / "both").read_bytes() == (tmp_path / "good").read_bytes()
+    assert (tmp_path / "both.lengths").read_bytes() == (tmp_path / "good.lengths").read_bytes()
+
+
+def test_the_spill_threshold_follows_the_memory_budget() -> None:
+    assert spill_threshold(64 << 20) > 90_000
+    assert spill_threshold(1 << 10) == MIN_SPILL_ACTORS
