@@ -50,12 +50,14 @@ def ndjson(occurrences: list[tuple[int, str]], broken: bool) -> bytes:
 SMALL_READS = 64
 
 
-def spilled_job(path: Path, files: list[FileSpec], orders: list[int], limit: int) -> list[FileResult]:
+def spilled_job(
+    path: Path, files: list[FileSpec], orders: list[int], limit: int, byte_limit: int = 1 << 30
+) -> list[FileResult]:
     """The files extracted one after another as a job does it (streamed in small reads), spilling into
     ``path``."""
     results = []
     with open(path, "wb") as out:
-        runs = JobRuns(out, limit)
+        runs = JobRuns(out, limit, byte_limit)
         for number, (occurrences, broken) in enumerate(files):
             runs.begin_file(orders[number])
             data = io.BytesIO(ndjson(occurrences, broken))
@@ -82,15 +84,21 @@ def held_in_memory(files: list[FileSpec], orders: list[int]) -> list[FileResult]
 @given(
     jobs=st.lists(files_strategy, min_size=1, max_size=4),
     limit=st.integers(1, 6),
+    byte_limit=st.sampled_from([1 << 30, 200, 1]),
     fan_in=st.integers(2, 5),
     seed=st.integers(0, 1000),
 )
 def test_spilled_runs_merge_to_the_in_memory_answer(
-    tmp_path_factory: object, jobs: list[list[FileSpec]], limit: int, fan_in: int, seed: int
+    tmp_path_factory: object,
+    jobs: list[list[FileSpec]],
+    limit: int,
+    byte_limit: int,
+    fan_in: int,
+    seed: int,
 ) -> None:
-    """Jobs whose files spill every ``limit`` actors (failed files' runs cut off again), merged in passes
-    of ``fan_in`` runs, give exactly the actors of one in-memory merge of every file: ids, first
-    attributes by file order, summed events."""
+    """Jobs whose files spill every ``limit`` actors or ``byte_limit`` bytes (failed files' runs cut off
+    again), merged in passes of ``fan_in`` runs, give exactly the actors of one in-memory merge of every
+    file: ids, first attributes by file order, summed events."""
     tmp = Path(tmp_path_factory.mktemp("runs"))  # type: ignore[attr-defined]
     count = sum(len(files) for files in jobs)
     orders = random.Random(seed).sample(range(100), count)
@@ -99,7 +107,7 @@ def test_spilled_runs_merge_to_the_in_memory_answer(
         path = tmp / f"job-{number}"
         job_orders = orders[start : start + len(files)]
         start += len(files)
-        results = spilled_job(path, files, job_orders, limit)
+        results = spilled_job(path, files, job_orders, limit, byte_limit)
         assert [r.error is not None for r in results] == [broken for _, broken in files]
         runs += runs_of(str(path), orjson.loads(path.with_suffix(".lengths").read_bytes()))
         expected += held_in_memory(files, job_orders)
@@ -117,6 +125,17 @@ def test_a_file_spills_each_time_it_holds_the_limit(tmp_path: Path) -> None:
     rows = [[row.id for row in read_run(run)] for run in runs_of(str(tmp_path / "job"), lengths)]
     assert rows == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
     assert results[0].events == 10
+
+
+def test_large_attributes_spill_by_bytes(tmp_path: Path) -> None:
+    """Few actors, each with a 10 KB login: the count limit is far off, the bytes they came in are not.
+    Spilled every time 25 KB of JSON have been read, the job never holds more than a few of them."""
+    logins = [(aid, "x" * 10_000) for aid in range(12)]
+    (result,) = spilled_job(tmp_path / "job", [(logins, False)], [0], 1000, 25_000)
+    lengths = orjson.loads((tmp_path / "job.lengths").read_bytes())
+    sizes = [len(list(read_run(run))) for run in runs_of(str(tmp_path / "job"), lengths)]
+    assert sum(sizes) == 12 and len(sizes) >= 4 and max(sizes) <= 3
+    assert result.events == 12
 
 
 def test_a_failed_file_leaves_no_run_behind(tmp_path: Path) -> None:

@@ -73,7 +73,7 @@ class JobOutcome:
 
 def run_job_to_file(job: Job, results_path: str) -> JobOutcome:
     with gc_paused(), open(results_path, "wb", buffering=WRITE_BUFFER_BYTES) as out:
-        runs = JobRuns(out, job.spill_actors)
+        runs = JobRuns(out, job.spill_actors, job.memory_budget)
         results = run_job(job, runs)
         runs.finish()
         trailer = _ENCODER.encode(JobResults(files=results, runs=runs.runs))

@@ -225,12 +225,16 @@ class _JsonError(Exception):
 
 
 class ActorSpill(Protocol):
-    """Where a file's actors go when ``limit`` of them are held (``runs.JobRuns``): ``spill`` takes the set
-    (sorted by no one yet) and the extractor starts a new one. Occurrences after a spill count again from
-    one; the merge keeps the earliest occurrence's attributes and sums the events."""
+    """Where a file's actors go (``runs.JobRuns``) when ``limit`` of them are held, or when they were found
+    in ``byte_limit`` bytes of JSON or more (an actor's attributes are any JSON values, so a count alone
+    bounds nothing): ``spill`` takes the set and the extractor starts a new one. Occurrences after a
+    spill count again from one; the merge keeps the earliest occurrence's attributes and sums the events."""
 
     @property
     def limit(self) -> int: ...
+
+    @property
+    def byte_limit(self) -> int: ...
 
     def spill(self, actors: dict[int, Actor]) -> None: ...
 
@@ -240,9 +244,11 @@ class _Acc:
 
     __slots__ = (
         "actors",
+        "byte_limit",
         "events",
         "file",
         "first_is_object",
+        "held_bytes",
         "limit",
         "out",
         "skipped",
@@ -257,6 +263,8 @@ class _Acc:
         self.spill = spill
         #: Without a spill, never reached: the file's actors are held until it ends.
         self.limit = spill.limit if spill is not None else _INT64_MAX
+        self.byte_limit = spill.byte_limit if spill is not None else _INT64_MAX
+        self.held_bytes = 0  # bytes of JSON read since the actors held were last spilled
         self.events = 0
         self.values = 0  # top-level values seen (events + non-objects); decides "object" vs "ndjson"
         self.first_is_object = False
@@ -264,7 +272,8 @@ class _Acc:
         self.types: dict[str, int] = {}
         self.actors: dict[int, Actor] = {}
 
-    def add(self, items: list[Any]) -> None:
+    def add(self, items: list[Any], size: int) -> None:
+        """Count ``items``, decoded from ``size`` bytes of the file."""
         if not items:
             return
         if self.values == 0:
@@ -318,11 +327,15 @@ class _Acc:
         if lines:
             assert self.out is not None
             self.out.write(_LINE_ENCODER.encode_lines(lines))
+        self.held_bytes += size
+        if self.held_bytes >= self.byte_limit and self.actors:
+            self._spill()
 
     def _spill(self) -> dict[int, Actor]:
         assert self.spill is not None
         self.spill.spill(self.actors)
         self.actors = {}
+        self.held_bytes = 0
         return self.actors
 
     def result(self, name: str, layout: str, size: int) -> FileResult:
@@ -564,7 +577,7 @@ def _decode_whole(decode: Any, region: memoryview, base: int, acc: _Acc) -> None
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise _decode_error(exc, region, base) from None
     _check_utf8(region, base)
-    acc.add(items)
+    acc.add(items, len(region))
 
 
 _SLICE = 256 << 10
@@ -590,7 +603,7 @@ def _decode_lines_sliced(data: bytes, p: int, end: int, base: int, acc: _Acc) ->
         except (UnicodeDecodeError, RecursionError) as exc:
             raise _decode_error(exc, region, base + p) from None
         _check_utf8(region, base + p)
-        acc.add(items)
+        acc.add(items, len(region))
         p = e
     return end
 
@@ -776,6 +789,7 @@ def _one_value(buf: _Buf, max_value_bytes: int) -> Any:
 def _stream_values(buf: _Buf, acc: _Acc, max_value_bytes: int, *, array: bool) -> None:
     """One value at a time: the body of a top-level array (after ``[``), or a multi-line sequence."""
     batch: list[Any] = []
+    batch_start = 0  # the file offset where the batch's first value starts
     expect_value = True  # array: after "[" or ","
     first = True
     while True:
@@ -806,13 +820,16 @@ def _stream_values(buf: _Buf, acc: _Acc, max_value_bytes: int, *, array: bool) -
                 buf.pos += 1
                 expect_value = True
                 continue
+        if not batch:
+            batch_start = buf.base + buf.pos
         batch.append(_one_value(buf, max_value_bytes))
         first = False
         expect_value = False
         if len(batch) >= 1024:
-            acc.add(batch)
+            acc.add(batch, buf.base + buf.pos - batch_start)
             batch = []
-    acc.add(batch)
+    if batch:
+        acc.add(batch, buf.base + buf.pos - batch_start)
 
 
 def _stream_array(buf: _Buf, acc: _Acc, max_value_bytes: int) -> None:

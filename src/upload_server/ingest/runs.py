@@ -4,9 +4,10 @@ A run is a job's actors (or part of them) as ``ActorRow``s sorted by id, each id
 chunks of ``ACTOR_CHUNK_ROWS`` rows. ``results.merge_rows`` merges runs into one stream by ``Merger``'s rule.
 
 * **While a file is extracted** (``JobRuns``, given to ``extract`` as its ``ActorSpill``): when the file's
-  actor set reaches ``limit`` actors it is written as a run and cleared. When the file ends, what is left
-  joins the job's pending set (a ``Merger`` of the job's finished files), written as a run in its turn when
-  that reaches ``limit``. A file that fails has its runs cut off the file again (all or nothing).
+  actor set reaches ``limit`` actors, or was gathered from ``byte_limit`` bytes of JSON (attributes may be
+  any JSON value: a count alone bounds nothing), it is written as a run and cleared. When the file ends,
+  what is left joins the job's pending set (a ``Merger`` of the job's finished files), written as a run in
+  its turn when that reaches ``limit``. A failed file has its runs cut off the file again (all or nothing).
 * **When the runs are merged** (``bounded_runs``): at most ``MERGE_FAN_IN`` runs are read at once, each a
   chunk at a time; more are merged in passes into scratch files first.
 
@@ -119,12 +120,15 @@ def bounded_runs(runs: list[Run], scratch: Sequence[str], fan_in: int = MERGE_FA
 class JobRuns:
     """One job's actor runs, written one after another to ``out`` (its results file) as they fill.
 
-    ``limit`` and ``spill`` are the extractor's ``ActorSpill``; ``begin_file`` and ``end_file`` frame each
-    file of the job; ``finish`` writes what is pending. ``runs`` lists the runs' chunk lengths in order.
+    ``limit``, ``byte_limit`` and ``spill`` are the extractor's ``ActorSpill``; ``begin_file`` and
+    ``end_file`` frame each file of the job; ``finish`` writes what is pending. ``runs`` lists the runs'
+    chunk lengths in order. The pending set is bounded by ``limit`` actors, and by the job's bytes: a job
+    of several files is a batch of small ones (``dispatch.BATCH_MAX_BYTES``).
     """
 
-    def __init__(self, out: BinaryIO, limit: int) -> None:
+    def __init__(self, out: BinaryIO, limit: int, byte_limit: int) -> None:
         self.limit = limit
+        self.byte_limit = byte_limit
         self.runs: list[list[int]] = []
         self._out = out
         self._pending = Merger()

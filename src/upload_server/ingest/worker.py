@@ -64,7 +64,8 @@ class Job:
     # flight per path: jobs running at the same time must not share it.
     events_path: str | None = None
     #: Actors a file (and the job's finished files together) may hold before they are spilled as a sorted
-    #: run (``runs.JobRuns``); derived from ``--worker-memory-budget`` (``runs.spill_threshold``).
+    #: run (``runs.JobRuns``); derived from ``--worker-memory-budget`` (``runs.spill_threshold``). A file's
+    #: actors are also spilled once gathered from ``memory_budget`` bytes of JSON.
     spill_actors: int = spill_threshold(64 << 20)
 
 
