@@ -17,7 +17,9 @@ Readings of the rules (the issue leaves these open):
 * **event_types** counts the ``type`` of every event: a string counts as itself, an absent or null ``type`` as
   ``"<missing>"``, any other JSON value as ``"<non-string>"`` (GitHub types never contain ``<``).
 * **Actors** keep the first occurrence within the file: ``(login, display_login, avatar_url, url,
-  gravatar_id, events)``; the five attributes are kept as found (``None`` when absent).
+  gravatar_id, events)``; the five attributes are kept as found (``None`` when absent). Given an
+  ``actors_out`` (``ActorSpill``), a file's actors go there in bounded sets as they are found, and the
+  result holds only the last set; the merge of the sets keeps the first occurrence (``runs``).
 * **Errors** (a file is all or nothing: on error the counts are zero and ``events_out`` is rewound when it
   is seekable): ``INVALID_JSON`` (malformed, truncated, invalid UTF-8 anywhere), ``JSON_TOO_DEEP``
   (nesting beyond msgspec's limit, e.g. ``[`` × 100,000), ``VALUE_TOO_LARGE`` (streaming only: one

@@ -4,8 +4,9 @@ Ordering: results may be added in any order (as workers finish). Files are liste
 (the ``infolist()`` index; ties keep arrival order), and an actor's attributes are those of the file that
 comes first in that order, whatever order the results arrived in. Actors are sorted by id.
 
-Two ways in, one rule: ``Merger`` merges results held in memory; ``merge_runs`` merges sorted actor runs
-streamed from disk (``assemble``), so that an upload of millions of actors never holds them all at once.
+Two ways in, one rule: ``Merger`` merges results held in memory; ``merge_rows`` / ``merge_runs`` merge
+sorted actor runs streamed from disk (``runs``), so that an upload of millions of actors never holds them
+all at once.
 """
 
 from __future__ import annotations
