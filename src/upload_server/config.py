@@ -201,7 +201,7 @@ SETTINGS: tuple[Setting, ...] = (
         "worker_memory_budget",
         parse_size,
         "files under this size are parsed whole in a worker; larger ones are streamed. Also what a worker "
-        "holds of an upload's actors (about 700 bytes each, or actors found in this many bytes of JSON) "
+        "holds of an upload's actors (about 480 bytes each, or actors found in this many bytes of JSON) "
         "before it spills them to disk as a sorted run",
         _positive,
     ),

@@ -43,8 +43,9 @@ ACTOR_CHUNK_ROWS = 1024
 #: Runs merged at once: 64 decoded chunks are ~32 MiB; a thousand jobs' runs merge in two passes.
 MERGE_FAN_IN = 64
 #: What one actor costs a worker while held (its dict entry, its Actor and five strings as GitHub's are),
-#: measured: 3,000,000 distinct actors of loadtest/bench_many_actors.py held ~2 GiB, ~700 bytes each.
-ACTOR_BYTES = 700
+#: measured: the 3,000,000 distinct actors of loadtest/bench_many_actors.py held in one file took a worker
+#: from 31 to 1,414 MiB, 483 bytes each.
+ACTOR_BYTES = 480
 #: The fewest actors held before a spill, whatever the budget (a run of fewer rows is mostly overhead).
 MIN_SPILL_ACTORS = 64
 
@@ -53,7 +54,8 @@ _ROWS_DECODER = msgspec.msgpack.Decoder(list[ActorRow])
 
 
 def spill_threshold(memory_budget: int) -> int:
-    """Actors a worker holds before it spills them: ``--worker-memory-budget`` worth (64 MiB: 95,000)."""
+    """Actors a set holds before it is spilled: ``--worker-memory-budget`` worth (64 MiB: 139,810). A worker
+    holds two sets at most: the file's, and the job's pending one."""
     return max(MIN_SPILL_ACTORS, memory_budget // ACTOR_BYTES)
 
 
@@ -122,8 +124,9 @@ class JobRuns:
 
     ``limit``, ``byte_limit`` and ``spill`` are the extractor's ``ActorSpill``; ``begin_file`` and
     ``end_file`` frame each file of the job; ``finish`` writes what is pending. ``runs`` lists the runs'
-    chunk lengths in order. The pending set is bounded by ``limit`` actors, and by the job's bytes: a job
-    of several files is a batch of small ones (``dispatch.BATCH_MAX_BYTES``).
+    chunk lengths in order. The pending set stays under ``limit`` actors (it is spilled before a file's
+    actors would take it past), and its attributes came from the job's files, a batch of small ones
+    (``dispatch.BATCH_MAX_BYTES``) or one file whose own set is bounded.
     """
 
     def __init__(self, out: BinaryIO, limit: int, byte_limit: int) -> None:
@@ -152,10 +155,10 @@ class JobRuns:
             rewind(self._out, position)
             del self.runs[count:]
             return
+        if self._pending.actor_count + len(result.actors) >= self.limit:
+            self.finish()
         self._pending.add(result)
         result.actors = {}  # the pending set holds its own copies
-        if self._pending.actor_count >= self.limit:
-            self.finish()
 
     def finish(self) -> None:
         if self._pending.actor_count:
