@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import io
+import os
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -14,10 +16,11 @@ from hypothesis import strategies as st
 
 from conftest import examples
 from upload_server.ingest.extract import FileResult, extract_bytes, extract_stream
-from upload_server.ingest.results import merge, merge_runs
+from upload_server.ingest.results import ActorRow, merge, merge_runs
 from upload_server.ingest.runs import (
     MIN_SPILL_ACTORS,
     JobRuns,
+    Run,
     bounded_runs,
     read_run,
     runs_of,
@@ -154,3 +157,30 @@ def test_a_failed_file_leaves_no_run_behind(tmp_path: Path) -> None:
 def test_the_spill_threshold_follows_the_memory_budget() -> None:
     assert spill_threshold(64 << 20) > 90_000
     assert spill_threshold(1 << 10) == MIN_SPILL_ACTORS
+
+
+def test_a_merge_of_hundreds_of_runs_holds_one_descriptor_at_most(tmp_path: Path) -> None:
+    """300 jobs' runs, merged in passes down to 8 runs, then merged into the answer's stream: a run's file
+    is opened per chunk read, so however many runs are merged, at most one descriptor is held at a time."""
+    runs = []
+    for number in range(300):
+        path = tmp_path / f"job-{number}"
+        spilled_job(path, [([(number * 7 % 101 + k, "a") for k in range(3)], False)], [number], 64)
+        runs += runs_of(str(path), orjson.loads(path.with_suffix(".lengths").read_bytes()))
+    baseline = len(os.listdir("/proc/self/fd"))
+    most = 0
+
+    def watched(run: Run) -> Iterator[ActorRow]:
+        nonlocal most
+        for row in read_run(run):
+            most = max(most, len(os.listdir("/proc/self/fd")) - baseline)
+            yield row
+
+    scratch = (str(tmp_path / "a"), str(tmp_path / "b"))
+    bounded = bounded_runs(runs, scratch, fan_in=8)
+    assert len(bounded) <= 8
+    merged = list(merge_runs(map(watched, bounded)))
+    assert [aid for aid, _ in merged] == sorted(
+        {number * 7 % 101 + k for number in range(300) for k in range(3)}
+    )
+    assert most <= 1
