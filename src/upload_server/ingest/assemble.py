@@ -37,6 +37,7 @@ from .results import (
     UploadReceipt,
     actor_lines,
     file_line,
+    merge_rows,
     merge_runs,
     summary_line,
     write_answer,
@@ -178,7 +179,7 @@ def _merge_and_render(request: RenderRequest) -> RenderOutcome:
             _write_ndjson_tail(out, merged, actors(), request, timing_ms)
         else:
             # The summary, which comes first, counts the actors: one pass to count, one to write.
-            merged.unique_actors = sum(1 for _ in actors())
+            merged.unique_actors = sum(1 for _ in merge_rows(map(read_run, runs)))
             write_answer(
                 out,
                 merged,
