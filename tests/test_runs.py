@@ -18,6 +18,7 @@ from conftest import examples
 from upload_server.ingest.extract import FileResult, extract_bytes, extract_stream
 from upload_server.ingest.results import ActorRow, merge, merge_runs
 from upload_server.ingest.runs import (
+    CHUNK_BYTES,
     MIN_SPILL_ACTORS,
     JobRuns,
     Run,
@@ -89,6 +90,7 @@ def held_in_memory(files: list[FileSpec], orders: list[int]) -> list[FileResult]
     limit=st.integers(1, 6),
     byte_limit=st.sampled_from([1 << 30, 200, 1]),
     fan_in=st.integers(2, 5),
+    merge_bytes=st.sampled_from([1, 300, 1 << 30]),
     seed=st.integers(0, 1000),
 )
 def test_spilled_runs_merge_to_the_in_memory_answer(
@@ -97,11 +99,12 @@ def test_spilled_runs_merge_to_the_in_memory_answer(
     limit: int,
     byte_limit: int,
     fan_in: int,
+    merge_bytes: int,
     seed: int,
 ) -> None:
     """Jobs whose files spill every ``limit`` actors or ``byte_limit`` bytes (failed files' runs cut off
-    again), merged in passes of ``fan_in`` runs, give exactly the actors of one in-memory merge of every
-    file: ids, first attributes by file order, summed events."""
+    again), merged in passes of ``fan_in`` runs or ``merge_bytes`` of chunks, give exactly the actors of
+    one in-memory merge of every file: ids, first attributes by file order, summed events."""
     tmp = Path(tmp_path_factory.mktemp("runs"))  # type: ignore[attr-defined]
     count = sum(len(files) for files in jobs)
     orders = random.Random(seed).sample(range(100), count)
@@ -114,8 +117,9 @@ def test_spilled_runs_merge_to_the_in_memory_answer(
         assert [r.error is not None for r in results] == [broken for _, broken in files]
         runs += runs_of(str(path), orjson.loads(path.with_suffix(".lengths").read_bytes()))
         expected += held_in_memory(files, job_orders)
-    bounded = bounded_runs(runs, (str(tmp / "a"), str(tmp / "b")), fan_in)
+    bounded = bounded_runs(runs, (str(tmp / "a"), str(tmp / "b")), fan_in, merge_bytes)
     assert len(bounded) <= fan_in
+    assert len(bounded) <= 1 or sum(max(run.chunks) for run in bounded) <= merge_bytes
     assert list(merge_runs(map(read_run, bounded))) == list(merge(expected).actors.items())
 
 
@@ -139,6 +143,17 @@ def test_large_attributes_spill_by_bytes(tmp_path: Path) -> None:
     sizes = [len(list(read_run(run))) for run in runs_of(str(tmp_path / "job"), lengths)]
     assert sum(sizes) == 12 and len(sizes) >= 4 and max(sizes) <= 3
     assert result.events == 12
+
+
+def test_chunks_of_large_actors_are_halved_until_they_fit(tmp_path: Path) -> None:
+    """Ten actors with 400 KB logins: no chunk of their run is over CHUNK_BYTES (1 MiB) unless it is one
+    row, and the rows read back whole."""
+    logins = [(aid, "x" * 400_000) for aid in range(10)]
+    spilled_job(tmp_path / "job", [(logins, False)], [0], 1000)
+    (run,) = runs_of(str(tmp_path / "job"), orjson.loads((tmp_path / "job.lengths").read_bytes()))
+    assert len(run.chunks) > 1 and max(run.chunks) <= CHUNK_BYTES
+    expected = [(aid, f"{tag}{aid}-{aid}") for aid, tag in logins]  # the login ndjson() gives
+    assert [(row.id, row.login) for row in read_run(run)] == expected
 
 
 def test_a_failed_file_leaves_no_run_behind(tmp_path: Path) -> None:

@@ -29,6 +29,8 @@ from .results import ActorRow, Merger, merge_rows
 __all__ = [
     "ACTOR_BYTES",
     "ACTOR_CHUNK_ROWS",
+    "CHUNK_BYTES",
+    "MERGE_BYTES",
     "MERGE_FAN_IN",
     "JobRuns",
     "Run",
@@ -38,10 +40,18 @@ __all__ = [
     "write_run",
 ]
 
-#: Actor rows per chunk: a merge holds one decoded chunk per run it reads (~0.5 MiB at 1,024 rows).
+#: Actor rows per chunk: a merge holds one decoded chunk per run it reads (~0.35 MiB at 1,024 rows of
+#: GitHub-like actors, 123 bytes each encoded).
 ACTOR_CHUNK_ROWS = 1024
-#: Runs merged at once: 64 decoded chunks are ~32 MiB; a thousand jobs' runs merge in two passes.
+#: A chunk's most encoded bytes, unless it is one row: attributes are any JSON values, so rows are halved
+#: until they fit (a hostile file's actors can be megabytes each; GitHub-like ones never come near).
+CHUNK_BYTES = 1 << 20
+#: Runs merged at once: 64 chunks of GitHub-like actors are ~22 MiB decoded; a thousand jobs' runs
+#: merge in two passes.
 MERGE_FAN_IN = 64
+#: At most this many encoded bytes of chunks (each run's largest) are read at once: fewer runs are merged
+#: at a time when their chunks are large.
+MERGE_BYTES = 32 << 20
 #: What one actor costs a worker while held (its dict entry, its Actor and five strings as GitHub's are),
 #: measured: the 3,000,000 distinct actors of loadtest/bench_many_actors.py held in one file took a worker
 #: from 31 to 1,414 MiB, 483 bytes each.
@@ -74,11 +84,22 @@ def write_run(out: BinaryIO, rows: Iterable[ActorRow]) -> list[int]:
     for row in rows:
         batch.append(row)
         if len(batch) >= ACTOR_CHUNK_ROWS:
-            chunks.append(out.write(_ENCODER.encode(batch)))
+            chunks += (out.write(chunk) for chunk in _encoded(batch))
             batch = []
     if batch:
-        chunks.append(out.write(_ENCODER.encode(batch)))
+        chunks += (out.write(chunk) for chunk in _encoded(batch))
     return chunks
+
+
+def _encoded(batch: list[ActorRow]) -> Iterator[bytes]:
+    """``batch`` as chunks of at most ``CHUNK_BYTES`` each, or of one row."""
+    data = _ENCODER.encode(batch)
+    if len(data) <= CHUNK_BYTES or len(batch) == 1:
+        yield data
+        return
+    half = len(batch) // 2
+    yield from _encoded(batch[:half])
+    yield from _encoded(batch[half:])
 
 
 def read_run(run: Run) -> Iterator[ActorRow]:
@@ -103,20 +124,43 @@ def runs_of(path: str, lengths: Sequence[list[int]]) -> list[Run]:
     return runs
 
 
-def bounded_runs(runs: list[Run], scratch: Sequence[str], fan_in: int = MERGE_FAN_IN) -> list[Run]:
-    """``runs``, merged in passes of ``fan_in`` consecutive runs until at most ``fan_in`` are left. Pass
-    outputs alternate between the two ``scratch`` paths (a pass reads the other one, or the jobs' files)."""
+def bounded_runs(
+    runs: list[Run], scratch: Sequence[str], fan_in: int = MERGE_FAN_IN, merge_bytes: int = MERGE_BYTES
+) -> list[Run]:
+    """``runs``, merged in passes of consecutive runs until they can be read at once: at most ``fan_in``
+    runs whose largest chunks add up to ``merge_bytes`` at most (or one run). A pass groups as many runs
+    as those bounds allow, two at least, so each pass at least halves them. Pass outputs alternate between
+    the two ``scratch`` paths (a pass reads the other one, or the jobs' files)."""
     passes = 0
-    while len(runs) > fan_in:
+    while len(runs) > 1 and (len(runs) > fan_in or _held(runs) > merge_bytes):
         path = scratch[passes % 2]
         merged: list[Run] = []
         with open(path, "wb", buffering=1 << 20) as out:
-            for start in range(0, len(runs), fan_in):
+            for group in _groups(runs, fan_in, merge_bytes):
                 offset = out.tell()
-                group = runs[start : start + fan_in]
                 merged.append(Run(path, offset, write_run(out, merge_rows(map(read_run, group)))))
         runs, passes = merged, passes + 1
     return runs
+
+
+def _held(runs: Sequence[Run]) -> int:
+    """The encoded bytes a merge of ``runs`` holds at most: each run's largest chunk."""
+    return sum(max(run.chunks, default=0) for run in runs)
+
+
+def _groups(runs: list[Run], fan_in: int, merge_bytes: int) -> Iterator[list[Run]]:
+    """Consecutive runs, as many at a time as ``bounded_runs``'s bounds allow, two at least."""
+    group: list[Run] = []
+    held = 0
+    for run in runs:
+        largest = max(run.chunks, default=0)
+        if len(group) >= 2 and (len(group) >= fan_in or held + largest > merge_bytes):
+            yield group
+            group, held = [], 0
+        group.append(run)
+        held += largest
+    if group:
+        yield group
 
 
 class JobRuns:
