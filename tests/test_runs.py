@@ -145,7 +145,7 @@ def test_large_attributes_spill_by_bytes(tmp_path: Path) -> None:
     assert result.events == 12
 
 
-def test_chunks_of_large_actors_are_halved_until_they_fit(tmp_path: Path) -> None:
+def test_chunks_of_large_actors_are_cut_until_they_fit(tmp_path: Path) -> None:
     """Ten actors with 400 KB logins: no chunk of their run is over CHUNK_BYTES (1 MiB) unless it is one
     row, and the rows read back whole."""
     logins = [(aid, "x" * 400_000) for aid in range(10)]

@@ -39,6 +39,11 @@ __all__ = [
 ]
 
 
+#: Most bytes of actors gathered before a write: an actor's attributes are any JSON values, so 1,000 of
+#: them can be far more than the ~300 KB GitHub-like ones make.
+BATCH_BYTES = 1 << 20
+
+
 class ActorRow(Actor):
     """One row of a job's actor run (``merge_runs``): an actor of the job (its events in the job), its id,
     and the order of the file whose attributes it keeps. Written to the results file packed as an array,
@@ -248,7 +253,8 @@ def write_answer(
     batch: int = 1000,
 ) -> None:
     """Write the JSON answer to ``out``, the same bytes as ``orjson.dumps(render_answer(...))``, with the
-    actors (``None``: left out) streamed ``batch`` at a time rather than built as one list first."""
+    actors (``None``: left out) streamed ``batch`` at a time (or ``BATCH_BYTES``' worth) rather than built
+    as one list first."""
     answer = render_answer(merged, receipt, ignored=ignored, timing_ms=timing_ms, include_actors=False)
     if actors is None:
         out.write(orjson.dumps(answer))
@@ -257,11 +263,13 @@ def write_answer(
     out.write(orjson.dumps(answer)[:-1] + b',"actors":[')
     pieces: list[bytes] = []
     separator = b""
+    size = 0
     for aid, rec in actors:
-        pieces.append(orjson.dumps(_actor_dict(aid, rec)))
-        if len(pieces) >= batch:
+        pieces.append(piece := orjson.dumps(_actor_dict(aid, rec)))
+        size += len(piece)
+        if len(pieces) >= batch or size >= BATCH_BYTES:
             out.write(separator + b",".join(pieces))
-            pieces, separator = [], b","
+            pieces, separator, size = [], b",", 0
     if pieces:
         out.write(separator + b",".join(pieces))
     out.write(b'],"timing_ms":' + orjson.dumps(timing) + b"}")
@@ -277,14 +285,16 @@ def actor_line(actor_id: int, rec: Actor) -> bytes:
 
 
 def actor_lines(actors: Iterable[tuple[int, Actor]], batch: int = 1000) -> Iterator[bytes]:
-    """The actor lines of ``(id, record)`` pairs in id order, ``batch`` lines joined per item (fewer
-    writes for a chunked answer)."""
+    """The actor lines of ``(id, record)`` pairs in id order, ``batch`` lines (or ``BATCH_BYTES``' worth)
+    joined per item (fewer writes for a chunked answer)."""
     lines: list[bytes] = []
+    size = 0
     for aid, rec in actors:
-        lines.append(actor_line(aid, rec))
-        if len(lines) >= batch:
+        lines.append(line := actor_line(aid, rec))
+        size += len(line)
+        if len(lines) >= batch or size >= BATCH_BYTES:
             yield b"".join(lines)
-            lines = []
+            lines, size = [], 0
     if lines:
         yield b"".join(lines)
 

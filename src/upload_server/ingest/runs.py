@@ -43,7 +43,7 @@ __all__ = [
 #: Actor rows per chunk: a merge holds one decoded chunk per run it reads (~0.35 MiB at 1,024 rows of
 #: GitHub-like actors, 123 bytes each encoded).
 ACTOR_CHUNK_ROWS = 1024
-#: A chunk's most encoded bytes, unless it is one row: attributes are any JSON values, so rows are halved
+#: A chunk's most encoded bytes, unless it is one row: attributes are any JSON values, so rows are cut
 #: until they fit (a hostile file's actors can be megabytes each; GitHub-like ones never come near).
 CHUNK_BYTES = 1 << 20
 #: Runs merged at once: 64 chunks of GitHub-like actors are ~22 MiB decoded; a thousand jobs' runs
@@ -92,14 +92,16 @@ def write_run(out: BinaryIO, rows: Iterable[ActorRow]) -> list[int]:
 
 
 def _encoded(batch: list[ActorRow]) -> Iterator[bytes]:
-    """``batch`` as chunks of at most ``CHUNK_BYTES`` each, or of one row."""
+    """``batch`` as chunks of at most ``CHUNK_BYTES`` each, or of one row: cut into as many rows as fit
+    at the batch's average row size, each piece cut again if its rows are larger than the average."""
     data = _ENCODER.encode(batch)
     if len(data) <= CHUNK_BYTES or len(batch) == 1:
         yield data
         return
-    half = len(batch) // 2
-    yield from _encoded(batch[:half])
-    yield from _encoded(batch[half:])
+    step = max(1, len(batch) * CHUNK_BYTES // len(data))
+    del data  # not held while the pieces are encoded
+    for start in range(0, len(batch), step):
+        yield from _encoded(batch[start : start + step])
 
 
 def read_run(run: Run) -> Iterator[ActorRow]:
