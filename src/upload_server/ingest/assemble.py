@@ -12,11 +12,12 @@ load). So it runs in a worker too:
 The serving process then sends that file as it is.
 
 A results file holds the job's actors as sorted runs (``runs.JobRuns``: written while the job's files are
-extracted, each time ``Job.spill_actors`` actors are held), then a trailer (the per-file results without
-their actors, and the runs' chunk lengths), then the trailer's length. The final task merges the runs as
-streams (``runs.bounded_runs``, ``results.merge_runs``) and writes the answer as it goes, so it holds one
-chunk per run and at most ``runs.MERGE_FAN_IN`` runs, never every actor: for 3 million distinct actors it
-peaked at 3,860 MiB when it decoded, merged and rendered them all in memory (BENCH_NOTES.md, issue 12).
+extracted, each time ``Job.spill_actors`` actors are held or ``Job.memory_budget`` bytes were read), then a
+trailer (the per-file results without their actors, and the runs' chunk lengths), then the trailer's
+length. The final task merges the runs as streams (``runs.bounded_runs``, ``results.merge_runs``) and
+writes the answer as it goes, so it holds one chunk per run and a bounded number of runs, never every
+actor: for 3 million distinct actors it peaked at 3,860 MiB when it decoded, merged and rendered them all
+in memory (BENCH_NOTES.md, issue 12).
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ class RenderRequest:
     receipt: UploadReceipt
     result_paths: list[str]
     answer_path: str
-    #: Two files for merge passes when the jobs wrote more than ``runs.MERGE_FAN_IN`` runs.
+    #: Two files for merge passes, when the jobs wrote more runs than one merge reads (``runs.bounded_runs``).
     scratch_paths: tuple[str, str]
     ndjson: bool
     strict: bool
