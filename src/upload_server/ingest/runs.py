@@ -1,15 +1,17 @@
 """Sorted actor runs on disk: how a worker keeps an upload's actors out of its memory (issue 12).
 
 A run is a job's actors (or part of them) as ``ActorRow``s sorted by id, each id once, written in msgpack
-chunks of ``ACTOR_CHUNK_ROWS`` rows. ``results.merge_rows`` merges runs into one stream by ``Merger``'s rule.
+chunks of ``ACTOR_CHUNK_ROWS`` rows (fewer when that passes ``CHUNK_BYTES``). ``results.merge_rows``
+merges runs into one stream by ``Merger``'s rule.
 
 * **While a file is extracted** (``JobRuns``, given to ``extract`` as its ``ActorSpill``): when the file's
   actor set reaches ``limit`` actors, or was gathered from ``byte_limit`` bytes of JSON (attributes may be
   any JSON value: a count alone bounds nothing), it is written as a run and cleared. When the file ends,
-  what is left joins the job's pending set (a ``Merger`` of the job's finished files), written as a run in
-  its turn when that reaches ``limit``. A failed file has its runs cut off the file again (all or nothing).
-* **When the runs are merged** (``bounded_runs``): at most ``MERGE_FAN_IN`` runs are read at once, each a
-  chunk at a time; more are merged in passes into scratch files first.
+  what is left joins the job's pending set (a ``Merger`` of the job's finished files), written as a run
+  before it would reach ``limit``. A failed file has its runs cut off the file again (all or nothing).
+* **When the runs are merged** (``bounded_runs``): at most ``MERGE_FAN_IN`` runs, whose largest chunks add
+  up to ``MERGE_BYTES`` at most, are read at once, each a chunk at a time; more are merged in passes into
+  scratch files first.
 
 Ties: two rows of one id and one file order come from one file's runs, and the earlier run holds the
 earlier occurrence. ``heapq.merge`` is stable (it orders like ``sorted(itertools.chain(...))``), so runs
