@@ -770,3 +770,16 @@ async def test_spill_files_go_when_the_work_is_cut_short(
         assert b" 500 " in answer.split(b"\r\n", 1)[0] and b"WORKER_CRASHED" in answer
         await stream.aclose()
     await _assert_work_cancelled(server, workers)
+
+
+async def test_spill_files_go_when_processing_times_out(start_server: StartServer) -> None:
+    """The processing deadline passes half a second into seconds of spilling and merging: 503, and no
+    spool, run or merge file left."""
+    server = await start_server(workers=1, process_timeout=SLOW_TIMEOUT, **SPILL_OFTEN)
+    await server.state.workers.run(os.getpid)  # the one worker, started before the clock runs
+    body, _ = _many_actors(150_000, seed=43)
+    response = await post(server, body, content_type="application/gzip")
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "PROCESSING_TIMEOUT"
+    await wait_until(lambda: not server.state.stats.uploads_in_flight and not server.state.workers.running)
+    assert server.leftover_files() == []
