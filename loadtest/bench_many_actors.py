@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"status {exchange.status} in {exchange.wall_s:.1f} s; unique_actors {summary.get('unique_actors')}"
     )
+    print(f"the answer's timing_ms: {answer.get('timing_ms')}")
     print(f"worker peak RSS (VmHWM), highest first: {', '.join(f'{kib / 1024:.0f} MiB' for kib in peaks)}")
     print(f"server peak RSS: {server_peak / 1024:.0f} MiB")
     return 0 if exchange.status == 200 and summary.get("unique_actors") == arguments.actors else 1
