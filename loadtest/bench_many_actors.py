@@ -9,6 +9,11 @@ be retired after its job, so the last sample before it exits is what counts).
     uv run python loadtest/bench_many_actors.py --actors 3000000
     uv run python loadtest/bench_many_actors.py --actors 300000 --query actors=false
 
+``--login-bytes N`` pads every login with N bytes: few actors, each large (a hostile upload: the count of
+actors alone bounds nothing). Such a file compresses beyond 1000:1, so give ``--max-ratio`` too:
+
+    uv run python loadtest/bench_many_actors.py --actors 4000 --login-bytes 150000 --max-ratio 100000
+
 Bounded: one upload, ``--max-seconds`` (default 300) for the whole run.
 """
 
@@ -28,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness
 
 LINE = (
-    '{"id":"%d","type":"PushEvent","actor":{"id":%d,"login":"user%d","display_login":"user%d",'
+    '{"id":"%d","type":"PushEvent","actor":{"id":%d,"login":"user%d%s","display_login":"user%d",'
     '"gravatar_id":"","url":"https://api.github.com/users/user%d",'
     '"avatar_url":"https://avatars.githubusercontent.com/u/%d?"},'
     '"repo":{"id":%d,"name":"org/repo%d","url":"https://api.github.com/repos/org/repo%d"},'
@@ -36,17 +41,22 @@ LINE = (
 )
 
 
-def dataset(actors: int) -> Path:
-    """``many-actors-N.json.gz``: N events, each with an actor id of its own."""
-    path = harness.DATA_DIR / f"many-actors-{actors}.json.gz"
+def dataset(actors: int, login_bytes: int = 0) -> Path:
+    """``many-actors-N.json.gz``: N events, each with an actor id of its own (``-xL``: logins padded with L
+    bytes)."""
+    padded = f"-x{login_bytes}" if login_bytes else ""
+    path = harness.DATA_DIR / f"many-actors-{actors}{padded}.json.gz"
+    padding = "x" * login_bytes
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".part")
+    rows = max(1, min(100_000, (16 << 20) // max(login_bytes, 1)))  # ~16 MB of padding a block at most
     with gzip.open(partial, "wb", compresslevel=6) as out:
-        for start in range(0, actors, 100_000):
+        for start in range(0, actors, rows):
             block = "".join(
-                LINE % ((n,) * 6 + (n % 1000,) * 3) for n in range(start, min(actors, start + 100_000))
+                LINE % ((n, n, n, padding) + (n,) * 3 + (n % 1000,) * 3)
+                for n in range(start, min(actors, start + rows))
             )
             out.write(block.encode())
     partial.rename(path)
@@ -84,15 +94,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--actors", type=int, default=3_000_000)
     parser.add_argument("--query", default="", help="e.g. actors=false")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--login-bytes", type=int, default=0, help="pad each login with this many bytes")
+    parser.add_argument("--max-ratio", default="1000", help="the server's --max-ratio")
     parser.add_argument("--max-seconds", type=float, default=300.0)
     arguments = parser.parse_args(argv)
     harness.install_run_guards(arguments.max_seconds)
     started = time.perf_counter()
-    path = dataset(arguments.actors)
+    path = dataset(arguments.actors, arguments.login_bytes)
     size = harness.human_bytes(path.stat().st_size)
     print(f"dataset {path.name}: {size} ({time.perf_counter() - started:.1f} s)")
     with tempfile.TemporaryDirectory() as tmp:
-        command = harness.server_command("ours", tmp, arguments.workers, ["--max-ratio", "1000"])
+        command = harness.server_command("ours", tmp, arguments.workers, ["--max-ratio", arguments.max_ratio])
         with harness.running_server("ours", command) as server, PeakWatcher(server.pid) as watcher:
             exchange = harness.upload(
                 server.port,
@@ -108,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"status {exchange.status} in {exchange.wall_s:.1f} s; unique_actors {summary.get('unique_actors')}"
     )
+    print(f"the answer's timing_ms: {answer.get('timing_ms')}")
     print(f"worker peak RSS (VmHWM), highest first: {', '.join(f'{kib / 1024:.0f} MiB' for kib in peaks)}")
     print(f"server peak RSS: {server_peak / 1024:.0f} MiB")
     return 0 if exchange.status == 200 and summary.get("unique_actors") == arguments.actors else 1

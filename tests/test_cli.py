@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import re
@@ -217,6 +218,25 @@ def test_a_temp_dir_that_fills_up_while_receiving_is_507(spawn: Spawn, spool_dir
     assert len(big) > 3 << 20
     with httpx.Client(base_url=server.url, timeout=30) as client:
         response = client.post("/api/v1/upload", content=big, headers={"content-type": "application/json"})
+        assert response.status_code == 507, response.text
+        assert response.json()["error"]["code"] == "INSUFFICIENT_STORAGE"
+        assert leftovers(spool_dir) == []
+        small = client.post("/api/v1/upload", content=EVENTS, headers={"content-type": "application/json"})
+        assert small.status_code == 200, small.text
+    code, _ = stop(server)
+    assert code == 0, server.stderr_text()
+    assert "Traceback" not in server.stderr_text()
+
+
+def test_a_temp_dir_that_fills_up_while_spilling_actors_is_507(spawn: Spawn, spool_dir: Path) -> None:
+    """The upload fits under 1 MiB, the sorted actor runs its worker spills do not: 507
+    INSUFFICIENT_STORAGE (not a 500), every file removed, and a small upload still works."""
+    server = spawn(with_file_size_limit(1 << 20, server_command(spool_dir, "--workers", "1")))
+    lines = b"".join(b'{"actor":{"id":%d,"login":"u%d"}}\n' % (n, n) for n in range(150_000))
+    body = gzip.compress(lines, compresslevel=9)
+    assert len(body) < 1 << 20 < len(lines) // 4
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        response = client.post("/api/v1/upload", content=body, headers={"content-type": "application/gzip"})
         assert response.status_code == 507, response.text
         assert response.json()["error"]["code"] == "INSUFFICIENT_STORAGE"
         assert leftovers(spool_dir) == []

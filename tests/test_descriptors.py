@@ -26,7 +26,7 @@ import trio.testing
 from events_factory import as_ndjson, make_events
 from server_process import LISTENING, START_TIMEOUT, ServerProcess, _pump, clean_env, server_command
 from upload_server.config import Config
-from upload_server.errors import OutOfFileDescriptors, root_cause
+from upload_server.errors import InsufficientStorage, OutOfFileDescriptors, root_cause
 from upload_server.fdlimit import reserve
 from upload_server.server import ACCEPT_RETRY_SECONDS, AcceptTrouble
 
@@ -206,3 +206,16 @@ def test_exhaustion_anywhere_in_the_chain_is_out_of_file_descriptors() -> None:
         assert (b"retry-after", b"2") in answer.headers
     other = OSError(errno.EACCES, "Permission denied")
     assert root_cause(other) is other
+
+
+def test_running_out_of_disk_in_a_worker_is_507_and_an_answer_chosen_stays() -> None:
+    """ENOSPC (or EFBIG, EDQUOT) from a worker writing its results or spilled runs is the server's storage
+    running out: 507. The spool's own 507, raised from such an error, keeps its words."""
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        answer = root_cause(OSError(code, "no room"))
+        assert isinstance(answer, InsufficientStorage) and answer.status == 507
+        assert answer.detail == {"errno": errno.errorcode[code]}
+    try:
+        raise InsufficientStorage("while receiving") from OSError(errno.ENOSPC, "no room")
+    except InsufficientStorage as error:
+        assert root_cause(error) is error

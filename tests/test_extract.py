@@ -172,6 +172,65 @@ def test_counts_match_ground_truth_in_every_layout(
     assert mem.layout == streamed.layout == expected_layout
 
 
+class CollectingSpill:
+    """An ``ActorSpill`` that keeps each set it is handed, for the tests to fold again."""
+
+    def __init__(self, limit: int, byte_limit: int) -> None:
+        self.limit = limit
+        self.byte_limit = byte_limit
+        self.sets: list[dict[int, Actor]] = []
+
+    def spill(self, actors: dict[int, Actor]) -> None:
+        assert 0 < len(actors) <= self.limit
+        self.sets.append(dict(actors))
+
+    def folded(self, rest: dict[int, Actor]) -> dict[int, Actor]:
+        """The sets in the order spilled, then ``rest``: first attributes kept, events summed."""
+        merged: dict[int, Actor] = {}
+        for actors in [*self.sets, rest]:
+            for aid, actor in actors.items():
+                if aid in merged:
+                    merged[aid].events += actor.events
+                else:
+                    merged[aid] = Actor(*(getattr(actor, f) for f in Actor.__struct_fields__))
+        return merged
+
+
+@settings(max_examples=examples(150), suppress_health_check=[HealthCheck.too_slow])
+@given(
+    items=st.lists(item, max_size=12),
+    layout=st.sampled_from(["array", "ndjson", "concat", "pretty"]),
+    chunk=st.integers(1, 64),
+    limit=st.integers(1, 4),
+    byte_limit=st.sampled_from([1, 40, 1 << 30]),
+)
+def test_spilled_actors_fold_back_to_the_held_ones(
+    items: list[Any], layout: str, chunk: int, limit: int, byte_limit: int
+) -> None:
+    """In every layout, in memory or streamed: actors handed out every ``limit`` actors or ``byte_limit``
+    bytes, folded back in order with what the result still holds, are exactly the actors held without a
+    spill; every other count is unchanged."""
+    assume(layout == "array" or not (items and isinstance(items[0], list)))
+    data = render(items, layout, False, False)
+    expected = expected_counts(items)
+    for streamed in (False, True):
+        spill = CollectingSpill(limit, byte_limit)
+        if streamed:
+            res = stream_result(data, chunk=chunk, actors_out=spill)
+        else:
+            res = extract_bytes("f.json", data, None, spill)
+        assert res.error is None, res.error
+        assert (res.events, res.skipped, res.event_types) == (
+            expected["events"],
+            expected["skipped"],
+            expected["event_types"],
+        )
+        assert spill.folded(res.actors) == expected["actors"]
+        assert len(res.actors) < limit
+        if byte_limit == 1:  # spilled after every batch: nothing is left held
+            assert res.actors == {}
+
+
 @settings(max_examples=examples(150))
 @given(items=st.lists(item, min_size=1, max_size=8), cut=st.integers(0, 10_000), chunk=st.integers(1, 32))
 def test_truncated_file_fails_as_a_whole(items: list[Any], cut: int, chunk: int) -> None:

@@ -6,6 +6,7 @@ import contextlib
 import gc
 import gzip
 import os
+import random
 import signal
 import struct
 import zipfile
@@ -654,4 +655,131 @@ async def test_ndjson_stream_ends_with_an_error_line_when_a_worker_crashes(start
         lines = [orjson.loads(line) async for line in response.aiter_lines() if line]
     assert [line["kind"] for line in lines if line["kind"] != "progress"] == ["error"]
     assert lines[-1]["error"]["code"] == "WORKER_CRASHED"
+    assert server.leftover_files() == []
+
+
+# ------------------------------------------------------------------------ actors spilled to disk (issue 12)
+
+#: A worker memory budget that makes workers spill their actors every 64 (runs.MIN_SPILL_ACTORS).
+SPILL_OFTEN = {"worker_memory_budget": 16 << 10}
+
+
+def _many_actors(count: int, seed: int, *, broken: bool = False) -> tuple[bytes, dict[int, tuple[str, int]]]:
+    """Gzipped NDJSON in which ``count`` actors each act twice, in two shuffled rounds, under a login that
+    names the occurrence; and the truth: id -> (login of the first occurrence, events). ``broken``: the
+    file ends in bad JSON, after more than a slice (256 KiB) of good lines."""
+    rng = random.Random(seed)
+    ids = rng.sample(range(1, 1 << 40), count)
+    truth: dict[int, tuple[str, int]] = {}
+    lines = []
+    for occurrence in range(2):
+        rng.shuffle(ids)
+        for aid in ids:
+            login = f"u{aid}-{occurrence}"
+            lines.append(b'{"type":"PushEvent","actor":{"id":%d,"login":"%s"}}\n' % (aid, login.encode()))
+            truth[aid] = (truth[aid][0], 2) if aid in truth else (login, 1)
+    body = b"".join(lines) + (b'{"type":"PushEvent","actor":{"id":1' if broken else b"")
+    return gzip.compress(body, compresslevel=1), truth
+
+
+async def test_spilled_actors_are_answered_whole(start_server: StartServer) -> None:
+    """5,000 actors acting twice, spilled every 64 (some 160 runs: merged in passes), are answered as if
+    held: each once, in id order, with its first occurrence's login and both its events; no file is left
+    behind."""
+    server = await start_server(**SPILL_OFTEN)
+    body, truth = _many_actors(5000, seed=40)
+    for accept in (None, "application/x-ndjson"):
+        response = await post(server, body, content_type="application/gzip", accept=accept)
+        assert response.status_code == 200, response.text
+        if accept is None:
+            actors = response.json()["actors"]
+            assert response.json()["summary"]["unique_actors"] == len(truth)
+        else:
+            lines = [orjson.loads(line) for line in response.content.splitlines()]
+            actors = [line for line in lines if line["kind"] == "actor"]
+        assert [(a["id"], a["login"], a["events"]) for a in actors] == [
+            (aid, login, events) for aid, (login, events) in sorted(truth.items())
+        ]
+        assert server.leftover_files() == []
+
+
+@pytest.mark.parametrize("strict", [False, True])
+async def test_a_file_that_fails_after_spilling_counts_no_actor(
+    start_server: StartServer, strict: bool
+) -> None:
+    """A file that spilled runs and then turned out bad counts for nothing, as any failed file (its runs are
+    cut off its results file), and leaves no file behind."""
+    server = await start_server(**SPILL_OFTEN)
+    body, _ = _many_actors(4000, seed=41, broken=True)
+    params = {"strict": "true"} if strict else None
+    response = await post(server, body, content_type="application/gzip", params=params)
+    if strict:
+        assert response.status_code == 422, response.text
+    else:
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        assert answer["files"][0]["error"]["code"] == "INVALID_JSON"
+        assert answer["summary"]["unique_actors"] == 0 and answer["actors"] == []
+    assert server.leftover_files() == []
+
+
+def _spilling(server: RunningServer) -> bool:
+    """A job's results file has runs in it (the job is still extracting: its trailer comes last)."""
+    return any(path.name.endswith("results-0.msgpack") and path.stat().st_size for path in _listing(server))
+
+
+def _merging_in_passes(server: RunningServer) -> bool:
+    return any("-merge-" in path.name for path in _listing(server))
+
+
+def _listing(server: RunningServer) -> list[Path]:
+    found = []
+    for path in server.tmp_dir.iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            path.stat()
+            found.append(path)
+    return found
+
+
+@pytest.mark.parametrize("failure", ["worker_killed", "client_left"])
+@pytest.mark.parametrize("phase", [_spilling, _merging_in_passes])
+async def test_spill_files_go_when_the_work_is_cut_short(
+    start_server: StartServer, phase: Any, failure: str
+) -> None:
+    """A worker killed, or a client gone, while a job spills runs or while the runs are merged in passes:
+    the upload fails and every one of its files (spool, runs, merge scratch) is gone."""
+    server = await start_server(workers=1, **SPILL_OFTEN)
+    body, _ = _many_actors(150_000, seed=42)
+    head = (
+        f"POST {UPLOAD} HTTP/1.1\r\nHost: x\r\nContent-Type: application/gzip\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+    await stream.send_all(head + body)
+    await wait_until(lambda: phase(server) and bool(_workers_reading(server.tmp_dir)), 60)
+    workers = _workers_reading(server.tmp_dir)
+    if failure == "client_left":
+        await stream.aclose()
+    else:
+        for worker in workers:
+            os.kill(worker, signal.SIGKILL)
+        answer = b""
+        with trio.fail_after(30):
+            while b"WORKER_CRASHED" not in answer and (data := await stream.receive_some()):
+                answer += data
+        assert b" 500 " in answer.split(b"\r\n", 1)[0] and b"WORKER_CRASHED" in answer
+        await stream.aclose()
+    await _assert_work_cancelled(server, workers)
+
+
+async def test_spill_files_go_when_processing_times_out(start_server: StartServer) -> None:
+    """The processing deadline passes half a second into seconds of spilling and merging: 503, and no
+    spool, run or merge file left."""
+    server = await start_server(workers=1, process_timeout=SLOW_TIMEOUT, **SPILL_OFTEN)
+    await server.state.workers.run(os.getpid)  # the one worker, started before the clock runs
+    body, _ = _many_actors(150_000, seed=43)
+    response = await post(server, body, content_type="application/gzip")
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "PROCESSING_TIMEOUT"
+    await wait_until(lambda: not server.state.stats.uploads_in_flight and not server.state.workers.running)
     assert server.leftover_files() == []

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from conftest import examples
 from upload_server.ingest.extract import Actor, FileResult
 from upload_server.ingest.results import (
+    BATCH_BYTES,
     Merger,
     UploadReceipt,
     actor_line,
@@ -252,3 +253,26 @@ def test_write_answer_is_render_answer_byte_for_byte() -> None:
         out = io.BytesIO()
         write_answer(out, m, **ANSWER_ARGS, actors=m.actors.items() if include_actors else None)
         assert out.getvalue() == orjson.dumps(render_answer(m, include_actors=include_actors, **ANSWER_ARGS))
+
+
+class CountingWrites(io.BytesIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def write(self, data: Any) -> int:
+        self.largest = max(self.largest, len(data))
+        return super().write(data)
+
+
+def test_large_actors_are_written_a_megabyte_at_a_time() -> None:
+    """Twenty actors of 300 KB each: the JSON answer and the actor lines are the same bytes as rendered
+    whole, and no write or item holds more than BATCH_BYTES and one actor more."""
+    m = merge([fr("a.json", 0, {i: info("x" * 300_000 + str(i), 1) for i in range(20)})])
+    out = CountingWrites()
+    write_answer(out, m, **ANSWER_ARGS, actors=m.actors.items())
+    assert out.getvalue() == orjson.dumps(render_answer(m, include_actors=True, **ANSWER_ARGS))
+    assert out.largest < BATCH_BYTES + 310_000
+    items = list(actor_lines(m.actors.items()))
+    assert b"".join(items) == b"".join(actor_line(aid, rec) for aid, rec in m.actors.items())
+    assert len(items) > 1 and max(map(len, items)) < BATCH_BYTES + 310_000

@@ -200,7 +200,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "worker_memory_budget",
         parse_size,
-        "files under this size are parsed whole in a worker; larger ones are streamed",
+        "files under this size are parsed whole in a worker; larger ones are streamed. Also what a worker "
+        "holds of an upload's actors (about 480 bytes each, or actors found in this many bytes of JSON) "
+        "before it spills them to disk as a sorted run",
         _positive,
     ),
     Setting(

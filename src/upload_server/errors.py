@@ -213,16 +213,21 @@ class OutOfFileDescriptors(ServiceUnavailable):
 #: Seconds a client is asked to wait after OUT_OF_FILE_DESCRIPTORS: descriptors come back as requests end.
 OUT_OF_FDS_RETRY_AFTER = b"2"
 _OUT_OF_FDS = (errno.EMFILE, errno.ENFILE)
+#: EFBIG: the file system's (or RLIMIT_FSIZE's) largest file, which a full disk looks like to a test.
+_OUT_OF_STORAGE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def as_client_error(error: BaseException) -> BaseException:
-    """``error``, or the answer it deserves when it is an exhaustion of file descriptors.
+    """``error``, or the answer it deserves when it is an exhaustion of file descriptors or of disk.
 
     EMFILE/ENFILE can come from any open (the spool file, a worker's pipes, a result file); whichever it
     was, the request could not get a resource it will likely get in a moment: 503 with Retry-After, not a
-    500 with a traceback.
+    500 with a traceback. ENOSPC and the like from a worker writing the upload's work files (its results,
+    its spilled actor runs, the merge's scratch files) is the server's storage running out: 507, as it is
+    while the body is received (``Spool``).
     """
     cause: BaseException | None = error
+    chosen = isinstance(error, UploadServerError)
     for _ in range(4):  # the OSError itself, or what a library re-raised it as
         if cause is None:
             break
@@ -231,6 +236,12 @@ def as_client_error(error: BaseException) -> BaseException:
                 "The server has no file descriptor free for this request; retry shortly.",
                 detail={"errno": errno.errorcode[cause.errno]},
                 headers=[(b"retry-after", OUT_OF_FDS_RETRY_AFTER)],
+            )
+        # An answer already chosen (the spool's own 507, which says "while receiving") stays as it is.
+        if isinstance(cause, OSError) and cause.errno in _OUT_OF_STORAGE and not chosen:
+            return InsufficientStorage(
+                "The server ran out of temporary disk space while processing the upload.",
+                detail={"errno": errno.errorcode[cause.errno]},
             )
         cause = cause.__cause__ or cause.__context__
     return error

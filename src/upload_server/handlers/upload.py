@@ -294,6 +294,10 @@ async def _render(
         receipt=session.receipt,
         result_paths=plan.results_paths,
         answer_path=str(session.spool.sibling(answer_name)),
+        scratch_paths=(
+            str(session.spool.sibling(f"{answer_name}-merge-a")),
+            str(session.spool.sibling(f"{answer_name}-merge-b")),
+        ),
         ndjson=admission.stream_ndjson,
         strict=admission.strict,
         include_actors=admission.include_actors,

@@ -11,17 +11,19 @@ load). So it runs in a worker too:
 
 The serving process then sends that file as it is.
 
-A results file holds the job's actors as one run sorted by id, in chunks of ``ACTOR_CHUNK_ROWS``, then a
-trailer (the per-file results without their actors, and the chunks' lengths), then the trailer's length.
-The final task merges the runs as streams (``results.merge_runs``) and writes the answer as it goes, so
-it holds one chunk per job, never every actor: for 3 million distinct actors it peaked at 3,860 MiB when
-it decoded, merged and rendered them all in memory (BENCH_NOTES.md, issue 12).
+A results file holds the job's actors as sorted runs (``runs.JobRuns``: written while the job's files are
+extracted, each time ``Job.spill_actors`` actors are held or ``Job.memory_budget`` bytes were read), then a
+trailer (the per-file results without their actors, and the runs' chunk lengths), then the trailer's
+length. The final task merges the runs as streams (``runs.bounded_runs``, ``results.merge_runs``) and
+writes the answer as it goes, so it holds one chunk per run and a bounded number of runs, never every
+actor: for 3 million distinct actors it peaked at 3,860 MiB when it decoded, merged and rendered them all
+in memory (BENCH_NOTES.md, issue 12).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,34 +33,33 @@ from ..codes import FileErrorCode
 from ..errors import ZipBomb
 from .extract import Actor, FileResult, gc_paused
 from .results import (
-    ActorRow,
     Merged,
     Merger,
     UploadReceipt,
     actor_lines,
     file_line,
+    merge_rows,
     merge_runs,
     summary_line,
     write_answer,
 )
+from .runs import JobRuns, bounded_runs, read_run, runs_of
 from .worker import Job, run_job
 
 WRITE_BUFFER_BYTES = 1 << 20
-#: Actor rows per chunk of a job's run: the final task holds one chunk per job (~350 KiB at 1,024).
-ACTOR_CHUNK_ROWS = 1024
 _TRAILER_LENGTH = 8
 
 
 class JobResults(msgspec.Struct):
-    """A results file's trailer: the job's per-file results (actors left out) and its run's chunk lengths."""
+    """A results file's trailer: the job's per-file results (actors left out) and its runs' chunk lengths,
+    the runs lying one after another from the start of the file."""
 
     files: list[FileResult]
-    chunks: list[int]
+    runs: list[list[int]]
 
 
 _ENCODER = msgspec.msgpack.Encoder()
 _TRAILER_DECODER = msgspec.msgpack.Decoder(JobResults)
-_ROWS_DECODER = msgspec.msgpack.Decoder(list[ActorRow])
 
 
 @dataclass(frozen=True)
@@ -73,9 +74,12 @@ class JobOutcome:
 
 
 def run_job_to_file(job: Job, results_path: str) -> JobOutcome:
-    with gc_paused():
-        results = run_job(job)
-        _write_results(results, results_path)
+    with gc_paused(), open(results_path, "wb", buffering=WRITE_BUFFER_BYTES) as out:
+        runs = JobRuns(out, job.spill_actors, job.memory_budget)
+        results = run_job(job, runs)
+        runs.finish()
+        trailer = _ENCODER.encode(JobResults(files=results, runs=runs.runs))
+        out.write(trailer + len(trailer).to_bytes(_TRAILER_LENGTH, "little"))
     produced = sum(result.size_bytes for result in results)
     events = sum(result.events for result in results if result.error is None)
     for result in results:
@@ -88,49 +92,12 @@ def run_job_to_file(job: Job, results_path: str) -> JobOutcome:
     return JobOutcome(results_path, produced, None, events)
 
 
-def _write_results(results: list[FileResult], path: str) -> None:
-    with open(path, "wb", buffering=WRITE_BUFFER_BYTES) as out:
-        chunks = [out.write(_ENCODER.encode(rows)) for rows in _actor_chunks(results)]
-        for result in results:
-            result.actors = {}  # they are in the run
-        trailer = _ENCODER.encode(JobResults(files=results, chunks=chunks))
-        out.write(trailer + len(trailer).to_bytes(_TRAILER_LENGTH, "little"))
-
-
-def _actor_chunks(results: list[FileResult]) -> Iterator[list[ActorRow]]:
-    """The job's actors as rows by id, ``ACTOR_CHUNK_ROWS`` at a time."""
-    with_actors = [result for result in results if result.error is None and result.actors]
-    if len(with_actors) == 1:  # one file (a gzip or JSON upload, a large entry): no merge, no copy
-        only = with_actors[0]
-        actors, order = only.actors, only.order
-        ids = sorted(actors)
-        for start in range(0, len(ids), ACTOR_CHUNK_ROWS):
-            yield [ActorRow.of(aid, order, actors[aid]) for aid in ids[start : start + ACTOR_CHUNK_ROWS]]
-        return
-    merger = Merger()
-    merger.extend(with_actors)
-    rows = merger.actor_run()
-    for start in range(0, len(rows), ACTOR_CHUNK_ROWS):
-        yield rows[start : start + ACTOR_CHUNK_ROWS]
-
-
-def _read_trailer(path: str) -> JobResults:
+def read_trailer(path: str) -> JobResults:
     with open(path, "rb") as results:
         results.seek(-_TRAILER_LENGTH, 2)
         length = int.from_bytes(results.read(_TRAILER_LENGTH), "little")
         results.seek(-_TRAILER_LENGTH - length, 2)
         return _TRAILER_DECODER.decode(results.read(length))
-
-
-def _run(path: str, chunks: Sequence[int]) -> Iterator[ActorRow]:
-    """A job's actor rows, read a chunk at a time (opened per chunk: a thousand jobs hold no descriptor)."""
-    offset = 0
-    for length in chunks:
-        with open(path, "rb") as results:
-            results.seek(offset)
-            rows = _ROWS_DECODER.decode(results.read(length))
-        offset += length
-        yield from rows
 
 
 class _Counted:
@@ -151,6 +118,8 @@ class RenderRequest:
     receipt: UploadReceipt
     result_paths: list[str]
     answer_path: str
+    #: Two files for merge passes, when the jobs wrote more runs than one merge reads (``runs.bounded_runs``).
+    scratch_paths: tuple[str, str]
     ndjson: bool
     strict: bool
     include_actors: bool
@@ -190,26 +159,28 @@ def merge_and_render(request: RenderRequest) -> RenderOutcome:
 
 
 def _merge_and_render(request: RenderRequest) -> RenderOutcome:
-    jobs = [(path, _read_trailer(path)) for path in request.result_paths]
+    jobs = [(path, read_trailer(path)) for path in request.result_paths]
     merger = Merger()
     merger.extend(request.failed_up_front)
     for _, job in jobs:
         merger.extend(job.files)
     merged = merger.result()  # files and counts; the actors come from the runs
 
-    def actors() -> Iterator[tuple[int, Actor]]:
-        return merge_runs(_run(path, job.chunks) for path, job in jobs)
-
     failed = [{"name": result.name, "error": result.error} for result in merged.files if result.error]
     if request.strict and failed:  # refused: nothing was extracted for the metrics to count
         return RenderOutcome(failed=failed, rendered=False)
+    runs = bounded_runs([run for path, job in jobs for run in runs_of(path, job.runs)], request.scratch_paths)
+
+    def actors() -> Iterator[tuple[int, Actor]]:
+        return merge_runs(map(read_run, runs))
+
     timing_ms = request.timing_ms()
     with open(request.answer_path, "wb", buffering=WRITE_BUFFER_BYTES) as out:
         if request.ndjson:
             _write_ndjson_tail(out, merged, actors(), request, timing_ms)
         else:
             # The summary, which comes first, counts the actors: one pass to count, one to write.
-            merged.unique_actors = sum(1 for _ in actors())
+            merged.unique_actors = sum(1 for _ in merge_rows(map(read_run, runs)))
             write_answer(
                 out,
                 merged,

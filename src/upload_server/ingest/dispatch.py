@@ -31,6 +31,7 @@ from .archive import ArchiveLimits, EntryPlan, plan_zip
 from .assemble import JobOutcome, run_job_to_file
 from .extract import FileResult
 from .fair import FairLimiter, Ticket
+from .runs import spill_threshold
 from .worker import Job
 
 if TYPE_CHECKING:
@@ -224,6 +225,7 @@ async def plan_ingest(
     """
     common: dict[str, Any] = {
         "memory_budget": config.worker_memory_budget,
+        "spill_actors": spill_threshold(config.worker_memory_budget),
         "max_ratio": config.max_ratio,
         "max_uncompressed_bytes": config.max_uncompressed_bytes,
     }

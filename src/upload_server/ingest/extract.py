@@ -17,7 +17,9 @@ Readings of the rules (the issue leaves these open):
 * **event_types** counts the ``type`` of every event: a string counts as itself, an absent or null ``type`` as
   ``"<missing>"``, any other JSON value as ``"<non-string>"`` (GitHub types never contain ``<``).
 * **Actors** keep the first occurrence within the file: ``(login, display_login, avatar_url, url,
-  gravatar_id, events)``; the five attributes are kept as found (``None`` when absent).
+  gravatar_id, events)``; the five attributes are kept as found (``None`` when absent). Given an
+  ``actors_out`` (``ActorSpill``), a file's actors go there in bounded sets as they are found, and the
+  result holds only the last set; the merge of the sets keeps the first occurrence (``runs``).
 * **Errors** (a file is all or nothing: on error the counts are zero and ``events_out`` is rewound when it
   is seekable): ``INVALID_JSON`` (malformed, truncated, invalid UTF-8 anywhere), ``JSON_TOO_DEEP``
   (nesting beyond msgspec's limit, e.g. ``[`` × 100,000), ``VALUE_TOO_LARGE`` (streaming only: one
@@ -44,7 +46,7 @@ import contextlib
 import gc
 import re
 from collections.abc import Iterator
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 import msgspec
 
@@ -54,6 +56,7 @@ __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "DEFAULT_MAX_VALUE_BYTES",
     "Actor",
+    "ActorSpill",
     "FileResult",
     "extract_bytes",
     "extract_stream",
@@ -223,14 +226,47 @@ class _JsonError(Exception):
         self.offset = offset
 
 
+class ActorSpill(Protocol):
+    """Where a file's actors go (``runs.JobRuns``) when ``limit`` of them are held, or when they were found
+    in ``byte_limit`` bytes of JSON or more (an actor's attributes are any JSON values, so a count alone
+    bounds nothing): ``spill`` takes the set and the extractor starts a new one. Occurrences after a
+    spill count again from one; the merge keeps the earliest occurrence's attributes and sums the events."""
+
+    @property
+    def limit(self) -> int: ...
+
+    @property
+    def byte_limit(self) -> int: ...
+
+    def spill(self, actors: dict[int, Actor]) -> None: ...
+
+
 class _Acc:
     """Accumulates one file's counts; the hot loop lives in ``add``."""
 
-    __slots__ = ("actors", "events", "file", "first_is_object", "out", "skipped", "types", "values")
+    __slots__ = (
+        "actors",
+        "byte_limit",
+        "events",
+        "file",
+        "first_is_object",
+        "held_bytes",
+        "limit",
+        "out",
+        "skipped",
+        "spill",
+        "types",
+        "values",
+    )
 
-    def __init__(self, name: str, out: BinaryIO | None) -> None:
+    def __init__(self, name: str, out: BinaryIO | None, spill: ActorSpill | None = None) -> None:
         self.file = name
         self.out = out
+        self.spill = spill
+        #: Without a spill, never reached: the file's actors are held until it ends.
+        self.limit = spill.limit if spill is not None else _INT64_MAX
+        self.byte_limit = spill.byte_limit if spill is not None else _INT64_MAX
+        self.held_bytes = 0  # bytes of JSON read since the actors held were last spilled
         self.events = 0
         self.values = 0  # top-level values seen (events + non-objects); decides "object" vs "ndjson"
         self.first_is_object = False
@@ -238,7 +274,8 @@ class _Acc:
         self.types: dict[str, int] = {}
         self.actors: dict[int, Actor] = {}
 
-    def add(self, items: list[Any]) -> None:
+    def add(self, items: list[Any], size: int) -> None:
+        """Count ``items``, decoded from ``size`` bytes of the file."""
         if not items:
             return
         if self.values == 0:
@@ -246,6 +283,7 @@ class _Acc:
         self.values += len(items)
         types = self.types
         actors = self.actors
+        limit = self.limit
         lines: list[_EventLine] | None = [] if self.out is not None else None
         events = not_object = no_actor = invalid_actor = 0
         # Local names and `type(x) is C` checks: this loop runs once per event, ~100k times per 140 MB.
@@ -266,6 +304,8 @@ class _Acc:
                     rec = actors.get(aid)
                     if rec is None:
                         actors[aid] = Actor(a.login, a.display_login, a.avatar_url, a.url, a.gravatar_id, 1)
+                        if len(actors) >= limit:  # only new actors can pass it: checked here only
+                            actors = self._spill()
                     else:
                         rec.events += 1
                 else:
@@ -289,6 +329,16 @@ class _Acc:
         if lines:
             assert self.out is not None
             self.out.write(_LINE_ENCODER.encode_lines(lines))
+        self.held_bytes += size
+        if self.held_bytes >= self.byte_limit and self.actors:
+            self._spill()
+
+    def _spill(self) -> dict[int, Actor]:
+        assert self.spill is not None
+        self.spill.spill(self.actors)
+        self.actors = {}
+        self.held_bytes = 0
+        return self.actors
 
     def result(self, name: str, layout: str, size: int) -> FileResult:
         if layout != "array":
@@ -488,17 +538,22 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def extract_bytes(name: str, data: bytes, events_out: BinaryIO | None = None) -> FileResult:
-    """Extract a whole file held in memory (the fast path; use for files under the memory budget)."""
+def extract_bytes(
+    name: str, data: bytes, events_out: BinaryIO | None = None, actors_out: ActorSpill | None = None
+) -> FileResult:
+    """Extract a whole file held in memory (the fast path; use for files under the memory budget).
+    With ``actors_out``, the result holds only the actors not spilled to it."""
     with gc_paused():
-        return _extract_bytes(name, data, events_out)
+        return _extract_bytes(name, data, events_out, actors_out)
 
 
-def _extract_bytes(name: str, data: bytes, events_out: BinaryIO | None) -> FileResult:
+def _extract_bytes(
+    name: str, data: bytes, events_out: BinaryIO | None, actors_out: ActorSpill | None
+) -> FileResult:
     size = len(data)
     start = 3 if data[:3] == _BOM else 0
     m = _NON_WS.search(data, start)
-    acc = _Acc(name, events_out)
+    acc = _Acc(name, events_out, actors_out)
     if m is None:
         return acc.result(name, "ndjson", size)
     mv = memoryview(data)[start:]
@@ -524,7 +579,7 @@ def _decode_whole(decode: Any, region: memoryview, base: int, acc: _Acc) -> None
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise _decode_error(exc, region, base) from None
     _check_utf8(region, base)
-    acc.add(items)
+    acc.add(items, len(region))
 
 
 _SLICE = 256 << 10
@@ -550,7 +605,7 @@ def _decode_lines_sliced(data: bytes, p: int, end: int, base: int, acc: _Acc) ->
         except (UnicodeDecodeError, RecursionError) as exc:
             raise _decode_error(exc, region, base + p) from None
         _check_utf8(region, base + p)
-        acc.add(items)
+        acc.add(items, len(region))
         p = e
     return end
 
@@ -628,19 +683,26 @@ def extract_stream(
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
+    actors_out: ActorSpill | None = None,
 ) -> FileResult:
     """Extract a file from a binary stream in bounded memory (about ``chunk_size`` plus the largest value, and
-    never more than ``max_value_bytes`` for one value). Exceptions raised by ``stream.read`` (decompression
-    errors, bomb guards) propagate to the caller; ``events_out`` is then left for the caller to rewind."""
+    never more than ``max_value_bytes`` for one value; the actors too, given ``actors_out``). Exceptions
+    raised by ``stream.read`` (decompression errors, bomb guards) propagate to the caller; ``events_out``
+    and ``actors_out`` are then left for the caller to rewind."""
     with gc_paused():
-        return _extract_stream(name, stream, events_out, chunk_size, max_value_bytes)
+        return _extract_stream(name, stream, events_out, chunk_size, max_value_bytes, actors_out)
 
 
 def _extract_stream(
-    name: str, stream: BinaryIO, events_out: BinaryIO | None, chunk_size: int, max_value_bytes: int
+    name: str,
+    stream: BinaryIO,
+    events_out: BinaryIO | None,
+    chunk_size: int,
+    max_value_bytes: int,
+    actors_out: ActorSpill | None,
 ) -> FileResult:
     buf = _Buf(stream, chunk_size)
-    acc = _Acc(name, events_out)
+    acc = _Acc(name, events_out, actors_out)
     pos = _tell(events_out)
     layout = "ndjson"
     try:
@@ -729,6 +791,7 @@ def _one_value(buf: _Buf, max_value_bytes: int) -> Any:
 def _stream_values(buf: _Buf, acc: _Acc, max_value_bytes: int, *, array: bool) -> None:
     """One value at a time: the body of a top-level array (after ``[``), or a multi-line sequence."""
     batch: list[Any] = []
+    batch_start = 0  # the file offset where the batch's first value starts
     expect_value = True  # array: after "[" or ","
     first = True
     while True:
@@ -759,13 +822,16 @@ def _stream_values(buf: _Buf, acc: _Acc, max_value_bytes: int, *, array: bool) -
                 buf.pos += 1
                 expect_value = True
                 continue
+        if not batch:
+            batch_start = buf.base + buf.pos
         batch.append(_one_value(buf, max_value_bytes))
         first = False
         expect_value = False
         if len(batch) >= 1024:
-            acc.add(batch)
+            acc.add(batch, buf.base + buf.pos - batch_start)
             batch = []
-    acc.add(batch)
+    if batch:
+        acc.add(batch, buf.base + buf.pos - batch_start)
 
 
 def _stream_array(buf: _Buf, acc: _Acc, max_value_bytes: int) -> None:

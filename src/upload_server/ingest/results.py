@@ -4,8 +4,9 @@ Ordering: results may be added in any order (as workers finish). Files are liste
 (the ``infolist()`` index; ties keep arrival order), and an actor's attributes are those of the file that
 comes first in that order, whatever order the results arrived in. Actors are sorted by id.
 
-Two ways in, one rule: ``Merger`` merges results held in memory; ``merge_runs`` merges sorted actor runs
-streamed from disk (``assemble``), so that an upload of millions of actors never holds them all at once.
+Two ways in, one rule: ``Merger`` merges results held in memory; ``merge_rows`` / ``merge_runs`` merge
+sorted actor runs streamed from disk (``runs``), so that an upload of millions of actors never holds them
+all at once.
 """
 
 from __future__ import annotations
@@ -30,11 +31,17 @@ __all__ = [
     "error_line",
     "file_line",
     "merge",
+    "merge_rows",
     "merge_runs",
     "render_answer",
     "summary_line",
     "write_answer",
 ]
+
+
+#: Most bytes of actors gathered before a write: an actor's attributes are any JSON values, so 1,000 of
+#: them can be far more than the ~300 KB GitHub-like ones make.
+BATCH_BYTES = 1 << 20
 
 
 class ActorRow(Actor):
@@ -126,16 +133,21 @@ class Merger:
             unique_actors=len(self._actors),
         )
 
+    @property
+    def actor_count(self) -> int:
+        return len(self._actors)
+
     def actor_run(self) -> list[ActorRow]:
         """The actors as one sorted run for ``merge_runs``, by id."""
         first_order = self._first_order
         return [ActorRow.of(aid, first_order[aid], rec) for aid, rec in sorted(self._actors.items())]
 
 
-def merge_runs(runs: Iterable[Iterable[ActorRow]]) -> Iterator[tuple[int, Actor]]:
-    """Merge runs of rows, each sorted by id with each id once, into ``(id, Actor)`` in id order:
-    ``Merger``'s rule (the attributes of the lowest order, the events summed), holding one row per run at
-    a time."""
+def merge_rows(runs: Iterable[Iterable[ActorRow]]) -> Iterator[ActorRow]:
+    """Merge runs of rows, each sorted by id with each id once, into rows in id order, each id once:
+    ``Merger``'s rule (the attributes and order of the lowest order, the events summed), holding one row
+    per run at a time. Rows of one id and one order keep the first run's attributes (``heapq.merge`` is
+    stable), so a file's runs must come in the order they were written (``runs``)."""
     current: ActorRow | None = None
     events = 0
     for row in heapq.merge(*runs, key=_run_key):
@@ -143,10 +155,16 @@ def merge_runs(runs: Iterable[Iterable[ActorRow]]) -> Iterator[tuple[int, Actor]
             events += row.events  # the lowest order came first (the key): its attributes stay
             continue
         if current is not None:
-            yield current.id, current.actor(events)
+            yield current if events == current.events else msgspec.structs.replace(current, events=events)
         current, events = row, row.events
     if current is not None:
-        yield current.id, current.actor(events)
+        yield current if events == current.events else msgspec.structs.replace(current, events=events)
+
+
+def merge_runs(runs: Iterable[Iterable[ActorRow]]) -> Iterator[tuple[int, Actor]]:
+    """``merge_rows`` as ``(id, Actor)`` pairs, the form the answer is rendered from."""
+    for row in merge_rows(runs):
+        yield row.id, row.actor(row.events)
 
 
 def _run_key(row: ActorRow) -> tuple[int, int]:
@@ -235,7 +253,8 @@ def write_answer(
     batch: int = 1000,
 ) -> None:
     """Write the JSON answer to ``out``, the same bytes as ``orjson.dumps(render_answer(...))``, with the
-    actors (``None``: left out) streamed ``batch`` at a time rather than built as one list first."""
+    actors (``None``: left out) streamed ``batch`` at a time (or ``BATCH_BYTES``' worth) rather than built
+    as one list first."""
     answer = render_answer(merged, receipt, ignored=ignored, timing_ms=timing_ms, include_actors=False)
     if actors is None:
         out.write(orjson.dumps(answer))
@@ -244,11 +263,13 @@ def write_answer(
     out.write(orjson.dumps(answer)[:-1] + b',"actors":[')
     pieces: list[bytes] = []
     separator = b""
+    size = 0
     for aid, rec in actors:
-        pieces.append(orjson.dumps(_actor_dict(aid, rec)))
-        if len(pieces) >= batch:
+        pieces.append(piece := orjson.dumps(_actor_dict(aid, rec)))
+        size += len(piece)
+        if len(pieces) >= batch or size >= BATCH_BYTES:
             out.write(separator + b",".join(pieces))
-            pieces, separator = [], b","
+            pieces, separator, size = [], b",", 0
     if pieces:
         out.write(separator + b",".join(pieces))
     out.write(b'],"timing_ms":' + orjson.dumps(timing) + b"}")
@@ -264,14 +285,16 @@ def actor_line(actor_id: int, rec: Actor) -> bytes:
 
 
 def actor_lines(actors: Iterable[tuple[int, Actor]], batch: int = 1000) -> Iterator[bytes]:
-    """The actor lines of ``(id, record)`` pairs in id order, ``batch`` lines joined per item (fewer
-    writes for a chunked answer)."""
+    """The actor lines of ``(id, record)`` pairs in id order, ``batch`` lines (or ``BATCH_BYTES``' worth)
+    joined per item (fewer writes for a chunked answer)."""
     lines: list[bytes] = []
+    size = 0
     for aid, rec in actors:
-        lines.append(actor_line(aid, rec))
-        if len(lines) >= batch:
+        lines.append(line := actor_line(aid, rec))
+        size += len(line)
+        if len(lines) >= batch or size >= BATCH_BYTES:
             yield b"".join(lines)
-            lines = []
+            lines, size = [], 0
     if lines:
         yield b"".join(lines)
 

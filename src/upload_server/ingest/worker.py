@@ -39,6 +39,7 @@ from typing import Any, BinaryIO, Protocol
 from upload_server.codes import FileErrorCode
 from upload_server.ingest.archive import ArchiveLimits, EntryPlan, upload_budget
 from upload_server.ingest.extract import FileResult, extract_bytes, extract_stream, rewind
+from upload_server.ingest.runs import JobRuns, spill_threshold
 from upload_server.ingest.zipdir import FLAG_ENCRYPTED
 from upload_server.receive.sniff import ContentKind
 
@@ -62,6 +63,10 @@ class Job:
     # When set, NDJSON event lines are appended here; a failed file's lines are removed again. One job in
     # flight per path: jobs running at the same time must not share it.
     events_path: str | None = None
+    #: Actors a file (and the job's finished files together) may hold before they are spilled as a sorted
+    #: run (``runs.JobRuns``); derived from ``--worker-memory-budget`` (``runs.spill_threshold``). A file's
+    #: actors are also spilled once gathered from ``memory_budget`` bytes of JSON.
+    spill_actors: int = spill_threshold(64 << 20)
 
 
 class DecompressionFailure(Exception):
@@ -75,18 +80,19 @@ class DecompressionFailure(Exception):
         self.detail = detail
 
 
-def run_job(job: Job) -> list[FileResult]:
-    """Process every file of ``job``; one FileResult per file, in the order of ``job.entries``."""
+def run_job(job: Job, runs: JobRuns | None = None) -> list[FileResult]:
+    """Process every file of ``job``; one FileResult per file, in the order of ``job.entries``. With
+    ``runs``, the actors go there (``JobRuns``) and the results hold none; without, the results hold them."""
     out: BinaryIO | None = None
     try:
         if job.events_path is not None:
             out = open(job.events_path, "ab", buffering=1 << 20)  # noqa: SIM115 - closed in finally
         kind = ContentKind(job.content_kind)
         if kind is ContentKind.ZIP:
-            return _run_zip(job, out)
+            return _run_zip(job, out, runs)
         if kind is ContentKind.GZIP:
-            return [_guarded(job.display_name, 0, out, lambda: _process_gzip_upload(job, out))]
-        return [_process_json(job, out)]
+            return [_guarded(job.display_name, 0, out, runs, lambda: _process_gzip_upload(job, out, runs))]
+        return [_guarded(job.display_name, 0, out, runs, lambda: _process_json(job, out, runs))]
     finally:
         if out is not None:
             out.close()
@@ -172,7 +178,12 @@ class _ChunkReader(io.RawIOBase):
 
 
 def _extract_chunks(
-    name: str, chunks: Iterator[bytes], out: BinaryIO | None, budget: int, known_small: bool
+    name: str,
+    chunks: Iterator[bytes],
+    out: BinaryIO | None,
+    runs: JobRuns | None,
+    budget: int,
+    known_small: bool,
 ) -> FileResult:
     """Choose between the in-memory and the streaming extractor by measurement, not by size alone:
 
@@ -184,21 +195,21 @@ def _extract_chunks(
     """
     first = next(chunks, None)
     if first is None:
-        return extract_bytes(name, b"", out)
+        return extract_bytes(name, b"", out, runs)
     second = next(chunks, None)
     if second is None:
-        return extract_bytes(name, first, out)
+        return extract_bytes(name, first, out, runs)
     head = [first, second]
     if _starts_with_array(first):
         size = len(first) + len(second)
         while size <= budget or known_small:
             chunk = next(chunks, None)
             if chunk is None:
-                return extract_bytes(name, b"".join(head), out)
+                return extract_bytes(name, b"".join(head), out, runs)
             head.append(chunk)
             size += len(chunk)
     reader = _ChunkReader(_prepend(head, chunks))
-    return extract_stream(name, reader, out, max_value_bytes=budget)  # type: ignore[arg-type]
+    return extract_stream(name, reader, out, max_value_bytes=budget, actors_out=runs)  # type: ignore[arg-type]
 
 
 def _starts_with_array(chunk: bytes) -> bool:
@@ -211,16 +222,23 @@ def _prepend(head: list[bytes], rest: Iterator[bytes]) -> Iterator[bytes]:
     yield from rest
 
 
-def _guarded(name: str, order: int, out: BinaryIO | None, work: Callable[[], FileResult]) -> FileResult:
-    """Run one file's work; a decompression failure becomes that file's error and its lines are dropped."""
+def _guarded(
+    name: str, order: int, out: BinaryIO | None, runs: JobRuns | None, work: Callable[[], FileResult]
+) -> FileResult:
+    """Run one file's work; a decompression failure becomes that file's error and its lines are dropped
+    (and, as for any failed file, its actor runs: ``JobRuns.end_file``)."""
     pos = out.tell() if out is not None else None
+    if runs is not None:
+        runs.begin_file(order)
     try:
         result = work()
     except DecompressionFailure as exc:
         rewind(out, pos)
         error: dict[str, Any] = {"code": exc.code, "message": exc.message, **exc.detail}
-        return FileResult(name=name, layout=None, error=error, order=order)
+        result = FileResult(name=name, layout=None, error=error)
     result.order = order
+    if runs is not None:
+        runs.end_file(result)
     return result
 
 
@@ -359,7 +377,7 @@ def _step(d: _Decompressor, piece: bytes, what: str) -> bytes:
 # ------------------------------------------------------------------------------------------------------ zip
 
 
-def _run_zip(job: Job, out: BinaryIO | None) -> list[FileResult]:
+def _run_zip(job: Job, out: BinaryIO | None, runs: JobRuns | None) -> list[FileResult]:
     """Each entry in turn; a bomb ends the job there: it fails the whole upload, so the rest is not
     worth a worker's time."""
     results: list[FileResult] = []
@@ -367,7 +385,11 @@ def _run_zip(job: Job, out: BinaryIO | None) -> list[FileResult]:
         budget = _upload_budget(job, os.fstat(f.fileno()).st_size)
         for entry in job.entries:
             result = _guarded(
-                entry.name, entry.index, out, lambda e=entry: _process_entry(job, f, e, budget, out)
+                entry.name,
+                entry.index,
+                out,
+                runs,
+                lambda e=entry: _process_entry(job, f, e, budget, out, runs),
             )
             results.append(result)
             if result.error is not None and result.error.get("code") == FileErrorCode.ZIP_BOMB:
@@ -381,7 +403,12 @@ def _upload_budget(job: Job, upload_bytes: int) -> tuple[int, str]:
 
 
 def _process_entry(
-    job: Job, f: BinaryIO, entry: EntryPlan, budget: tuple[int, str], out: BinaryIO | None
+    job: Job,
+    f: BinaryIO,
+    entry: EntryPlan,
+    budget: tuple[int, str],
+    out: BinaryIO | None,
+    runs: JobRuns | None,
 ) -> FileResult:
     if entry.flag_bits & FLAG_ENCRYPTED:
         raise DecompressionFailure(FileErrorCode.ENCRYPTED_ENTRY, "the entry is encrypted")
@@ -389,9 +416,10 @@ def _process_entry(
     chunks = _zip_entry_chunks(f, entry, meter)
     if entry.gzipped:
         inner = _Meter(entry.name, job, entry.gzip_budget, budget[1], source=meter)
-        return _extract_chunks(entry.name, _gunzip(chunks, inner, entry.name), out, job.memory_budget, False)
+        gunzipped = _gunzip(chunks, inner, entry.name)
+        return _extract_chunks(entry.name, gunzipped, out, runs, job.memory_budget, False)
     known_small = entry.declared_size <= job.memory_budget
-    return _extract_chunks(entry.name, chunks, out, job.memory_budget, known_small)
+    return _extract_chunks(entry.name, chunks, out, runs, job.memory_budget, known_small)
 
 
 def _zip_entry_chunks(f: BinaryIO, entry: EntryPlan, meter: _Meter) -> Iterator[bytes]:
@@ -481,13 +509,14 @@ def _file_chunks(path: str) -> Iterator[bytes]:
             yield data
 
 
-def _process_gzip_upload(job: Job, out: BinaryIO | None) -> FileResult:
+def _process_gzip_upload(job: Job, out: BinaryIO | None, runs: JobRuns | None) -> FileResult:
     limit, reason = _upload_budget(job, os.path.getsize(job.source_path))
     meter = _Meter(job.display_name, job, limit, reason)
     return _extract_chunks(
         job.display_name,
         _gunzip(_file_chunks(job.source_path), meter, job.display_name),
         out,
+        runs,
         job.memory_budget,
         False,
     )
@@ -496,10 +525,10 @@ def _process_gzip_upload(job: Job, out: BinaryIO | None) -> FileResult:
 # ----------------------------------------------------------------------------------------------------- json
 
 
-def _process_json(job: Job, out: BinaryIO | None) -> FileResult:
+def _process_json(job: Job, out: BinaryIO | None, runs: JobRuns | None) -> FileResult:
     with open(job.source_path, "rb") as f:
         size = f.seek(0, io.SEEK_END)
         f.seek(0)
         if size <= job.memory_budget:
-            return extract_bytes(job.display_name, f.read(), out)
-        return extract_stream(job.display_name, f, out, max_value_bytes=job.memory_budget)
+            return extract_bytes(job.display_name, f.read(), out, runs)
+        return extract_stream(job.display_name, f, out, max_value_bytes=job.memory_budget, actors_out=runs)
