@@ -13,7 +13,8 @@ import trio
 
 import test_zip_hardening as samples
 from conftest import RunningServer
-from zipcraft import build, entry
+from upload_server.ingest.extract import MAX_EVENT_TYPES
+from zipcraft import STORED, build, entry
 
 UPLOAD = "/api/v1/upload"
 Check = Callable[[dict[str, Any]], bool]
@@ -52,6 +53,32 @@ def lone_surrogate(body: dict[str, Any]) -> bool:
     return "surrogate" in file["error"]["message"] and "truncated" not in file["error"]["message"]
 
 
+def typed(names: list[str], pad_to: int = 0) -> bytes:
+    """One event per type name, then events of the first type up to ``pad_to`` bytes."""
+    lines = b"".join(b'{"type":"%s","actor":{"id":1}}\n' % name.encode() for name in names)
+    pad = b'{"type":"%s","actor":{"id":2}}\n' % names[0].encode()
+    return lines + pad * max(0, (pad_to - len(lines)) // len(pad))
+
+
+def types_apart(count: int, *, pad_to: int = 0) -> bytes:
+    """Two files of ``count`` distinct types each, none shared. Padded past 1 MiB each (stored, so under
+    every ratio guard), they are two jobs (dispatch.batch_entries) and meet only in the final merge."""
+    halves = [typed([f"{side}{i}" for i in range(count)], pad_to) for side in "AB"]
+    return build([entry(f"{side}.json", half, STORED) for side, half in zip("ab", halves, strict=True)])
+
+
+def one_file_failed(code: str) -> Check:
+    def check(body: dict[str, Any]) -> bool:
+        (file,) = body["files"]
+        return body["summary"]["files_failed"] == 1 and file["error"]["code"] == code
+
+    return check
+
+
+def too_long(body: dict[str, Any]) -> bool:
+    return body["summary"]["event_types"] == {"<too-long>": 2, "PushEvent": 1}
+
+
 def cases() -> list[tuple[str, bytes, int, Check]]:
     drain, drain_events = samples.drain_sample()
     stub = b"MZ" + b"\0" * 510 + build([entry("a.json", samples.LINE)])  # a self-extractor's stub first
@@ -81,6 +108,25 @@ def cases() -> list[tuple[str, bytes, int, Check]]:
             refused("ZIP_BOMB", "ratio", without="archive"),
         ),
         ("zip behind a self-extractor stub", stub, 415, refused("UNSUPPORTED_MEDIA_TYPE")),
+        (
+            "a file past the distinct event types",
+            typed([f"T{i}" for i in range(MAX_EVENT_TYPES + 1)]),
+            200,
+            one_file_failed("TOO_MANY_EVENT_TYPES"),
+        ),
+        (
+            "files past the distinct event types together, one job",
+            types_apart(MAX_EVENT_TYPES // 2 + 1),
+            422,
+            refused("TOO_MANY_EVENT_TYPES"),
+        ),
+        (
+            "files past the distinct event types together, two jobs",
+            types_apart(MAX_EVENT_TYPES // 2 + 1, pad_to=(1 << 20) + 4096),
+            422,
+            refused("TOO_MANY_EVENT_TYPES"),
+        ),
+        ("megabyte event types", typed(["x" * (1 << 20), "y" * (1 << 20), "PushEvent"]), 200, too_long),
     ]
 
 
