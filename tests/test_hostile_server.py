@@ -9,10 +9,11 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+import orjson
 import trio
 
 import test_zip_hardening as samples
-from conftest import RunningServer
+from conftest import RunningServer, wait_until
 from upload_server.ingest.extract import MAX_EVENT_TYPES
 from zipcraft import STORED, build, entry
 
@@ -146,4 +147,24 @@ async def test_every_class_through_the_real_server(server: RunningServer) -> Non
     with trio.fail_after(5):
         while server.state.stats.uploads_in_flight:  # noqa: ASYNC110 - counters move after the last byte
             await trio.sleep(0.01)
+    assert server.leftover_files() == []
+
+
+async def test_too_many_event_types_ends_an_ndjson_stream_with_its_error_line(server: RunningServer) -> None:
+    """Found in the final merge, after the stream began: the error line, no summary, nothing left."""
+    body = types_apart(MAX_EVENT_TYPES // 2 + 1, pad_to=(1 << 20) + 4096)
+    headers = {"content-type": "application/zip", "accept": "application/x-ndjson"}
+    async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+        response = await client.post(UPLOAD, content=body, headers=headers)
+        assert response.status_code == 200
+        lines = [orjson.loads(line) for line in response.content.splitlines()]
+        assert lines[-1]["kind"] == "error", lines[-1]
+        assert lines[-1]["error"]["code"] == "TOO_MANY_EVENT_TYPES"
+        assert lines[-1]["error"]["detail"] == {"limit": MAX_EVENT_TYPES}
+        assert not any(line["kind"] == "summary" for line in lines)
+        good = await client.post(
+            UPLOAD, content=typed(["PushEvent"]), headers={"content-type": "application/json"}
+        )
+        assert good.status_code == 200 and good.json()["summary"]["event_types"] == {"PushEvent": 1}
+    await wait_until(lambda: not server.state.stats.uploads_in_flight, within=5)
     assert server.leftover_files() == []
