@@ -70,9 +70,10 @@ __all__ = [
 DEFAULT_CHUNK_SIZE = 1 << 20
 DEFAULT_MAX_VALUE_BYTES = 64 << 20
 #: Distinct ``event_types`` a file, and an upload, may have (issue 12: they are held, summed and rendered
-#: whole; a million distinct types held 104 MiB in a worker). GH Archive has had about 25 types in all its
-#: years (fifteen-odd today): 1,000 is 40 times that, and bounds a file's counts to ~0.7 MiB with
-#: ``MAX_EVENT_TYPE_LENGTH`` (a 128-character string is at most 588 bytes, plus its dict entry).
+#: whole; an upload of a million distinct types took a worker to 269 MiB, BENCH_NOTES.md). GitHub documents
+#: 17 event types today and GH Archive has had about 25 over its years: 1,000 is 40 times that, and bounds
+#: a file's counts to ~0.7 MiB with ``MAX_EVENT_TYPE_LENGTH`` (a 128-character str is at most 588 bytes,
+#: plus its dict entry).
 MAX_EVENT_TYPES = 1000
 #: Characters of a ``type`` counted as itself; a longer one counts as ``"<too-long>"`` (the longest GitHub
 #: type, ``PullRequestReviewCommentEvent``, has 29). Without it a 1 MB ``type`` was held, and rendered, whole.
