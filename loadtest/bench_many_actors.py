@@ -14,6 +14,11 @@ actors alone bounds nothing). Such a file compresses beyond 1000:1, so give ``--
 
     uv run python loadtest/bench_many_actors.py --actors 4000 --login-bytes 150000 --max-ratio 100000
 
+``--distinct-types`` gives every event a ``type`` of its own (``T<n>``) and only 1,000 actors: the hostile
+upload of issue 12's ``event_types`` (refused with ``TOO_MANY_EVENT_TYPES`` past ``extract.MAX_EVENT_TYPES``):
+
+    uv run python loadtest/bench_many_actors.py --actors 1000000 --distinct-types
+
 Bounded: one upload, ``--max-seconds`` (default 300) for the whole run.
 """
 
@@ -33,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness
 
 LINE = (
-    '{"id":"%d","type":"PushEvent","actor":{"id":%d,"login":"user%d%s","display_login":"user%d",'
+    '{"id":"%d","type":"%s","actor":{"id":%d,"login":"user%d%s","display_login":"user%d",'
     '"gravatar_id":"","url":"https://api.github.com/users/user%d",'
     '"avatar_url":"https://avatars.githubusercontent.com/u/%d?"},'
     '"repo":{"id":%d,"name":"org/repo%d","url":"https://api.github.com/repos/org/repo%d"},'
@@ -41,10 +46,11 @@ LINE = (
 )
 
 
-def dataset(actors: int, login_bytes: int = 0) -> Path:
+def dataset(actors: int, login_bytes: int = 0, distinct_types: bool = False) -> Path:
     """``many-actors-N.json.gz``: N events, each with an actor id of its own (``-xL``: logins padded with L
-    bytes)."""
+    bytes); ``-types``: each with a type of its own instead, and actor ids 0-999."""
     padded = f"-x{login_bytes}" if login_bytes else ""
+    padded += "-types" if distinct_types else ""
     path = harness.DATA_DIR / f"many-actors-{actors}{padded}.json.gz"
     padding = "x" * login_bytes
     if path.exists():
@@ -55,8 +61,14 @@ def dataset(actors: int, login_bytes: int = 0) -> Path:
     with gzip.open(partial, "wb", compresslevel=6) as out:
         for start in range(0, actors, rows):
             block = "".join(
-                LINE % ((n, n, n, padding) + (n,) * 3 + (n % 1000,) * 3)
+                LINE
+                % (
+                    (n, f"T{n}" if distinct_types else "PushEvent", a, a, padding)
+                    + (a,) * 3
+                    + (n % 1000,) * 3
+                )
                 for n in range(start, min(actors, start + rows))
+                for a in [n % 1000 if distinct_types else n]
             )
             out.write(block.encode())
     partial.rename(path)
@@ -97,10 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--login-bytes", type=int, default=0, help="pad each login with this many bytes")
     parser.add_argument("--max-ratio", default="1000", help="the server's --max-ratio")
     parser.add_argument("--max-seconds", type=float, default=300.0)
+    parser.add_argument("--distinct-types", action="store_true", help="a type of its own per event")
     arguments = parser.parse_args(argv)
     harness.install_run_guards(arguments.max_seconds)
     started = time.perf_counter()
-    path = dataset(arguments.actors, arguments.login_bytes)
+    path = dataset(arguments.actors, arguments.login_bytes, arguments.distinct_types)
     size = harness.human_bytes(path.stat().st_size)
     print(f"dataset {path.name}: {size} ({time.perf_counter() - started:.1f} s)")
     with tempfile.TemporaryDirectory() as tmp:
@@ -121,8 +134,13 @@ def main(argv: list[str] | None = None) -> int:
         f"status {exchange.status} in {exchange.wall_s:.1f} s; unique_actors {summary.get('unique_actors')}"
     )
     print(f"the answer's timing_ms: {answer.get('timing_ms')}")
+    if arguments.distinct_types:
+        errors = [file["error"]["code"] for file in answer.get("files", []) if file.get("error")]
+        print(f"event_types: {len(summary.get('event_types', {}))} distinct; file errors {errors}")
     print(f"worker peak RSS (VmHWM), highest first: {', '.join(f'{kib / 1024:.0f} MiB' for kib in peaks)}")
     print(f"server peak RSS: {server_peak / 1024:.0f} MiB")
+    if arguments.distinct_types:  # counted (within the bound), or the file refused: either is an answer
+        return 0 if exchange.status == 200 else 1
     return 0 if exchange.status == 200 and summary.get("unique_actors") == arguments.actors else 1
 
 

@@ -15,7 +15,14 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from conftest import examples
-from upload_server.ingest.extract import Actor, FileResult, extract_bytes, extract_stream
+from upload_server.ingest.extract import (
+    MAX_EVENT_TYPE_LENGTH,
+    MAX_EVENT_TYPES,
+    Actor,
+    FileResult,
+    extract_bytes,
+    extract_stream,
+)
 
 INT64_MAX = (1 << 63) - 1
 
@@ -35,7 +42,10 @@ def expected_counts(items: list[Any]) -> dict[str, Any]:
             continue
         events += 1
         t = it.get("type")
-        types[t if isinstance(t, str) else ("<missing>" if t is None else "<non-string>")] += 1
+        if isinstance(t, str):
+            types[t if len(t) <= MAX_EVENT_TYPE_LENGTH else "<too-long>"] += 1
+        else:
+            types["<missing>" if t is None else "<non-string>"] += 1
         a = it.get("actor")
         if a is None:
             skipped["no_actor"] += 1
@@ -504,3 +514,105 @@ def test_large_files_mixing_lines_pretty_values_and_long_lines() -> None:
     broken = data[: len(data) - 5]
     for res in (extract_bytes("f", broken), stream_result(broken, chunk=1 << 16)):
         assert res.error is not None and res.error["code"] == "INVALID_JSON" and res.events == 0
+
+
+# ---------------------------------------------------------------------------------- event types: the bounds
+
+
+def typed_events(types: list[Any]) -> list[dict[str, Any]]:
+    return [{"type": t, "actor": {"id": i + 1, "login": f"u{i}"}} for i, t in enumerate(types)]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    distinct=st.integers(MAX_EVENT_TYPES - 3, MAX_EVENT_TYPES + 3) | st.integers(3, 2 * MAX_EVENT_TYPES),
+    repeats=st.integers(0, 50),
+    layout=st.sampled_from(["ndjson", "array", "pretty"]),
+    chunk=st.sampled_from([7, 1 << 12, 1 << 20]),
+)
+def test_distinct_event_types_within_the_bound_count_and_past_it_fail_the_file(
+    distinct: int, repeats: int, layout: str, chunk: int
+) -> None:
+    # The buckets count among the distinct types too: the last two are <missing> and <non-string>.
+    names: list[Any] = [f"T{i}" for i in range(distinct - 2)] + [None, 5]
+    items: list[Any] = typed_events(names + names[:repeats])
+    data = render(items, layout, bom=False, crlf=False)
+    outs = [io.BytesIO(b"before\n"), io.BytesIO(b"before\n")]
+    for out in outs:
+        out.seek(0, 2)
+    results = (extract_bytes("f", data, outs[0]), stream_result(data, chunk=chunk, events_out=outs[1]))
+    for res, out in zip(results, outs, strict=True):
+        if distinct <= MAX_EVENT_TYPES:
+            assert_matches(res, items)
+            assert len(res.event_types) == distinct
+        else:
+            assert res.error is not None and res.error["code"] == "TOO_MANY_EVENT_TYPES"
+            assert str(MAX_EVENT_TYPES) in res.error["message"]
+            assert (res.events, res.event_types, res.actors, res.skipped) == (0, {}, {}, {})
+            assert out.getvalue() == b"before\n"  # all or nothing: its event lines were taken back
+
+
+def test_too_many_event_types_stops_reading_the_file() -> None:
+    """After the head, 32 MiB more of one known type: the extractor stops at the 1,001st distinct type,
+    within a read or two, rather than reading them."""
+    head = b"".join(b'{"type":"T%d"}\n' % i for i in range(MAX_EVENT_TYPES + 1))
+    line = b'{"type":"PushEvent","actor":{"id":1}}\n'
+
+    class Endless(io.RawIOBase):
+        def __init__(self) -> None:
+            self.given = 0
+
+        def readable(self) -> bool:
+            return True
+
+        def read(self, n: int = -1) -> bytes:
+            if self.given >= 32 << 20:
+                return b""
+            data = head if self.given == 0 else line * max(1, n // len(line))
+            self.given += len(data)
+            return data
+
+    endless = Endless()
+    res = extract_stream("f", endless, chunk_size=1 << 16)  # type: ignore[arg-type]
+    assert res.error is not None and res.error["code"] == "TOO_MANY_EVENT_TYPES"
+    assert endless.given < len(head) + (1 << 17)  # the head and at most the next read or two
+    assert res.size_bytes == endless.given
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    extra=st.integers(0, 3),
+    char=st.sampled_from(["a", "é", "\U0001f600"]),
+    streamed=st.booleans(),
+)
+def test_a_type_over_the_length_bound_counts_as_too_long(extra: int, char: str, streamed: bool) -> None:
+    # Characters, not bytes: 128 emoji are a type like 128 letters.
+    at_bound = char * MAX_EVENT_TYPE_LENGTH
+    over = char * (MAX_EVENT_TYPE_LENGTH + 1 + extra)
+    items: list[Any] = typed_events([at_bound, over, over + "x", at_bound])
+    out = io.BytesIO()
+    data = render(items, "ndjson", bom=False, crlf=False)
+    res = stream_result(data, events_out=out) if streamed else extract_bytes("f", data, out)
+    assert_matches(res, items)
+    assert res.event_types == {at_bound: 2, "<too-long>": 2}
+    # The event lines still carry each type as found.
+    assert [orjson.loads(line)["type"] for line in out.getvalue().splitlines()] == [
+        at_bound,
+        over,
+        over + "x",
+        at_bound,
+    ]
+
+
+def test_megabyte_types_are_not_held() -> None:
+    """Forty distinct 1 MB types (all of them held before the bound) leave one small key behind."""
+    items: list[Any] = typed_events([f"{i:04d}" + "t" * (1 << 20) for i in range(40)])
+    data = render(items, "ndjson", bom=False, crlf=False)
+    tracemalloc.start()
+    try:
+        res = stream_result(data, chunk=1 << 16)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert res.event_types == {"<too-long>": 40}
+    assert peak < 16 << 20, peak  # a few of them at a time while decoded, not all 40 MB

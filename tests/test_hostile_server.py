@@ -9,11 +9,13 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+import orjson
 import trio
 
 import test_zip_hardening as samples
-from conftest import RunningServer
-from zipcraft import build, entry
+from conftest import RunningServer, wait_until
+from upload_server.ingest.extract import MAX_EVENT_TYPES
+from zipcraft import STORED, build, entry
 
 UPLOAD = "/api/v1/upload"
 Check = Callable[[dict[str, Any]], bool]
@@ -52,6 +54,32 @@ def lone_surrogate(body: dict[str, Any]) -> bool:
     return "surrogate" in file["error"]["message"] and "truncated" not in file["error"]["message"]
 
 
+def typed(names: list[str], pad_to: int = 0) -> bytes:
+    """One event per type name, then events of the first type up to ``pad_to`` bytes."""
+    lines = b"".join(b'{"type":"%s","actor":{"id":1}}\n' % name.encode() for name in names)
+    pad = b'{"type":"%s","actor":{"id":2}}\n' % names[0].encode()
+    return lines + pad * max(0, (pad_to - len(lines)) // len(pad))
+
+
+def types_apart(count: int, *, pad_to: int = 0) -> bytes:
+    """Two files of ``count`` distinct types each, none shared. Padded past 1 MiB each (stored, so under
+    every ratio guard), they are two jobs (dispatch.batch_entries) and meet only in the final merge."""
+    halves = [typed([f"{side}{i}" for i in range(count)], pad_to) for side in "AB"]
+    return build([entry(f"{side}.json", half, STORED) for side, half in zip("ab", halves, strict=True)])
+
+
+def one_file_failed(code: str) -> Check:
+    def check(body: dict[str, Any]) -> bool:
+        (file,) = body["files"]
+        return body["summary"]["files_failed"] == 1 and file["error"]["code"] == code
+
+    return check
+
+
+def too_long(body: dict[str, Any]) -> bool:
+    return body["summary"]["event_types"] == {"<too-long>": 2, "PushEvent": 1}
+
+
 def cases() -> list[tuple[str, bytes, int, Check]]:
     drain, drain_events = samples.drain_sample()
     stub = b"MZ" + b"\0" * 510 + build([entry("a.json", samples.LINE)])  # a self-extractor's stub first
@@ -81,6 +109,25 @@ def cases() -> list[tuple[str, bytes, int, Check]]:
             refused("ZIP_BOMB", "ratio", without="archive"),
         ),
         ("zip behind a self-extractor stub", stub, 415, refused("UNSUPPORTED_MEDIA_TYPE")),
+        (
+            "a file past the distinct event types",
+            typed([f"T{i}" for i in range(MAX_EVENT_TYPES + 1)]),
+            200,
+            one_file_failed("TOO_MANY_EVENT_TYPES"),
+        ),
+        (
+            "files past the distinct event types together, one job",
+            types_apart(MAX_EVENT_TYPES // 2 + 1),
+            422,
+            refused("TOO_MANY_EVENT_TYPES"),
+        ),
+        (
+            "files past the distinct event types together, two jobs",
+            types_apart(MAX_EVENT_TYPES // 2 + 1, pad_to=(1 << 20) + 4096),
+            422,
+            refused("TOO_MANY_EVENT_TYPES"),
+        ),
+        ("megabyte event types", typed(["x" * (1 << 20), "y" * (1 << 20), "PushEvent"]), 200, too_long),
     ]
 
 
@@ -100,4 +147,24 @@ async def test_every_class_through_the_real_server(server: RunningServer) -> Non
     with trio.fail_after(5):
         while server.state.stats.uploads_in_flight:  # noqa: ASYNC110 - counters move after the last byte
             await trio.sleep(0.01)
+    assert server.leftover_files() == []
+
+
+async def test_too_many_event_types_ends_an_ndjson_stream_with_its_error_line(server: RunningServer) -> None:
+    """Found in the final merge, after the stream began: the error line, no summary, nothing left."""
+    body = types_apart(MAX_EVENT_TYPES // 2 + 1, pad_to=(1 << 20) + 4096)
+    headers = {"content-type": "application/zip", "accept": "application/x-ndjson"}
+    async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+        response = await client.post(UPLOAD, content=body, headers=headers)
+        assert response.status_code == 200
+        lines = [orjson.loads(line) for line in response.content.splitlines()]
+        assert lines[-1]["kind"] == "error", lines[-1]
+        assert lines[-1]["error"]["code"] == "TOO_MANY_EVENT_TYPES"
+        assert lines[-1]["error"]["detail"] == {"limit": MAX_EVENT_TYPES}
+        assert not any(line["kind"] == "summary" for line in lines)
+        good = await client.post(
+            UPLOAD, content=typed(["PushEvent"]), headers={"content-type": "application/json"}
+        )
+        assert good.status_code == 200 and good.json()["summary"]["event_types"] == {"PushEvent": 1}
+    await wait_until(lambda: not server.state.stats.uploads_in_flight, within=5)
     assert server.leftover_files() == []

@@ -16,6 +16,7 @@ import upload_server
 from conftest import RunningServer
 from upload_server import errors
 from upload_server.codes import FileErrorCode
+from upload_server.ingest.extract import MAX_EVENT_TYPE_LENGTH, MAX_EVENT_TYPES
 from upload_server.routes import ID_ROUTES, ROUTES
 
 SOURCE = Path(upload_server.__file__).parent
@@ -162,3 +163,12 @@ async def test_the_server_serves_this_document(server: RunningServer) -> None:
     assert DOCUMENT["openapi"].startswith("3.1")
     assert head.status_code == 200 and head.content == b""
     assert head.headers["content-length"] == answer.headers["content-length"]
+
+
+def test_the_event_types_bound_is_the_documented_one() -> None:
+    summary = DOCUMENT["components"]["schemas"]["Summary"]["properties"]["event_types"]
+    assert summary["maxProperties"] == MAX_EVENT_TYPES
+    assert f"over {MAX_EVENT_TYPE_LENGTH} characters" in summary["description"]
+    readme = (SOURCE.parents[1] / "README.md").read_text()
+    assert f"`<too-long>` when it is over {MAX_EVENT_TYPE_LENGTH} characters" in readme
+    assert f"{MAX_EVENT_TYPES:,} distinct types at most" in readme

@@ -8,12 +8,15 @@ import random
 from collections import Counter
 from typing import Any
 
+import msgspec
 import orjson
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import examples
-from upload_server.ingest.extract import Actor, FileResult
+from upload_server.errors import TooManyEventTypes
+from upload_server.ingest.extract import MAX_EVENT_TYPES, Actor, FileResult
 from upload_server.ingest.results import (
     BATCH_BYTES,
     Merger,
@@ -27,6 +30,7 @@ from upload_server.ingest.results import (
     summary_line,
     write_answer,
 )
+from upload_server.ingest.runs import JobRuns
 
 
 def fr(name: str, order: int, actors: dict[int, tuple[Any, ...]], **kw: Any) -> FileResult:
@@ -276,3 +280,64 @@ def test_large_actors_are_written_a_megabyte_at_a_time() -> None:
     items = list(actor_lines(m.actors.items()))
     assert b"".join(items) == b"".join(actor_line(aid, rec) for aid, rec in m.actors.items())
     assert len(items) > 1 and max(map(len, items)) < BATCH_BYTES + 310_000
+
+
+# ---------------------------------------------------------------------------------- event types: the bound
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, MAX_EVENT_TYPES), min_size=1, max_size=5),
+    overlap=st.integers(0, MAX_EVENT_TYPES),
+    seed=st.integers(0, 1000),
+)
+def test_distinct_types_across_files_are_bounded_in_any_order(
+    sizes: list[int], overlap: int, seed: int
+) -> None:
+    """Each file keeps to the bound (extract fails a file past it); their union may not pass it either,
+    whatever order the results arrive in, in a Merger and in a job's JobRuns alike."""
+    shared = [f"S{i}" for i in range(overlap)]
+    files = [
+        fr(
+            f"{n}.json",
+            n,
+            {},
+            events=size,
+            event_types=dict.fromkeys(
+                shared[:size] + [f"F{n}.{i}" for i in range(size - min(size, overlap))], 1
+            ),
+        )
+        for n, size in enumerate(sizes)
+    ]
+    union = Counter[str]()
+    for f in files:
+        union.update(f.event_types)
+    random.Random(seed).shuffle(files)
+    merger = Merger()
+    job = JobRuns(io.BytesIO(), limit=1000, byte_limit=1 << 20)
+    if len(union) <= MAX_EVENT_TYPES:
+        merger.extend(msgspec.structs.replace(f) for f in files)
+        assert merger.result().event_types == dict(sorted(union.items()))
+        for f in files:
+            job.end_file(f)
+            assert f.event_types == {}  # taken out of the result: the job holds one set, not one per file
+        assert job.event_types == dict(union)
+    else:
+        with pytest.raises(TooManyEventTypes) as refused:
+            merger.extend(files)
+        assert refused.value.status == 422 and refused.value.code == "TOO_MANY_EVENT_TYPES"
+        assert refused.value.detail == {"limit": MAX_EVENT_TYPES}
+        with pytest.raises(TooManyEventTypes):
+            for f in files:
+                job.end_file(f)
+
+
+def test_a_failed_file_types_count_for_nothing() -> None:
+    job = JobRuns(io.BytesIO(), limit=1000, byte_limit=1 << 20)
+    failed = fr("bad.json", 0, {}, event_types={f"T{i}": 1 for i in range(MAX_EVENT_TYPES)})
+    failed.error = {"code": "INVALID_JSON", "message": "invalid JSON"}
+    good = fr("good.json", 1, {}, event_types={"PushEvent": 3})
+    assert merge([failed, good]).event_types == {"PushEvent": 3}
+    job.end_file(failed)
+    job.end_file(good)
+    assert job.event_types == {"PushEvent": 3}

@@ -15,6 +15,9 @@ class FileErrorCode(StrEnum):
     INVALID_JSON = "INVALID_JSON"
     JSON_TOO_DEEP = "JSON_TOO_DEEP"
     VALUE_TOO_LARGE = "VALUE_TOO_LARGE"
+    #: More than ``extract.MAX_EVENT_TYPES`` distinct event types in the file; across the files of an
+    #: upload, the same code fails the whole upload (errors.TooManyEventTypes).
+    TOO_MANY_EVENT_TYPES = "TOO_MANY_EVENT_TYPES"
     BAD_COMPRESSED_DATA = "BAD_COMPRESSED_DATA"
     ENCRYPTED_ENTRY = "ENCRYPTED_ENTRY"
     UNSUPPORTED_COMPRESSION = "UNSUPPORTED_COMPRESSION"

@@ -162,6 +162,12 @@ class ZipBomb(Unprocessable):
     code = FileErrorCode.ZIP_BOMB  # a file's bomb fails the whole upload under the same code
 
 
+class TooManyEventTypes(Unprocessable):
+    """The upload's files, each within the bound, have more distinct event types together than it."""
+
+    code = FileErrorCode.TOO_MANY_EVENT_TYPES  # a file over the bound fails alone, under the same code
+
+
 class NoJsonFiles(Unprocessable):
     code = "NO_JSON_FILES"
 

@@ -51,11 +51,13 @@ _TRAILER_LENGTH = 8
 
 
 class JobResults(msgspec.Struct):
-    """A results file's trailer: the job's per-file results (actors left out) and its runs' chunk lengths,
-    the runs lying one after another from the start of the file."""
+    """A results file's trailer: the job's per-file results (actors and event types left out), its runs'
+    chunk lengths, the runs lying one after another from the start of the file, and the job's event types
+    (``JobRuns.event_types``)."""
 
     files: list[FileResult]
     runs: list[list[int]]
+    event_types: dict[str, int] = msgspec.field(default_factory=dict)
 
 
 _ENCODER = msgspec.msgpack.Encoder()
@@ -78,7 +80,7 @@ def run_job_to_file(job: Job, results_path: str) -> JobOutcome:
         runs = JobRuns(out, job.spill_actors, job.memory_budget)
         results = run_job(job, runs)
         runs.finish()
-        trailer = _ENCODER.encode(JobResults(files=results, runs=runs.runs))
+        trailer = _ENCODER.encode(JobResults(files=results, runs=runs.runs, event_types=runs.event_types))
         out.write(trailer + len(trailer).to_bytes(_TRAILER_LENGTH, "little"))
     produced = sum(result.size_bytes for result in results)
     events = sum(result.events for result in results if result.error is None)
@@ -159,11 +161,15 @@ def merge_and_render(request: RenderRequest) -> RenderOutcome:
 
 
 def _merge_and_render(request: RenderRequest) -> RenderOutcome:
-    jobs = [(path, read_trailer(path)) for path in request.result_paths]
     merger = Merger()
     merger.extend(request.failed_up_front)
-    for _, job in jobs:
+    jobs: list[tuple[str, JobResults]] = []
+    for path in request.result_paths:
+        job = read_trailer(path)
         merger.extend(job.files)
+        merger.add_event_types(job.event_types)  # raises TooManyEventTypes past the bound
+        job.event_types = {}  # summed: not held once per job (a thousand jobs' sets would be)
+        jobs.append((path, job))
     merged = merger.result()  # files and counts; the actors come from the runs
 
     failed = [{"name": result.name, "error": result.error} for result in merged.files if result.error]

@@ -15,7 +15,9 @@ Readings of the rules (the issue leaves these open):
   integers) is an event *and* is counted in ``skipped["invalid_actor"]``. The 64-bit bound keeps every id
   representable by orjson and by clients.
 * **event_types** counts the ``type`` of every event: a string counts as itself, an absent or null ``type`` as
-  ``"<missing>"``, any other JSON value as ``"<non-string>"`` (GitHub types never contain ``<``).
+  ``"<missing>"``, a string longer than ``MAX_EVENT_TYPE_LENGTH`` as ``"<too-long>"``, any other JSON value
+  as ``"<non-string>"`` (GitHub types never contain ``<``). A file with more than ``MAX_EVENT_TYPES``
+  distinct ones fails with ``TOO_MANY_EVENT_TYPES`` as soon as the next one is met (the rest is not read).
 * **Actors** keep the first occurrence within the file: ``(login, display_login, avatar_url, url,
   gravatar_id, events)``; the five attributes are kept as found (``None`` when absent). Given an
   ``actors_out`` (``ActorSpill``), a file's actors go there in bounded sets as they are found, and the
@@ -55,6 +57,8 @@ from upload_server.codes import FileErrorCode
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "DEFAULT_MAX_VALUE_BYTES",
+    "MAX_EVENT_TYPES",
+    "MAX_EVENT_TYPE_LENGTH",
     "Actor",
     "ActorSpill",
     "FileResult",
@@ -65,6 +69,15 @@ __all__ = [
 
 DEFAULT_CHUNK_SIZE = 1 << 20
 DEFAULT_MAX_VALUE_BYTES = 64 << 20
+#: Distinct ``event_types`` a file, and an upload, may have (issue 12: they are held, summed and rendered
+#: whole; an upload of a million distinct types took a worker to 269 MiB, BENCH_NOTES.md). GitHub documents
+#: 17 event types today and GH Archive has had about 25 over its years: 1,000 is 40 times that, and bounds
+#: a file's counts to ~0.7 MiB with ``MAX_EVENT_TYPE_LENGTH`` (a 128-character str is at most 588 bytes,
+#: plus its dict entry).
+MAX_EVENT_TYPES = 1000
+#: Characters of a ``type`` counted as itself; a longer one counts as ``"<too-long>"`` (the longest GitHub
+#: type, ``PullRequestReviewCommentEvent``, has 29). Without it a 1 MB ``type`` was held, and rendered, whole.
+MAX_EVENT_TYPE_LENGTH = 128
 
 _INT64_MIN = -(1 << 63)
 _INT64_MAX = (1 << 63) - 1
@@ -295,7 +308,11 @@ class _Acc:
             t = ev.type
             if type(t) is not str:
                 t = "<missing>" if t is None else "<non-string>"
-            types[t] = types.get(t, 0) + 1
+            n = types.get(t)
+            if n is None:  # a type not seen yet in this file: only these can pass a bound
+                t = _new_type(types, t)
+                n = types.get(t, 0)
+            types[t] = n + 1
             a = ev.actor
             aid = None
             if type(a) is _Actor:
@@ -352,6 +369,21 @@ class _Acc:
             event_types=self.types,
             actors=self.actors,
         )
+
+
+def _new_type(types: dict[str, int], t: str) -> str:
+    """The key ``t`` counts under in ``types``, which does not hold it; raises once ``types`` is full."""
+    if len(t) > MAX_EVENT_TYPE_LENGTH:
+        t = "<too-long>"
+        if t in types:
+            return t
+    if len(types) >= MAX_EVENT_TYPES:
+        raise _JsonError(
+            FileErrorCode.TOO_MANY_EVENT_TYPES,
+            f"more than {MAX_EVENT_TYPES} distinct event types (GitHub has about 20); the rest of the file "
+            "was not read",
+        )
+    return t
 
 
 class _EventLine(msgspec.Struct, gc=False):

@@ -19,7 +19,8 @@ from typing import Any
 import msgspec
 import orjson
 
-from upload_server.ingest.extract import Actor, FileResult
+from upload_server.errors import TooManyEventTypes
+from upload_server.ingest.extract import MAX_EVENT_TYPES, Actor, FileResult
 
 __all__ = [
     "ActorRow",
@@ -28,6 +29,7 @@ __all__ = [
     "UploadReceipt",
     "actor_line",
     "actor_lines",
+    "add_event_types",
     "error_line",
     "file_line",
     "merge",
@@ -104,7 +106,7 @@ class Merger:
             return  # a failed file counts for nothing (its counts are empty anyway)
         self._events += result.events
         _add_counts(self._skipped, result.skipped)
-        _add_counts(self._types, result.event_types)
+        add_event_types(self._types, result.event_types)
         order = result.order
         actors, first_order = self._actors, self._first_order
         for aid, rec in result.actors.items():
@@ -121,6 +123,10 @@ class Merger:
     def extend(self, results: Iterable[FileResult]) -> None:
         for r in results:
             self.add(r)
+
+    def add_event_types(self, counts: Mapping[str, int]) -> None:
+        """Counts of event types gathered apart from the files' results (a job's: ``runs.JobRuns``)."""
+        add_event_types(self._types, counts)
 
     def result(self) -> Merged:
         return Merged(
@@ -174,6 +180,18 @@ def _run_key(row: ActorRow) -> tuple[int, int]:
 def _add_counts(into: dict[str, int], counts: Mapping[str, int]) -> None:
     for k, n in counts.items():
         into[k] = into.get(k, 0) + n
+
+
+def add_event_types(into: dict[str, int], counts: Mapping[str, int]) -> None:
+    """Add ``counts`` to ``into``; raise TooManyEventTypes when ``into`` then holds more than
+    ``MAX_EVENT_TYPES`` (each file keeps to it, so ``into`` holds twice that at most)."""
+    _add_counts(into, counts)
+    if len(into) > MAX_EVENT_TYPES:
+        raise TooManyEventTypes(
+            f"The upload's files have more than {MAX_EVENT_TYPES} distinct event types together "
+            "(GitHub has about 20).",
+            detail={"limit": MAX_EVENT_TYPES},
+        )
 
 
 def merge(results: Iterable[FileResult]) -> Merged:

@@ -26,7 +26,7 @@ from typing import BinaryIO
 import msgspec
 
 from .extract import Actor, FileResult, rewind
-from .results import ActorRow, Merger, merge_rows
+from .results import ActorRow, Merger, add_event_types, merge_rows
 
 __all__ = [
     "ACTOR_BYTES",
@@ -175,6 +175,10 @@ class JobRuns:
     chunk lengths in order. The pending set stays under ``limit`` actors (it is spilled before a file's
     actors would take it past), and its attributes came from the job's files, a batch of small ones
     (``dispatch.BATCH_MAX_BYTES``) or one file whose own set is bounded.
+
+    ``event_types`` sums the good files' counts, which are taken out of their results as each file ends:
+    a job holds one set of at most ``extract.MAX_EVENT_TYPES`` (raising TooManyEventTypes past it), not one
+    per file (a batch is up to 2,000 files, each of up to that many types).
     """
 
     def __init__(self, out: BinaryIO, limit: int, byte_limit: int) -> None:
@@ -183,6 +187,7 @@ class JobRuns:
         self.runs: list[list[int]] = []
         self._out = out
         self._pending = Merger()
+        self.event_types: dict[str, int] = {}
         self._order = 0
         self._mark = (0, 0)
 
@@ -203,6 +208,8 @@ class JobRuns:
             rewind(self._out, position)
             del self.runs[count:]
             return
+        add_event_types(self.event_types, result.event_types)
+        result.event_types = {}
         if self._pending.actor_count + len(result.actors) >= self.limit:
             self.finish()
         self._pending.add(result)
