@@ -35,6 +35,8 @@ Exit status 0 when every target passed, 1 when one failed, 2 when the run itself
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import tempfile
 import threading
 import time
@@ -48,6 +50,7 @@ import orjson
 
 import harness
 import run_locust
+import step_trace
 from targets import Target, report, run_script
 
 HERE = Path(__file__).resolve().parent
@@ -130,6 +133,7 @@ class WorkerMeter:
     def __enter__(self) -> WorkerMeter:
         self.main_cpu_s = -harness.process_cpu_seconds(self.pid)
         self.main_wait_s = -harness.run_queue_wait_seconds(self.pid)
+        self.main_wakeups = -harness.times_scheduled(self.pid)
         self._sample()
         self._thread.start()
         return self
@@ -139,6 +143,7 @@ class WorkerMeter:
         self._thread.join(5)
         self.main_cpu_s += harness.process_cpu_seconds(self.pid)
         self.main_wait_s += harness.run_queue_wait_seconds(self.pid)
+        self.main_wakeups += harness.times_scheduled(self.pid)
 
     def _run(self) -> None:
         while not self._stop.wait(0.5):
@@ -155,6 +160,11 @@ class WorkerMeter:
         return sum(self.last[c][0] - self.first[c][0] for c in self.last)
 
     @property
+    def wait_per_wakeup_ms(self) -> float:
+        """The event loop's mean wait for a CPU each time it became runnable (what a request waits first)."""
+        return self.main_wait_s * 1000 / max(1, self.main_wakeups)
+
+    @property
     def wait_s(self) -> float:
         return sum(self.last[c][1] - self.first[c][1] for c in self.last)
 
@@ -162,8 +172,19 @@ class WorkerMeter:
         return (
             f"workers used {self.cpu_s:.1f} CPU s and waited {self.wait_s:.0f} s for a CPU "
             f"({len(self.last)} procs); the serving process used {self.main_cpu_s:.1f} CPU s, and its event "
-            f"loop waited {self.main_wait_s:.1f} s for a CPU"
+            f"loop waited {self.main_wait_s:.1f} s for a CPU ({self.wait_per_wakeup_ms:.2f} ms a wake-up)"
         )
+
+
+def sessions(pid: int) -> str:
+    """Which sessions the server and its descendants are in: with autogroup scheduling (on by default), the
+    kernel shares the CPU between sessions first (upload_server/ingest/worker_session.py)."""
+    own = os.getsid(pid)
+    others: Counter[str] = Counter()
+    for child in harness.descendants(pid):
+        with contextlib.suppress(OSError):
+            others["its own session" if os.getsid(child) == own else "another session"] += 1
+    return f"server in session {own}; descendants: {dict(others)}"
 
 
 def wait_idle(server: harness.Server) -> float:
@@ -215,7 +236,8 @@ def one_round(server: harness.Server, tally: Tally, label: str, args: argparse.N
     failed = sum(tally.upload_failures.values()) - before[2]
     return (
         f"  {label}: uploads done {len(tally.uploads_ok) - before[0]}, refused {tally.refused - before[1]}, "
-        f"failed {failed}; {workers}; probe {harness.describe_latency(tally.probe[-1])}; "
+        f"failed {failed}; {workers}; probe {harness.describe_latency(tally.probe[-1])}, the probe waited "
+        f"{tally.probe[-1].get('probe_wait_s', 0):.2f} s for a CPU; "
         f"waited {tally.idle_waits_s[-1]:.0f} s for idle before; load {load}"
     )
 
@@ -287,15 +309,24 @@ def run(args: argparse.Namespace) -> tuple[Tally, Tally]:
         for name in TARGETS:
             tmp_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix=f"bench-mixed-{name}-"))
             command = harness.server_command(name, tmp_dir)
+            env = None
+            if name == "ours" and args.trace_steps:
+                # The same server, run by step_trace.py with an instrument timing its event loop.
+                command[1:3] = [str(HERE / "step_trace.py")]
+                env = {**os.environ, "STEP_TRACE_OUT": f"{args.trace_steps}.json"}
             log = args.results_dir / f"mixed-{args.stamp}-{name}_server.log"
-            servers[name] = stack.enter_context(harness.running_server(name, command, log_path=log))
+            servers[name] = stack.enter_context(harness.running_server(name, command, env=env, log_path=log))
             print(f"  {name}: pid {servers[name].pid}, port {servers[name].port}: {' '.join(command)}")
             harness.timed_upload(servers[name], warm)
+            print(f"    {name}: {sessions(servers[name].pid)}")
         for number in range(1, args.rounds + 1):
             order = TARGETS if number % 2 else TARGETS[::-1]
             for name in order:
                 label = f"{args.stamp}-r{number}-{name}"
                 print(one_round(servers[name], tallies[name], label, args), flush=True)
+    if args.trace_steps:
+        slow = [tuple(poll) for probe in tallies["ours"].probe for poll in probe["slow"]]
+        print(step_trace.summarize(f"{args.trace_steps}.json", slow))
     return tallies["ours"], tallies["reference"]
 
 
@@ -314,6 +345,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-seconds", type=float, default=1500.0, help="bound on the whole run")
     p.add_argument(
         "--py-spy", default="", metavar="PREFIX", help="record our serving process, PREFIX-<round>.txt"
+    )
+    p.add_argument(
+        "--trace-steps",
+        default="",
+        metavar="PREFIX",
+        help="run our server under step_trace.py (loop steps, batches, collections) into PREFIX.json",
     )
     run_locust.add_scenario_arguments(p)
     args = p.parse_args(argv)
