@@ -224,8 +224,16 @@ def client_process(arguments: list[str], timeout: float) -> dict[str, Any]:
 
 
 def start_client_process(arguments: list[str]) -> subprocess.Popen[bytes]:
-    """Start ``python -m harness <arguments>``; collect it with :func:`finish_client_process`."""
-    return subprocess.Popen(CLIENT + arguments, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=HERE)
+    """Start ``python -m harness <arguments>``; collect it with :func:`finish_client_process`.
+
+    In a session of its own: with Linux's autogroup scheduling (on by default) the CPU is shared between
+    sessions first, and in the benchmark's session locust spends that share, so a probe there was slow to
+    wake for its own answers (3-7 s of each 30 s round waiting for a CPU, bench_mixed.py). A load
+    balancer's probe runs on another machine; here it at least competes as a process of its own.
+    """
+    return subprocess.Popen(
+        CLIENT + arguments, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=HERE, start_new_session=True
+    )
 
 
 def finish_client_process(process: subprocess.Popen[bytes], timeout: float) -> dict[str, Any]:
