@@ -78,7 +78,7 @@ class LoopTimer(trio.abc.Instrument):
         self.batch_cpu_hist: Counter[str] = Counter()  # the loop thread's own CPU time per batch
         self.step_total_s = 0.0
         self.steps = 0
-        self.gc_started = 0.0
+        self.gc_started = self.gc_cpu_started = 0.0
 
     def before_task_step(self, task: trio.lowlevel.Task) -> None:
         self.step_started = time.monotonic()
@@ -133,12 +133,14 @@ class LoopTimer(trio.abc.Instrument):
     def on_gc(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":
             self.gc_started = time.monotonic()
+            self.gc_cpu_started = time.thread_time()
             return
         took = time.monotonic() - self.gc_started
         self.collections.append(
             {
                 "at": self.gc_started,
                 "ms": round(took * 1000, 3),
+                "cpu_ms": round((time.thread_time() - self.gc_cpu_started) * 1000, 3),
                 "generation": info["generation"],
                 "collected": info["collected"],
             }
@@ -230,10 +232,11 @@ def summarize(path: str, slow_polls: list[tuple[float, float]], top: int = 12) -
     collections = trace["collections"]
     for generation in range(3):
         took = [c["ms"] for c in collections if c["generation"] == generation]
+        cpu = [c.get("cpu_ms", 0.0) for c in collections if c["generation"] == generation]
         if took:
             lines.append(
-                f"gc generation {generation}: {len(took)} collections, "
-                f"max {max(took):.1f} ms, sum {sum(took):.0f} ms"
+                f"gc generation {generation}: {len(took)} collections, max {max(took):.1f} ms wall "
+                f"({max(cpu):.1f} ms CPU), sum {sum(took):.0f} ms"
             )
     explained = {
         "loop batch >= 2 ms CPU": 0,
