@@ -4,8 +4,10 @@
 
 Takes upload-server's own flags and starts it as ``upload_server.cli.serve_process`` does (logging, the
 open-files limit, allocator and collector tuning), with :class:`LoopTimer` added to the Trio run. Never
-on in the server itself: the instrument costs a few microseconds per task step. At exit (SIGTERM, as the
-benchmarks stop servers) it writes to ``STEP_TRACE_OUT``:
+on in the server itself: the instrument costs a few microseconds per task step, and as the main script this
+file is imported again in every worker (multiprocessing's ``__mp_main__``), which then holds trio and the
+serving code too (~8 MiB more each, ``upload_server/launch.py``): figures of memory come from plain runs.
+At exit (SIGTERM, as the benchmarks stop servers) it writes to ``STEP_TRACE_OUT``:
 
 * every task step of ``STEP_TRACE_MS`` (default 1) ms or longer: its start (``time.monotonic``, so it can be
   matched against a client's slow polls), length, task name, and where the task was suspended before and
