@@ -10,24 +10,34 @@ How, on 127.0.0.1 only, every step under a deadline (``--max-seconds`` bounds th
 
 1. Makes the datasets of ``run_locust.py`` (small.zip, medium.zip, hour.json.gz by default).
 2. Starts both servers with default settings (a temp dir and a free port each) and warms each up with one
-   upload. Both stay up for the whole run.
+   upload. Both stay up for the whole run. The same process layout for both: the server in a session, its
+   workers in another (ours by design, the reference with ``--workers-own-session``; ``--reference-as-built``
+   leaves its original layout). Linux's autogroup scheduling shares the CPU between sessions first, so on a
+   machine that others keep busy a server split over two sessions gets more of it than one in a single
+   session; the line after each start says which sessions the processes are in.
 3. ``--rounds`` rounds; in each, each server in turn (the order alternating from round to round) gets
    ``--round-time`` seconds of ``locustfile.py`` at ``--users`` users (weights upload 3 : load balancer 1 :
    NDJSON streamer 1), alone on the machine. Alternating short rounds rather than one long run each, because
    the 2 cores are shared: whatever else runs falls on both servers alike. Not both at once on two ports,
    because then each server's load generator and workers would compete with the other's for the same two
    cores, and the faster server would be slowed by the slower one's backlog. Before each round the script
-   waits until the server's process tree is idle (the reference keeps computing uploads whose clients
-   locust dropped at the end of the previous round). During each round a separate process polls health on
-   one keep-alive connection every 10 ms (``harness.py poll-health``): locust's own health timings include
-   its scheduling delays on the same busy cores, so both figures are given.
+   waits until both servers' process trees are idle (the reference keeps computing uploads whose clients
+   locust dropped at the end of the previous round, which would take CPU from the next round, ours or
+   not). During each round a separate process, in a session of its own, polls health on one keep-alive
+   connection every 10 ms (``harness.py poll-health``): locust's own health timings include its scheduling
+   delays on the same busy cores, so both figures are given. Locust runs on the same cores: its CPU
+   seconds are printed per round, and grow with the answers it has to check.
    When a round's time is up, every user finishes the request it is in (``--stop-timeout``) instead of
    dropping it: dropped uploads are work thrown away, and more so for a server that shares its workers
    between all uploads (ours, round-robin) than for one that serves them in order (the reference's pool).
    A round's length runs from its first request's start to its last answer; uploads per minute are the
    uploads completed over the sum of those lengths. The workers' CPU seconds and their wait for a CPU
    (``/proc/<pid>/schedstat``) are printed per round: ours run at nice 19, the reference's at 0.
-4. Every request is recorded by ``locust_record.py``; percentiles are pooled over the rounds.
+4. Every request is recorded by ``locust_record.py``, with the server's own split of an upload's time
+   (``timing_ms``); percentiles are pooled over the rounds.
+
+``--trace-steps PREFIX`` runs our server under ``step_trace.py`` (a Trio instrument: loop steps, batches,
+collections) and prints where the loop's time went and which slow health polls it explains.
 
 Exit status 0 when every target passed, 1 when one failed, 2 when the run itself failed.
 """
@@ -35,6 +45,9 @@ Exit status 0 when every target passed, 1 when one failed, 2 when the run itself
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import resource
 import tempfile
 import threading
 import time
@@ -48,6 +61,7 @@ import orjson
 
 import harness
 import run_locust
+import step_trace
 from targets import Target, report, run_script
 
 HERE = Path(__file__).resolve().parent
@@ -76,12 +90,15 @@ class Tally:
     workers_cpu_s: float = 0.0
     workers_wait_s: float = 0.0  # runnable but waiting for a CPU
     main_cpu_s: float = 0.0  # the serving process
+    locust_cpu_s: float = 0.0  # the load generator, on the same cores
+    #: The server's own split of each completed upload's time (its answer's ``timing_ms``).
+    timings: list[dict[str, float]] = field(default_factory=list)
 
     def add(self, records: list[list[Any]]) -> None:
         """One round's records; its length runs from the first request's start to the last one's end."""
         if records:
             self.seconds += max(r[5] for r in records) - min(r[5] - r[2] / 1000 for r in records)
-        for request_type, name, response_ms, status, error, _end in records:
+        for request_type, name, response_ms, status, error, _end, timing in records:
             if request_type == "POST":
                 if status == 503:
                     self.refused += 1
@@ -90,6 +107,8 @@ class Tally:
                 else:
                     self.uploads_ok.append(response_ms)
                     self.upload_files[name.rsplit(" ", 1)[-1]] += 1
+                    if timing:
+                        self.timings.append(timing)
             elif error:
                 self.health_failures += 1
             else:
@@ -105,6 +124,19 @@ class Tally:
 
     def probe_p99(self) -> float:
         return harness.median([p["p99_ms"] for p in self.probe])
+
+    def time_split(self) -> str:
+        """Where a completed upload's time went, by the server's own clock: mean ms per phase (ours reports
+        receive, queue, process; the reference receive, and process with its pool's queue inside)."""
+        if not self.timings:
+            return "no timings"
+        phases = sorted({phase for timing in self.timings for phase in timing})
+        means = {phase: sum(t.get(phase, 0.0) for t in self.timings) / len(self.timings) for phase in phases}
+        client = sum(self.uploads_ok) / len(self.uploads_ok)
+        split = ", ".join(f"{phase} {ms:,.0f}" for phase, ms in means.items())
+        return (
+            f"mean ms per upload: {split}; the client saw {client:,.0f} (the rest: sending, answer transfer)"
+        )
 
 
 def tree_cpu_seconds(pid: int) -> float:
@@ -130,6 +162,7 @@ class WorkerMeter:
     def __enter__(self) -> WorkerMeter:
         self.main_cpu_s = -harness.process_cpu_seconds(self.pid)
         self.main_wait_s = -harness.run_queue_wait_seconds(self.pid)
+        self.main_wakeups = -harness.times_scheduled(self.pid)
         self._sample()
         self._thread.start()
         return self
@@ -139,6 +172,7 @@ class WorkerMeter:
         self._thread.join(5)
         self.main_cpu_s += harness.process_cpu_seconds(self.pid)
         self.main_wait_s += harness.run_queue_wait_seconds(self.pid)
+        self.main_wakeups += harness.times_scheduled(self.pid)
 
     def _run(self) -> None:
         while not self._stop.wait(0.5):
@@ -155,6 +189,11 @@ class WorkerMeter:
         return sum(self.last[c][0] - self.first[c][0] for c in self.last)
 
     @property
+    def wait_per_wakeup_ms(self) -> float:
+        """The event loop's mean wait for a CPU each time it became runnable (what a request waits first)."""
+        return self.main_wait_s * 1000 / max(1, self.main_wakeups)
+
+    @property
     def wait_s(self) -> float:
         return sum(self.last[c][1] - self.first[c][1] for c in self.last)
 
@@ -162,8 +201,25 @@ class WorkerMeter:
         return (
             f"workers used {self.cpu_s:.1f} CPU s and waited {self.wait_s:.0f} s for a CPU "
             f"({len(self.last)} procs); the serving process used {self.main_cpu_s:.1f} CPU s, and its event "
-            f"loop waited {self.main_wait_s:.1f} s for a CPU"
+            f"loop waited {self.main_wait_s:.1f} s for a CPU ({self.wait_per_wakeup_ms:.2f} ms a wake-up)"
         )
+
+
+def sessions(pid: int) -> str:
+    """Which sessions the server and its descendants are in: with autogroup scheduling (on by default), the
+    kernel shares the CPU between sessions first (upload_server/ingest/worker_session.py)."""
+    own = os.getsid(pid)
+    others: Counter[str] = Counter()
+    for child in harness.descendants(pid):
+        with contextlib.suppress(OSError):
+            others["its own session" if os.getsid(child) == own else "another session"] += 1
+    return f"server in session {own}; descendants: {dict(others)}"
+
+
+def children_cpu_seconds() -> float:
+    """CPU seconds of this process's children that have been waited for (locust, once it is done)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def wait_idle(server: harness.Server) -> float:
@@ -177,9 +233,14 @@ def wait_idle(server: harness.Server) -> float:
     return time.monotonic() - started
 
 
-def one_round(server: harness.Server, tally: Tally, label: str, args: argparse.Namespace) -> str:
-    """``--round-time`` s of locust against ``server`` with a health probe beside it; a line for the log."""
-    tally.idle_waits_s.append(wait_idle(server))
+def one_round(
+    server: harness.Server, tally: Tally, label: str, args: argparse.Namespace, others: list[harness.Server]
+) -> str:
+    """``--round-time`` s of locust against ``server`` with a health probe beside it; a line for the log.
+
+    Waits first until ``server`` and ``others`` are idle: the other server may still be finishing uploads
+    whose clients locust gave up on, and that work would take CPU from this round."""
+    tally.idle_waits_s.append(sum(wait_idle(each) for each in [server, *others]))
     prefix = args.results_dir / f"mixed-{label}"
     record = Path(f"{prefix}_record.json")
     env = {**args.env, "LOADTEST_RECORD": str(record)}
@@ -189,6 +250,7 @@ def one_round(server: harness.Server, tally: Tally, label: str, args: argparse.N
     )
     profile = Path(f"{args.py_spy}-{label}.txt") if args.py_spy and server.name == "ours" else None
     spying = harness.py_spy(server.pid, profile, args.round_time + args.stop_timeout, subprocesses=False)
+    locust_cpu = -children_cpu_seconds()
     with spying, WorkerMeter(server.pid) as meter:
         code = run_locust.run_locust(
             server.url,
@@ -201,6 +263,8 @@ def one_round(server: harness.Server, tally: Tally, label: str, args: argparse.N
             plugins=[HERE / "locust_record.py"],
             stop_timeout=args.stop_timeout,
         )
+    locust_cpu += children_cpu_seconds()  # locust was waited for; the probe is not yet
+    tally.locust_cpu_s += locust_cpu
     workers = meter.summary()
     harness.print_profile(profile, server.pid)
     tally.workers_cpu_s += meter.cpu_s
@@ -215,7 +279,8 @@ def one_round(server: harness.Server, tally: Tally, label: str, args: argparse.N
     failed = sum(tally.upload_failures.values()) - before[2]
     return (
         f"  {label}: uploads done {len(tally.uploads_ok) - before[0]}, refused {tally.refused - before[1]}, "
-        f"failed {failed}; {workers}; probe {harness.describe_latency(tally.probe[-1])}; "
+        f"failed {failed}; {workers}; probe {harness.describe_latency(tally.probe[-1])}, the probe waited "
+        f"{tally.probe[-1].get('probe_wait_s', 0):.2f} s for a CPU; locust used {locust_cpu:.1f} CPU s; "
         f"waited {tally.idle_waits_s[-1]:.0f} s for idle before; load {load}"
     )
 
@@ -275,7 +340,10 @@ def print_totals(tally: Tally) -> None:
         f"    completed per dataset: {dict(sorted(tally.upload_files.items()))}\n"
         f"    CPU s per completed upload: workers {tally.workers_cpu_s / done:.2f}, serving process "
         f"{tally.main_cpu_s / done:.2f}; the workers used {tally.workers_cpu_s / tally.seconds:.2f} cores "
-        f"and waited {tally.workers_wait_s / tally.seconds:.2f} s per s for a CPU"
+        f"and waited {tally.workers_wait_s / tally.seconds:.2f} s per s for a CPU; locust used "
+        f"{tally.locust_cpu_s / tally.seconds:.2f} cores ({tally.locust_cpu_s / done:.2f} CPU s per "
+        "completed upload)\n"
+        f"    {tally.time_split()}"
     )
 
 
@@ -286,16 +354,28 @@ def run(args: argparse.Namespace) -> tuple[Tally, Tally]:
         servers = {}
         for name in TARGETS:
             tmp_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix=f"bench-mixed-{name}-"))
-            command = harness.server_command(name, tmp_dir)
+            # The reference's pool in a session of its own, like our workers (see --reference-as-built).
+            extra = ["--workers-own-session"] if name == "reference" and not args.reference_as_built else []
+            command = harness.server_command(name, tmp_dir, extra=extra)
+            env = None
+            if name == "ours" and args.trace_steps:
+                # The same server, run by step_trace.py with an instrument timing its event loop.
+                command[1:3] = [str(HERE / "step_trace.py")]
+                env = {**os.environ, "STEP_TRACE_OUT": f"{args.trace_steps}.json"}
             log = args.results_dir / f"mixed-{args.stamp}-{name}_server.log"
-            servers[name] = stack.enter_context(harness.running_server(name, command, log_path=log))
+            servers[name] = stack.enter_context(harness.running_server(name, command, env=env, log_path=log))
             print(f"  {name}: pid {servers[name].pid}, port {servers[name].port}: {' '.join(command)}")
             harness.timed_upload(servers[name], warm)
+            print(f"    {name}: {sessions(servers[name].pid)}")
         for number in range(1, args.rounds + 1):
             order = TARGETS if number % 2 else TARGETS[::-1]
             for name in order:
                 label = f"{args.stamp}-r{number}-{name}"
-                print(one_round(servers[name], tallies[name], label, args), flush=True)
+                others = [servers[other] for other in TARGETS if other != name]
+                print(one_round(servers[name], tallies[name], label, args, others), flush=True)
+    if args.trace_steps:
+        slow = [tuple(poll) for probe in tallies["ours"].probe for poll in probe["slow"]]
+        print(step_trace.summarize(f"{args.trace_steps}.json", slow))
     return tallies["ours"], tallies["reference"]
 
 
@@ -314,6 +394,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-seconds", type=float, default=1500.0, help="bound on the whole run")
     p.add_argument(
         "--py-spy", default="", metavar="PREFIX", help="record our serving process, PREFIX-<round>.txt"
+    )
+    p.add_argument(
+        "--reference-as-built",
+        action="store_true",
+        help="the reference's pool workers in its server's session (its original layout); by default they "
+        "get a session of their own, as ours do, so that neither server gets more of a busy machine's CPU",
+    )
+    p.add_argument(
+        "--trace-steps",
+        default="",
+        metavar="PREFIX",
+        help="run our server under step_trace.py (loop steps, batches, collections) into PREFIX.json",
     )
     run_locust.add_scenario_arguments(p)
     args = p.parse_args(argv)

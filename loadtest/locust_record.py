@@ -18,8 +18,8 @@ import orjson
 from locust import events
 
 #: One row per finished request: [type, name, response time in ms, status (0: none), error text, the Unix
-#: time it finished].
-RECORDS: list[tuple[str, str, float, int, str, float]] = []
+#: time it finished, the answer's ``timing_ms`` (the server's receive / queue / process split) or None].
+RECORDS: list[tuple[str, str, float, int, str, float, dict[str, float] | None]] = []
 
 
 @events.request.add_listener
@@ -29,7 +29,8 @@ def _record(
     response = kw.get("response")
     status = int(getattr(response, "status_code", 0) or 0)
     error = str(exception)[:300] if exception else ""
-    RECORDS.append((request_type, name, float(response_time), status, error, time.time()))
+    timing = (kw.get("context") or {}).get("timing_ms")
+    RECORDS.append((request_type, name, float(response_time), status, error, time.time(), timing))
 
 
 @events.quitting.add_listener

@@ -220,6 +220,8 @@ class Uploader(FastHttpUser):
             problem = check_answer(doc, ds)
             if problem:
                 resp.failure(problem)
+            # The server's own split of the time (receive, queue, process), for locust_record.py.
+            resp.request_meta["context"]["timing_ms"] = doc.get("timing_ms")
 
     @task
     def upload_multipart(self) -> None:
@@ -319,3 +321,5 @@ class Streamer(FastHttpUser):
             problem = check_stream(counts, last, ds)
             if problem:
                 resp.failure(problem)
+            elif last is not None:
+                resp.request_meta["context"]["timing_ms"] = last.get("timing_ms")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import resource
 import socket
@@ -20,10 +21,14 @@ import orjson
 from .client import read_response
 from .common import HEALTH_PATH, HERE, HOST, parse_size, percentile
 from .datasets import DATASETS, ensure_dataset
+from .sampling import run_queue_wait_seconds
 
 # --------------------------------------------------------------------------- client processes
 #: A client process: this package's ``__main__`` (run from loadtest/, where the package is found).
 CLIENT = [sys.executable, "-m", "harness"]
+#: Polls slower than this are listed with their start time (``time.monotonic``, one clock for all
+#: processes), to be matched against the server's own timeline (``step_trace.py``).
+SLOW_POLL_MS = 5.0
 HEALTH_REQUEST = f"GET {HEALTH_PATH} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode()
 
 
@@ -55,8 +60,10 @@ def poll_health(port: int, duration: float, interval: float, timeout: float) -> 
     A failed request (timeout, non-200, closed connection) is counted and the connection reopened.
     """
     latencies: list[float] = []
+    slow: list[tuple[float, float]] = []  # (time.monotonic() at the send, ms) of polls over SLOW_POLL_MS
     errors: Counter[str] = Counter()
     reconnects = 0
+    waited_before = run_queue_wait_seconds(os.getpid())  # the probe's one thread
     sock: socket.socket | None = None
     deadline = time.monotonic() + duration
     next_at = time.monotonic()
@@ -72,6 +79,8 @@ def poll_health(port: int, duration: float, interval: float, timeout: float) -> 
             elapsed = time.perf_counter() - started
             if status == 200:
                 latencies.append(elapsed)
+                if elapsed * 1000 > SLOW_POLL_MS:
+                    slow.append((time.monotonic() - elapsed, round(elapsed * 1000, 3)))
             else:
                 errors[f"status {status}"] += 1
             if headers.get("connection", "").lower() == "close":
@@ -86,7 +95,14 @@ def poll_health(port: int, duration: float, interval: float, timeout: float) -> 
         time.sleep(max(0.0, next_at - time.monotonic()))
     if sock is not None:
         sock.close()
-    return {**latency_summary(latencies), "errors": dict(errors), "connections_opened": reconnects}
+    return {
+        **latency_summary(latencies),
+        "errors": dict(errors),
+        "connections_opened": reconnects,
+        "slow": slow,
+        # The probe's own wait for a CPU: a slow poll may be the probe scheduled late, not the server.
+        "probe_wait_s": run_queue_wait_seconds(os.getpid()) - waited_before,
+    }
 
 
 def raise_fd_limit(wanted: int) -> int:
@@ -208,8 +224,16 @@ def client_process(arguments: list[str], timeout: float) -> dict[str, Any]:
 
 
 def start_client_process(arguments: list[str]) -> subprocess.Popen[bytes]:
-    """Start ``python -m harness <arguments>``; collect it with :func:`finish_client_process`."""
-    return subprocess.Popen(CLIENT + arguments, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=HERE)
+    """Start ``python -m harness <arguments>``; collect it with :func:`finish_client_process`.
+
+    In a session of its own: with Linux's autogroup scheduling (on by default) the CPU is shared between
+    sessions first, and in the benchmark's session locust spends that share, so a probe there was slow to
+    wake for its own answers (3-7 s of each 30 s round waiting for a CPU, bench_mixed.py). A load
+    balancer's probe runs on another machine; here it at least competes as a process of its own.
+    """
+    return subprocess.Popen(
+        CLIENT + arguments, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=HERE, start_new_session=True
+    )
 
 
 def finish_client_process(process: subprocess.Popen[bytes], timeout: float) -> dict[str, Any]:

@@ -93,6 +93,17 @@ def run_queue_wait_seconds(pid: int) -> float:
         return 0.0
 
 
+def times_scheduled(pid: int) -> int:
+    """How many times thread ``pid`` was given a CPU (``/proc/<pid>/schedstat``, third field); 0 if gone.
+
+    With :func:`run_queue_wait_seconds`, the mean wait for a CPU each time it became runnable."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as schedstat:
+            return int(schedstat.read().split()[2])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def minor_faults(pid: int) -> int:
     """Minor page faults of ``pid`` so far (each one a fresh page the allocator got from the kernel)."""
     try:

@@ -36,6 +36,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-uncompressed-bytes", type=int, default=defaults.max_uncompressed_bytes)
     p.add_argument("--max-ratio", type=float, default=defaults.max_ratio)
     p.add_argument("--process-timeout", type=float, default=defaults.process_timeout)
+    p.add_argument(
+        "--workers-own-session",
+        action="store_true",
+        help="pool workers in a session of their own, like upload-server's (benchmarks on a shared machine)",
+    )
     p.add_argument("--log-level", default="warning")
     return p.parse_args(argv)
 
@@ -49,6 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         max_uncompressed_bytes=args.max_uncompressed_bytes,
         max_ratio=args.max_ratio,
         process_timeout=args.process_timeout,
+        workers_own_session=args.workers_own_session,
     )
     if settings.tmp_dir:
         os.makedirs(settings.tmp_dir, exist_ok=True)

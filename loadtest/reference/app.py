@@ -59,6 +59,8 @@ class Settings:
     max_uncompressed_bytes: int = 16 << 30
     max_ratio: float = 200.0
     process_timeout: float = 300.0
+    #: Pool workers in a session of their own (``worker_session.py``); off: the original layout.
+    workers_own_session: bool = False
 
 
 class ApiError(Exception):
@@ -103,13 +105,16 @@ def _copy_and_hash(name: str, src: IO[bytes], dst: IO[bytes]) -> Received:
     return Received(name, size, digest.hexdigest(), head)
 
 
-def _new_pool(workers: int) -> ProcessPoolExecutor:
+def _new_pool(workers: int, own_session: bool = False) -> ProcessPoolExecutor:
     # forkserver, not fork: forking a process that already runs threads (anyio's pool, the executor's
     # own manager thread) can copy held locks into the child, and a forked child would also count the
     # server's whole heap in its RSS, which would make the memory comparison unfair to this peer.
+    context = multiprocessing.get_context("forkserver")
+    if own_session:  # takes effect when the forkserver starts, at the first pool
+        context.set_forkserver_preload(["__main__", "loadtest.reference.worker_session"])
     return ProcessPoolExecutor(
         max_workers=workers,
-        mp_context=multiprocessing.get_context("forkserver"),
+        mp_context=context,
         initializer=init_worker,
         initargs=(os.getpid(),),
     )
@@ -167,7 +172,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.pool = _new_pool(settings.workers)
+        app.state.pool = _new_pool(settings.workers, settings.workers_own_session)
         loop = asyncio.get_running_loop()
         # Start every worker now, so the first upload does not pay for process start-up.
         await asyncio.gather(
@@ -195,7 +200,7 @@ def create_app(settings: Settings) -> FastAPI:
             return await loop.run_in_executor(app.state.pool, fn, *args)
         except BrokenProcessPool:
             app.state.pool.shutdown(wait=False, cancel_futures=True)
-            app.state.pool = _new_pool(settings.workers)
+            app.state.pool = _new_pool(settings.workers, settings.workers_own_session)
             raise ApiError(
                 500, "WORKER_CRASHED", "a worker process died while processing the upload"
             ) from None

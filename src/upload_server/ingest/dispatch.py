@@ -53,7 +53,10 @@ WORKER_TYPE = trio_parallel.WorkerType.FORKSERVER
 #: ``launch``, so with it preloaded the re-run imports nothing, where each fork paid the 0.2 s above again)
 #: and the modules whose functions the workers run. Not the serving code: see ``launch``. A program that
 #: runs the server under another main script can add that script's imports here before the first upload.
+#: ``worker_session`` moves the forkserver, and so the workers, out of the server's session (its docstring
+#: says why).
 FORKSERVER_PRELOAD = [
+    "upload_server.ingest.worker_session",
     "upload_server.launch",
     "upload_server.ingest.archive",
     "upload_server.ingest.assemble",
