@@ -231,6 +231,7 @@ async def plan_ingest(
         "spill_actors": spill_threshold(config.worker_memory_budget),
         "max_ratio": config.max_ratio,
         "max_uncompressed_bytes": config.max_uncompressed_bytes,
+        "inflater": config.inflater,
     }
     ignored: list[tuple[str, str]] = []
     failed: list[FileResult] = []
