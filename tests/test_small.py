@@ -19,8 +19,9 @@ from upload_server.ingest.archive import ArchiveLimits, plan_zip, work_bytes
 from upload_server.ingest.assemble import RenderRequest, merge_and_render, run_job_to_file
 from upload_server.ingest.dispatch import batch_entries
 from upload_server.ingest.results import UploadReceipt
-from upload_server.ingest.small import SMALL_WORK_BYTES, plan_and_run_small
+from upload_server.ingest.small import SMALL_WORK_BYTES, plan_and_run_small, small_file
 from upload_server.ingest.worker import Job
+from upload_server.receive.sniff import ContentKind
 
 LIMITS = ArchiveLimits(max_entries=1000, max_uncompressed_bytes=1 << 30, max_ratio=200.0)
 LINE = b'{"type":"PushEvent","actor":{"id":%d,"login":"u%d"}}\n'
@@ -84,6 +85,30 @@ def test_the_answer_is_that_of_the_three_steps(tmp_path: Path, archive: str) -> 
     assert len(TIMING.findall(small)) == 1
 
 
+@pytest.mark.parametrize("kind", ["gzip", "json"])
+def test_a_gzip_or_json_upload_answers_as_its_two_steps(tmp_path: Path, kind: str) -> None:
+    body = b"".join(LINE % (i % 50, i % 50) for i in range(3000)) + b'"not an object"\n'
+    path = tmp_path / "upload"
+    path.write_bytes(gzip.compress(body) if kind == "gzip" else body)
+    job = Job(str(path), kind, display_name="hour.json.gz" if kind == "gzip" else "upload.json")
+    assert run_job_to_file(job, str(tmp_path / "usual")).bomb is None
+    usual = request(tmp_path / "usual-answer")
+    merge_and_render(RenderRequest(**{**usual.__dict__, "result_paths": [str(tmp_path / "usual")]}))
+    done = plan_and_run_small(
+        str(path), None, job, str(tmp_path / "small"), request(tmp_path / "answer"), 0.0
+    )
+    assert done.done and done.job is not None and done.job.events == 3000
+    small_answer, usual_answer = (tmp_path / "answer").read_bytes(), (tmp_path / "usual-answer").read_bytes()
+    assert TIMING.sub(b"", small_answer) == TIMING.sub(b"", usual_answer)
+
+
+def test_which_gzip_and_json_uploads_are_small() -> None:
+    assert small_file(ContentKind.JSON, SMALL_WORK_BYTES)
+    assert not small_file(ContentKind.JSON, SMALL_WORK_BYTES + 1)
+    assert small_file(ContentKind.GZIP, SMALL_WORK_BYTES // 8)  # counted as inflating 8 times
+    assert not small_file(ContentKind.GZIP, SMALL_WORK_BYTES // 8 + 1)
+
+
 def test_a_plan_over_the_limit_comes_back_as_a_plan_only(tmp_path: Path) -> None:
     path = tmp_path / "big.zip"
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
@@ -136,4 +161,26 @@ async def test_through_the_server_with_its_timing(start_server: StartServer, tmp
     assert corpus.status_code == 200 and differences("layouts.zip", corpus.json()) == []
     assert strict.status_code == 422, strict.text
     assert json.loads(strict.text)["error"]["detail"]["failed"][0]["name"] == "broken.json"
+    assert server.leftover_files() == []
+
+
+async def test_gzip_and_json_through_the_server(start_server: StartServer) -> None:
+    """A small gzip is one worker call; a JSON upload over the limit takes the usual two (job, merge)."""
+    server = await start_server()
+    small = gzip.compress(b"".join(LINE % (i, i) for i in range(1000)))
+    large = b"".join(LINE % (i % 999, i) for i in range(SMALL_WORK_BYTES // len(LINE % (1, 1)) + 1000))
+    calls: list[int] = []
+    answers = []
+    async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+        for body in (small, large):
+            before = server.state.workers.done
+            answers.append(await client.post("/api/v1/upload", content=body))
+            calls.append(server.state.workers.done - before)
+    assert [answer.status_code for answer in answers] == [200, 200], answers[0].text
+    assert (
+        answers[0].json()["summary"]["events"] == 1000
+        and answers[0].json()["summary"]["unique_actors"] == 1000
+    )
+    assert answers[1].json()["summary"]["events"] == len(large.splitlines())
+    assert calls == [1, 2]
     assert server.leftover_files() == []

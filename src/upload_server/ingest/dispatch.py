@@ -28,12 +28,12 @@ import trio_parallel
 from ..errors import WorkerCrashed
 from ..receive.sniff import ContentKind
 from . import worker_process
-from .archive import ArchiveLimits, EntryPlan, plan_zip, work_bytes
+from .archive import ArchiveLimits, ArchivePlan, EntryPlan, plan_zip, work_bytes
 from .assemble import JobOutcome, RenderRequest, run_job_to_file
 from .extract import FileResult
 from .fair import FairLimiter, Ticket
 from .runs import spill_threshold
-from .small import SmallUpload, plan_and_run_small
+from .small import SmallUpload, plan_and_run_small, small_file
 from .worker import Job
 
 if TYPE_CHECKING:
@@ -226,8 +226,9 @@ async def plan_ingest(
     """Turn a spooled upload into jobs, with their output files beside the spool.
 
     A ZIP's directory is read and checked in a worker too: a directory of 10,000 entries is real CPU
-    work that must not stall the event loop. Given ``render``, a ZIP small enough is also processed and
-    rendered by that call (``small.py``), and the plan says so in ``small``.
+    work that must not stall the event loop. Given ``render``, an upload small enough is processed and
+    rendered in that one call (``small.py``; for gzip and JSON, by its size), and the plan says so in
+    ``small``.
     """
     common: dict[str, Any] = {
         "memory_budget": config.worker_memory_budget,
@@ -238,26 +239,25 @@ async def plan_ingest(
     }
     ignored: list[tuple[str, str]] = []
     failed: list[FileResult] = []
+    if kind is not ContentKind.ZIP:
+        common["display_name"] = display_name
+    first = Job(str(spool.path), kind, **common)  # the small path's one job
     if kind is ContentKind.ZIP:
         limits = ArchiveLimits(
             max_entries=config.max_entries,
             max_uncompressed_bytes=config.max_uncompressed_bytes,
             max_ratio=config.max_ratio,
         )
-        if render is not None:
-            small = await _plan_small(
-                pool, spool, limits, Job(str(spool.path), kind, **common), render, ticket
-            )
-            if small.done:
-                return IngestPlan(jobs=[], results_paths=[], ignored=[], failed_up_front=[], small=small)
-            archive = small.plan
-        else:
-            archive = await pool.run(plan_zip, str(spool.path), limits, ticket=ticket)
+        archive = await _plan_zip(pool, spool, limits, first, render, ticket)
+        if isinstance(archive, SmallUpload):
+            return IngestPlan(jobs=[], results_paths=[], ignored=[], failed_up_front=[], small=archive)
         batches = batch_entries(archive.entries, pool.count)
         ignored, failed = list(archive.ignored), list(archive.failed)
+    elif render is not None and small_file(kind, spool.size):
+        small = await _run_small(pool, spool, None, first, render, ticket)
+        return IngestPlan(jobs=[], results_paths=[], ignored=[], failed_up_front=[], small=small)
     else:
         batches = [()]
-        common["display_name"] = display_name
     jobs = [
         Job(
             str(spool.path),
@@ -272,10 +272,25 @@ async def plan_ingest(
     return IngestPlan(jobs=jobs, results_paths=results_paths, ignored=ignored, failed_up_front=failed)
 
 
-async def _plan_small(
+async def _plan_zip(
     pool: WorkerPool,
     spool: Spool,
     limits: ArchiveLimits,
+    job: Job,
+    render: RenderRequest | None,
+    ticket: Ticket | None,
+) -> ArchivePlan | SmallUpload:
+    """The archive's plan, or, given ``render``, the small upload its planning call finished."""
+    if render is None:
+        return await pool.run(plan_zip, str(spool.path), limits, ticket=ticket)
+    small = await _run_small(pool, spool, limits, job, render, ticket)
+    return small if small.done else small.plan
+
+
+async def _run_small(
+    pool: WorkerPool,
+    spool: Spool,
+    limits: ArchiveLimits | None,
     job: Job,
     render: RenderRequest,
     ticket: Ticket | None,
