@@ -44,6 +44,7 @@ def request(answer: Path, strict: bool = False) -> RenderRequest:
         receipt=receipt,
         result_paths=[],
         answer_path=str(answer),
+        scratch_paths=(f"{answer}-merge-a", f"{answer}-merge-b"),
         ndjson=False,
         strict=strict,
         include_actors=True,
