@@ -199,6 +199,10 @@ def section_throughput(args: argparse.Namespace, work: Path, report: Report) -> 
             Row("throughput", metric, figures["ours"], figures["reference"], fmt, target, verdict(ok))
         )
     report.rows.append(Row("throughput", "JSON MB/s (median)", json_mb["ours"], json_mb["reference"]))
+    wall = {name: median([r.wall_s * 1000 for r in runs[name]]) for name in NAMES}
+    report.rows.append(
+        Row("throughput", "upload wall ms (median)", wall["ours"], wall["reference"], "{:,.1f}")
+    )
     report.rows.append(
         Row("throughput", "server process ms (median)", process["ours"], process["reference"], "{:,.0f}")
     )

@@ -18,6 +18,7 @@ from hypothesis import settings
 from server_process import Spawn, kill_all, spawner
 from upload_server.config import Config
 from upload_server.ingest import dispatch
+from upload_server.ingest.inflate import Inflater, available
 from upload_server.server import serve
 from upload_server.state import ServerState
 
@@ -78,6 +79,15 @@ class RunningServer:
 
 
 StartServer = Callable[..., Awaitable[RunningServer]]
+
+
+@pytest.fixture(params=list(Inflater), ids=str)
+def inflater(request: pytest.FixtureRequest) -> str:
+    """Each deflate backend in turn, named as ``--inflater`` names it. zlib-ng is a locked dependency:
+    without it the zlib-ng cases fail (``uv sync --locked``), they are never skipped."""
+    name = Inflater(request.param)
+    assert name in available(), f"{name} is not installed: run uv sync --locked"
+    return str(name)
 
 
 @pytest.fixture

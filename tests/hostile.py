@@ -27,6 +27,7 @@ from upload_server import errors
 from upload_server.codes import FileErrorCode
 from upload_server.ingest.archive import ArchiveLimits, ignore_reason, plan_zip
 from upload_server.ingest.extract import FileResult, extract_bytes, extract_stream
+from upload_server.ingest.inflate import AUTO
 from upload_server.ingest.worker import Job, run_job
 
 LIMITS = ArchiveLimits(max_entries=64, max_uncompressed_bytes=64 << 20, max_ratio=200.0)
@@ -220,13 +221,13 @@ def written_archive(draw: st.DrawFn) -> tuple[bytes, int]:
     return draw(st.sampled_from([b"", b"MZ" + b"\0" * 100])) + raw, selected
 
 
-def check_written(archive: tuple[bytes, int], path: Path) -> str:
+def check_written(archive: tuple[bytes, int], path: Path, inflater: str = AUTO) -> str:
     """The differential test: zipfile reads it whole, and we answer every entry with zipfile's counts."""
     raw, count = archive
     # zipfile cannot read every archive it writes: a comment holding the end record's signature hides
     # the real one from it. Such a case says nothing about us.
     assume(zipfile_reads_whole(raw) is not None)
-    outcome = check_zip(raw, path, 1 << 12)
+    outcome = check_zip(raw, path, 1 << 12, inflater)
     assert outcome == (f"answered, 0 of {count} failed" if count else "refused NO_JSON_FILES"), outcome
     return outcome
 
@@ -254,7 +255,7 @@ def zipfile_reads_whole(raw: bytes) -> dict[str, bytes] | None:
         return None
 
 
-def check_zip(raw: bytes, path: Path, memory_budget: int) -> str:
+def check_zip(raw: bytes, path: Path, memory_budget: int, inflater: str = AUTO) -> str:
     """Run the ingest on ``raw`` and hold it to the oracle; return what happened (for statistics)."""
     path.write_bytes(raw)
     whole = zipfile_reads_whole(raw)
@@ -265,7 +266,8 @@ def check_zip(raw: bytes, path: Path, memory_budget: int) -> str:
         # What zipfile reads whole we may refuse for a limit (ZIP_BOMB), never as unreadable.
         assert whole is None or not isinstance(refused, errors.BadZip), refused
         return f"refused {refused.code}"
-    results = run_job(Job(str(path), "zip", entries=tuple(plan.entries), memory_budget=memory_budget))
+    job = Job(str(path), "zip", entries=tuple(plan.entries), memory_budget=memory_budget, inflater=inflater)
+    results = run_job(job)
     for result in [*results, *plan.failed]:
         assert result.error is None or result.error["code"] in FILE_CODES, result.error
     if whole is not None and not any(r.error is not None and r.error["code"] == "ZIP_BOMB" for r in results):
@@ -293,9 +295,10 @@ def _compare_with_zipfile(whole: dict[str, bytes], results: list[FileResult]) ->
         ), (result.name, result.error, expected.error)
 
 
-def check_gzip(raw: bytes, path: Path, memory_budget: int) -> str:
+def check_gzip(raw: bytes, path: Path, memory_budget: int, inflater: str = AUTO) -> str:
     path.write_bytes(raw)
-    (result,) = run_job(Job(str(path), "gzip", display_name="x.json.gz", memory_budget=memory_budget))
+    job = Job(str(path), "gzip", display_name="x.json.gz", memory_budget=memory_budget, inflater=inflater)
+    (result,) = run_job(job)
     assert result.error is None or result.error["code"] in FILE_CODES, result.error
     try:
         data = gzip.decompress(raw)

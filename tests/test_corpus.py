@@ -8,12 +8,13 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from conftest import RunningServer
+from conftest import StartServer
 from corpus_check import ARCHIVES, archive_bytes, differences
 
 
 @pytest.mark.parametrize("archive", ARCHIVES)
-async def test_our_answers_match_the_corpus(server: RunningServer, archive: str) -> None:
+async def test_our_answers_match_the_corpus(start_server: StartServer, inflater: str, archive: str) -> None:
+    server = await start_server(inflater=inflater)
     async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
         response = await client.post("/api/v1/upload", content=archive_bytes(archive))
     assert response.status_code == 200, response.text

@@ -31,6 +31,13 @@ def test_a_medium_archive_is_split_so_every_worker_gets_work() -> None:
     assert sum(len(batch) for batch in batches) == 16
 
 
+def test_many_tiny_files_are_shared_between_the_workers() -> None:
+    entries = [entry(i, 1400) for i in range(400)]  # issue 14's 400 one-event files: 0.6 MB in all
+    batches = batch_entries(entries, workers=2)
+    assert len(batches) >= 2
+    assert [e.index for batch in batches for e in batch] == list(range(400))
+
+
 def test_gzipped_entries_weigh_more_than_their_compressed_size() -> None:
     plain = batch_entries([entry(i, 4 << 20) for i in range(8)], workers=1)
     gzipped = batch_entries([entry(i, 4 << 20, gzipped=True) for i in range(8)], workers=1)

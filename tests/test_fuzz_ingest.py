@@ -25,21 +25,25 @@ BUDGETS = st.sampled_from([1 << 12, 64 << 20])  # streamed / read whole
 
 @SHORT
 @given(raw=hostile.broken_zip(), budget=BUDGETS)
-def test_a_broken_archive_is_answered_never_crashed(tmp_path: Path, raw: bytes, budget: int) -> None:
-    hostile.check_zip(raw, tmp_path / "u.zip", budget)
+def test_a_broken_archive_is_answered_never_crashed(
+    tmp_path: Path, inflater: str, raw: bytes, budget: int
+) -> None:
+    hostile.check_zip(raw, tmp_path / "u.zip", budget, inflater)
 
 
 @SHORT
 @given(raw=hostile.broken_gzip(), budget=BUDGETS)
-def test_a_broken_gzip_is_answered_never_crashed(tmp_path: Path, raw: bytes, budget: int) -> None:
-    hostile.check_gzip(raw, tmp_path / "u.gz", budget)
+def test_a_broken_gzip_is_answered_never_crashed(
+    tmp_path: Path, inflater: str, raw: bytes, budget: int
+) -> None:
+    hostile.check_gzip(raw, tmp_path / "u.gz", budget, inflater)
 
 
 @pytest.mark.parametrize("index", range(len(hostile.base_archives())))
-def test_every_base_archive_matches_zipfile_exactly(tmp_path: Path, index: int) -> None:
+def test_every_base_archive_matches_zipfile_exactly(tmp_path: Path, index: int, inflater: str) -> None:
     raw = hostile.base_archives()[index]
     assert hostile.zipfile_reads_whole(raw) is not None
-    assert hostile.check_zip(raw, tmp_path / "u.zip", 1 << 12) == "answered, 0 of {} failed".format(
+    assert hostile.check_zip(raw, tmp_path / "u.zip", 1 << 12, inflater) == "answered, 0 of {} failed".format(
         sum(
             name.endswith((".json", ".ndjson", ".json.gz"))
             for name in zipfile.ZipFile(io.BytesIO(raw)).namelist()
@@ -49,10 +53,10 @@ def test_every_base_archive_matches_zipfile_exactly(tmp_path: Path, index: int) 
 
 @SHORT
 @given(archive=hostile.written_archive())
-def test_differential_against_zipfile(tmp_path: Path, archive: tuple[bytes, int]) -> None:
+def test_differential_against_zipfile(tmp_path: Path, inflater: str, archive: tuple[bytes, int]) -> None:
     """Any archive zipfile writes (and reads whole), data descriptors, zip64 records, comments and a
     stub before the archive included, gets from us the per-file counts of zipfile's bytes."""
-    hostile.check_written(archive, tmp_path / "d.zip")
+    hostile.check_written(archive, tmp_path / "d.zip", inflater)
 
 
 @SHORT

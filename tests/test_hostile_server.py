@@ -13,7 +13,7 @@ import orjson
 import trio
 
 import test_zip_hardening as samples
-from conftest import RunningServer, wait_until
+from conftest import RunningServer, StartServer, wait_until
 from upload_server.ingest.extract import MAX_EVENT_TYPES
 from zipcraft import STORED, build, entry
 
@@ -131,7 +131,8 @@ def cases() -> list[tuple[str, bytes, int, Check]]:
     ]
 
 
-async def test_every_class_through_the_real_server(server: RunningServer) -> None:
+async def test_every_class_through_the_real_server(start_server: StartServer, inflater: str) -> None:
+    server = await start_server(inflater=inflater)
     async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
         for name, body, status, check in cases():
             started = time.perf_counter()

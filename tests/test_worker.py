@@ -76,7 +76,7 @@ def central_records(raw: bytes) -> list[int]:
 
 
 @pytest.mark.parametrize("budget", [64 << 20, 4096])  # whole in memory / streamed
-def test_all_methods_gz_entries_and_layouts(tmp_path: Path, budget: int) -> None:
+def test_all_methods_gz_entries_and_layouts(tmp_path: Path, budget: int, inflater: str) -> None:
     files = {
         "stored.json": (zipfile.ZIP_STORED, ndjson(events(300, 1))),
         "deflate.ndjson": (zipfile.ZIP_DEFLATED, orjson.dumps(events(300, 2))),
@@ -89,7 +89,7 @@ def test_all_methods_gz_entries_and_layouts(tmp_path: Path, budget: int) -> None
     with zipfile.ZipFile(path, "w") as zf:
         for name, (method, data) in files.items():
             zf.writestr(name, data, compress_type=method)
-    results = run_job(zip_job(path, memory_budget=budget))
+    results = run_job(zip_job(path, inflater=inflater, memory_budget=budget))
     assert [r.name for r in results] == list(files)
     assert [r.order for r in results] == list(range(6))
     for seed, r in enumerate(results, start=1):
@@ -99,11 +99,13 @@ def test_all_methods_gz_entries_and_layouts(tmp_path: Path, budget: int) -> None
 
 
 @pytest.mark.parametrize("budget", [64 << 20, 4096])
-def test_gzip_upload_multi_member(tmp_path: Path, budget: int) -> None:
+def test_gzip_upload_multi_member(tmp_path: Path, budget: int, inflater: str) -> None:
     a, b = events(500, 1), events(700, 2)
     path = tmp_path / "hour.json.gz"
     path.write_bytes(gzip.compress(ndjson(a)) + gzip.compress(ndjson(b)) + b"\0" * 512)
-    (res,) = run_job(Job(str(path), "gzip", display_name="hour.json.gz", memory_budget=budget))
+    (res,) = run_job(
+        Job(str(path), "gzip", inflater=inflater, display_name="hour.json.gz", memory_budget=budget)
+    )
     check(res, a + b)
     assert res.name == "hour.json.gz" and res.size_bytes == len(ndjson(a) + ndjson(b))
 
@@ -125,12 +127,12 @@ def test_job_pickles() -> None:
     assert pickle.loads(pickle.dumps(job)) == job
 
 
-def test_twenty_thousand_tiny_entries_in_one_job(tmp_path: Path) -> None:
+def test_twenty_thousand_tiny_entries_in_one_job(tmp_path: Path, inflater: str) -> None:
     path = tmp_path / "many.zip"
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
         for i in range(20_000):
             zf.writestr(f"d/{i}.json", b'{"type":"T","actor":{"id":%d}}' % (i % 100))
-    job = zip_job(path)
+    job = zip_job(path, inflater=inflater)
     t0 = time.perf_counter()
     results = run_job(job)
     elapsed = time.perf_counter() - t0
@@ -191,7 +193,7 @@ def patch_sizes(path: Path, index: int, declared: int) -> None:
 @pytest.mark.parametrize(
     "method", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA]
 )
-def test_entry_larger_than_declared_is_a_zip_bomb(tmp_path: Path, method: int) -> None:
+def test_entry_larger_than_declared_is_a_zip_bomb(tmp_path: Path, method: int, inflater: str) -> None:
     data = ndjson(events(2000, 1))
     path = tmp_path / "lie.zip"
     with zipfile.ZipFile(path, "w", compression=method) as zf:
@@ -199,7 +201,7 @@ def test_entry_larger_than_declared_is_a_zip_bomb(tmp_path: Path, method: int) -
         zf.writestr("lie.json", data)
     patch_sizes(path, 1, 1000)
     for budget in (64 << 20, 512):
-        ok, lie = run_job(zip_job(path, memory_budget=budget))
+        ok, lie = run_job(zip_job(path, inflater=inflater, memory_budget=budget))
         check(ok, events(5, 2))
         assert lie.error is not None and lie.error["code"] == "ZIP_BOMB", lie.error
         assert lie.events == 0
@@ -235,47 +237,49 @@ def test_bzip2_bomb_with_lying_header_is_stopped_in_bounded_memory(tmp_path: Pat
     assert peak < 32 << 20
 
 
-def test_gzip_ratio_and_total_guards(tmp_path: Path) -> None:
+def test_gzip_ratio_and_total_guards(tmp_path: Path, inflater: str) -> None:
     spaces = tmp_path / "spaces.gz"
     spaces.write_bytes(gzip.compress(b" " * (64 << 20)))
-    (res,) = run_job(Job(str(spaces), "gzip"))
+    (res,) = run_job(Job(str(spaces), "gzip", inflater=inflater))
     assert res.error is not None and res.error["code"] == "ZIP_BOMB"
     hour = tmp_path / "hour.gz"
     data = ndjson(events(3000, 1))
     hour.write_bytes(gzip.compress(data))
-    (ok,) = run_job(Job(str(hour), "gzip", max_uncompressed_bytes=len(data)))
+    (ok,) = run_job(Job(str(hour), "gzip", inflater=inflater, max_uncompressed_bytes=len(data)))
     assert ok.error is None
-    (over,) = run_job(Job(str(hour), "gzip", max_uncompressed_bytes=len(data) - 1))
+    (over,) = run_job(Job(str(hour), "gzip", inflater=inflater, max_uncompressed_bytes=len(data) - 1))
     assert over.error is not None and over.error["code"] == "ZIP_BOMB"
 
 
-def test_gz_entry_inside_zip_is_guarded_and_ends_its_job(tmp_path: Path) -> None:
+def test_gz_entry_inside_zip_is_guarded_and_ends_its_job(tmp_path: Path, inflater: str) -> None:
     path = tmp_path / "u.zip"
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("ok.json", ndjson(events(3, 1)))
         zf.writestr("bomb.json.gz", gzip.compress(b" " * (32 << 20)))
         zf.writestr("after.json", ndjson(events(3, 2)))
-    ok, bomb = run_job(zip_job(path))  # a bomb fails the upload: the entries after it are not worked on
+    ok, bomb = run_job(
+        zip_job(path, inflater=inflater)
+    )  # a bomb fails the upload: the entries after it are not worked on
     check(ok, events(3, 1))
     assert bomb.error is not None and bomb.error["code"] == "ZIP_BOMB"
 
 
 @pytest.mark.parametrize("cut", [1, 10, 100, 1000])
-def test_truncated_gzip_is_bad_compressed_data(tmp_path: Path, cut: int) -> None:
+def test_truncated_gzip_is_bad_compressed_data(tmp_path: Path, cut: int, inflater: str) -> None:
     path = tmp_path / "t.gz"
     path.write_bytes(gzip.compress(ndjson(events(500, 1)))[:-cut])
-    (res,) = run_job(Job(str(path), "gzip"))
+    (res,) = run_job(Job(str(path), "gzip", inflater=inflater))
     assert res.error is not None and res.error["code"] == "BAD_COMPRESSED_DATA"
 
 
-def test_garbage_after_gzip_is_bad_compressed_data(tmp_path: Path) -> None:
+def test_garbage_after_gzip_is_bad_compressed_data(tmp_path: Path, inflater: str) -> None:
     path = tmp_path / "t.gz"
     path.write_bytes(gzip.compress(b"{}") + b"garbage")
-    (res,) = run_job(Job(str(path), "gzip"))
+    (res,) = run_job(Job(str(path), "gzip", inflater=inflater))
     assert res.error is not None and res.error["code"] == "BAD_COMPRESSED_DATA"
 
 
-def test_corrupt_deflate_and_bad_crc(tmp_path: Path) -> None:
+def test_corrupt_deflate_and_bad_crc(tmp_path: Path, inflater: str) -> None:
     path = tmp_path / "c.zip"
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
         zf.writestr("corrupt.json", ndjson(events(500, 1)))
@@ -291,7 +295,7 @@ def test_corrupt_deflate_and_bad_crc(tmp_path: Path) -> None:
     struct.pack_into("<I", raw, c1 + 16, crc ^ 1)  # both headers agree; the data does not
     struct.pack_into("<I", raw, local1 + 14, crc ^ 1)
     path.write_bytes(raw)
-    corrupt, bad_crc, ok = run_job(zip_job(path))
+    corrupt, bad_crc, ok = run_job(zip_job(path, inflater=inflater))
     assert corrupt.error is not None and corrupt.error["code"] in {"BAD_COMPRESSED_DATA", "INVALID_JSON"}
     assert bad_crc.error is not None and bad_crc.error["code"] == "BAD_COMPRESSED_DATA"
     check(ok, events(5, 3))

@@ -11,6 +11,7 @@ import struct
 import zipfile
 import zlib
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -31,8 +32,8 @@ def write(tmp_path: Path, data: bytes, name: str = "u.zip") -> Path:
     return path
 
 
-def zip_job(path: Path) -> Job:
-    return Job(str(path), "zip", entries=tuple(plan_zip(path, LIMITS).entries))
+def zip_job(path: Path, **kw: Any) -> Job:
+    return Job(str(path), "zip", entries=tuple(plan_zip(path, LIMITS).entries), **kw)
 
 
 # --------------------------------------------------------------------- class 1: values read from the ZIP
@@ -49,10 +50,10 @@ def zip64_offset_sample() -> bytes:
     return build([entry("a.json", LINE, zip64_offset=(1 << 64) - 16)])
 
 
-def test_a_version_needed_beyond_6_3_is_read(tmp_path: Path) -> None:
+def test_a_version_needed_beyond_6_3_is_read(tmp_path: Path, inflater: str) -> None:
     with pytest.raises(NotImplementedError):
         zipfile.ZipFile(io.BytesIO(version_needed_sample()))
-    (result,) = run_job(zip_job(write(tmp_path, version_needed_sample())))
+    (result,) = run_job(zip_job(write(tmp_path, version_needed_sample()), inflater=inflater))
     assert result.error is None and result.events == 3
 
 
@@ -115,11 +116,11 @@ def test_the_sample_has_its_edge() -> None:
     assert not d.unconsumed_tail and not d.eof  # all input taken, output still held
 
 
-def test_a_valid_entry_ending_in_a_back_reference_is_read_whole(tmp_path: Path) -> None:
+def test_a_valid_entry_ending_in_a_back_reference_is_read_whole(tmp_path: Path, inflater: str) -> None:
     sample, events = drain_sample()
     with zipfile.ZipFile(io.BytesIO(sample)) as zf:
         assert zf.read("edge.json").count(b"\n") == events
-    (result,) = run_job(zip_job(write(tmp_path, sample)))
+    (result,) = run_job(zip_job(write(tmp_path, sample), inflater=inflater))
     assert result.error is None and result.events == events
 
 
@@ -138,8 +139,8 @@ def layered_sample() -> bytes:
     return sample
 
 
-def test_ratios_multiplied_across_layers_are_a_bomb(tmp_path: Path) -> None:
-    (result,) = run_job(zip_job(write(tmp_path, layered_sample())))
+def test_ratios_multiplied_across_layers_are_a_bomb(tmp_path: Path, inflater: str) -> None:
+    (result,) = run_job(zip_job(write(tmp_path, layered_sample()), inflater=inflater))
     assert result.error is not None and result.error["code"] == "ZIP_BOMB"
     assert result.error["produced"] <= 2 << 20  # stopped within the floor's reach, not at 4 MB
 
@@ -173,20 +174,20 @@ def gzip_bomb() -> bytes:
     return gzip.compress(b" " * (16 << 20))
 
 
-def test_the_ratio_guard_trips_within_a_few_mib_of_output(tmp_path: Path) -> None:
+def test_the_ratio_guard_trips_within_a_few_mib_of_output(tmp_path: Path, inflater: str) -> None:
     path = write(tmp_path, gzip_bomb(), "spaces.gz")
-    (result,) = run_job(Job(str(path), "gzip", display_name="spaces.json.gz"))
+    (result,) = run_job(Job(str(path), "gzip", inflater=inflater, display_name="spaces.json.gz"))
     assert result.error is not None and result.error["code"] == "ZIP_BOMB"
     assert result.error["produced"] <= 4 << 20  # was ~51 MB: consumption counted per 256 KiB read
     assert "archive" not in result.error["message"]  # a plain gzip upload has no archive headers
 
 
 @pytest.mark.parametrize("method", [BZIP2, LZMA])
-def test_opaque_decompressors_are_metered_closely_too(tmp_path: Path, method: int) -> None:
+def test_opaque_decompressors_are_metered_closely_too(tmp_path: Path, method: int, inflater: str) -> None:
     # bz2 and LZMA do not say how much input they used: a gzip bomb inside a bz2/LZMA entry is still
     # stopped within a few MiB, the bytes of the upload they consumed being counted 16 KiB at a time.
     sample = build([entry("s.json.gz", gzip_bomb(), method)])
-    (result,) = run_job(zip_job(write(tmp_path, sample)))
+    (result,) = run_job(zip_job(write(tmp_path, sample), inflater=inflater))
     assert result.error is not None and result.error["code"] == "ZIP_BOMB"
     assert result.error["produced"] <= 2 << 20
 
@@ -213,9 +214,9 @@ def test_a_local_header_that_contradicts_the_directory_is_refused(tmp_path: Path
     assert raised.value.detail == {"reason": "header_mismatch", "entry": "a.json", "field": field}
 
 
-def test_a_data_descriptor_entry_with_zero_local_sizes_is_honest(tmp_path: Path) -> None:
+def test_a_data_descriptor_entry_with_zero_local_sizes_is_honest(tmp_path: Path, inflater: str) -> None:
     honest = entry("a.json", LINE * 40, flags=8, local={"crc": 0, "csize": 0, "usize": 0})
-    (result,) = run_job(zip_job(write(tmp_path, build([honest]))))
+    (result,) = run_job(zip_job(write(tmp_path, build([honest])), inflater=inflater))
     assert result.error is None and result.events == 40
 
 

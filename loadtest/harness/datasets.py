@@ -31,13 +31,19 @@ class DatasetSpec:
 
 
 #: The one catalogue of datasets, for the benchmarks and run_locust.py alike; ``large`` is issue 3's ~100 MB
-#: zip (8 NDJSON entries, ~440 MB of JSON), ``gib`` the 1 GiB NDJSON of the memory comparison.
+#: zip (8 NDJSON entries, ~440 MB of JSON), ``gib`` the 1 GiB NDJSON of the memory comparison; ``six`` is
+#: issue 14's small upload (~6 MB, 8 entries).
 DATASETS: dict[str, DatasetSpec] = {
     "tiny": DatasetSpec("tiny.zip", "zip", 300, files=2, seed=1),
     "small": DatasetSpec("small.zip", "zip", 3_000, files=4, seed=2),
     "medium": DatasetSpec("medium.zip", "zip", 30_000, files=8, seed=3),
     "large": DatasetSpec("large.zip", "zip", 330_000, files=8, seed=4),
     "twenty": DatasetSpec("twenty.zip", "zip", 63_000, files=4, seed=12),
+    # Issue 14's sizes: the ~100 MB zip split into 24 mid-sized entries, a ~6 MB zip of 8 and a zip of 400
+    # one-event files.
+    "large24": DatasetSpec("large24.zip", "zip", 330_000, files=24, seed=13),
+    "six": DatasetSpec("six.zip", "zip", 20_000, files=8, seed=15),
+    "files400": DatasetSpec("files400.zip", "zip", 400, files=400, seed=14),
     "hour": DatasetSpec("hour.json.gz", "gz", 20_000, seed=5),
     "ndjson": DatasetSpec("small.ndjson", "ndjson", 3_000, seed=6),
     "array": DatasetSpec("small-array.json", "json-array", 3_000, seed=7),

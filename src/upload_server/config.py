@@ -15,6 +15,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
+from .ingest.inflate import resolve
+
 ENV_PREFIX = "UPLOAD_SERVER_"
 
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -87,6 +89,7 @@ class Config:
     max_entries: int = 10_000
     max_uncompressed_bytes: int = 16 << 30
     max_ratio: float = 200.0
+    inflater: str = "auto"
     shutdown_grace: float = 10.0
     resumable_expiry: float = 24 * 3600.0
     result_ttl: float = 3600.0
@@ -134,6 +137,14 @@ def _log_level(value: str) -> str | None:
 
 def _access_log_format(value: str) -> str | None:
     return None if value in {"text", "json"} else "must be text or json"
+
+
+def _inflater(value: str) -> str | None:
+    try:
+        resolve(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def _ratio(value: float) -> str | None:
@@ -216,6 +227,12 @@ SETTINGS: tuple[Setting, ...] = (
         "largest compression ratio of an entry or layer above 1 MiB, and of the whole upload against "
         "its bytes",
         _ratio,
+    ),
+    Setting(
+        "inflater",
+        lambda text: text.strip().lower(),
+        "deflate library for ZIP entries and gzip: auto (zlib-ng when installed), zlib-ng or zlib",
+        _inflater,
     ),
     Setting(
         "shutdown_grace", parse_float, "seconds in-flight requests get to finish on SIGTERM", _non_negative

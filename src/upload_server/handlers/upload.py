@@ -34,9 +34,10 @@ from ..errors import (
 )
 from ..http.exchange import Exchange
 from ..http.messages import Request
-from ..ingest.assemble import JobOutcome, RenderRequest, merge_and_render
+from ..ingest.assemble import JobOutcome, RenderOutcome, RenderRequest, merge_and_render
 from ..ingest.dispatch import IngestPlan, outcomes_as_completed, plan_ingest
 from ..ingest.results import error_line
+from ..ingest.small import SmallUpload
 from ..ingest.worker import Job
 from ..receive.multipart import multipart_boundary
 from ..state import ServerState
@@ -184,8 +185,12 @@ async def _answer_json(exchange: Exchange, session: UploadSession, admission: Ad
     """Process and render the JSON answer into a file; finish the session; then send the file."""
     with session.processing():
         async with _watching_client(exchange, session):
-            plan = await _plan(session, with_event_lines=False)
-            answer_path = await _process(session, admission, plan, stream=None)
+            render = _render_request(session, admission)
+            plan = await _plan(session, with_event_lines=False, render=render)
+            if plan.small is not None:  # done in the planning call (ingest/small.py)
+                answer_path = _small_answered(session, render, plan.small)
+            else:
+                answer_path = await _process(session, admission, plan, stream=None)
     async with await trio.open_file(answer_path, "rb") as answer:
         # The open file outlives its name: finish (which removes it) before sending.
         size = os.fstat(answer.fileno()).st_size
@@ -229,7 +234,9 @@ async def _answer_ndjson(exchange: Exchange, session: UploadSession, admission: 
     await exchange.end_stream()
 
 
-async def _plan(session: UploadSession, *, with_event_lines: bool) -> IngestPlan:
+async def _plan(
+    session: UploadSession, *, with_event_lines: bool, render: RenderRequest | None = None
+) -> IngestPlan:
     state, spool, received = session.state, session.spool, session.received
     assert spool is not None and received is not None
     return await plan_ingest(
@@ -240,6 +247,7 @@ async def _plan(session: UploadSession, *, with_event_lines: bool) -> IngestPlan
         session.display_name,
         with_event_lines=with_event_lines,
         ticket=session.ticket,
+        render=render,
     )
 
 
@@ -285,14 +293,15 @@ async def ingest_to_files(session: UploadSession, admission: Admission) -> tuple
     return json_path, [*events, tail_path]
 
 
-async def _render(
-    session: UploadSession, admission: Admission, plan: IngestPlan, answer_name: str = "answer"
-) -> str:
+def _render_request(
+    session: UploadSession, admission: Admission, plan: IngestPlan | None = None, answer_name: str = "answer"
+) -> RenderRequest:
+    """What the final merge renders; without a ``plan`` (a small ZIP's planning call renders it), the
+    results, the plan's files and the timing are filled in by that call."""
     assert session.receipt is not None and session.spool is not None
-    assert session.processing_started is not None
-    request = RenderRequest(
+    return RenderRequest(
         receipt=session.receipt,
-        result_paths=plan.results_paths,
+        result_paths=plan.results_paths if plan else [],
         answer_path=str(session.spool.sibling(answer_name)),
         scratch_paths=(
             str(session.spool.sibling(f"{answer_name}-merge-a")),
@@ -301,13 +310,34 @@ async def _render(
         ndjson=admission.stream_ndjson,
         strict=admission.strict,
         include_actors=admission.include_actors,
-        ignored=plan.ignored,
-        failed_up_front=plan.failed_up_front,
+        ignored=plan.ignored if plan else [],
+        failed_up_front=plan.failed_up_front if plan else [],
         receive_ms=session.receive_ms,
         queue_ms=session.queue_ms,
-        process_started=session.processing_started,
+        process_started=session.processing_started or time.monotonic(),
     )
+
+
+async def _render(
+    session: UploadSession, admission: Admission, plan: IngestPlan, answer_name: str = "answer"
+) -> str:
+    assert session.processing_started is not None
+    request = _render_request(session, admission, plan, answer_name)
     rendered = await session.state.workers.run(merge_and_render, request, ticket=session.ticket)
+    return _rendered(session, request, rendered)
+
+
+def _small_answered(session: UploadSession, request: RenderRequest, small: SmallUpload) -> str:
+    """The answer of a ZIP done in its planning call: as ``_process`` and ``_render`` judge theirs."""
+    if small.job is not None and small.job.bomb is not None:
+        raise small.job.bomb
+    assert small.rendered is not None
+    return _rendered(session, request, small.rendered)
+
+
+def _rendered(session: UploadSession, request: RenderRequest, rendered: RenderOutcome) -> str:
+    """Count what was processed; refuse it in strict mode when files failed; else the answer's path."""
+    assert session.processing_started is not None
     session.state.metrics.observe_processed(
         seconds=time.monotonic() - session.processing_started,
         events=rendered.events,

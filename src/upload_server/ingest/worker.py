@@ -31,14 +31,15 @@ import lzma
 import os
 import struct
 import zipfile
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any, BinaryIO, Protocol
 
 from upload_server.codes import FileErrorCode
 from upload_server.ingest.archive import ArchiveLimits, EntryPlan, upload_budget
 from upload_server.ingest.extract import FileResult, extract_bytes, extract_stream, rewind
+from upload_server.ingest.inflate import AUTO, errors, library
 from upload_server.ingest.runs import JobRuns, spill_threshold
 from upload_server.ingest.zipdir import FLAG_ENCRYPTED
 from upload_server.receive.sniff import ContentKind
@@ -47,7 +48,7 @@ __all__ = ["DecompressionFailure", "Job", "run_job"]
 
 _IN_CHUNK = 256 << 10  # compressed bytes per read
 _OUT_CHUNK = 1 << 20  # most decompressed bytes produced per decompressor call
-_DECOMPRESS_ERRORS = (zlib.error, lzma.LZMAError, OSError, EOFError, ValueError)
+_DECOMPRESS_ERRORS = (*errors(), lzma.LZMAError, OSError, EOFError, ValueError)
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,8 @@ class Job:
     #: run (``runs.JobRuns``); derived from ``--worker-memory-budget`` (``runs.spill_threshold``). A file's
     #: actors are also spilled once gathered from ``memory_budget`` bytes of JSON.
     spill_actors: int = spill_threshold(64 << 20)
+    #: The deflate library for deflate entries and gzip (``inflate.resolve``: auto, zlib-ng or zlib).
+    inflater: str = AUTO
 
 
 class DecompressionFailure(Exception):
@@ -254,11 +257,12 @@ class _Decompressor(Protocol):
 
 
 class _Inflate:
-    """zlib's decompressobj behind the bz2/lzma interface (``needs_input``, bounded ``decompress``), and
-    ``held``: input given but not yet consumed, so that the meter counts exactly what was consumed."""
+    """zlib's (or zlib-ng's) decompressobj behind the bz2/lzma interface (``needs_input``, bounded
+    ``decompress``), and ``held``: input given but not yet consumed, so that the meter counts exactly what
+    was consumed."""
 
-    def __init__(self, wbits: int) -> None:
-        self._d = zlib.decompressobj(wbits)
+    def __init__(self, wbits: int, lib: ModuleType) -> None:
+        self._d = lib.decompressobj(wbits)
 
     @property
     def eof(self) -> bool:
@@ -413,16 +417,17 @@ def _process_entry(
     if entry.flag_bits & FLAG_ENCRYPTED:
         raise DecompressionFailure(FileErrorCode.ENCRYPTED_ENTRY, "the entry is encrypted")
     meter = _Meter(entry.name, job, entry.declared_size, "declared_size")
-    chunks = _zip_entry_chunks(f, entry, meter)
+    lib = library(job.inflater)
+    chunks = _zip_entry_chunks(f, entry, meter, lib)
     if entry.gzipped:
         inner = _Meter(entry.name, job, entry.gzip_budget, budget[1], source=meter)
-        gunzipped = _gunzip(chunks, inner, entry.name)
+        gunzipped = _gunzip(chunks, inner, entry.name, lib)
         return _extract_chunks(entry.name, gunzipped, out, runs, job.memory_budget, False)
     known_small = entry.declared_size <= job.memory_budget
     return _extract_chunks(entry.name, chunks, out, runs, job.memory_budget, known_small)
 
 
-def _zip_entry_chunks(f: BinaryIO, entry: EntryPlan, meter: _Meter) -> Iterator[bytes]:
+def _zip_entry_chunks(f: BinaryIO, entry: EntryPlan, meter: _Meter, lib: ModuleType) -> Iterator[bytes]:
     """The entry's decompressed bytes, read by offset from the upload (the plan checked the local
     header), checked against the declared size and CRC."""
 
@@ -441,10 +446,10 @@ def _zip_entry_chunks(f: BinaryIO, entry: EntryPlan, meter: _Meter) -> Iterator[
             yield data
 
     source = raw()
-    d, first = _zip_decompressor(entry, source, meter)
+    d, first = _zip_decompressor(entry, source, meter, lib)
     running = 0
     for chunk in _pump(d, source, meter, entry.name, first, sized=True):
-        running = zlib.crc32(chunk, running)
+        running = lib.crc32(chunk, running)
         yield chunk
     # More than declared was stopped by the meter (ZIP_BOMB). Fewer, with the right CRC-32, is read as
     # zipfile reads it: the CRC is what proves the data whole.
@@ -457,13 +462,13 @@ def _zip_entry_chunks(f: BinaryIO, entry: EntryPlan, meter: _Meter) -> Iterator[
 
 
 def _zip_decompressor(
-    entry: EntryPlan, source: Iterator[bytes], meter: _Meter
+    entry: EntryPlan, source: Iterator[bytes], meter: _Meter, lib: ModuleType
 ) -> tuple[_Decompressor, bytes]:
     """The decompressor for the entry's method, and compressed bytes already read past its header."""
     if entry.method == zipfile.ZIP_STORED:
         return _Stored(), b""
     if entry.method == zipfile.ZIP_DEFLATED:
-        return _Inflate(-15), b""
+        return _Inflate(-15, lib), b""
     if entry.method == zipfile.ZIP_BZIP2:
         return bz2.BZ2Decompressor(), b""
     if entry.method == zipfile.ZIP_LZMA:
@@ -482,12 +487,12 @@ def _zip_decompressor(
 # ----------------------------------------------------------------------------------------------------- gzip
 
 
-def _gunzip(source: Iterator[bytes], meter: _Meter, name: str) -> Iterator[bytes]:
+def _gunzip(source: Iterator[bytes], meter: _Meter, name: str, lib: ModuleType) -> Iterator[bytes]:
     """Gunzip a stream of chunks: every member (zlib checks each member's CRC and size); trailing zero
     padding is tolerated as gzip(1) does; anything else after a member is an error."""
     pending = b""
     while True:
-        d = _Inflate(16 + zlib.MAX_WBITS)
+        d = _Inflate(16 + lib.MAX_WBITS, lib)
         yield from _pump(d, source, meter, name, pending)
         pending = d.unused_data
         while not pending:
@@ -514,7 +519,7 @@ def _process_gzip_upload(job: Job, out: BinaryIO | None, runs: JobRuns | None) -
     meter = _Meter(job.display_name, job, limit, reason)
     return _extract_chunks(
         job.display_name,
-        _gunzip(_file_chunks(job.source_path), meter, job.display_name),
+        _gunzip(_file_chunks(job.source_path), meter, job.display_name, library(job.inflater)),
         out,
         runs,
         job.memory_budget,
