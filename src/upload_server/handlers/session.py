@@ -115,7 +115,11 @@ class UploadSession:
         try:
             config = state.config
             spooling = open_spool(
-                config.tmp_dir, config.max_upload_bytes, budget.grow, state.receive_piece_size
+                config.tmp_dir,
+                config.max_upload_bytes,
+                budget.grow,
+                state.receive_piece_size,
+                state.receive_queued_batches,
             )
             async with spooling as spool:
                 session.spool = spool

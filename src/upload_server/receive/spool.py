@@ -1,11 +1,12 @@
 """The temporary file an upload streams into: batched writes off the event loop, a size cap, a sha256,
 and removal in every outcome.
 
-Body chunks are gathered into batches of about ``BATCH_BYTES`` and handed to a writer task that writes
-them (``os.writev``, no joining copy) and hashes them in a worker thread while the connection keeps
-reading; chunks under ``SMALL_PIECE_BYTES`` are copied together, so a batch holds few objects. The
-hand-over channel holds one batch: when the disk falls behind, ``write`` blocks, the connection stops
-reading and TCP slows the client. That bounds memory per upload to about three batches.
+Body chunks are gathered into batches of about ``BATCH_BYTES`` and queued for two long-lived threads of
+the upload, one hashing and one writing (``os.writev``, no joining copy), while the connection keeps
+reading; chunks under ``SMALL_PIECE_BYTES`` are copied together, so a batch holds few objects. At most
+a few batches' worth of bytes may be queued and not yet both hashed and written: past that,
+``write`` waits, the connection stops reading and TCP slows the client. That bounds memory per upload to
+the queued batches, the one being gathered and the piece being read (``admission.queued_batches``).
 
 Every file this module creates is named ``upload-server-<pid>-<token>...`` so that files left behind by a
 killed process can be recognised and removed at the next start.
@@ -18,14 +19,17 @@ import errno
 import hashlib
 import logging
 import os
+import queue
 import re
 import secrets
 import shutil
 from collections.abc import AsyncIterator, Callable
+from functools import partial
 from pathlib import Path
 
 import trio
 
+from ..admission import QUEUED_BATCHES
 from ..errors import InsufficientStorage, PayloadTooLarge
 
 log = logging.getLogger("upload_server.spool")
@@ -33,6 +37,8 @@ log = logging.getLogger("upload_server.spool")
 #: A piece of body as the connection hands it over (h11 gives bytearrays; no copy is made).
 Chunk = bytes | bytearray
 Reserve = Callable[[int], int]
+#: A batch as queued for a thread: its pieces and their total size.
+Batch = tuple[list[Chunk], int]
 
 BATCH_BYTES = 1 << 20
 #: Pieces smaller than this are gathered into one buffer per run (so a batch holds few objects).
@@ -43,6 +49,34 @@ RUN_DIR_SUFFIX = ".run"
 _OWNED_NAME = re.compile(rf"^{re.escape(FILE_PREFIX)}(\d+)-[0-9a-f]+")
 
 
+class _Stage:
+    """One long-lived thread of an upload (hashing, or writing) working through the batches queued for it.
+
+    The event loop hands a batch over with a ``put`` that never blocks, and the thread goes on to the next
+    batch without a round trip through the loop. A ``to_thread.run_sync`` per batch cost ~3 ms of thread
+    and loop wake-ups per 1 MiB batch on this loaded machine, four times the hashing itself, and the loop
+    sat blocked behind it for 70% of the upload (measured, BENCH_NOTES.md issue 14).
+    """
+
+    def __init__(self, work: Callable[[list[Chunk]], None], progress: Callable[[], None]) -> None:
+        self.work = work
+        self.progress = progress
+        self.queue: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
+        #: Bytes finished; written by the thread only, read by the loop.
+        self.done = 0
+        #: The upload failed: what is still queued is dropped, not worked on.
+        self.skip = False
+
+    def run(self) -> None:
+        """The thread's body: until ``None`` is queued."""
+        while (item := self.queue.get()) is not None:
+            batch, size = item
+            if not self.skip:
+                self.work(batch)
+            self.done += size
+            self.progress()
+
+
 class Spool:
     """A temporary upload file, open for writing until ``finish``; its siblings are removed with it."""
 
@@ -51,10 +85,10 @@ class Spool:
         path: Path,
         max_bytes: int,
         fd: int,
-        to_writer: trio.MemorySendChannel[list[Chunk]],
         reserve: Reserve | None = None,
         hash_name: str = "sha256",
         batch_size: Callable[[], int] | None = None,
+        queued_batches: Callable[[], int] | None = None,
     ) -> None:
         self.path = path
         self.max_bytes = max_bytes
@@ -70,18 +104,25 @@ class Spool:
         self._batch: list[Chunk] = []
         self._batch_bytes = 0
         self._small: bytearray | None = None  # the batch's buffer that small pieces are gathered into
-        self._to_writer = to_writer
-        self._drained = trio.Event()
+        self._hashing = _Stage(self._hash_blocking, self._progress)
+        self._writing = _Stage(self._write_blocking, self._progress)
+        self._queued = 0  # bytes handed to the threads
+        self._closed = False
+        # Set while the loop waits for the threads: (bytes both must have finished, what to set then).
+        self._waiter: tuple[int, trio.Event] | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
         self._siblings: list[Path] = []
         self._keep_file = False
         #: Bytes gathered before a batch goes to the writer (``admission.piece_size`` in the server).
         self._batch_size = batch_size or _full_batch
+        #: Batches queued for the threads before ``write`` waits (``admission.queued_batches``).
+        self._queued_batches = queued_batches or _queued_batches
 
     @classmethod
     def written(cls, path: Path, size: int, sha256: str) -> Spool:
         """A spool over a file written already (a whole resumable upload): nothing more is written to it,
         and ``remove_files`` removes only its siblings; the file's owner removes the file."""
-        spool = cls(path, size, -1, trio.open_memory_channel[list[Chunk]](0)[0])
+        spool = cls(path, size, -1)
         spool.size, spool.sha256, spool._keep_file = size, sha256, True
         return spool
 
@@ -117,8 +158,7 @@ class Spool:
     async def finish(self) -> None:
         """Flush the last batch and wait until every byte is written; then ``sha256`` is set."""
         await self._hand_over()
-        await self._to_writer.aclose()
-        await self._drained.wait()
+        await self._until_done(self._queued)
         self.digest = self._hasher.digest()
         self.sha256 = self.digest.hex() if self._hasher.name == "sha256" else ""
 
@@ -127,23 +167,61 @@ class Spool:
         await trio.to_thread.run_sync(os.fsync, self._fd)
 
     async def _hand_over(self) -> None:
-        batch, self._batch, self._batch_bytes, self._small = self._batch, [], 0, None
-        if batch:
-            await self._to_writer.send(batch)
+        batch, size = self._batch, self._batch_bytes
+        self._batch, self._batch_bytes, self._small = [], 0, None
+        if not batch:
+            return
+        bound = self._queued_batches() * self._batch_size()
+        if self._queued + size - self._done() > bound:
+            # Wait until half the bound is free, so the threads wake the loop once per few batches; or
+            # until nothing is queued, for a batch larger than that (pieces of a larger piece_size).
+            await self._until_done(min(self._queued, self._queued + size - bound // 2))
+        self._queued += size
+        self._hashing.queue.put((batch, size))
+        self._writing.queue.put((batch, size))
 
-    async def run_writer(self, batches: trio.MemoryReceiveChannel[list[Chunk]]) -> None:
-        async with batches:
-            async for batch in batches:
-                # Hashing and writing a batch are independent and both release the GIL: run them side by
-                # side in two threads (sha256 alone is ~0.6 CPU s/GiB, as much as the whole receive loop).
-                async with trio.open_nursery() as both:
-                    both.start_soon(trio.to_thread.run_sync, self._hash_blocking, batch)
-                    both.start_soon(self._write, batch)
-        self._drained.set()
+    def _done(self) -> int:
+        """Bytes both hashed and written."""
+        return min(self._hashing.done, self._writing.done)
 
-    async def _write(self, batch: list[Chunk]) -> None:
+    async def _until_done(self, target: int) -> None:
+        """Wait until the first ``target`` bytes handed over are hashed and written."""
         try:
-            await trio.to_thread.run_sync(self._write_blocking, batch)
+            while self._done() < target:
+                event = trio.Event()
+                self._waiter = (target, event)
+                if self._done() < target:  # checked again once the threads can see the waiter
+                    await event.wait()
+        finally:
+            self._waiter = None
+
+    def _progress(self) -> None:
+        """In a thread, after each batch: wake the waiting loop once its target is reached."""
+        waiter, token = self._waiter, self._token
+        if waiter is not None and token is not None and self._done() >= waiter[0] and not waiter[1].is_set():
+            token.run_sync_soon(waiter[1].set)  # a second call for the same waiter sets it again: harmless
+
+    def start_threads(self, nursery: trio.Nursery) -> None:
+        """Start the hashing and the writing thread; ``close`` ends them."""
+        self._token = trio.lowlevel.current_trio_token()
+        # Their own limiter: two threads held for a whole upload must not use up trio's default one, which
+        # the server's other blocking calls (fsync, unlink) wait on.
+        limiter = trio.CapacityLimiter(2)
+        nursery.start_soon(partial(trio.to_thread.run_sync, self._hashing.run, limiter=limiter))
+        nursery.start_soon(self._run_writing, limiter)
+
+    def close(self, *, failed: bool) -> None:
+        """No more batches: the threads end once through what is queued (dropped, when ``failed``)."""
+        if failed:
+            self._hashing.skip = self._writing.skip = True
+        if not self._closed:
+            self._closed = True
+            self._hashing.queue.put(None)
+            self._writing.queue.put(None)
+
+    async def _run_writing(self, limiter: trio.CapacityLimiter) -> None:
+        try:
+            await trio.to_thread.run_sync(self._writing.run, limiter=limiter)
         except OSError as error:
             # EFBIG: the file system's (or the process's RLIMIT_FSIZE) largest file: storage, not the client.
             if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
@@ -188,12 +266,17 @@ def _full_batch() -> int:
     return BATCH_BYTES
 
 
+def _queued_batches() -> int:
+    return QUEUED_BATCHES
+
+
 @contextlib.asynccontextmanager
 async def open_spool(
     tmp_dir: str | os.PathLike[str],
     max_bytes: int,
     reserve: Reserve | None = None,
     batch_size: Callable[[], int] | None = None,
+    queued_batches: Callable[[], int] | None = None,
 ) -> AsyncIterator[Spool]:
     """Create the temporary file; on exit (any exit: success, error, cancellation) remove it.
 
@@ -201,13 +284,11 @@ async def open_spool(
     allowance (at least ``size``) or raises.
     """
     path = Path(tmp_dir) / owned_name(".part")
-    send, receive = trio.open_memory_channel[list[Chunk]](1)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
-    spool = Spool(
-        path, max_bytes, fd, send, reserve, batch_size=batch_size
-    )  # nothing can fail before the try
+    # Nothing can fail between here and the try.
+    spool = Spool(path, max_bytes, fd, reserve, "sha256", batch_size, queued_batches)
     try:
-        async with _writing(spool, send, receive):
+        async with _writing(spool):
             yield spool
     finally:
         os.close(fd)
@@ -222,33 +303,33 @@ async def open_append(
     reserve: Reserve | None = None,
     hash_name: str = "sha256",
     batch_size: Callable[[], int] | None = None,
+    queued_batches: Callable[[], int] | None = None,
 ) -> AsyncIterator[Spool]:
     """Append to an existing file from ``offset`` (bytes past it are cut first); the file is kept.
 
     ``max_bytes``, ``reserve`` and the digest apply to the appended bytes only (resumable uploads).
     """
-    send, receive = trio.open_memory_channel[list[Chunk]](1)
     fd = os.open(path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
     try:
         os.ftruncate(fd, offset)
         os.lseek(fd, offset, os.SEEK_SET)
-        spool = Spool(path, max_bytes, fd, send, reserve, hash_name, batch_size)
-        async with _writing(spool, send, receive):
+        spool = Spool(path, max_bytes, fd, reserve, hash_name, batch_size, queued_batches)
+        async with _writing(spool):
             yield spool
     finally:
         os.close(fd)
 
 
 @contextlib.asynccontextmanager
-async def _writing(
-    spool: Spool,
-    send: trio.MemorySendChannel[list[Chunk]],
-    receive: trio.MemoryReceiveChannel[list[Chunk]],
-) -> AsyncIterator[None]:
+async def _writing(spool: Spool) -> AsyncIterator[None]:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(spool.run_writer, receive)
-        async with send:
+        spool.start_threads(nursery)
+        failed = True
+        try:
             yield
+            failed = False
+        finally:
+            spool.close(failed=failed)
 
 
 def owned_name(suffix: str) -> str:
