@@ -32,15 +32,13 @@ MAX_RETRY_AFTER_S = 3600
 #: read, the spool's gathering batch, the batches queued for its hashing and writing threads).
 RECEIVE_MEMORY = 24 << 20
 BUFFERS_PER_UPLOAD = 4
-#: Batches an upload's spool may have queued for its threads, of the BUFFERS_PER_UPLOAD above; and, while
-#: full-size pieces leave room for it in RECEIVE_MEMORY (one upload, or a few), DEEP_QUEUE_BATCHES: the
-#: threads of a lone upload then ride out being off their core for a few ms on a loaded machine (1 GiB
-#: receive: loop CPU 0.75-0.96 -> 0.61-0.84 s/GiB, MB/s 1.15x against 2 batches; BENCH_NOTES.md issue 14).
+#: Batches an upload's spool may have queued for its hashing and writing threads (of the four above).
 QUEUED_BATCHES = BUFFERS_PER_UPLOAD - 2
-DEEP_QUEUE_BATCHES = 4
-#: One upload alone reads and writes 1 MiB at a time (issue 2's receive rate needs that); many at once
-#: share RECEIVE_MEMORY, down to 64 KiB each (64 x 20 MB uploads: 233 MiB serving RSS with 1 MiB each).
-MAX_PIECE_BYTES = 1 << 20
+#: One upload alone (up to three) reads and writes 2 MiB at a time: the loop's CPU per GiB is mostly per
+#: piece, and 2 MiB instead of 1 MiB took it from 0.63-0.77 to 0.43-0.49 s/GiB for ~8 MiB more peak RSS
+#: (BENCH_NOTES.md, issue 14). Many uploads at once share RECEIVE_MEMORY, down to 64 KiB each (64 x 20 MB
+#: uploads: 233 MiB serving RSS with 1 MiB each).
+MAX_PIECE_BYTES = 2 << 20
 MIN_PIECE_BYTES = 64 << 10
 
 
@@ -48,13 +46,6 @@ def piece_size(receiving: int) -> int:
     """How large a body read and a spool batch may be while ``receiving`` uploads arrive at once."""
     share = RECEIVE_MEMORY // (BUFFERS_PER_UPLOAD * max(1, receiving))
     return max(MIN_PIECE_BYTES, min(MAX_PIECE_BYTES, share - share % MIN_PIECE_BYTES))
-
-
-def queued_batches(receiving: int) -> int:
-    """How many batches an upload's spool may have queued while ``receiving`` uploads arrive at once."""
-    if max(1, receiving) * (DEEP_QUEUE_BATCHES + 2) * MAX_PIECE_BYTES <= RECEIVE_MEMORY:
-        return DEEP_QUEUE_BATCHES
-    return QUEUED_BATCHES
 
 
 def retry_after(seconds: float) -> bytes:

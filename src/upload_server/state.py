@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from .admission import Backlog, SpoolBudget, piece_size, queued_batches
+from .admission import Backlog, SpoolBudget, piece_size
 from .config import Config
 from .ingest.dispatch import WorkerPool
 from .resumable import ResumableUploads
@@ -90,10 +90,6 @@ class ServerState:
     def receive_piece_size(self) -> int:
         """Body read and spool batch size now: smaller while many uploads arrive at once."""
         return piece_size(self.stats.uploads_receiving)
-
-    def receive_queued_batches(self) -> int:
-        """Batches a spool may have queued for its threads now: fewer while many uploads arrive at once."""
-        return queued_batches(self.stats.uploads_receiving)
 
     def live_figures(self) -> LiveFigures:
         workers = self.workers.snapshot()

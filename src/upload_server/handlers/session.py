@@ -115,11 +115,7 @@ class UploadSession:
         try:
             config = state.config
             spooling = open_spool(
-                config.tmp_dir,
-                config.max_upload_bytes,
-                budget.grow,
-                state.receive_piece_size,
-                state.receive_queued_batches,
+                config.tmp_dir, config.max_upload_bytes, budget.grow, state.receive_piece_size
             )
             async with spooling as spool:
                 session.spool = spool

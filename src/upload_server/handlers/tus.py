@@ -385,15 +385,7 @@ async def _receive_appending(
     budget = BudgetHold(state, exchange.request.content_length)
     try:
         exchange.piece_size = state.receive_piece_size
-        appending = open_append(
-            path,
-            record.offset,
-            room,
-            budget.grow,
-            hash_name,
-            state.receive_piece_size,
-            state.receive_queued_batches,
-        )
+        appending = open_append(path, record.offset, room, budget.grow, hash_name, state.receive_piece_size)
         async with appending as spool:
             try:
                 while chunk := await exchange.receive_body_chunk():

@@ -6,7 +6,7 @@ the upload, one hashing and one writing (``os.writev``, no joining copy), while 
 reading; chunks under ``SMALL_PIECE_BYTES`` are copied together, so a batch holds few objects. At most
 a few batches' worth of bytes may be queued and not yet both hashed and written: past that,
 ``write`` waits, the connection stops reading and TCP slows the client. That bounds memory per upload to
-the queued batches, the one being gathered and the piece being read (``admission.queued_batches``).
+the queued batches, the one being gathered and the piece being read (``admission.BUFFERS_PER_UPLOAD``).
 
 Every file this module creates is named ``upload-server-<pid>-<token>...`` so that files left behind by a
 killed process can be recognised and removed at the next start.
@@ -88,7 +88,6 @@ class Spool:
         reserve: Reserve | None = None,
         hash_name: str = "sha256",
         batch_size: Callable[[], int] | None = None,
-        queued_batches: Callable[[], int] | None = None,
     ) -> None:
         self.path = path
         self.max_bytes = max_bytes
@@ -115,8 +114,6 @@ class Spool:
         self._keep_file = False
         #: Bytes gathered before a batch goes to the writer (``admission.piece_size`` in the server).
         self._batch_size = batch_size or _full_batch
-        #: Batches queued for the threads before ``write`` waits (``admission.queued_batches``).
-        self._queued_batches = queued_batches or _queued_batches
 
     @classmethod
     def written(cls, path: Path, size: int, sha256: str) -> Spool:
@@ -171,7 +168,7 @@ class Spool:
         self._batch, self._batch_bytes, self._small = [], 0, None
         if not batch:
             return
-        bound = self._queued_batches() * self._batch_size()
+        bound = QUEUED_BATCHES * self._batch_size()
         if self._queued + size - self._done() > bound:
             # Wait until half the bound is free, so the threads wake the loop once per few batches; or
             # until nothing is queued, for a batch larger than that (pieces of a larger piece_size).
@@ -266,17 +263,12 @@ def _full_batch() -> int:
     return BATCH_BYTES
 
 
-def _queued_batches() -> int:
-    return QUEUED_BATCHES
-
-
 @contextlib.asynccontextmanager
 async def open_spool(
     tmp_dir: str | os.PathLike[str],
     max_bytes: int,
     reserve: Reserve | None = None,
     batch_size: Callable[[], int] | None = None,
-    queued_batches: Callable[[], int] | None = None,
 ) -> AsyncIterator[Spool]:
     """Create the temporary file; on exit (any exit: success, error, cancellation) remove it.
 
@@ -286,7 +278,7 @@ async def open_spool(
     path = Path(tmp_dir) / owned_name(".part")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
     # Nothing can fail between here and the try.
-    spool = Spool(path, max_bytes, fd, reserve, "sha256", batch_size, queued_batches)
+    spool = Spool(path, max_bytes, fd, reserve, "sha256", batch_size)
     try:
         async with _writing(spool):
             yield spool
@@ -303,7 +295,6 @@ async def open_append(
     reserve: Reserve | None = None,
     hash_name: str = "sha256",
     batch_size: Callable[[], int] | None = None,
-    queued_batches: Callable[[], int] | None = None,
 ) -> AsyncIterator[Spool]:
     """Append to an existing file from ``offset`` (bytes past it are cut first); the file is kept.
 
@@ -313,7 +304,7 @@ async def open_append(
     try:
         os.ftruncate(fd, offset)
         os.lseek(fd, offset, os.SEEK_SET)
-        spool = Spool(path, max_bytes, fd, reserve, hash_name, batch_size, queued_batches)
+        spool = Spool(path, max_bytes, fd, reserve, hash_name, batch_size)
         async with _writing(spool):
             yield spool
     finally:
