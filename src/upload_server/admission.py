@@ -35,7 +35,7 @@ BUFFERS_PER_UPLOAD = 4
 #: Batches an upload's spool may have queued for its hashing and writing threads (of the four above).
 QUEUED_BATCHES = BUFFERS_PER_UPLOAD - 2
 #: One upload alone (up to three) reads and writes 2 MiB at a time: the loop's CPU per GiB is mostly per
-#: piece, and 2 MiB instead of 1 MiB took it from 0.63-0.77 to 0.43-0.49 s/GiB for ~8 MiB more peak RSS
+#: piece, and 2 MiB instead of 1 MiB took it from 0.47-0.77 to 0.43-0.49 s/GiB for ~8 MiB more peak RSS
 #: (BENCH_NOTES.md, issue 14). Many uploads at once share RECEIVE_MEMORY, down to 64 KiB each (64 x 20 MB
 #: uploads: 233 MiB serving RSS with 1 MiB each).
 MAX_PIECE_BYTES = 2 << 20
