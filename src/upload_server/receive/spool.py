@@ -1,9 +1,8 @@
 """The temporary file an upload streams into: batched writes off the event loop, a size cap, a sha256,
 and removal in every outcome.
 
-Body chunks are gathered into batches of about ``BATCH_BYTES`` and queued for two long-lived threads of
-the upload, one hashing and one writing (``os.writev``, no joining copy), while the connection keeps
-reading; chunks under ``SMALL_PIECE_BYTES`` are copied together, so a batch holds few objects. At most
+Body chunks are gathered into batches of about ``BATCH_BYTES`` and queued for the upload's two threads,
+one hashing and one writing (``os.writev``, no joining copy), while the connection keeps reading; chunks under ``SMALL_PIECE_BYTES`` are copied together, so a batch holds few objects. At most
 a few batches' worth of bytes may be queued and not yet both hashed and written: past that,
 ``write`` waits, the connection stops reading and TCP slows the client. That bounds memory per upload to
 the queued batches, the one being gathered and the piece being read (``admission.BUFFERS_PER_UPLOAD``).
@@ -14,15 +13,16 @@ killed process can be recognised and removed at the next start.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import hashlib
 import logging
 import os
-import queue
 import re
 import secrets
 import shutil
+import threading
 from collections.abc import AsyncIterator, Callable
 from functools import partial
 from pathlib import Path
@@ -50,27 +50,42 @@ _OWNED_NAME = re.compile(rf"^{re.escape(FILE_PREFIX)}(\d+)-[0-9a-f]+")
 
 
 class _Stage:
-    """One long-lived thread of an upload (hashing, or writing) working through the batches queued for it.
+    """One step of an upload (hashing, or writing) and the batches queued for it, worked through by one
+    thread at a time that goes on from batch to batch while there are any.
 
-    The event loop hands a batch over with a ``put`` that never blocks, and the thread goes on to the next
-    batch without a round trip through the loop. A ``to_thread.run_sync`` per batch cost ~3 ms of thread
-    and loop wake-ups per 1 MiB batch on this loaded machine, four times the hashing itself, and the loop
-    sat blocked behind it for 70% of the upload (measured, BENCH_NOTES.md issue 14).
+    The event loop queues a batch without waiting, and a thread busy with the previous one takes it without
+    a round trip through the loop. A ``to_thread.run_sync`` per batch cost ~3 ms of thread and loop
+    wake-ups per 1 MiB batch on this loaded machine, four times the hashing itself, and the loop sat
+    blocked behind it for 70% of the upload (measured, BENCH_NOTES.md issue 2). The thread ends when the
+    queue is empty, so a slow client's upload holds no thread between its batches.
     """
 
     def __init__(self, work: Callable[[list[Chunk]], None], progress: Callable[[], None]) -> None:
         self.work = work
         self.progress = progress
-        self.queue: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
+        self._queue: collections.deque[Batch] = collections.deque()
+        self._lock = threading.Lock()  # the queue and ``_running`` change together
+        self._running = False
         #: Bytes finished; written by the thread only, read by the loop.
         self.done = 0
         #: The upload failed: what is still queued is dropped, not worked on.
         self.skip = False
 
+    def put(self, batch: Batch) -> bool:
+        """Queue a batch; True when no thread is going through the queue: the caller starts one."""
+        with self._lock:
+            self._queue.append(batch)
+            idle, self._running = not self._running, True
+        return idle
+
     def run(self) -> None:
-        """The thread's body: until ``None`` is queued."""
-        while (item := self.queue.get()) is not None:
-            batch, size = item
+        """A thread's body: the queued batches in order, until there are none."""
+        while True:
+            with self._lock:
+                if not self._queue:
+                    self._running = False
+                    return
+                batch, size = self._queue.popleft()
             if not self.skip:
                 self.work(batch)
             self.done += size
@@ -106,7 +121,8 @@ class Spool:
         self._hashing = _Stage(self._hash_blocking, self._progress)
         self._writing = _Stage(self._write_blocking, self._progress)
         self._queued = 0  # bytes handed to the threads
-        self._closed = False
+        self._nursery: trio.Nursery | None = None
+        self._limiter: trio.CapacityLimiter | None = None
         # Set while the loop waits for the threads: (bytes both must have finished, what to set then).
         self._waiter: tuple[int, trio.Event] | None = None
         self._token: trio.lowlevel.TrioToken | None = None
@@ -174,8 +190,13 @@ class Spool:
             # until nothing is queued, for a batch larger than that (pieces of a larger piece_size).
             await self._until_done(min(self._queued, self._queued + size - bound // 2))
         self._queued += size
-        self._hashing.queue.put((batch, size))
-        self._writing.queue.put((batch, size))
+        assert self._nursery is not None and self._limiter is not None, "written outside open_spool"
+        if self._hashing.put((batch, size)):
+            self._nursery.start_soon(
+                partial(trio.to_thread.run_sync, self._hashing.run, limiter=self._limiter)
+            )
+        if self._writing.put((batch, size)):
+            self._nursery.start_soon(self._run_writing, self._limiter)
 
     def _done(self) -> int:
         """Bytes both hashed and written."""
@@ -198,23 +219,17 @@ class Spool:
         if waiter is not None and token is not None and self._done() >= waiter[0] and not waiter[1].is_set():
             token.run_sync_soon(waiter[1].set)  # a second call for the same waiter sets it again: harmless
 
-    def start_threads(self, nursery: trio.Nursery) -> None:
-        """Start the hashing and the writing thread; ``close`` ends them."""
+    def run_threads_in(self, nursery: trio.Nursery) -> None:
+        """Where the hashing and writing threads run (started as batches come); it waits for them."""
         self._token = trio.lowlevel.current_trio_token()
-        # Their own limiter: two threads held for a whole upload must not use up trio's default one, which
+        self._nursery = nursery
+        # Their own limiter: threads busy for a whole fast upload must not hold trio's default one, which
         # the server's other blocking calls (fsync, unlink) wait on.
-        limiter = trio.CapacityLimiter(2)
-        nursery.start_soon(partial(trio.to_thread.run_sync, self._hashing.run, limiter=limiter))
-        nursery.start_soon(self._run_writing, limiter)
+        self._limiter = trio.CapacityLimiter(2)
 
-    def close(self, *, failed: bool) -> None:
-        """No more batches: the threads end once through what is queued (dropped, when ``failed``)."""
-        if failed:
-            self._hashing.skip = self._writing.skip = True
-        if not self._closed:
-            self._closed = True
-            self._hashing.queue.put(None)
-            self._writing.queue.put(None)
+    def abandon(self) -> None:
+        """The upload failed: what is still queued is dropped; the threads end after their batch."""
+        self._hashing.skip = self._writing.skip = True
 
     async def _run_writing(self, limiter: trio.CapacityLimiter) -> None:
         try:
@@ -314,13 +329,12 @@ async def open_append(
 @contextlib.asynccontextmanager
 async def _writing(spool: Spool) -> AsyncIterator[None]:
     async with trio.open_nursery() as nursery:
-        spool.start_threads(nursery)
-        failed = True
+        spool.run_threads_in(nursery)
         try:
             yield
-            failed = False
-        finally:
-            spool.close(failed=failed)
+        except BaseException:
+            spool.abandon()
+            raise
 
 
 def owned_name(suffix: str) -> str:
