@@ -2,10 +2,11 @@
 and removal in every outcome.
 
 Body chunks are gathered into batches of about ``BATCH_BYTES`` and queued for the upload's two threads,
-one hashing and one writing (``os.writev``, no joining copy), while the connection keeps reading; chunks under ``SMALL_PIECE_BYTES`` are copied together, so a batch holds few objects. At most
-a few batches' worth of bytes may be queued and not yet both hashed and written: past that,
-``write`` waits, the connection stops reading and TCP slows the client. That bounds memory per upload to
-the queued batches, the one being gathered and the piece being read (``admission.BUFFERS_PER_UPLOAD``).
+one hashing and one writing (``os.writev``, no joining copy), while the connection keeps reading; chunks
+under ``SMALL_PIECE_BYTES`` are copied together, so a batch holds few objects. At most ``QUEUED_BATCHES``
+batches may be queued and not yet both hashed and written: past that, ``write`` waits, the connection
+stops reading and TCP slows the client. That bounds memory per upload to the queued batches, the one being
+gathered and the piece being read (``admission.BUFFERS_PER_UPLOAD``).
 
 Every file this module creates is named ``upload-server-<pid>-<token>...`` so that files left behind by a
 killed process can be recognised and removed at the next start.
