@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from pathlib import Path
 
 import pytest
 import trio
 
-from upload_server.receive.spool import open_append, open_spool
+from upload_server.receive.spool import THREAD_NAME_PREFIX, open_append, open_spool
 
 
 def pieces(sizes: list[int]) -> list[bytes]:
@@ -70,3 +71,30 @@ async def test_a_failed_upload_ends_its_threads_and_removes_its_file(tmp_path: P
                 await spool.write(piece)
             raise Refused
     assert not os.listdir(tmp_path)
+
+
+def spool_threads() -> list[str]:
+    return [thread.name for thread in threading.enumerate() if thread.name.startswith(THREAD_NAME_PREFIX)]
+
+
+async def test_an_upload_between_batches_holds_no_thread(tmp_path: Path) -> None:
+    """A slow client's upload (here: between two batches) keeps no hashing or writing thread: 1,024 of them
+    would otherwise hold 2,048 idle threads. The threads are back as soon as a batch comes."""
+    with trio.fail_after(30):
+        async with open_spool(tmp_path, 1 << 30, batch_size=lambda: 64 << 10) as spool:
+            await spool.write(bytes(64 << 20))  # ~40 ms of hashing: the threads are seen at work
+            seen: set[str] = set()
+            with trio.move_on_after(5):
+                while len(seen) < 2:
+                    seen.update(name.split()[1] for name in spool_threads())
+                    await trio.sleep(0.0005)
+            assert seen == {"hashing", "writing"}
+            for round_no in range(3):
+                await spool.write(os.urandom(100_000))
+                await spool.finish()  # every byte so far hashed and written
+                for _ in range(200):  # a thread sets done just before it finds the queue empty and ends
+                    if not spool_threads():
+                        break
+                    await trio.sleep(0.005)
+                assert spool_threads() == [], round_no
+            assert spool.size == (64 << 20) + 300_000

@@ -45,6 +45,8 @@ BATCH_BYTES = 1 << 20
 #: Pieces smaller than this are gathered into one buffer per run (so a batch holds few objects).
 SMALL_PIECE_BYTES = 16 << 10
 FILE_PREFIX = "upload-server-"
+#: The names of the threads hashing and writing a spool start with this.
+THREAD_NAME_PREFIX = "spool "
 #: The supervisor's per-run directory (``--processes``), shared by its serving processes.
 RUN_DIR_SUFFIX = ".run"
 _OWNED_NAME = re.compile(rf"^{re.escape(FILE_PREFIX)}(\d+)-[0-9a-f]+")
@@ -193,11 +195,16 @@ class Spool:
         self._queued += size
         assert self._nursery is not None and self._limiter is not None, "written outside open_spool"
         if self._hashing.put((batch, size)):
-            self._nursery.start_soon(
-                partial(trio.to_thread.run_sync, self._hashing.run, limiter=self._limiter)
+            hashing = partial(
+                trio.to_thread.run_sync, self._hashing.run, thread_name=self._thread_name("hashing")
             )
+            self._nursery.start_soon(partial(hashing, limiter=self._limiter))
         if self._writing.put((batch, size)):
             self._nursery.start_soon(self._run_writing, self._limiter)
+
+    def _thread_name(self, step: str) -> str:
+        """Named for profiles (py-spy --threads) and for telling a spool's busy threads apart."""
+        return f"{THREAD_NAME_PREFIX}{step} {self.path.name}"
 
     def _done(self) -> int:
         """Bytes both hashed and written."""
@@ -234,7 +241,9 @@ class Spool:
 
     async def _run_writing(self, limiter: trio.CapacityLimiter) -> None:
         try:
-            await trio.to_thread.run_sync(self._writing.run, limiter=limiter)
+            await trio.to_thread.run_sync(
+                self._writing.run, limiter=limiter, thread_name=self._thread_name("writing")
+            )
         except OSError as error:
             # EFBIG: the file system's (or the process's RLIMIT_FSIZE) largest file: storage, not the client.
             if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
