@@ -249,7 +249,7 @@ async def test_a_trickling_client_is_cut_after_the_window(autojump_clock: trio.t
 
 
 def test_body_buffers_shrink_while_many_uploads_arrive() -> None:
-    """One upload alone keeps 1 MiB reads (issue 2's receive rate); 64 at once share RECEIVE_MEMORY."""
+    """One upload alone keeps 2 MiB reads (issue 14's receive rate); 64 at once share RECEIVE_MEMORY."""
     assert piece_size(0) == piece_size(1) == MAX_PIECE_BYTES
     assert piece_size(64) * BUFFERS_PER_UPLOAD * 64 <= RECEIVE_MEMORY
     assert piece_size(10_000) == MIN_PIECE_BYTES

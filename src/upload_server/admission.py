@@ -28,13 +28,17 @@ MIN_MEASURED_SECONDS = 0.05
 MAX_RETRY_AFTER_S = 3600
 
 
-#: Bytes of body buffers the serving process lets all receiving uploads hold together (read pieces, the
-#: spool's gathering batch, the batch handed over, the batch being written: about four per upload).
+#: Bytes of body buffers the serving process lets all receiving uploads hold together (the piece being
+#: read, the spool's gathering batch, the batches queued for its hashing and writing threads).
 RECEIVE_MEMORY = 24 << 20
 BUFFERS_PER_UPLOAD = 4
-#: One upload alone reads and writes 1 MiB at a time (issue 2's receive rate needs that); many at once
-#: share RECEIVE_MEMORY, down to 64 KiB each (64 x 20 MB uploads: 233 MiB serving RSS with 1 MiB each).
-MAX_PIECE_BYTES = 1 << 20
+#: Batches an upload's spool may have queued for its hashing and writing threads (of the four above).
+QUEUED_BATCHES = BUFFERS_PER_UPLOAD - 2
+#: One upload alone (up to three) reads and writes 2 MiB at a time: the loop's CPU per GiB is mostly per
+#: piece, and 2 MiB instead of 1 MiB took it from 0.47-0.77 to 0.43-0.49 s/GiB for ~8 MiB more peak RSS
+#: (BENCH_NOTES.md, issue 14). Many uploads at once share RECEIVE_MEMORY, down to 64 KiB each (64 x 20 MB
+#: uploads: 233 MiB serving RSS with 1 MiB each).
+MAX_PIECE_BYTES = 2 << 20
 MIN_PIECE_BYTES = 64 << 10
 
 

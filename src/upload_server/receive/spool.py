@@ -1,11 +1,12 @@
 """The temporary file an upload streams into: batched writes off the event loop, a size cap, a sha256,
 and removal in every outcome.
 
-Body chunks are gathered into batches of about ``BATCH_BYTES`` and handed to a writer task that writes
-them (``os.writev``, no joining copy) and hashes them in a worker thread while the connection keeps
-reading; chunks under ``SMALL_PIECE_BYTES`` are copied together, so a batch holds few objects. The
-hand-over channel holds one batch: when the disk falls behind, ``write`` blocks, the connection stops
-reading and TCP slows the client. That bounds memory per upload to about three batches.
+Body chunks are gathered into batches of about ``BATCH_BYTES`` and queued for the upload's two threads,
+one hashing and one writing (``os.writev``, no joining copy), while the connection keeps reading; chunks
+under ``SMALL_PIECE_BYTES`` are copied together, so a batch holds few objects. At most ``QUEUED_BATCHES``
+batches may be queued and not yet both hashed and written: past that, ``write`` waits, the connection
+stops reading and TCP slows the client. That bounds memory per upload to the queued batches, the one being
+gathered and the piece being read (``admission.BUFFERS_PER_UPLOAD``).
 
 Every file this module creates is named ``upload-server-<pid>-<token>...`` so that files left behind by a
 killed process can be recognised and removed at the next start.
@@ -13,6 +14,7 @@ killed process can be recognised and removed at the next start.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import hashlib
@@ -21,11 +23,14 @@ import os
 import re
 import secrets
 import shutil
+import threading
 from collections.abc import AsyncIterator, Callable
+from functools import partial
 from pathlib import Path
 
 import trio
 
+from ..admission import QUEUED_BATCHES
 from ..errors import InsufficientStorage, PayloadTooLarge
 
 log = logging.getLogger("upload_server.spool")
@@ -33,14 +38,61 @@ log = logging.getLogger("upload_server.spool")
 #: A piece of body as the connection hands it over (h11 gives bytearrays; no copy is made).
 Chunk = bytes | bytearray
 Reserve = Callable[[int], int]
+#: A batch as queued for a thread: its pieces and their total size.
+Batch = tuple[list[Chunk], int]
 
 BATCH_BYTES = 1 << 20
 #: Pieces smaller than this are gathered into one buffer per run (so a batch holds few objects).
 SMALL_PIECE_BYTES = 16 << 10
 FILE_PREFIX = "upload-server-"
+#: The names of the threads hashing and writing a spool start with this.
+THREAD_NAME_PREFIX = "spool "
 #: The supervisor's per-run directory (``--processes``), shared by its serving processes.
 RUN_DIR_SUFFIX = ".run"
 _OWNED_NAME = re.compile(rf"^{re.escape(FILE_PREFIX)}(\d+)-[0-9a-f]+")
+
+
+class _Stage:
+    """One step of an upload (hashing, or writing) and the batches queued for it, worked through by one
+    thread at a time that goes on from batch to batch while there are any.
+
+    The event loop queues a batch without waiting, and a thread busy with the previous one takes it without
+    a round trip through the loop. A ``to_thread.run_sync`` per batch cost ~3 ms of thread and loop
+    wake-ups per 1 MiB batch on this loaded machine, four times the hashing itself, and the loop sat
+    blocked behind it for 70% of the upload (measured, BENCH_NOTES.md issue 2). The thread ends when the
+    queue is empty, so a slow client's upload holds no thread between its batches.
+    """
+
+    def __init__(self, work: Callable[[list[Chunk]], None], progress: Callable[[], None]) -> None:
+        self.work = work
+        self.progress = progress
+        self._queue: collections.deque[Batch] = collections.deque()
+        self._lock = threading.Lock()  # the queue and ``_running`` change together
+        self._running = False
+        #: Bytes finished; written by the thread only, read by the loop.
+        self.done = 0
+        #: The upload failed: what is still queued is dropped, not worked on.
+        self.skip = False
+
+    def put(self, batch: Batch) -> bool:
+        """Queue a batch; True when no thread is going through the queue: the caller starts one."""
+        with self._lock:
+            self._queue.append(batch)
+            idle, self._running = not self._running, True
+        return idle
+
+    def run(self) -> None:
+        """A thread's body: the queued batches in order, until there are none."""
+        while True:
+            with self._lock:
+                if not self._queue:
+                    self._running = False
+                    return
+                batch, size = self._queue.popleft()
+            if not self.skip:
+                self.work(batch)
+            self.done += size
+            self.progress()
 
 
 class Spool:
@@ -51,7 +103,6 @@ class Spool:
         path: Path,
         max_bytes: int,
         fd: int,
-        to_writer: trio.MemorySendChannel[list[Chunk]],
         reserve: Reserve | None = None,
         hash_name: str = "sha256",
         batch_size: Callable[[], int] | None = None,
@@ -70,8 +121,14 @@ class Spool:
         self._batch: list[Chunk] = []
         self._batch_bytes = 0
         self._small: bytearray | None = None  # the batch's buffer that small pieces are gathered into
-        self._to_writer = to_writer
-        self._drained = trio.Event()
+        self._hashing = _Stage(self._hash_blocking, self._progress)
+        self._writing = _Stage(self._write_blocking, self._progress)
+        self._queued = 0  # bytes handed to the threads
+        self._nursery: trio.Nursery | None = None
+        self._limiter: trio.CapacityLimiter | None = None
+        # Set while the loop waits for the threads: (bytes both must have finished, what to set then).
+        self._waiter: tuple[int, trio.Event] | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
         self._siblings: list[Path] = []
         self._keep_file = False
         #: Bytes gathered before a batch goes to the writer (``admission.piece_size`` in the server).
@@ -81,7 +138,7 @@ class Spool:
     def written(cls, path: Path, size: int, sha256: str) -> Spool:
         """A spool over a file written already (a whole resumable upload): nothing more is written to it,
         and ``remove_files`` removes only its siblings; the file's owner removes the file."""
-        spool = cls(path, size, -1, trio.open_memory_channel[list[Chunk]](0)[0])
+        spool = cls(path, size, -1)
         spool.size, spool.sha256, spool._keep_file = size, sha256, True
         return spool
 
@@ -117,8 +174,7 @@ class Spool:
     async def finish(self) -> None:
         """Flush the last batch and wait until every byte is written; then ``sha256`` is set."""
         await self._hand_over()
-        await self._to_writer.aclose()
-        await self._drained.wait()
+        await self._until_done(self._queued)
         self.digest = self._hasher.digest()
         self.sha256 = self.digest.hex() if self._hasher.name == "sha256" else ""
 
@@ -127,23 +183,67 @@ class Spool:
         await trio.to_thread.run_sync(os.fsync, self._fd)
 
     async def _hand_over(self) -> None:
-        batch, self._batch, self._batch_bytes, self._small = self._batch, [], 0, None
-        if batch:
-            await self._to_writer.send(batch)
+        batch, size = self._batch, self._batch_bytes
+        self._batch, self._batch_bytes, self._small = [], 0, None
+        if not batch:
+            return
+        bound = QUEUED_BATCHES * self._batch_size()
+        if self._queued + size - self._done() > bound:
+            # Wait until half the bound is free, so the threads wake the loop once per few batches; or
+            # until nothing is queued, for a batch larger than that (pieces of a larger piece_size).
+            await self._until_done(min(self._queued, self._queued + size - bound // 2))
+        self._queued += size
+        assert self._nursery is not None and self._limiter is not None, "written outside open_spool"
+        if self._hashing.put((batch, size)):
+            hashing = partial(
+                trio.to_thread.run_sync, self._hashing.run, thread_name=self._thread_name("hashing")
+            )
+            self._nursery.start_soon(partial(hashing, limiter=self._limiter))
+        if self._writing.put((batch, size)):
+            self._nursery.start_soon(self._run_writing, self._limiter)
 
-    async def run_writer(self, batches: trio.MemoryReceiveChannel[list[Chunk]]) -> None:
-        async with batches:
-            async for batch in batches:
-                # Hashing and writing a batch are independent and both release the GIL: run them side by
-                # side in two threads (sha256 alone is ~0.6 CPU s/GiB, as much as the whole receive loop).
-                async with trio.open_nursery() as both:
-                    both.start_soon(trio.to_thread.run_sync, self._hash_blocking, batch)
-                    both.start_soon(self._write, batch)
-        self._drained.set()
+    def _thread_name(self, step: str) -> str:
+        """Named for profiles (py-spy --threads) and for telling a spool's busy threads apart."""
+        return f"{THREAD_NAME_PREFIX}{step} {self.path.name}"
 
-    async def _write(self, batch: list[Chunk]) -> None:
+    def _done(self) -> int:
+        """Bytes both hashed and written."""
+        return min(self._hashing.done, self._writing.done)
+
+    async def _until_done(self, target: int) -> None:
+        """Wait until the first ``target`` bytes handed over are hashed and written."""
         try:
-            await trio.to_thread.run_sync(self._write_blocking, batch)
+            while self._done() < target:
+                event = trio.Event()
+                self._waiter = (target, event)
+                if self._done() < target:  # checked again once the threads can see the waiter
+                    await event.wait()
+        finally:
+            self._waiter = None
+
+    def _progress(self) -> None:
+        """In a thread, after each batch: wake the waiting loop once its target is reached."""
+        waiter, token = self._waiter, self._token
+        if waiter is not None and token is not None and self._done() >= waiter[0] and not waiter[1].is_set():
+            token.run_sync_soon(waiter[1].set)  # a second call for the same waiter sets it again: harmless
+
+    def run_threads_in(self, nursery: trio.Nursery) -> None:
+        """Where the hashing and writing threads run (started as batches come); it waits for them."""
+        self._token = trio.lowlevel.current_trio_token()
+        self._nursery = nursery
+        # Their own limiter: threads busy for a whole fast upload must not hold trio's default one, which
+        # the server's other blocking calls (fsync, unlink) wait on.
+        self._limiter = trio.CapacityLimiter(2)
+
+    def abandon(self) -> None:
+        """The upload failed: what is still queued is dropped; the threads end after their batch."""
+        self._hashing.skip = self._writing.skip = True
+
+    async def _run_writing(self, limiter: trio.CapacityLimiter) -> None:
+        try:
+            await trio.to_thread.run_sync(
+                self._writing.run, limiter=limiter, thread_name=self._thread_name("writing")
+            )
         except OSError as error:
             # EFBIG: the file system's (or the process's RLIMIT_FSIZE) largest file: storage, not the client.
             if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
@@ -201,13 +301,11 @@ async def open_spool(
     allowance (at least ``size``) or raises.
     """
     path = Path(tmp_dir) / owned_name(".part")
-    send, receive = trio.open_memory_channel[list[Chunk]](1)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
-    spool = Spool(
-        path, max_bytes, fd, send, reserve, batch_size=batch_size
-    )  # nothing can fail before the try
+    # Nothing can fail between here and the try.
+    spool = Spool(path, max_bytes, fd, reserve, "sha256", batch_size)
     try:
-        async with _writing(spool, send, receive):
+        async with _writing(spool):
             yield spool
     finally:
         os.close(fd)
@@ -227,28 +325,26 @@ async def open_append(
 
     ``max_bytes``, ``reserve`` and the digest apply to the appended bytes only (resumable uploads).
     """
-    send, receive = trio.open_memory_channel[list[Chunk]](1)
     fd = os.open(path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
     try:
         os.ftruncate(fd, offset)
         os.lseek(fd, offset, os.SEEK_SET)
-        spool = Spool(path, max_bytes, fd, send, reserve, hash_name, batch_size)
-        async with _writing(spool, send, receive):
+        spool = Spool(path, max_bytes, fd, reserve, hash_name, batch_size)
+        async with _writing(spool):
             yield spool
     finally:
         os.close(fd)
 
 
 @contextlib.asynccontextmanager
-async def _writing(
-    spool: Spool,
-    send: trio.MemorySendChannel[list[Chunk]],
-    receive: trio.MemoryReceiveChannel[list[Chunk]],
-) -> AsyncIterator[None]:
+async def _writing(spool: Spool) -> AsyncIterator[None]:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(spool.run_writer, receive)
-        async with send:
+        spool.run_threads_in(nursery)
+        try:
             yield
+        except BaseException:
+            spool.abandon()
+            raise
 
 
 def owned_name(suffix: str) -> str:

@@ -1,0 +1,100 @@
+"""The spool's hashing and writing threads: every byte written and hashed in order, whatever the piece and
+batch sizes, and no thread or file left behind when the upload fails midway. Real files in a temp dir."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from pathlib import Path
+
+import pytest
+import trio
+
+from upload_server.receive.spool import THREAD_NAME_PREFIX, open_append, open_spool
+
+
+def pieces(sizes: list[int]) -> list[bytes]:
+    return [os.urandom(size) for size in sizes]
+
+
+@pytest.mark.parametrize(
+    ("batch", "sizes"),
+    [
+        (1 << 20, [1 << 20] * 9 + [7]),  # the lone upload: 1 MiB reads and batches
+        (64 << 10, [100] * 3000 + [70_000] * 20),  # small pieces gathered, then pieces past a batch
+        # Pieces far larger than QUEUED_BATCHES batches: each batch alone is over the bound, and the loop
+        # must still only wait for what is queued (it once waited for bytes that would never come).
+        (16 << 10, [1 << 20, 3 << 20, 1, 2 << 20]),
+    ],
+)
+async def test_every_byte_is_written_and_hashed_in_order(
+    tmp_path: Path, batch: int, sizes: list[int]
+) -> None:
+    data = pieces(sizes)
+    with trio.fail_after(30):
+        async with open_spool(tmp_path, 1 << 30, batch_size=lambda: batch) as spool:
+            for piece in data:
+                await spool.write(bytearray(piece))
+            await spool.finish()
+            written = spool.path.read_bytes()
+    whole = b"".join(data)
+    assert written == whole
+    assert spool.size == len(whole)
+    assert spool.sha256 == hashlib.sha256(whole).hexdigest()
+    assert not os.listdir(tmp_path)
+
+
+async def test_an_append_uses_the_named_digest(tmp_path: Path) -> None:
+    path = tmp_path / "resumable"
+    path.write_bytes(b"kept" + b"cut off")
+    more = pieces([300_000, 5, 2 << 20])
+    with trio.fail_after(30):
+        async with open_append(path, 4, 1 << 30, hash_name="sha1", batch_size=lambda: 256 << 10) as spool:
+            for piece in more:
+                await spool.write(piece)
+            await spool.finish()
+    assert path.read_bytes() == b"kept" + b"".join(more)
+    assert spool.digest == hashlib.sha1(b"".join(more)).digest()
+
+
+async def test_a_failed_upload_ends_its_threads_and_removes_its_file(tmp_path: Path) -> None:
+    """An error while batches are still queued: the context exits (its threads ended: it waits for them),
+    and the file is gone."""
+
+    class Refused(Exception):
+        pass
+
+    with trio.fail_after(30), pytest.RaisesGroup(Refused):
+        async with open_spool(tmp_path, 1 << 30, batch_size=lambda: 64 << 10) as spool:
+            for piece in pieces([64 << 10] * 40):
+                await spool.write(piece)
+            raise Refused
+    assert not os.listdir(tmp_path)
+
+
+def spool_threads() -> list[str]:
+    return [thread.name for thread in threading.enumerate() if thread.name.startswith(THREAD_NAME_PREFIX)]
+
+
+async def test_an_upload_between_batches_holds_no_thread(tmp_path: Path) -> None:
+    """A slow client's upload (here: between two batches) keeps no hashing or writing thread: 1,024 of them
+    would otherwise hold 2,048 idle threads. The threads are back as soon as a batch comes."""
+    with trio.fail_after(30):
+        async with open_spool(tmp_path, 1 << 30, batch_size=lambda: 64 << 10) as spool:
+            await spool.write(bytes(64 << 20))  # ~40 ms of hashing: the threads are seen at work
+            seen: set[str] = set()
+            with trio.move_on_after(5):
+                while len(seen) < 2:
+                    seen.update(name.split()[1] for name in spool_threads())
+                    await trio.sleep(0.0005)
+            assert seen == {"hashing", "writing"}
+            for round_no in range(3):
+                await spool.write(os.urandom(100_000))
+                await spool.finish()  # every byte so far hashed and written
+                for _ in range(200):  # a thread sets done just before it finds the queue empty and ends
+                    if not spool_threads():
+                        break
+                    await trio.sleep(0.005)
+                assert spool_threads() == [], round_no
+            assert spool.size == (64 << 20) + 300_000
