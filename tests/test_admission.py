@@ -167,12 +167,18 @@ async def test_a_body_below_the_minimum_rate_is_cut(start_server: StartServer) -
     head = f"POST {UPLOAD} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
     slow = await trio.open_tcp_stream("127.0.0.1", server.port)
     await slow.send_all(head)
-    # The body would take 30 s at this rate; the server answers long before (and may reset the sends).
-    with trio.move_on_after(5), contextlib.suppress(trio.BrokenResourceError):
-        for start in range(0, len(body), 100):
-            await slow.send_all(body[start : start + 100])
-            await trio.sleep(0.1)
-    answer = await slow.receive_some(65536)
+
+    async def trickle() -> None:  # the body would take 30 s at this rate; the server answers long before
+        with contextlib.suppress(trio.BrokenResourceError):  # it may reset the sends once it answered
+            for start in range(0, len(body), 100):
+                await slow.send_all(body[start : start + 100])
+                await trio.sleep(0.1)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trickle)
+        with trio.fail_after(10):
+            answer = await slow.receive_some(65536)
+        nursery.cancel_scope.cancel()  # the answer is in: stop sending rather than trickle on for seconds
     assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
     error = orjson.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
     assert error["detail"]["reason"] == "min_body_rate"
