@@ -140,10 +140,13 @@ def test_no_worker_process_outlives_the_server(spawn: Spawn, spool_dir: Path, pr
 
 
 def test_a_second_signal_during_the_drain_delay_stops_at_once(spawn: Spawn, spool_dir: Path) -> None:
-    server = spawn(server_command(spool_dir, "--drain-delay", "30"))
+    drain = 40.0
+    server = spawn(server_command(spool_dir, "--drain-delay", str(drain)))
     server.process.send_signal(signal.SIGTERM)
     server.wait_for(re.compile("shutting down gracefully"), 5)
     assert health(server.port)[1]["status"] == "draining"
     code, took = stop(server, signal.SIGTERM)
     assert code == 0, server.stderr_text()
-    assert took < 3, took
+    # The drain was cut short. Half the drain, not a few seconds: the exit alone took over 5 s with the
+    # suite in parallel at load 18 on 2 cores.
+    assert took < drain / 2, took
