@@ -19,6 +19,7 @@ import trio
 
 from conftest import RunningServer, StartServer, wait_until
 from events_factory import as_ndjson, make_events, make_zip
+from raw_http import RawClient
 from test_ingest_server import SLOW_WORK, _gzip_of_spaces, _workers_reading, post
 
 UPLOAD = "/api/v1/upload"
@@ -165,23 +166,21 @@ async def test_a_body_below_the_minimum_rate_is_cut(start_server: StartServer) -
     events, _ = make_events(200, seed=8)
     body = as_ndjson(events)
     head = f"POST {UPLOAD} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-    slow = await trio.open_tcp_stream("127.0.0.1", server.port)
-    await slow.send_all(head)
+    slow = await RawClient.connect(server)
+    await slow.send(head)
 
     async def trickle() -> None:  # the body would take 30 s at this rate; the server answers long before
         with contextlib.suppress(trio.BrokenResourceError):  # it may reset the sends once it answered
             for start in range(0, len(body), 100):
-                await slow.send_all(body[start : start + 100])
+                await slow.send(body[start : start + 100])
                 await trio.sleep(0.1)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(trickle)
-        with trio.fail_after(10):
-            answer = await slow.receive_some(65536)
+        answer = await slow.read_response()  # head and body, however the segments arrive
         nursery.cancel_scope.cancel()  # the answer is in: stop sending rather than trickle on for seconds
-    assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
-    error = orjson.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
-    assert error["detail"]["reason"] == "min_body_rate"
+    assert answer.status == 408 and answer.error_code() == "REQUEST_TIMEOUT"
+    assert answer.json()["error"]["detail"]["reason"] == "min_body_rate"
     await slow.aclose()
     await assert_idle(server)
 
