@@ -62,11 +62,21 @@ async def test_a_small_upload_is_not_held_behind_a_big_one(start_server: StartSe
         assert response.status_code == 200, response.text
         finished.append(name)
 
+    slots = server.state.workers.slots
     async with trio.open_nursery() as nursery:
         nursery.start_soon(upload, "big", big)
-        # Big's jobs queued (at least three behind the one running): the small upload comes in now.
-        await wait_until(lambda: server.state.workers.slots.waiting >= 3)
-        nursery.start_soon(upload, "small", as_ndjson(small_events))
+        # Big's jobs queued (at least three behind the one running): the small upload comes in now. The
+        # worker is held (SIGSTOP) until the small upload's job is queued too: on a loaded machine the small
+        # upload's way in took longer than the big one's last jobs, and the order it was testing never arose.
+        await wait_until(lambda: slots.waiting >= 3 and bool(_workers_reading(server.tmp_dir)))
+        (worker,) = _workers_reading(server.tmp_dir)
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            big_waiting = slots.waiting
+            nursery.start_soon(upload, "small", as_ndjson(small_events))
+            await wait_until(lambda: slots.waiting == big_waiting + 1)
+        finally:
+            os.kill(worker, signal.SIGCONT)
     assert finished == ["small", "big"]
     await assert_idle(server)
 
