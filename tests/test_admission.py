@@ -19,6 +19,7 @@ import trio
 
 from conftest import RunningServer, StartServer, wait_until
 from events_factory import as_ndjson, make_events, make_zip
+from raw_http import RawClient
 from test_ingest_server import SLOW_WORK, _gzip_of_spaces, _workers_reading, post
 
 UPLOAD = "/api/v1/upload"
@@ -61,11 +62,21 @@ async def test_a_small_upload_is_not_held_behind_a_big_one(start_server: StartSe
         assert response.status_code == 200, response.text
         finished.append(name)
 
+    slots = server.state.workers.slots
     async with trio.open_nursery() as nursery:
         nursery.start_soon(upload, "big", big)
-        # Big's jobs queued (at least three behind the one running): the small upload comes in now.
-        await wait_until(lambda: server.state.workers.slots.waiting >= 3)
-        nursery.start_soon(upload, "small", as_ndjson(small_events))
+        # Big's jobs queued (at least three behind the one running): the small upload comes in now. The
+        # worker is held (SIGSTOP) until the small upload's job is queued too: on a loaded machine the small
+        # upload's way in took longer than the big one's last jobs, and the order it was testing never arose.
+        await wait_until(lambda: slots.waiting >= 3 and bool(_workers_reading(server.tmp_dir)))
+        (worker,) = _workers_reading(server.tmp_dir)
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            big_waiting = slots.waiting
+            nursery.start_soon(upload, "small", as_ndjson(small_events))
+            await wait_until(lambda: slots.waiting == big_waiting + 1)
+        finally:
+            os.kill(worker, signal.SIGCONT)
     assert finished == ["small", "big"]
     await assert_idle(server)
 
@@ -165,17 +176,21 @@ async def test_a_body_below_the_minimum_rate_is_cut(start_server: StartServer) -
     events, _ = make_events(200, seed=8)
     body = as_ndjson(events)
     head = f"POST {UPLOAD} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-    slow = await trio.open_tcp_stream("127.0.0.1", server.port)
-    await slow.send_all(head)
-    # The body would take 30 s at this rate; the server answers long before (and may reset the sends).
-    with trio.move_on_after(5), contextlib.suppress(trio.BrokenResourceError):
-        for start in range(0, len(body), 100):
-            await slow.send_all(body[start : start + 100])
-            await trio.sleep(0.1)
-    answer = await slow.receive_some(65536)
-    assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
-    error = orjson.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
-    assert error["detail"]["reason"] == "min_body_rate"
+    slow = await RawClient.connect(server)
+    await slow.send(head)
+
+    async def trickle() -> None:  # the body would take 30 s at this rate; the server answers long before
+        with contextlib.suppress(trio.BrokenResourceError):  # it may reset the sends once it answered
+            for start in range(0, len(body), 100):
+                await slow.send(body[start : start + 100])
+                await trio.sleep(0.1)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trickle)
+        answer = await slow.read_response()  # head and body, however the segments arrive
+        nursery.cancel_scope.cancel()  # the answer is in: stop sending rather than trickle on for seconds
+    assert answer.status == 408 and answer.error_code() == "REQUEST_TIMEOUT"
+    assert answer.json()["error"]["detail"]["reason"] == "min_body_rate"
     await slow.aclose()
     await assert_idle(server)
 

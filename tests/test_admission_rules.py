@@ -4,13 +4,13 @@ and the backlog's estimate. No sockets, no processes: each test runs in millisec
 from __future__ import annotations
 
 import contextlib
-import math
-from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
 
+from raw_http import ECHO_PATH, ECHO_PROCESSING_S, RawResponse, get, memory_servers
 from upload_server.admission import (
     BUFFERS_PER_UPLOAD,
     MAX_PIECE_BYTES,
@@ -24,10 +24,6 @@ from upload_server.admission import (
 )
 from upload_server.errors import ChunksTooSmall, RequestTimeout
 from upload_server.http.body_rate import CHUNK_WINDOW, BodyRateGuard, BodyRateRules
-from upload_server.http.connection import HttpConnection
-from upload_server.http.exchange import Exchange
-from upload_server.http.limits import ConnectionLimits
-from upload_server.http.messages import Response
 from upload_server.ingest.fair import FairLimiter, Ticket
 
 
@@ -189,62 +185,46 @@ def test_retry_after_is_whole_seconds_within_bounds() -> None:
 
 
 # ------------------------------------------------- the rate rules on a real connection, in memory
-async def _serve_one_upload(
-    client_sends: Callable[[trio.abc.Stream], Awaitable[None]], rules: BodyRateRules
-) -> tuple[bytes, float]:
-    """A real HttpConnection over a memory stream, with a router that reads the whole body and answers
-    200; ``client_sends`` writes the request. Returns everything the server sent back, and when its
-    first byte came."""
-    server_end, client_end = trio.testing.memory_stream_pair()
-    conn = HttpConnection(server_end, ConnectionLimits(body_idle_timeout=60, body_rate=rules))
+async def _paced_upload(tmp_path: Path, total: int, per_tick: int, tick: float) -> tuple[RawResponse, float]:
+    """A body of ``total`` bytes, ``per_tick`` bytes every ``tick`` (virtual) seconds, to the memory server's
+    echo route on default settings (the ones that hold --min-body-rate); its answer, and when it came."""
+    async with memory_servers(tmp_path) as start:
+        client = await (await start()).connect()
+        client.wait = 2 * total / per_tick * tick  # the slowest answer here is the whole body's
+        started = trio.current_time()
+        await client.send(get(ECHO_PATH, f"Content-Length: {total}", method="POST"))
 
-    async def route(exchange: Exchange) -> None:
-        while await exchange.receive_body_chunk():
-            pass
-        await exchange.send_response(Response(status=200, body=b"{}"))
+        async def send_body() -> None:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                for _ in range(0, total, per_tick):
+                    await trio.sleep(tick)
+                    await client.send(b"x" * per_tick)
 
-    answer = bytearray()
-    answered_at = math.inf
-
-    async def read_all() -> None:
-        nonlocal answered_at
-        while data := await client_end.receive_some():
-            answered_at = min(answered_at, trio.current_time())
-            answer.extend(data)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(conn.serve, route)
-        nursery.start_soon(read_all)
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await client_sends(client_end)
-            await client_end.send_eof()
-    return bytes(answer), answered_at
-
-
-def _paced(total: int, per_tick: int, tick: float) -> Callable[[trio.abc.Stream], Awaitable[None]]:
-    async def send(stream: trio.abc.Stream) -> None:
-        await stream.send_all(f"POST /u HTTP/1.1\r\nHost: x\r\nContent-Length: {total}\r\n\r\n".encode())
-        for _ in range(0, total, per_tick):
-            await trio.sleep(tick)
-            await stream.send_all(b"x" * per_tick)
-
-    return send
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_body)
+            response = await client.read_response()
+            answered_at = trio.current_time() - started
+            nursery.cancel_scope.cancel()  # a cut client would go on trickling into a closed connection
+    return response, answered_at
 
 
 @pytest.mark.trio
-async def test_a_steady_slow_client_completes(autojump_clock: trio.testing.MockClock) -> None:
+async def test_a_steady_slow_client_completes(autojump_clock: trio.testing.MockClock, tmp_path: Path) -> None:
     """600 B/s for five minutes against the default 512 B/s minimum: never cut."""
-    answer, answered_at = await _serve_one_upload(_paced(600 * 300, 600, 1.0), BodyRateRules())
-    assert answer.startswith(b"HTTP/1.1 200 ")
-    assert answered_at == pytest.approx(300, abs=1)
+    response, answered_at = await _paced_upload(tmp_path, 600 * 300, 600, 1.0)
+    assert response.status == 200 and response.json()["size_bytes"] == 600 * 300
+    assert answered_at == pytest.approx(300 + ECHO_PROCESSING_S)
 
 
 @pytest.mark.trio
-async def test_a_trickling_client_is_cut_after_the_window(autojump_clock: trio.testing.MockClock) -> None:
+async def test_a_trickling_client_is_cut_after_the_window(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
     """One byte every 29 s (under --body-idle-timeout every time) is cut once 30 s of waiting are over."""
-    answer, answered_at = await _serve_one_upload(_paced(100, 1, 29.0), BodyRateRules())
-    assert answer.startswith(b"HTTP/1.1 408 ")
-    assert b'"reason":"min_body_rate"' in answer and b"connection: close" in answer
+    response, answered_at = await _paced_upload(tmp_path, 100, 1, 29.0)
+    assert response.status == 408 and response.error_code() == "REQUEST_TIMEOUT"
+    assert response.json()["error"]["detail"]["reason"] == "min_body_rate"
+    assert response.headers["connection"] == "close"
     assert answered_at == pytest.approx(58)  # the second byte, 58 s of waiting in: 2 bytes / 58 s
 
 

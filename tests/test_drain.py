@@ -35,6 +35,29 @@ def refused(port: int) -> bool:
         return True
 
 
+def listening(pid: int) -> bool:
+    """Whether process ``pid`` holds a listening TCP socket: its socket inodes against the kernel's tables.
+
+    Asked of the process rather than of its port: with the suite in parallel a connection to the port of a
+    server that had just closed its listener was accepted (twice in six runs; another test's server, which
+    also binds port 0, is the likely holder), so "connection refused" did not prove this server closed it.
+    """
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = fd.readlink().name
+        except OSError:  # closed while we looked
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target.removeprefix("socket:[").removesuffix("]"))
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for row in Path(table).read_text().splitlines()[1:]:
+            fields = row.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: TCP_LISTEN
+                return True
+    return False
+
+
 def descendants(pid: int) -> set[int]:
     """Every live process below ``pid`` (the serving processes' workers, a forkserver...)."""
     found: set[int] = set()
@@ -110,9 +133,10 @@ def test_an_upload_in_flight_finishes_within_the_grace(spawn: Spawn, spool_dir: 
         while not leftovers(spool_dir):
             assert time.monotonic() < deadline, "the upload never reached the spool"
             time.sleep(0.01)
+        assert listening(server.process.pid)
         server.process.send_signal(signal.SIGTERM)
         server.wait_for(re.compile(r"shutting down: 1 connection\(s\) open"), 15)
-        assert refused(server.port)  # the listener is closed (no drain delay here)...
+        assert not listening(server.process.pid)  # the listener is closed (no drain delay here)...
         client.sendall(EVENTS[100:])  # ...but the upload in flight goes on
         answer = b""
         while chunk := client.recv(65536):
@@ -140,10 +164,13 @@ def test_no_worker_process_outlives_the_server(spawn: Spawn, spool_dir: Path, pr
 
 
 def test_a_second_signal_during_the_drain_delay_stops_at_once(spawn: Spawn, spool_dir: Path) -> None:
-    server = spawn(server_command(spool_dir, "--drain-delay", "30"))
+    drain = 40.0
+    server = spawn(server_command(spool_dir, "--drain-delay", str(drain)))
     server.process.send_signal(signal.SIGTERM)
     server.wait_for(re.compile("shutting down gracefully"), 5)
     assert health(server.port)[1]["status"] == "draining"
     code, took = stop(server, signal.SIGTERM)
     assert code == 0, server.stderr_text()
-    assert took < 3, took
+    # The drain was cut short. Half the drain, not a few seconds: the exit alone took over 5 s with the
+    # suite in parallel at load 18 on 2 cores.
+    assert took < drain / 2, took

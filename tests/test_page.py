@@ -34,6 +34,9 @@ ROOT = Path(__file__).resolve().parent.parent
 #: Where the result view's screenshots go: ``PAGE_SCREENSHOT_DIR=docs`` refreshes the README's.
 SCREENSHOT_DIR = os.environ.get("PAGE_SCREENSHOT_DIR")
 WAIT_MS = 60_000  # upper bound on any one wait in the page; a passing test is far below it
+# expect()'s own bound too (5 s by default): a progress line took longer to show with the suite running in
+# parallel on a loaded machine. A hang guard, like WAIT_MS: a passing check returns as soon as it holds.
+expect.set_options(timeout=WAIT_MS)
 
 T = TypeVar("T")
 
