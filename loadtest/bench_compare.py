@@ -122,7 +122,13 @@ def servers(
         for name in NAMES:
             tmp_dir = work / f"{section}-{name}"
             tmp_dir.mkdir()
-            extra = [*args.server_arg, *extra_ours] if name == "ours" else args.reference_arg
+            if name == "ours":
+                extra = [*args.server_arg, *extra_ours]
+            else:
+                # The reference's pool in a session of its own, like our workers (bench_mixed does the same):
+                # with autogroup scheduling a pool in its server's session gets less of a busy machine.
+                own_session = [] if args.reference_as_built else ["--workers-own-session"]
+                extra = [*own_session, *args.reference_arg]
             # A quiet log level may hide the "listening on" line that announces a port picked by the server.
             quiet = any(flag.startswith("--log-level") for flag in extra)
             port = harness.free_port() if quiet else 0
@@ -664,6 +670,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--work-dir", default=None, help="where the servers' temp dirs go (system temp)")
     parser.add_argument("--server-arg", action="append", default=[], help="extra flag for our server")
     parser.add_argument("--reference-arg", action="append", default=[], help="extra flag for the reference")
+    parser.add_argument(
+        "--reference-as-built",
+        action="store_true",
+        help="the reference's pool workers in its server's session (its original layout); by default they "
+        "get a session of their own, as ours do, so that neither server gets more of a busy machine's CPU",
+    )
     parser.add_argument("--py-spy", default=None, metavar="DIR", help="record both servers with py-spy")
     parser.add_argument("--json", default=None, metavar="OUT", help="also write every figure as JSON")
     parser.add_argument("--keep-logs", default=None, metavar="DIR", help="copy server logs here on an error")
