@@ -267,13 +267,17 @@ class ResumableStore:
             lock = self.try_lock(upload_id)
             if lock is None:
                 return None
+            waiting = False
             try:
                 record = self.load(upload_id)
+                waiting = record.state in (UploadState.QUEUED, UploadState.PROCESSING)
             except (UploadNotFound, UploadExpired):
-                record = None
-            if record is not None and record.state in (UploadState.QUEUED, UploadState.PROCESSING):
+                pass
+            finally:
+                if not waiting:  # also when the read failed otherwise (EMFILE, EIO): never keep it locked
+                    lock.release()
+            if waiting:
                 return record, lock
-            lock.release()
         return None
 
     def expire(self) -> int:

@@ -192,16 +192,26 @@ async def _sweep_resumable(state: ServerState) -> None:
     """Every minute: remove expired resumable uploads and results (off the event loop), and take up whole
     uploads that no live process holds any more (a serving process of --processes died). Every process
     does it; the uploads' locks keep any one from being removed or processed twice."""
-    assert state.resumable is not None
     while True:
         await trio.sleep(RESUMABLE_EXPIRY_INTERVAL)
-        removed = await trio.to_thread.run_sync(state.resumable.store.expire)
-        if removed:
-            log.info("removed %d expired resumable upload(s)", removed)
-        records = await trio.to_thread.run_sync(state.resumable.store.records)
-        await tus.claim_unfinished(state, records)
-        if state.resumable.shared:
-            state.resumable.recount(records)
+        try:
+            await _sweep_resumable_once(state)
+        except OSError as error:  # a full disk, no descriptor left: as _watch_disk, say so and go on
+            log.warning(
+                "resumable uploads' sweep failed, tried again in %g s: %s", RESUMABLE_EXPIRY_INTERVAL, error
+            )
+
+
+async def _sweep_resumable_once(state: ServerState) -> None:
+    assert state.resumable is not None
+    removed = await trio.to_thread.run_sync(state.resumable.store.expire)
+    if removed:
+        log.info("removed %d expired resumable upload(s)", removed)
+    records = await trio.to_thread.run_sync(state.resumable.store.records)
+    await tus.claim_unfinished(state, records)
+    if state.resumable.shared:
+        # Read again: this process's own PATCHes since the read above would otherwise be counted stale.
+        state.resumable.recount(await trio.to_thread.run_sync(state.resumable.store.records))
 
 
 async def _end_after_grace(state: ServerState, connections: trio.CancelScope) -> None:

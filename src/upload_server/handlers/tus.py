@@ -458,6 +458,11 @@ async def process_resumable(state: ServerState, record: UploadRecord, lock: Uplo
         if await trio.to_thread.run_sync(store.stop_requested, record.id):
             await trio.to_thread.run_sync(store.remove, lock)
             log.info("resumable upload %s: removed, as a DELETE asked", record.id)
+    except OSError:
+        # The store itself failed (a record that cannot be saved on a full disk, no descriptor left): no
+        # request waits on this task, and an error escaping it would end the serving process and, with the
+        # claim at start, do so again after every restart. The lock goes back; a later sweep retries.
+        log.exception("resumable upload %s: processing stopped, to be taken up again", record.id)
     finally:
         resumables.processing.discard(record.id)
         lock.release()
