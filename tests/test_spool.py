@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from upload_server.receive.spool import THREAD_NAME_PREFIX, open_append, open_spool
+from upload_server.receive.spool import STAGE_THREADS, THREAD_NAME_PREFIX, open_append, open_spool
 
 
 def pieces(sizes: list[int]) -> list[bytes]:
@@ -98,3 +98,34 @@ async def test_an_upload_between_batches_holds_no_thread(tmp_path: Path) -> None
                     await trio.sleep(0.005)
                 assert spool_threads() == [], round_no
             assert spool.size == (64 << 20) + 300_000
+
+
+async def test_the_stage_threads_of_all_uploads_are_bounded_together(tmp_path: Path) -> None:
+    """Many uploads receiving at once share STAGE_THREADS hashing and writing threads; two per upload each
+    would be 2,048 threads at the connection cap. Every byte still arrives."""
+    uploads, most_seen = 24, 0
+    data = pieces([16 << 20] * 2)  # ~10 ms of hashing a batch: long enough for the threads to meet
+
+    async def upload() -> None:
+        async with open_spool(tmp_path, 1 << 30, batch_size=lambda: 16 << 20) as spool:
+            for piece in data:
+                await spool.write(piece)
+            await spool.finish()
+            assert spool.sha256 == hashlib.sha256(b"".join(data)).hexdigest()
+
+    async def watch(done: trio.Event) -> None:
+        nonlocal most_seen
+        while not done.is_set():
+            most_seen = max(most_seen, len(spool_threads()))
+            await trio.sleep(0.0005)
+
+    with trio.fail_after(60):
+        done = trio.Event()
+        async with trio.open_nursery() as watching:
+            watching.start_soon(watch, done)
+            async with trio.open_nursery() as receiving:
+                for _ in range(uploads):
+                    receiving.start_soon(upload)
+            done.set()
+    assert 2 < most_seen <= STAGE_THREADS
+    assert not os.listdir(tmp_path)

@@ -29,6 +29,7 @@ from functools import partial
 from pathlib import Path
 
 import trio
+from trio.lowlevel import RunVar
 
 from ..admission import QUEUED_BATCHES
 from ..errors import InsufficientStorage, PayloadTooLarge
@@ -231,9 +232,7 @@ class Spool:
         """Where the hashing and writing threads run (started as batches come); it waits for them."""
         self._token = trio.lowlevel.current_trio_token()
         self._nursery = nursery
-        # Their own limiter: threads busy for a whole fast upload must not hold trio's default one, which
-        # the server's other blocking calls (fsync, unlink) wait on.
-        self._limiter = trio.CapacityLimiter(2)
+        self._limiter = _stage_threads()
 
     def abandon(self) -> None:
         """The upload failed: what is still queued is dropped; the threads end after their batch."""
@@ -282,6 +281,25 @@ class Spool:
         for leftover in (*([] if self._keep_file else [self.path]), *self._siblings):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(leftover)
+
+
+#: The hashing and writing threads of all spools together, at most. Their own limiter: threads busy for a
+#: whole fast upload must not hold trio's default one, which the server's other blocking calls (fsync,
+#: unlink) wait on. And one for the process, not per upload: each receiving upload runs up to two, so 1,024
+#: fast uploads would otherwise start 2,048 threads taking turns on the GIL and 2 cores. A stage never waits
+#: on another, and ends when its queue is empty, so a slot is held only while a batch is being worked on.
+STAGE_THREADS = 16
+_stage_limiter: RunVar[trio.CapacityLimiter] = RunVar("spool_stage_threads")
+
+
+def _stage_threads() -> trio.CapacityLimiter:
+    """This run's limiter for spool stage threads (one per Trio run, as trio's own default limiter)."""
+    try:
+        return _stage_limiter.get()
+    except LookupError:
+        limiter = trio.CapacityLimiter(STAGE_THREADS)
+        _stage_limiter.set(limiter)
+        return limiter
 
 
 def _full_batch() -> int:
