@@ -407,7 +407,7 @@ async def _receive_appending(
 
 
 async def _keep_what_arrived(spool: Spool, state: ServerState, record: UploadRecord, cut: Exception) -> None:
-    # Not shielded: the bytes go through the spool's writer task, which a cancellation (shutdown) stops
+    # Not shielded: a cancellation (shutdown) stops the wait for the spool's hashing and writing threads
     # too; then the durable offset stays where it was, and the client resends from there.
     await spool.finish()
     await spool.sync()

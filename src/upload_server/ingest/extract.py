@@ -335,20 +335,19 @@ class _Acc:
             if lines is not None:
                 lines.append(_event_line(self.file, ev, aid))
         self.events += events
-        skipped = self.skipped
-        for reason, n in (
-            ("not_an_object", not_object),
-            ("no_actor", no_actor),
-            ("invalid_actor", invalid_actor),
-        ):
-            if n:
-                skipped[reason] = skipped.get(reason, 0) + n
+        self._count_skipped(not_an_object=not_object, no_actor=no_actor, invalid_actor=invalid_actor)
         if lines:
             assert self.out is not None
             self.out.write(_LINE_ENCODER.encode_lines(lines))
         self.held_bytes += size
         if self.held_bytes >= self.byte_limit and self.actors:
             self._spill()
+
+    def _count_skipped(self, **counts: int) -> None:
+        """Add a batch's skipped events by reason (once per batch, outside the per-event loop)."""
+        for reason, n in counts.items():
+            if n:
+                self.skipped[reason] = self.skipped.get(reason, 0) + n
 
     def _spill(self) -> dict[int, Actor]:
         assert self.spill is not None
