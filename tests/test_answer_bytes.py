@@ -15,7 +15,7 @@ import orjson
 
 from events_factory import as_array, as_ndjson, make_events
 from upload_server.ingest.archive import ArchiveLimits, plan_zip
-from upload_server.ingest.assemble import RenderRequest, merge_and_render, run_job_to_file
+from upload_server.ingest.assemble import RenderRequest, merge_and_render, read_trailer, run_job_to_file
 from upload_server.ingest.extract import extract_bytes
 from upload_server.ingest.results import (
     UploadReceipt,
@@ -25,6 +25,7 @@ from upload_server.ingest.results import (
     render_answer,
     summary_line,
 )
+from upload_server.ingest.runs import MERGE_FAN_IN
 from upload_server.ingest.worker import Job, run_job
 
 GOLDEN = Path(__file__).parent / "data" / "answer_golden.bin"
@@ -99,7 +100,8 @@ def test_spilled_actors_answer_the_same_bytes(tmp_path: Path) -> None:
         )
         assert merge_and_render(request).rendered
         rendered[ndjson] = Path(request.answer_path).read_bytes()
-    assert (tmp_path / "merge-a").exists()
+    assert len(read_trailer(results_path).runs) > MERGE_FAN_IN  # so the render merged them in passes
+    assert not (tmp_path / "merge-a").exists()  # whose scratch files went with the answer written
     golden = GOLDEN.read_bytes()
     assert _before_timing(rendered[False]) == _before_timing(golden.split(b"\n", 1)[0])
     tail = rendered[True].splitlines(keepends=True)

@@ -70,6 +70,7 @@ async def test_a_failed_upload_ends_its_threads_and_removes_its_file(tmp_path: P
             for piece in pieces([64 << 10] * 40):
                 await spool.write(piece)
             raise Refused
+    assert spool_threads() == []  # the context waited for them
     assert not os.listdir(tmp_path)
 
 

@@ -22,6 +22,8 @@ in memory (BENCH_NOTES.md, issue 12).
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -43,7 +45,7 @@ from .results import (
     summary_line,
     write_answer,
 )
-from .runs import JobRuns, bounded_runs, read_run, runs_of
+from .runs import JobRuns, Run, bounded_runs, read_run, runs_of
 from .worker import Job, run_job
 
 WRITE_BUFFER_BYTES = 1 << 20
@@ -175,7 +177,20 @@ def _merge_and_render(request: RenderRequest) -> RenderOutcome:
     failed = [{"name": result.name, "error": result.error} for result in merged.files if result.error]
     if request.strict and failed:  # refused: nothing was extracted for the metrics to count
         return RenderOutcome(failed=failed, rendered=False)
-    runs = bounded_runs([run for path, job in jobs for run in runs_of(path, job.runs)], request.scratch_paths)
+    try:
+        _render(request, merged, [run for path, job in jobs for run in runs_of(path, job.runs)])
+    finally:
+        # Each as large as all the runs: gone once the answer is written, not when the upload ends
+        # (its answer may take minutes to reach a slow client).
+        for scratch in request.scratch_paths:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(scratch)
+    return RenderOutcome(failed=failed, rendered=True, events=merged.events, actors=merged.unique_actors)
+
+
+def _render(request: RenderRequest, merged: Merged, job_runs: list[Run]) -> None:
+    """Write the answer file: the actors merged from the jobs' runs (in passes first, if there are many)."""
+    runs = bounded_runs(job_runs, request.scratch_paths)
 
     def actors() -> Iterator[tuple[int, Actor]]:
         return merge_runs(map(read_run, runs))
@@ -195,7 +210,6 @@ def _merge_and_render(request: RenderRequest) -> RenderOutcome:
                 timing_ms=timing_ms,
                 actors=actors() if request.include_actors else None,
             )
-    return RenderOutcome(failed=failed, rendered=True, events=merged.events, actors=merged.unique_actors)
 
 
 def _write_ndjson_tail(
