@@ -24,6 +24,13 @@ def init_worker(retire_above_bytes: int) -> None:
     _retire_above_bytes = retire_above_bytes
     with contextlib.suppress(OSError):
         os.nice(WORKER_NICENESS)
+    # SCHED_IDLE (no privilege needed): the kernel preempts a SCHED_IDLE task at once for any other that
+    # wakes on its CPU, and places a waking task on a CPU that runs only such tasks as if it were idle, so
+    # the event loop no longer waits out a worker's time slice. Mixed 16-user run on a quiet machine (4
+    # rounds each, one run after the other): health p99 8.4-9.0 -> 7.3-8.1 ms, the loop's wait for a CPU
+    # 0.18-0.24 -> 0.15-0.17 ms a wake-up, uploads done per round unchanged (350-364 -> 353-375).
+    with contextlib.suppress(OSError, AttributeError):  # AttributeError: not Linux
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
 
 def retire_bloated_worker() -> bool:
