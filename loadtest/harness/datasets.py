@@ -44,6 +44,8 @@ DATASETS: dict[str, DatasetSpec] = {
     "large24": DatasetSpec("large24.zip", "zip", 330_000, files=24, seed=13),
     "six": DatasetSpec("six.zip", "zip", 20_000, files=8, seed=15),
     "files400": DatasetSpec("files400.zip", "zip", 400, files=400, seed=14),
+    # Issue 14's memory comparison, "a 1 GiB zip of many files": 24 entries of ~45 MB (~4.4 GB of JSON).
+    "gib24": DatasetSpec("gib24.zip", "zip", 3_300_000, files=24, seed=16),
     "hour": DatasetSpec("hour.json.gz", "gz", 20_000, seed=5),
     "ndjson": DatasetSpec("small.ndjson", "ndjson", 3_000, seed=6),
     "array": DatasetSpec("small-array.json", "json-array", 3_000, seed=7),
