@@ -25,6 +25,37 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def start_haproxy(haproxy: str, app1: int, app2: int) -> tuple[subprocess.Popen[bytes], int]:
+    """HAProxy in front of the two instances, and its port. A port found free can be taken by another
+    process before HAProxy binds it (the suite runs in parallel): HAProxy then exits at once, and is started
+    again on other ports, three times at most."""
+    for _ in range(3):
+        front, stats = free_port(), free_port()
+        env = clean_env(
+            HAPROXY_BIND=f"127.0.0.1:{front}",
+            HAPROXY_STATS=f"127.0.0.1:{stats}",
+            APP1=f"127.0.0.1:{app1}",
+            APP2=f"127.0.0.1:{app2}",
+            CHECK_INTER="100ms",
+        )
+        proxy = subprocess.Popen(
+            [haproxy, "-f", str(ROOT / "deploy" / "haproxy.cfg"), "-db"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 15
+        while proxy.poll() is None and time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", front), timeout=1).close()
+                return proxy, front
+            except OSError:
+                time.sleep(0.05)
+        proxy.kill()
+        proxy.wait()
+    raise AssertionError("HAProxy did not start listening on three pairs of free ports")
+
+
 def test_every_request_of_an_upload_reaches_the_instance_that_holds_it(spawn: Spawn, tmp_path: Path) -> None:
     haproxy = shutil.which("haproxy")
     assert haproxy, "haproxy is not on PATH: .ci/run installs it (apt-get install haproxy)"
@@ -33,20 +64,7 @@ def test_every_request_of_an_upload_reaches_the_instance_that_holds_it(spawn: Sp
         spool = tmp_path / name
         spool.mkdir()
         instances.append(spawn(server_command(spool, "--workers", "1")))
-    front, stats = free_port(), free_port()
-    env = clean_env(
-        HAPROXY_BIND=f"127.0.0.1:{front}",
-        HAPROXY_STATS=f"127.0.0.1:{stats}",
-        APP1=f"127.0.0.1:{instances[0].port}",
-        APP2=f"127.0.0.1:{instances[1].port}",
-        CHECK_INTER="100ms",
-    )
-    proxy = subprocess.Popen(
-        [haproxy, "-f", str(ROOT / "deploy" / "haproxy.cfg"), "-db"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proxy, front = start_haproxy(haproxy, instances[0].port, instances[1].port)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{front}", timeout=30) as client:
             deadline = time.monotonic() + 15
