@@ -472,6 +472,8 @@ def _open_fds() -> int:
 
 #: Each costs a worker spawn (~1 s of CPU); five show a leak of 3-4 fds each plainly.
 FAILED_JOBS = 5
+#: How long descriptors of a request just answered may take to close on a loaded machine.
+SETTLE_SECONDS = 5.0
 
 
 @pytest.mark.parametrize("failure", ["worker_killed", "client_left"])
@@ -506,8 +508,13 @@ async def test_failed_jobs_leak_no_descriptor(start_server: StartServer, failure
             await wait_until(lambda: not server.state.workers.running)
         assert server.state.workers.crashed == (FAILED_JOBS if failure == "worker_killed" else 0)
         # At most the baseline: the pool collects garbage before the next job once a worker was killed, which
-        # may also close descriptors that earlier tests in this process left to the collector.
-        assert await fds_with_one_idle_worker() <= baseline
+        # may also close descriptors that earlier tests in this process left to the collector. The last
+        # answer's own descriptors may still be closing when its client has read it (once seen under load:
+        # baseline + 1), so the count gets a moment to settle; a leak does not settle.
+        await fds_with_one_idle_worker()
+        with contextlib.suppress(trio.TooSlowError):
+            await wait_until(lambda: _open_fds() <= baseline, within=SETTLE_SECONDS)
+        assert _open_fds() <= baseline
     finally:
         gc.enable()
 
