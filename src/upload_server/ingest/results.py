@@ -11,10 +11,11 @@ all at once.
 
 from __future__ import annotations
 
+import enum
 import heapq
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 import msgspec
 import orjson
@@ -24,6 +25,8 @@ from upload_server.ingest.extract import MAX_EVENT_TYPES, Actor, FileResult
 
 __all__ = [
     "ActorRow",
+    "Frame",
+    "Hole",
     "Merged",
     "Merger",
     "UploadReceipt",
@@ -32,12 +35,15 @@ __all__ = [
     "add_event_types",
     "error_line",
     "file_line",
+    "fill",
+    "json_frame",
     "merge",
     "merge_rows",
     "merge_runs",
+    "ndjson_tail_frame",
     "render_answer",
     "summary_line",
-    "write_answer",
+    "write_actors",
 ]
 
 
@@ -260,39 +266,6 @@ def render_answer(
     return answer
 
 
-def write_answer(
-    out: Any,
-    merged: Merged,
-    receipt: UploadReceipt,
-    *,
-    ignored: Sequence[tuple[str, str]],
-    timing_ms: Mapping[str, float],
-    actors: Iterable[tuple[int, Actor]] | None,
-    batch: int = 1000,
-) -> None:
-    """Write the JSON answer to ``out``, the same bytes as ``orjson.dumps(render_answer(...))``, with the
-    actors (``None``: left out) streamed ``batch`` at a time (or ``BATCH_BYTES``' worth) rather than built
-    as one list first."""
-    answer = render_answer(merged, receipt, ignored=ignored, timing_ms=timing_ms, include_actors=False)
-    if actors is None:
-        out.write(orjson.dumps(answer))
-        return
-    timing = answer.pop("timing_ms")  # the actors come before it
-    out.write(orjson.dumps(answer)[:-1] + b',"actors":[')
-    pieces: list[bytes] = []
-    separator = b""
-    size = 0
-    for aid, rec in actors:
-        pieces.append(piece := orjson.dumps(_actor_dict(aid, rec)))
-        size += len(piece)
-        if len(pieces) >= batch or size >= BATCH_BYTES:
-            out.write(separator + b",".join(pieces))
-            pieces, separator, size = [], b",", 0
-    if pieces:
-        out.write(separator + b",".join(pieces))
-    out.write(b'],"timing_ms":' + orjson.dumps(timing) + b"}")
-
-
 def _line(obj: dict[str, Any]) -> bytes:
     return orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE)
 
@@ -339,3 +312,116 @@ def summary_line(
 def error_line(error: Mapping[str, Any]) -> bytes:
     """``{"kind": "error", "error": {"code", "message", "detail"}}``: ends a stream that failed midway."""
     return _line({"kind": "error", "error": error})
+
+
+# ------------------------------------------------------------------- an answer rendered in parts (issue 14)
+
+
+class Hole(enum.Enum):
+    """What a ``Frame`` leaves to be filled in once the actors are merged: their count (the summary gives
+    it), the actors themselves (parts written by workers side by side), and the timing (taken last)."""
+
+    COUNT = "count"
+    ACTORS = "actors"
+    TIMING = "timing"
+
+
+@dataclass(frozen=True)
+class Frame:
+    """An answer around its actors: bytes and holes in order, and what goes between two parts' actors."""
+
+    pieces: list[bytes | Hole]
+    separator: bytes = b""
+
+
+#: The count rendered in a frame, then cut out: a count is never negative, so these bytes cannot be a
+#: ``skipped`` count (its keys are the extractor's own reasons anyway); and a string's quotes are escaped,
+#: so they cannot be inside one. What precedes the summary's ``unique_actors`` holds neither.
+_COUNT_MARK = b'"unique_actors":-1'
+
+
+def _cut_at_count(data: bytes) -> list[bytes | Hole]:
+    cut = data.index(_COUNT_MARK) + len(_COUNT_MARK) - 2
+    return [data[:cut], Hole.COUNT, data[cut + 2 :]]
+
+
+def json_frame(
+    merged: Merged, receipt: UploadReceipt, *, ignored: Sequence[tuple[str, str]], include_actors: bool
+) -> Frame:
+    """The JSON answer (``render_answer``'s bytes) with its count, actors and timing left as holes."""
+    merged.unique_actors = -1
+    answer = render_answer(merged, receipt, ignored=ignored, timing_ms={}, include_actors=False)
+    del answer["timing_ms"]
+    pieces = _cut_at_count(orjson.dumps(answer)[:-1])
+    actors: list[bytes | Hole] = [b',"actors":[', Hole.ACTORS, b"]"] if include_actors else []
+    return Frame([*pieces, *actors, b',"timing_ms":', Hole.TIMING, b"}"], separator=b",")
+
+
+def ndjson_tail_frame(merged: Merged, receipt: UploadReceipt, *, ignored: Sequence[tuple[str, str]]) -> Frame:
+    """The NDJSON tail (actor lines, file lines, the summary line) with the same holes."""
+    files = b"".join(file_line(result) for result in merged.files)
+    merged.unique_actors = -1
+    line = summary_line(merged, receipt, ignored=ignored, timing_ms={})
+    end = b"{}}\n"  # the empty timing, the line's end
+    assert line.endswith(end)
+    return Frame([Hole.ACTORS, files, *_cut_at_count(line[: -len(end)]), Hole.TIMING, b"}\n"])
+
+
+def write_actors(out: BinaryIO, actors: Iterable[tuple[int, Actor]], *, ndjson: bool) -> int:
+    """Write the actors as NDJSON lines, or as the JSON answer's list items (comma-separated, without the
+    brackets), 1,000 (or ``BATCH_BYTES``' worth) per write; how many there were."""
+    if ndjson:
+        counted = _Counted(actors)
+        for lines in actor_lines(counted):
+            out.write(lines)
+        return counted.count
+    count = 0
+    pieces: list[bytes] = []
+    size = 0
+    for aid, rec in actors:
+        pieces.append(piece := orjson.dumps(_actor_dict(aid, rec)))
+        size += len(piece)
+        if len(pieces) >= 1000 or size >= BATCH_BYTES:
+            out.write((b"," if count else b"") + b",".join(pieces))
+            count, pieces, size = count + len(pieces), [], 0
+    if pieces:
+        out.write((b"," if count else b"") + b",".join(pieces))
+        count += len(pieces)
+    return count
+
+
+class _Counted:
+    """Passes ``(id, record)`` pairs through and counts them."""
+
+    def __init__(self, pairs: Iterable[tuple[int, Actor]]) -> None:
+        self.pairs = pairs
+        self.count = 0
+
+    def __iter__(self) -> Iterator[tuple[int, Actor]]:
+        for pair in self.pairs:
+            self.count += 1
+            yield pair
+
+
+def fill(
+    frame: Frame, count: int, parts: Sequence[tuple[str, int]], timing_ms: Mapping[str, float]
+) -> list[bytes | str]:
+    """The answer in order: bytes, or the path of a part file to be sent as it is. ``parts`` are the part
+    files with the actors each holds, in id order; adjacent bytes come as one piece."""
+    pieces: list[bytes | str] = []
+    for piece in frame.pieces:
+        if piece is Hole.ACTORS:
+            written = [path for path, actors in parts if actors]
+            for number, path in enumerate(written):
+                pieces += [frame.separator, path] if number and frame.separator else [path]
+            continue
+        data = piece if isinstance(piece, bytes) else _filled(piece, count, timing_ms)
+        if pieces and isinstance(pieces[-1], bytes):
+            pieces[-1] += data
+        else:
+            pieces.append(data)
+    return [piece for piece in pieces if piece != b""]
+
+
+def _filled(hole: Hole, count: int, timing_ms: Mapping[str, float]) -> bytes:
+    return str(count).encode() if hole is Hole.COUNT else orjson.dumps(dict(timing_ms))

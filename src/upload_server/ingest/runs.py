@@ -20,6 +20,7 @@ are always passed in the order they were written, and a pass merges consecutive 
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable, Iterator, Sequence
 from typing import BinaryIO
 
@@ -72,33 +73,45 @@ def spill_threshold(memory_budget: int) -> int:
 
 
 class Run(msgspec.Struct, frozen=True):
-    """Where a run lies: the file, the offset of its first chunk, and its chunks' lengths."""
+    """Where a run lies: the file, the offset of its first chunk, and its chunks' lengths; the first id of
+    each chunk, when known (``JobRuns.firsts``: what ``partition`` cuts an upload's actors by). Only its
+    rows with ``low <= id < high`` are read, where those are given (a part of a partitioned render)."""
 
     path: str
     offset: int
     chunks: list[int]
+    firsts: list[int] = msgspec.field(default_factory=list)
+    low: int | None = None
+    high: int | None = None
 
 
-def write_run(out: BinaryIO, rows: Iterable[ActorRow]) -> list[int]:
-    """Write ``rows`` (sorted by id, each id once) at ``out``'s position; the lengths of its chunks."""
+def write_run(out: BinaryIO, rows: Iterable[ActorRow]) -> tuple[list[int], list[int]]:
+    """Write ``rows`` (sorted by id, each id once) at ``out``'s position; the lengths of its chunks and the
+    first id of each."""
     chunks: list[int] = []
+    firsts: list[int] = []
     batch: list[ActorRow] = []
     for row in rows:
         batch.append(row)
         if len(batch) >= ACTOR_CHUNK_ROWS:
-            chunks += (out.write(chunk) for chunk in _encoded(batch))
+            for first, chunk in _encoded(batch):
+                chunks.append(out.write(chunk))
+                firsts.append(first)
             batch = []
     if batch:
-        chunks += (out.write(chunk) for chunk in _encoded(batch))
-    return chunks
+        for first, chunk in _encoded(batch):
+            chunks.append(out.write(chunk))
+            firsts.append(first)
+    return chunks, firsts
 
 
-def _encoded(batch: list[ActorRow]) -> Iterator[bytes]:
-    """``batch`` as chunks of at most ``CHUNK_BYTES`` each, or of one row: cut into as many rows as fit
-    at the batch's average row size, each piece cut again if its rows are larger than the average."""
+def _encoded(batch: list[ActorRow]) -> Iterator[tuple[int, bytes]]:
+    """``batch`` as chunks (with their first ids) of at most ``CHUNK_BYTES`` each, or of one row: cut into
+    as many rows as fit at the batch's average row size, each piece cut again if its rows are larger than
+    the average."""
     data = _ENCODER.encode(batch)
     if len(data) <= CHUNK_BYTES or len(batch) == 1:
-        yield data
+        yield batch[0].id, data
         return
     step = max(1, len(batch) * CHUNK_BYTES // len(data))
     del data  # not held while the pieces are encoded
@@ -107,23 +120,37 @@ def _encoded(batch: list[ActorRow]) -> Iterator[bytes]:
 
 
 def read_run(run: Run) -> Iterator[ActorRow]:
-    """A run's rows, a chunk at a time. The file is opened per chunk, so a merge of many runs holds no
-    descriptor between reads (issue 12: descriptors run out before memory does)."""
+    """A run's rows (those within its bounds), a chunk at a time. The file is opened per chunk, so a merge
+    of many runs holds no descriptor between reads (issue 12: descriptors run out before memory does)."""
     offset = run.offset
     for length in run.chunks:
         with open(run.path, "rb") as source:
             source.seek(offset)
             rows = _ROWS_DECODER.decode(source.read(length))
         offset += length
+        if run.low is not None or run.high is not None:
+            rows = _within(rows, run.low, run.high)
         yield from rows
 
 
-def runs_of(path: str, lengths: Sequence[list[int]]) -> list[Run]:
-    """The runs a job wrote one after another from the start of ``path`` (``JobRuns.runs``)."""
+def _within(rows: list[ActorRow], low: int | None, high: int | None) -> list[ActorRow]:
+    """The rows (sorted by id) with ``low <= id < high``: all of them but in a bounded run's end chunks."""
+    start = 0 if low is None or rows[0].id >= low else bisect.bisect_left(rows, low, key=_row_id)
+    end = len(rows) if high is None or rows[-1].id < high else bisect.bisect_left(rows, high, key=_row_id)
+    return rows if start == 0 and end == len(rows) else rows[start:end]
+
+
+def _row_id(row: ActorRow) -> int:
+    return row.id
+
+
+def runs_of(path: str, lengths: Sequence[list[int]], firsts: Sequence[list[int]] = ()) -> list[Run]:
+    """The runs a job wrote one after another from the start of ``path`` (``JobRuns.runs``, and
+    ``JobRuns.firsts`` when given)."""
     runs: list[Run] = []
     offset = 0
-    for chunks in lengths:
-        runs.append(Run(path, offset, chunks))
+    for number, chunks in enumerate(lengths):
+        runs.append(Run(path, offset, chunks, list(firsts[number]) if firsts else []))
         offset += sum(chunks)
     return runs
 
@@ -142,7 +169,8 @@ def bounded_runs(
         with open(path, "wb", buffering=1 << 20) as out:
             for group in _groups(runs, fan_in, merge_bytes):
                 offset = out.tell()
-                merged.append(Run(path, offset, write_run(out, merge_rows(map(read_run, group)))))
+                chunks, firsts = write_run(out, merge_rows(map(read_run, group)))
+                merged.append(Run(path, offset, chunks, firsts))
         runs, passes = merged, passes + 1
     return runs
 
@@ -185,6 +213,8 @@ class JobRuns:
         self.limit = limit
         self.byte_limit = byte_limit
         self.runs: list[list[int]] = []
+        #: The first id of each chunk of each run.
+        self.firsts: list[list[int]] = []
         self._out = out
         self._pending = Merger()
         self.event_types: dict[str, int] = {}
@@ -199,14 +229,19 @@ class JobRuns:
         """The current file's actors so far, as a run (the caller then starts a new set)."""
         order = self._order
         rows = (ActorRow.of(aid, order, actors[aid]) for aid in sorted(actors))
-        self.runs.append(write_run(self._out, rows))
+        self._written(write_run(self._out, rows))
+
+    def _written(self, run: tuple[list[int], list[int]]) -> None:
+        chunks, firsts = run
+        self.runs.append(chunks)
+        self.firsts.append(firsts)
 
     def end_file(self, result: FileResult) -> None:
         """A failed file's runs are cut off again; a good file's remaining actors join the pending set."""
         if result.error is not None:
             position, count = self._mark
             rewind(self._out, position)
-            del self.runs[count:]
+            del self.runs[count:], self.firsts[count:]
             return
         add_event_types(self.event_types, result.event_types)
         result.event_types = {}
@@ -217,5 +252,5 @@ class JobRuns:
 
     def finish(self) -> None:
         if self._pending.actor_count:
-            self.runs.append(write_run(self._out, self._pending.actor_run()))
+            self._written(write_run(self._out, self._pending.actor_run()))
         self._pending = Merger()
