@@ -227,9 +227,7 @@ class JobRuns:
 
     def spill(self, actors: dict[int, Actor]) -> None:
         """The current file's actors so far, as a run (the caller then starts a new set)."""
-        order = self._order
-        rows = (ActorRow.of(aid, order, actors[aid]) for aid in sorted(actors))
-        self._written(write_run(self._out, rows))
+        self._written(write_run(self._out, ActorRow.sorted_rows(actors, self._order)))
 
     def _written(self, run: tuple[list[int], list[int]]) -> None:
         chunks, firsts = run
@@ -247,8 +245,8 @@ class JobRuns:
         result.event_types = {}
         if self._pending.actor_count + len(result.actors) >= self.limit:
             self.finish()
-        self._pending.add(result)
-        result.actors = {}  # the pending set holds its own copies
+        self._pending.add(result, take=True)
+        result.actors = {}  # the pending set holds them now
 
     def finish(self) -> None:
         if self._pending.actor_count:
