@@ -23,6 +23,7 @@ from upload_server.ingest.assemble import write_pieces
 from upload_server.ingest.extract import MAX_EVENT_TYPES, Actor, FileResult
 from upload_server.ingest.results import (
     BATCH_BYTES,
+    ActorRow,
     Frame,
     Merged,
     Merger,
@@ -33,6 +34,8 @@ from upload_server.ingest.results import (
     fill,
     json_frame,
     merge,
+    merge_chunks,
+    merge_rows,
     merge_runs,
     ndjson_tail_frame,
     render_answer,
@@ -383,3 +386,38 @@ def test_a_failed_file_types_count_for_nothing() -> None:
     job.end_file(failed)
     job.end_file(good)
     assert job.event_types == {"PushEvent": 3}
+
+
+@settings(max_examples=examples(150), deadline=None)
+@given(
+    runs=st.lists(
+        st.dictionaries(st.integers(-20, 20), st.tuples(st.integers(0, 3), st.integers(1, 3)), max_size=25),
+        max_size=6,
+    ),
+    cuts=st.lists(st.integers(0, 25), max_size=8),
+)
+def test_merge_chunks_is_the_stable_sort_of_all_rows_folded(
+    runs: list[dict[int, tuple[int, int]]], cuts: list[int]
+) -> None:
+    """Runs (sorted by id, each id once; ``(order, events)`` per id) cut into chunks anywhere, empty ones
+    too: the merge is every row sorted stably by (id, order) (so equal keys keep the earlier run's row),
+    then each id's rows folded into the first, events summed."""
+    tagged = [
+        [
+            ActorRow(f"r{number}", None, None, None, None, events, aid, order)
+            for aid, (order, events) in sorted(run.items())
+        ]
+        for number, run in enumerate(runs)
+    ]
+    chunked = []
+    for rows in tagged:
+        edges = [0, *sorted(cut for cut in cuts if cut <= len(rows)), len(rows)]
+        chunked.append([rows[start:end] for start, end in itertools.pairwise(edges)])
+    expected: dict[int, ActorRow] = {}
+    for row in sorted(itertools.chain(*tagged), key=lambda r: (r.id, r.order)):
+        first = expected.get(row.id)
+        expected[row.id] = (
+            row if first is None else msgspec.structs.replace(first, events=first.events + row.events)
+        )
+    assert list(merge_chunks(chunked)) == list(expected.values())
+    assert list(merge_rows(tagged)) == list(expected.values())

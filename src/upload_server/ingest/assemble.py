@@ -17,7 +17,7 @@ small upload does all of it in one call into one file (``merge_and_render``).
 A results file holds the job's actors as sorted runs (``runs.JobRuns``: written while the job's files are
 extracted, each time ``Job.spill_actors`` actors are held or ``Job.memory_budget`` bytes were read), then a
 trailer (the per-file results without their actors, and the runs' chunk lengths), then the trailer's
-length. A part merges its runs as streams (``runs.bounded_runs``, ``results.merge_runs``) and
+length. A part merges its runs as streams (``runs.bounded_runs``, ``results.merge_chunks``) and
 writes the answer as it goes, so it holds one chunk per run and a bounded number of runs, never every
 actor: for 3 million distinct actors it peaked at 3,860 MiB when it decoded, merged and rendered them all
 in memory (BENCH_NOTES.md, issue 12).
@@ -43,14 +43,14 @@ from .results import (
     Frame,
     Merger,
     UploadReceipt,
+    actor_pairs,
     fill,
     json_frame,
-    merge_rows,
-    merge_runs,
+    merge_chunks,
     ndjson_tail_frame,
     write_actors,
 )
-from .runs import JobRuns, Run, bounded_runs, read_run, runs_of
+from .runs import JobRuns, Run, bounded_runs, read_chunks, runs_of
 from .worker import Job, run_job
 
 WRITE_BUFFER_BYTES = 1 << 20
@@ -234,9 +234,10 @@ def merge_part(runs: list[Run], files: PartFiles, ndjson: bool, write: bool) -> 
     try:
         bounded = bounded_runs(runs, files.scratch)
         if not write:
-            return sum(1 for _ in merge_rows(map(read_run, bounded)))
+            return sum(1 for _ in merge_chunks(map(read_chunks, bounded)))
         with open(files.actors, "wb", buffering=WRITE_BUFFER_BYTES) as out:
-            return write_actors(out, merge_runs(map(read_run, bounded)), ndjson=ndjson)
+            merged = actor_pairs(merge_chunks(map(read_chunks, bounded)))
+            return write_actors(out, merged, ndjson=ndjson)
     finally:
         # Each as large as all the runs: gone once the part is written, not when the upload ends
         # (its answer may take minutes to reach a slow client).

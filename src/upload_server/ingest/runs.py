@@ -1,7 +1,7 @@
 """Sorted actor runs on disk: how a worker keeps an upload's actors out of its memory (issue 12).
 
 A run is a job's actors (or part of them) as ``ActorRow``s sorted by id, each id once, written in msgpack
-chunks of ``ACTOR_CHUNK_ROWS`` rows (fewer when that passes ``CHUNK_BYTES``). ``results.merge_rows``
+chunks of ``ACTOR_CHUNK_ROWS`` rows (fewer when that passes ``CHUNK_BYTES``). ``results.merge_chunks``
 merges runs into one stream by ``Merger``'s rule.
 
 * **While a file is extracted** (``JobRuns``, given to ``extract`` as its ``ActorSpill``): when the file's
@@ -14,7 +14,7 @@ merges runs into one stream by ``Merger``'s rule.
   scratch files first.
 
 Ties: two rows of one id and one file order come from one file's runs, and the earlier run holds the
-earlier occurrence. ``heapq.merge`` is stable (it orders like ``sorted(itertools.chain(...))``), so runs
+earlier occurrence. The merge sorts stably (like ``sorted(itertools.chain(...))``), so runs
 are always passed in the order they were written, and a pass merges consecutive runs only.
 """
 
@@ -27,7 +27,7 @@ from typing import BinaryIO
 import msgspec
 
 from .extract import Actor, FileResult, rewind
-from .results import ActorRow, Merger, add_event_types, merge_rows
+from .results import ActorRow, Merger, add_event_types, merge_chunks
 
 __all__ = [
     "ACTOR_BYTES",
@@ -38,6 +38,7 @@ __all__ = [
     "JobRuns",
     "Run",
     "bounded_runs",
+    "read_chunks",
     "read_run",
     "spill_threshold",
     "write_run",
@@ -120,8 +121,14 @@ def _encoded(batch: list[ActorRow]) -> Iterator[tuple[int, bytes]]:
 
 
 def read_run(run: Run) -> Iterator[ActorRow]:
-    """A run's rows (those within its bounds), a chunk at a time. The file is opened per chunk, so a merge
-    of many runs holds no descriptor between reads (issue 12: descriptors run out before memory does)."""
+    """A run's rows (those within its bounds), a chunk at a time (``read_chunks``)."""
+    for rows in read_chunks(run):
+        yield from rows
+
+
+def read_chunks(run: Run) -> Iterator[list[ActorRow]]:
+    """A run's chunks (their rows within its bounds). The file is opened per chunk, so a merge of many runs
+    holds no descriptor between reads (issue 12: descriptors run out before memory does)."""
     offset = run.offset
     for length in run.chunks:
         with open(run.path, "rb") as source:
@@ -130,7 +137,7 @@ def read_run(run: Run) -> Iterator[ActorRow]:
         offset += length
         if run.low is not None or run.high is not None:
             rows = _within(rows, run.low, run.high)
-        yield from rows
+        yield rows
 
 
 def _within(rows: list[ActorRow], low: int | None, high: int | None) -> list[ActorRow]:
@@ -169,7 +176,7 @@ def bounded_runs(
         with open(path, "wb", buffering=1 << 20) as out:
             for group in _groups(runs, fan_in, merge_bytes):
                 offset = out.tell()
-                chunks, firsts = write_run(out, merge_rows(map(read_run, group)))
+                chunks, firsts = write_run(out, merge_chunks(map(read_chunks, group)))
                 merged.append(Run(path, offset, chunks, firsts))
         runs, passes = merged, passes + 1
     return runs
