@@ -15,7 +15,13 @@ import orjson
 
 from events_factory import as_array, as_ndjson, make_events
 from upload_server.ingest.archive import ArchiveLimits, plan_zip
-from upload_server.ingest.assemble import RenderRequest, merge_and_render, read_trailer, run_job_to_file
+from upload_server.ingest.assemble import (
+    PartFiles,
+    RenderRequest,
+    merge_and_render,
+    read_trailer,
+    run_job_to_file,
+)
 from upload_server.ingest.extract import extract_bytes
 from upload_server.ingest.results import (
     UploadReceipt,
@@ -91,7 +97,7 @@ def test_spilled_actors_answer_the_same_bytes(tmp_path: Path) -> None:
             receipt=UploadReceipt("0123456789abcdef", path.stat().st_size, "0" * 64, "zip"),
             result_paths=[results_path],
             answer_path=str(tmp_path / f"answer-{ndjson}"),
-            scratch_paths=(str(tmp_path / "merge-a"), str(tmp_path / "merge-b")),
+            parts=PartFiles.named(lambda suffix: str(tmp_path / suffix), 1),
             ndjson=ndjson,
             strict=False,
             include_actors=True,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import tracemalloc
 from dataclasses import replace
 from pathlib import Path
@@ -11,7 +12,17 @@ import pytest
 
 from events_factory import as_ndjson, make_events
 from upload_server.ingest import assemble, runs
-from upload_server.ingest.assemble import RenderRequest, merge_and_render, run_job_to_file
+from upload_server.ingest.assemble import (
+    JobOutcome,
+    PartFiles,
+    RenderOutcome,
+    RenderRequest,
+    merge_and_render,
+    render_part,
+    run_job_to_file,
+    write_pieces,
+)
+from upload_server.ingest.partition import assembled, part_requests
 from upload_server.ingest.results import (
     UploadReceipt,
     actor_lines,
@@ -25,16 +36,34 @@ from upload_server.ingest.worker import Job, run_job
 RECEIPT = UploadReceipt(upload_id="u", size_bytes=1, sha256="0" * 64, content_kind="json")
 
 
-def _job_files(tmp_path: Path, bodies: list[bytes], spill_actors: int = Job.spill_actors) -> list[str]:
-    paths = []
+def _job_outcomes(
+    tmp_path: Path, bodies: list[bytes], spill_actors: int = Job.spill_actors
+) -> list[JobOutcome]:
+    outcomes = []
     for number, body in enumerate(bodies):
         source = tmp_path / f"in-{number}.json"
         source.write_bytes(body)
         job = Job(str(source), "json", display_name=f"f{number}.json", spill_actors=spill_actors)
         outcome = run_job_to_file(job, str(tmp_path / f"r{number}"))
         assert outcome.bomb is None
-        paths.append(outcome.results_path)
-    return paths
+        outcomes.append(outcome)
+    return outcomes
+
+
+def _job_files(tmp_path: Path, bodies: list[bytes], spill_actors: int = Job.spill_actors) -> list[str]:
+    return [outcome.results_path for outcome in _job_outcomes(tmp_path, bodies, spill_actors)]
+
+
+def rendered_in_parts(
+    request: RenderRequest, outcomes: list[JobOutcome], workers: int
+) -> tuple[RenderOutcome, bytes, int]:
+    """What ``dispatch.render_in_parts`` does, each part's worker call made here in turn: the outcome, the
+    answer's bytes and how many parts there were."""
+    parts = part_requests(request, outcomes, workers)
+    outcome, pieces = assembled(request, parts, [render_part(part) for part in parts])
+    answer = io.BytesIO()
+    write_pieces(answer, pieces)
+    return outcome, answer.getvalue(), len(parts)
 
 
 def test_json_answer_merges_every_job(tmp_path: Path) -> None:
@@ -45,7 +74,7 @@ def test_json_answer_merges_every_job(tmp_path: Path) -> None:
         receipt=RECEIPT,
         result_paths=_job_files(tmp_path, [as_ndjson(first), as_ndjson(second)]),
         answer_path=str(tmp_path / "answer"),
-        scratch_paths=(str(tmp_path / "merge-a"), str(tmp_path / "merge-b")),
+        parts=PartFiles.named(lambda suffix: str(tmp_path / suffix), 1),
         ndjson=False,
         strict=False,
         include_actors=True,
@@ -65,7 +94,7 @@ def test_ndjson_tail_is_actors_then_files_then_summary(tmp_path: Path) -> None:
         receipt=RECEIPT,
         result_paths=_job_files(tmp_path, [as_ndjson(events)]),
         answer_path=str(tmp_path / "tail"),
-        scratch_paths=(str(tmp_path / "merge-a"), str(tmp_path / "merge-b")),
+        parts=PartFiles.named(lambda suffix: str(tmp_path / suffix), 1),
         ndjson=True,
         strict=False,
         include_actors=True,
@@ -83,7 +112,7 @@ def test_strict_mode_renders_nothing_and_names_the_failures(tmp_path: Path) -> N
         receipt=RECEIPT,
         result_paths=_job_files(tmp_path, [as_ndjson(events), b"{not json"]),
         answer_path=str(tmp_path / "answer"),
-        scratch_paths=(str(tmp_path / "merge-a"), str(tmp_path / "merge-b")),
+        parts=PartFiles.named(lambda suffix: str(tmp_path / suffix), 1),
         ndjson=False,
         strict=True,
         include_actors=True,
@@ -95,29 +124,36 @@ def test_strict_mode_renders_nothing_and_names_the_failures(tmp_path: Path) -> N
     assert not (tmp_path / "answer").exists()
 
 
+@pytest.mark.parametrize("workers", [1, 3])
 @pytest.mark.parametrize("spill_actors", [Job.spill_actors, 3, 1])
 @pytest.mark.parametrize("ndjson", [False, True])
 def test_streamed_merge_answers_the_same_bytes_as_the_in_memory_merge(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ndjson: bool, spill_actors: int
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ndjson: bool, spill_actors: int, workers: int
 ) -> None:
     """Three jobs sharing actors, their runs in chunks of 7 rows: the answer is byte for byte what merging
     every FileResult in memory (``results.merge``) and rendering it gives; also when the jobs spill every
-    3 actors, or every actor (more than ``MERGE_FAN_IN`` runs: merged in passes)."""
+    3 actors, or every actor (more than ``MERGE_FAN_IN`` runs: merged in passes); in one call
+    (``merge_and_render``) and rendered in parts by id range side by side (as ``render_in_parts``)."""
     monkeypatch.setattr(runs, "ACTOR_CHUNK_ROWS", 7)
     bodies = [as_ndjson(make_events(count, seed=seed)[0]) for count, seed in ((90, 5), (70, 6), (1, 7))]
-    paths = _job_files(tmp_path, bodies, spill_actors)
+    outcomes = _job_outcomes(tmp_path, bodies, spill_actors)
+    paths = [outcome.results_path for outcome in outcomes]
     request = RenderRequest(
         receipt=RECEIPT,
         result_paths=paths,
         answer_path=str(tmp_path / "answer"),
-        scratch_paths=(str(tmp_path / "merge-a"), str(tmp_path / "merge-b")),
+        parts=PartFiles.named(lambda suffix: str(tmp_path / suffix), workers),
         ndjson=ndjson,
         strict=False,
         include_actors=True,
         ignored=[("notes.txt", "unsupported_name")],
     )
-    assert merge_and_render(request).rendered
-    produced = (tmp_path / "answer").read_bytes()
+    if workers == 1:
+        rendered = merge_and_render(request)
+        produced = (tmp_path / "answer").read_bytes()
+    else:
+        rendered, produced, parts = rendered_in_parts(request, outcomes, workers)
+        assert parts == workers
     results = []
     for number in range(len(bodies)):
         results += run_job(Job(str(tmp_path / f"in-{number}.json"), "json", display_name=f"f{number}.json"))
@@ -134,14 +170,38 @@ def test_streamed_merge_answers_the_same_bytes_as_the_in_memory_merge(
         )
     assert len(merged.actors) > 7 * 3
     assert produced == expected
+    assert rendered.rendered and rendered.actors == len(merged.actors) and rendered.events == merged.events
     written = sum(len(assemble.read_trailer(path).runs) for path in paths)
     if spill_actors == Job.spill_actors:
         assert written == len(bodies)  # one run per job: nothing spilled
     else:
         assert written >= len(merged.actors) // spill_actors
     assert (written > runs.MERGE_FAN_IN) is (spill_actors == 1)  # then merged in passes (test_runs)
-    # The passes' scratch files go once the answer is written, not when the upload ends.
-    assert not (tmp_path / "merge-a").exists() and not (tmp_path / "merge-b").exists()
+    # The passes' scratch files go once each part is written, not when the upload ends.
+    assert not [
+        path.name for path in tmp_path.iterdir() if "-merge-" in path.name or path.name.startswith("merge-")
+    ]
+
+
+@pytest.mark.parametrize("ndjson", [False, True])
+def test_strict_mode_refuses_in_parts_too(tmp_path: Path, ndjson: bool) -> None:
+    """A render in parts refuses a failed file in strict mode as the one call does: no answer, the
+    failures named, and nothing counted."""
+    good = as_ndjson(make_events(400, seed=8)[0])
+    outcomes = _job_outcomes(tmp_path, [good, b'{"type": '], spill_actors=5)
+    request = RenderRequest(
+        receipt=RECEIPT,
+        result_paths=[outcome.results_path for outcome in outcomes],
+        answer_path=str(tmp_path / "answer"),
+        parts=PartFiles.named(lambda suffix: str(tmp_path / suffix), 2),
+        ndjson=ndjson,
+        strict=True,
+        include_actors=True,
+    )
+    rendered, produced, parts = rendered_in_parts(request, outcomes, 2)
+    assert parts == 2 and produced == b""
+    assert not rendered.rendered and rendered.actors == 0
+    assert [failure["name"] for failure in rendered.failed] == ["f1.json"]
 
 
 def _traced_peak(job: Job, results_path: str) -> int:

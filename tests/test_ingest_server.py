@@ -754,6 +754,12 @@ def _merging_in_passes(server: RunningServer) -> bool:
     return any("-merge-" in path.name for path in _listing(server))
 
 
+def _rendering_in_parts(server: RunningServer) -> bool:
+    """A second part of the render is under way (its merge scratch or its actors file is there): the
+    render is cut into parts (two workers) and they run side by side."""
+    return any("-merge-1-" in path.name or path.name.endswith("-part-1") for path in _listing(server))
+
+
 def _listing(server: RunningServer) -> list[Path]:
     found = []
     for path in server.tmp_dir.iterdir():
@@ -764,13 +770,14 @@ def _listing(server: RunningServer) -> list[Path]:
 
 
 @pytest.mark.parametrize("failure", ["worker_killed", "client_left"])
-@pytest.mark.parametrize("phase", [_spilling, _merging_in_passes])
+@pytest.mark.parametrize("phase", [_spilling, _merging_in_passes, _rendering_in_parts])
 async def test_spill_files_go_when_the_work_is_cut_short(
     start_server: StartServer, phase: Any, failure: str
 ) -> None:
-    """A worker killed, or a client gone, while a job spills runs or while the runs are merged in passes:
-    the upload fails and every one of its files (spool, runs, merge scratch) is gone."""
-    server = await start_server(workers=1, **SPILL_OFTEN)
+    """A worker killed, or a client gone, while a job spills runs, while the runs are merged in passes, or
+    while two workers render the answer's parts: the upload fails and every one of its files (spool, runs,
+    merge scratch, parts) is gone."""
+    server = await start_server(workers=2 if phase is _rendering_in_parts else 1, **SPILL_OFTEN)
     body, _ = _many_actors(150_000, seed=42)
     head = (
         f"POST {UPLOAD} HTTP/1.1\r\nHost: x\r\nContent-Type: application/gzip\r\n"
@@ -794,11 +801,12 @@ async def test_spill_files_go_when_the_work_is_cut_short(
     await _assert_work_cancelled(server, workers)
 
 
-async def test_spill_files_go_when_processing_times_out(start_server: StartServer) -> None:
-    """The processing deadline passes half a second into seconds of spilling and merging: 503, and no
-    spool, run or merge file left."""
-    server = await start_server(workers=1, process_timeout=SLOW_TIMEOUT, **SPILL_OFTEN)
-    await server.state.workers.run(os.getpid)  # the one worker, started before the clock runs
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_spill_files_go_when_processing_times_out(start_server: StartServer, workers: int) -> None:
+    """The processing deadline passes half a second into seconds of spilling and merging (in two parts
+    with two workers): 503, and no spool, run, merge or part file left."""
+    server = await start_server(workers=workers, process_timeout=SLOW_TIMEOUT, **SPILL_OFTEN)
+    await server.state.workers.warm_up()  # the workers, started before the clock runs
     body, _ = _many_actors(150_000, seed=43)
     response = await post(server, body, content_type="application/gzip")
     assert response.status_code == 503, response.text

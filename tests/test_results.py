@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import itertools
 import random
+import tempfile
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -16,19 +19,28 @@ from hypothesis import strategies as st
 
 from conftest import examples
 from upload_server.errors import TooManyEventTypes
+from upload_server.ingest.assemble import write_pieces
 from upload_server.ingest.extract import MAX_EVENT_TYPES, Actor, FileResult
 from upload_server.ingest.results import (
     BATCH_BYTES,
+    ActorRow,
+    Frame,
+    Merged,
     Merger,
     UploadReceipt,
     actor_line,
     actor_lines,
     file_line,
+    fill,
+    json_frame,
     merge,
+    merge_chunks,
+    merge_rows,
     merge_runs,
+    ndjson_tail_frame,
     render_answer,
     summary_line,
-    write_answer,
+    write_actors,
 )
 from upload_server.ingest.runs import JobRuns
 
@@ -247,16 +259,48 @@ def test_merge_runs_follows_the_merger_rule(
     assert list(merge_runs(runs)) == list(merge(results).actors.items())
 
 
-def test_write_answer_is_render_answer_byte_for_byte() -> None:
-    a = fr("a.json", 0, {i: info(f"u{i}", 1) for i in range(2500)})
+def _filled(frame: Frame, merged: Merged, cuts: list[int], tmp: Path, *, ndjson: bool) -> bytes:
+    """The answer as the server assembles it: the actors cut into parts at ``cuts`` (indexes), each written
+    to its file by ``write_actors``, the frame filled in with them."""
+    actors = list(merged.actors.items())
+    edges = [0, *sorted(cuts), len(actors)]
+    parts = []
+    for number, (start, end) in enumerate(itertools.pairwise(edges)):
+        path = tmp / f"part-{number}"
+        with open(path, "wb") as out:
+            parts.append((str(path), write_actors(out, actors[start:end], ndjson=ndjson)))
+    assert [count for _, count in parts] == [end - start for start, end in itertools.pairwise(edges)]
+    out = io.BytesIO()
+    write_pieces(out, fill(frame, len(actors), parts, ANSWER_ARGS["timing_ms"]))
+    return out.getvalue()
+
+
+@settings(max_examples=examples(60), deadline=None)
+@given(
+    count=st.integers(0, 2500),
+    cuts=st.lists(st.floats(0, 1), max_size=5),
+    include_actors=st.booleans(),
+    failed=st.booleans(),
+)
+def test_a_frame_filled_with_parts_is_the_answer_byte_for_byte(
+    count: int, cuts: list[float], include_actors: bool, failed: bool
+) -> None:
+    """However the actors are cut into parts (none, empty ones, one each), the frame filled in with them is
+    byte for byte the answer rendered whole: JSON with or without its actors, and the NDJSON tail."""
+    a = fr("a.json", 0, {i * 7 - 900: info(f"u{i}", 1 + i % 3) for i in range(count)})
     bad = FileResult(
         name="bad.json", layout="ndjson", error={"code": "INVALID_JSON", "message": "m"}, order=1
     )
-    m = merge([a, bad])
-    for include_actors in (True, False):
-        out = io.BytesIO()
-        write_answer(out, m, **ANSWER_ARGS, actors=m.actors.items() if include_actors else None)
-        assert out.getvalue() == orjson.dumps(render_answer(m, include_actors=include_actors, **ANSWER_ARGS))
+    m = merge([a, bad] if failed else [a])
+    indexes = [int(cut * count) for cut in cuts]
+    args = {key: ANSWER_ARGS[key] for key in ("receipt", "ignored")}
+    with tempfile.TemporaryDirectory() as tmp:
+        frame = json_frame(dataclasses.replace(m), **args, include_actors=include_actors)
+        answer = _filled(frame, m, indexes if include_actors else [], Path(tmp), ndjson=False)
+        assert answer == orjson.dumps(render_answer(m, include_actors=include_actors, **ANSWER_ARGS))
+        tail = _filled(ndjson_tail_frame(dataclasses.replace(m), **args), m, indexes, Path(tmp), ndjson=True)
+    expected = b"".join(actor_lines(m.actors.items())) + b"".join(map(file_line, m.files))
+    assert tail == expected + summary_line(m, **ANSWER_ARGS)
 
 
 class CountingWrites(io.BytesIO):
@@ -270,12 +314,13 @@ class CountingWrites(io.BytesIO):
 
 
 def test_large_actors_are_written_a_megabyte_at_a_time() -> None:
-    """Twenty actors of 300 KB each: the JSON answer and the actor lines are the same bytes as rendered
-    whole, and no write or item holds more than BATCH_BYTES and one actor more."""
+    """Twenty actors of 300 KB each: the JSON answer's actor items and the actor lines are the same bytes as
+    rendered whole, and no write or item holds more than BATCH_BYTES and one actor more."""
     m = merge([fr("a.json", 0, {i: info("x" * 300_000 + str(i), 1) for i in range(20)})])
     out = CountingWrites()
-    write_answer(out, m, **ANSWER_ARGS, actors=m.actors.items())
-    assert out.getvalue() == orjson.dumps(render_answer(m, include_actors=True, **ANSWER_ARGS))
+    assert write_actors(out, m.actors.items(), ndjson=False) == 20
+    whole = orjson.dumps(render_answer(m, include_actors=True, **ANSWER_ARGS)["actors"])
+    assert out.getvalue() == whole[1:-1]
     assert out.largest < BATCH_BYTES + 310_000
     items = list(actor_lines(m.actors.items()))
     assert b"".join(items) == b"".join(actor_line(aid, rec) for aid, rec in m.actors.items())
@@ -341,3 +386,38 @@ def test_a_failed_file_types_count_for_nothing() -> None:
     job.end_file(failed)
     job.end_file(good)
     assert job.event_types == {"PushEvent": 3}
+
+
+@settings(max_examples=examples(150), deadline=None)
+@given(
+    runs=st.lists(
+        st.dictionaries(st.integers(-20, 20), st.tuples(st.integers(0, 3), st.integers(1, 3)), max_size=25),
+        max_size=6,
+    ),
+    cuts=st.lists(st.integers(0, 25), max_size=8),
+)
+def test_merge_chunks_is_the_stable_sort_of_all_rows_folded(
+    runs: list[dict[int, tuple[int, int]]], cuts: list[int]
+) -> None:
+    """Runs (sorted by id, each id once; ``(order, events)`` per id) cut into chunks anywhere, empty ones
+    too: the merge is every row sorted stably by (id, order) (so equal keys keep the earlier run's row),
+    then each id's rows folded into the first, events summed."""
+    tagged = [
+        [
+            ActorRow(f"r{number}", None, None, None, None, events, aid, order)
+            for aid, (order, events) in sorted(run.items())
+        ]
+        for number, run in enumerate(runs)
+    ]
+    chunked = []
+    for rows in tagged:
+        edges = [0, *sorted(cut for cut in cuts if cut <= len(rows)), len(rows)]
+        chunked.append([rows[start:end] for start, end in itertools.pairwise(edges)])
+    expected: dict[int, ActorRow] = {}
+    for row in sorted(itertools.chain(*tagged), key=lambda r: (r.id, r.order)):
+        first = expected.get(row.id)
+        expected[row.id] = (
+            row if first is None else msgspec.structs.replace(first, events=first.events + row.events)
+        )
+    assert list(merge_chunks(chunked)) == list(expected.values())
+    assert list(merge_rows(tagged)) == list(expected.values())

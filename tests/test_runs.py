@@ -10,12 +10,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
+import pytest
 from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from conftest import examples
+from upload_server.ingest import runs as runs_module
 from upload_server.ingest.extract import FileResult, extract_bytes, extract_stream
+from upload_server.ingest.partition import bounds, runs_in_range, split_ids
 from upload_server.ingest.results import ActorRow, merge, merge_runs
 from upload_server.ingest.runs import (
     CHUNK_BYTES,
@@ -72,6 +75,7 @@ def spilled_job(
             results.append(result)
         runs.finish()
     path.with_suffix(".lengths").write_bytes(orjson.dumps(runs.runs))
+    path.with_suffix(".firsts").write_bytes(orjson.dumps(runs.firsts))
     return results
 
 
@@ -92,6 +96,8 @@ def held_in_memory(files: list[FileSpec], orders: list[int]) -> list[FileResult]
     fan_in=st.integers(2, 5),
     merge_bytes=st.sampled_from([1, 300, 1 << 30]),
     seed=st.integers(0, 1000),
+    chunk_rows=st.sampled_from([1, 3, 1024]),
+    parts=st.integers(1, 5),
 )
 def test_spilled_runs_merge_to_the_in_memory_answer(
     tmp_path_factory: object,
@@ -101,26 +107,45 @@ def test_spilled_runs_merge_to_the_in_memory_answer(
     fan_in: int,
     merge_bytes: int,
     seed: int,
+    chunk_rows: int,
+    parts: int,
 ) -> None:
     """Jobs whose files spill every ``limit`` actors or ``byte_limit`` bytes (failed files' runs cut off
     again), merged in passes of ``fan_in`` runs or ``merge_bytes`` of chunks, give exactly the actors of
-    one in-memory merge of every file: ids, first attributes by file order, summed events."""
+    one in-memory merge of every file: ids, first attributes by file order, summed events. So do ``parts``
+    id ranges cut at chunk first ids (chunks of ``chunk_rows``), each merged alone, put one after another:
+    the runs of one file that share an id (spilled twice) keep the earlier run's attributes in every part."""
     tmp = Path(tmp_path_factory.mktemp("runs"))  # type: ignore[attr-defined]
     count = sum(len(files) for files in jobs)
     orders = random.Random(seed).sample(range(100), count)
     runs, expected, start = [], [], 0
-    for number, files in enumerate(jobs):
-        path = tmp / f"job-{number}"
-        job_orders = orders[start : start + len(files)]
-        start += len(files)
-        results = spilled_job(path, files, job_orders, limit, byte_limit)
-        assert [r.error is not None for r in results] == [broken for _, broken in files]
-        runs += runs_of(str(path), orjson.loads(path.with_suffix(".lengths").read_bytes()))
-        expected += held_in_memory(files, job_orders)
-    bounded = bounded_runs(runs, (str(tmp / "a"), str(tmp / "b")), fan_in, merge_bytes)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runs_module, "ACTOR_CHUNK_ROWS", chunk_rows)
+        for number, files in enumerate(jobs):
+            path = tmp / f"job-{number}"
+            job_orders = orders[start : start + len(files)]
+            start += len(files)
+            results = spilled_job(path, files, job_orders, limit, byte_limit)
+            assert [r.error is not None for r in results] == [broken for _, broken in files]
+            lengths, firsts = (
+                orjson.loads(path.with_suffix(suffix).read_bytes()) for suffix in (".lengths", ".firsts")
+            )
+            runs += runs_of(str(path), lengths, firsts)
+            expected += held_in_memory(files, job_orders)
+    scratch = (str(tmp / "a"), str(tmp / "b"))
+    truth = list(merge(expected).actors.items())
+    bounded = bounded_runs(runs, scratch, fan_in, merge_bytes)
     assert len(bounded) <= fan_in
     assert len(bounded) <= 1 or sum(max(run.chunks) for run in bounded) <= merge_bytes
-    assert list(merge_runs(map(read_run, bounded))) == list(merge(expected).actors.items())
+    assert list(merge_runs(map(read_run, bounded))) == truth
+    assert all(len(run.firsts) == len(run.chunks) for run in runs)
+    cut = bounds(split_ids((first for run in runs for first in run.firsts), parts))
+    assert len(cut) <= parts
+    partitioned = []
+    for low, high in cut:
+        part = bounded_runs(runs_in_range(runs, low, high), scratch, fan_in, merge_bytes)
+        partitioned += merge_runs(map(read_run, part))
+    assert partitioned == truth
 
 
 def test_a_file_spills_each_time_it_holds_the_limit(tmp_path: Path) -> None:

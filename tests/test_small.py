@@ -16,7 +16,7 @@ import pytest
 from conftest import StartServer
 from corpus_check import ARCHIVES, CORPUS, differences
 from upload_server.ingest.archive import ArchiveLimits, plan_zip, work_bytes
-from upload_server.ingest.assemble import RenderRequest, merge_and_render, run_job_to_file
+from upload_server.ingest.assemble import PartFiles, RenderRequest, merge_and_render, run_job_to_file
 from upload_server.ingest.dispatch import batch_entries
 from upload_server.ingest.results import UploadReceipt
 from upload_server.ingest.small import SMALL_WORK_BYTES, plan_and_run_small, small_file
@@ -44,7 +44,7 @@ def request(answer: Path, strict: bool = False) -> RenderRequest:
         receipt=receipt,
         result_paths=[],
         answer_path=str(answer),
-        scratch_paths=(f"{answer}-merge-a", f"{answer}-merge-b"),
+        parts=PartFiles.named(lambda suffix: f"{answer}-{suffix}", 1),
         ndjson=False,
         strict=strict,
         include_actors=True,

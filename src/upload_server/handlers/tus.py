@@ -23,7 +23,6 @@ import functools
 import hashlib
 import logging
 import os
-import shutil
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -49,6 +48,7 @@ from ..errors import (
 )
 from ..http.exchange import Exchange
 from ..http.messages import Headers, Response
+from ..ingest.assemble import write_pieces
 from ..receive.body import Received
 from ..receive.sniff import SNIFF_WINDOW, ContentKind, sniff
 from ..receive.spool import Spool, open_append
@@ -515,8 +515,8 @@ async def _process_into_results(state: ServerState, record: UploadRecord) -> Non
     received = Received(kind=kind, filename=record.metadata.get("filename") or None)
     async with UploadSession.adopt(state, spool, received) as session:
         with session.processing():
-            json_path, ndjson_paths = await ingest_to_files(session, Admission(None, False, False, True))
-        await trio.to_thread.run_sync(_keep_results, store, record.id, json_path, ndjson_paths)
+            json_pieces, ndjson_pieces = await ingest_to_files(session, Admission(None, False, False, True))
+        await trio.to_thread.run_sync(_keep_results, store, record.id, json_pieces, ndjson_pieces)
         await session.finish(succeeded=True)
 
 
@@ -533,13 +533,14 @@ def _sniff_and_hash(path: Path) -> tuple[ContentKind, str]:
     return kind, digest.hexdigest()
 
 
-def _keep_results(store: ResumableStore, the_id: str, json_path: str, ndjson_paths: list[str]) -> None:
-    shutil.copyfile(json_path, store.result_path(the_id, "json"))
-    with open(store.result_path(the_id, "ndjson"), "wb") as out:
-        for part in _existing(ndjson_paths):
-            with open(part, "rb") as lines:
-                shutil.copyfileobj(lines, out, 1 << 20)
+def _keep_results(
+    store: ResumableStore, the_id: str, json_pieces: list[bytes | str], ndjson_pieces: list[bytes | str]
+) -> None:
+    for kind, pieces in (("json", json_pieces), ("ndjson", ndjson_pieces)):
+        with open(store.result_path(the_id, kind), "wb") as out:
+            write_pieces(out, _existing(pieces))
 
 
-def _existing(paths: list[str]) -> Iterator[str]:
-    return (path for path in paths if os.path.exists(path))
+def _existing(pieces: list[bytes | str]) -> Iterator[bytes | str]:
+    """The pieces but the paths of files never written (a job with no successful file writes no events)."""
+    return (piece for piece in pieces if isinstance(piece, bytes) or os.path.exists(piece))

@@ -34,8 +34,8 @@ from ..errors import (
 )
 from ..http.exchange import Exchange
 from ..http.messages import Request
-from ..ingest.assemble import JobOutcome, RenderOutcome, RenderRequest, merge_and_render
-from ..ingest.dispatch import IngestPlan, outcomes_as_completed, plan_ingest
+from ..ingest.assemble import JobOutcome, PartFiles, RenderOutcome, RenderRequest
+from ..ingest.dispatch import IngestPlan, outcomes_as_completed, plan_ingest, render_in_parts
 from ..ingest.results import error_line
 from ..ingest.small import SmallUpload
 from ..ingest.worker import Job
@@ -182,23 +182,42 @@ async def _watching_client(exchange: Exchange, session: UploadSession) -> AsyncI
 
 
 async def _answer_json(exchange: Exchange, session: UploadSession, admission: Admission) -> None:
-    """Process and render the JSON answer into a file; finish the session; then send the file."""
+    """Process and render the JSON answer into files; finish the session; then send them."""
     with session.processing():
         async with _watching_client(exchange, session):
             render = _render_request(session, admission)
             plan = await _plan(session, with_event_lines=False, render=render)
             if plan.small is not None:  # done in the planning call (ingest/small.py)
-                answer_path = _small_answered(session, render, plan.small)
+                pieces = _small_answered(session, render, plan.small)
             else:
-                answer_path = await _process(session, admission, plan, stream=None)
-    async with await trio.open_file(answer_path, "rb") as answer:
-        # The open file outlives its name: finish (which removes it) before sending.
-        size = os.fstat(answer.fileno()).st_size
+                pieces = await _process(session, admission, plan, stream=None)
+    async with _opened(pieces) as opened:
+        # The open files outlive their names: finish (which removes them) before sending.
+        size = sum(
+            len(piece) if isinstance(piece, bytes) else os.fstat(piece.fileno()).st_size for piece in opened
+        )
         await session.finish(succeeded=True)
         await exchange.start_stream(200, "application/json", [(b"content-length", str(size).encode())])
-        while chunk := await answer.read(STREAM_CHUNK_BYTES):
-            await exchange.send_chunk(chunk)
+        for piece in opened:
+            if isinstance(piece, bytes):
+                await exchange.send_chunk(piece)
+                continue
+            while chunk := await piece.read(STREAM_CHUNK_BYTES):
+                await exchange.send_chunk(chunk)
         await exchange.end_stream()
+
+
+@contextlib.asynccontextmanager
+async def _opened(pieces: list[bytes | str]) -> AsyncIterator[list[bytes | ReadableFile]]:
+    """An answer's pieces (``results.fill``) with each path opened, closed on leaving."""
+    async with contextlib.AsyncExitStack() as stack:
+        opened: list[bytes | ReadableFile] = []
+        for piece in pieces:
+            if isinstance(piece, bytes):
+                opened.append(piece)
+            else:
+                opened.append(await stack.enter_async_context(await trio.open_file(piece, "rb")))
+        yield opened
 
 
 async def _answer_ndjson(exchange: Exchange, session: UploadSession, admission: Admission) -> None:
@@ -208,30 +227,39 @@ async def _answer_ndjson(exchange: Exchange, session: UploadSession, admission: 
     After that the status is sent already: an error ends the stream with one ``{"kind": "error"}`` line
     and no summary line.
     """
-    tail: ReadableFile | None = None
+    tail: list[bytes | str] | None = None
     last_line = b""
-    try:
-        with session.processing():
-            async with _watching_client(exchange, session):
-                plan = await _plan(session, with_event_lines=True)
-                assert session.receipt is not None
-                with session.client_time():
-                    headers = [(b"x-upload-id", session.receipt.upload_id.encode())]
-                    await exchange.start_stream(200, NDJSON, headers)
-                tail_path = await _process(session, admission, plan, stream=exchange)
-        tail = await trio.open_file(tail_path, "rb")
-    except Exception as raised:
-        error = root_cause(raised)
-        if not exchange.response_started or not isinstance(error, UploadServerError):
-            raise
-        last_line = error_line(error.payload())
-    await session.finish(succeeded=tail is not None)
-    if tail is not None:
-        async with tail:
-            if not await _send_lines(exchange, tail, session.state):
-                last_line = error_line(_shutting_down(session.state).payload())
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            with session.processing():
+                async with _watching_client(exchange, session):
+                    plan = await _plan(session, with_event_lines=True)
+                    assert session.receipt is not None
+                    with session.client_time():
+                        headers = [(b"x-upload-id", session.receipt.upload_id.encode())]
+                        await exchange.start_stream(200, NDJSON, headers)
+                    tail = await _process(session, admission, plan, stream=exchange)
+            opened = await stack.enter_async_context(_opened(tail))
+        except Exception as raised:
+            error = root_cause(raised)
+            if not exchange.response_started or not isinstance(error, UploadServerError):
+                raise
+            last_line, tail = error_line(error.payload()), None
+        await session.finish(succeeded=tail is not None)
+        if tail is not None and not await _send_pieces(exchange, opened, session.state):
+            last_line = error_line(_shutting_down(session.state).payload())
     await exchange.send_chunk(last_line)
     await exchange.end_stream()
+
+
+async def _send_pieces(exchange: Exchange, pieces: list[bytes | ReadableFile], state: ServerState) -> bool:
+    """Send an NDJSON answer's pieces (each bytes piece whole lines); False when shutdown cut it short."""
+    for piece in pieces:
+        if isinstance(piece, bytes):
+            await exchange.send_chunk(piece)
+        elif not await _send_lines(exchange, piece, state):
+            return False
+    return True
 
 
 async def _plan(
@@ -253,16 +281,23 @@ async def _plan(
 
 async def _process(
     session: UploadSession, admission: Admission, plan: IngestPlan, stream: Exchange | None
-) -> str:
-    """Run the plan's jobs, then merge and render the answer in a worker; return the answer file's path.
+) -> list[bytes | str]:
+    """Run the plan's jobs, then merge and render the answer in workers; return the answer's pieces.
 
     With a ``stream``, each job's event lines are sent as soon as that job is done, and a progress line
     at least every ``PROGRESS_INTERVAL_S``. Raises ZipBomb as soon as a job finds one, StrictModeFailure
     when strict mode refuses the failed files.
     """
+    outcomes = await _run_jobs(session, plan, stream)
+    return await _render(session, admission, plan, outcomes)
+
+
+async def _run_jobs(session: UploadSession, plan: IngestPlan, stream: Exchange | None) -> list[JobOutcome]:
+    """Every job's outcome, in the plan's order (``_process``)."""
     state = session.state
     progress = Progress.of(plan, session)
     interval = PROGRESS_INTERVAL_S if stream is not None else math.inf
+    outcomes: dict[int, JobOutcome] = {}
     async with outcomes_as_completed(state.workers, plan, session.ticket) as completed:
         if stream is not None:
             await _send_progress(stream, session, progress)
@@ -273,24 +308,28 @@ async def _process(
                 # (ingest/archive.py): a job that keeps to its share needs no upload-wide check here.
                 if outcome.bomb is not None:
                     raise outcome.bomb
+                outcomes[index] = outcome
                 progress.job_done(plan.jobs[index], outcome)
                 if stream is not None:
                     with session.client_time():
                         await _send_events_file(stream, plan.jobs[index].events_path, state)
             if stream is not None:
                 await _send_progress(stream, session, progress)
-    return await _render(session, admission, plan)
+    return [outcomes[index] for index in range(len(plan.jobs))]
 
 
-async def ingest_to_files(session: UploadSession, admission: Admission) -> tuple[str, list[str]]:
-    """Process with no client waiting (a resumable upload): the JSON answer's path, and the NDJSON answer
-    as the paths of its parts in order (each job's event lines, then the tail)."""
+async def ingest_to_files(
+    session: UploadSession, admission: Admission
+) -> tuple[list[bytes | str], list[bytes | str]]:
+    """Process with no client waiting (a resumable upload): the JSON answer's pieces, and the NDJSON
+    answer's (each job's event lines, then the tail's pieces)."""
     plan = await _plan(session, with_event_lines=True)
-    json_path = await _process(session, admission, plan, stream=None)
+    outcomes = await _run_jobs(session, plan, stream=None)
+    json_pieces = await _render(session, admission, plan, outcomes)
     tail = dataclasses.replace(admission, stream_ndjson=True)
-    tail_path = await _render(session, tail, plan, answer_name="tail")
-    events = [job.events_path for job in plan.jobs if job.events_path is not None]
-    return json_path, [*events, tail_path]
+    tail_pieces = await _render(session, tail, plan, outcomes, answer_name="tail")
+    events: list[bytes | str] = [job.events_path for job in plan.jobs if job.events_path is not None]
+    return json_pieces, [*events, *tail_pieces]
 
 
 def _render_request(
@@ -299,13 +338,13 @@ def _render_request(
     """What the final merge renders; without a ``plan`` (a small ZIP's planning call renders it), the
     results, the plan's files and the timing are filled in by that call."""
     assert session.receipt is not None and session.spool is not None
+    spool = session.spool
     return RenderRequest(
         receipt=session.receipt,
         result_paths=plan.results_paths if plan else [],
-        answer_path=str(session.spool.sibling(answer_name)),
-        scratch_paths=(
-            str(session.spool.sibling(f"{answer_name}-merge-a")),
-            str(session.spool.sibling(f"{answer_name}-merge-b")),
+        answer_path=str(spool.sibling(answer_name)),
+        parts=PartFiles.named(
+            lambda suffix: str(spool.sibling(f"{answer_name}-{suffix}")), session.state.workers.count
         ),
         ndjson=admission.stream_ndjson,
         strict=admission.strict,
@@ -319,24 +358,30 @@ def _render_request(
 
 
 async def _render(
-    session: UploadSession, admission: Admission, plan: IngestPlan, answer_name: str = "answer"
-) -> str:
+    session: UploadSession,
+    admission: Admission,
+    plan: IngestPlan,
+    outcomes: list[JobOutcome],
+    answer_name: str = "answer",
+) -> list[bytes | str]:
     assert session.processing_started is not None
     request = _render_request(session, admission, plan, answer_name)
-    rendered = await session.state.workers.run(merge_and_render, request, ticket=session.ticket)
-    return _rendered(session, request, rendered)
+    rendered, pieces = await render_in_parts(session.state.workers, request, outcomes, session.ticket)
+    _judge(session, rendered)
+    return pieces
 
 
-def _small_answered(session: UploadSession, request: RenderRequest, small: SmallUpload) -> str:
+def _small_answered(session: UploadSession, request: RenderRequest, small: SmallUpload) -> list[bytes | str]:
     """The answer of a ZIP done in its planning call: as ``_process`` and ``_render`` judge theirs."""
     if small.job is not None and small.job.bomb is not None:
         raise small.job.bomb
     assert small.rendered is not None
-    return _rendered(session, request, small.rendered)
+    _judge(session, small.rendered)
+    return [request.answer_path]
 
 
-def _rendered(session: UploadSession, request: RenderRequest, rendered: RenderOutcome) -> str:
-    """Count what was processed; refuse it in strict mode when files failed; else the answer's path."""
+def _judge(session: UploadSession, rendered: RenderOutcome) -> None:
+    """Count what was processed; refuse it in strict mode when files failed."""
     assert session.processing_started is not None
     session.state.metrics.observe_processed(
         seconds=time.monotonic() - session.processing_started,
@@ -349,7 +394,6 @@ def _rendered(session: UploadSession, request: RenderRequest, rendered: RenderOu
             f"{len(rendered.failed)} file(s) failed and strict mode is on.",
             detail={"failed": rendered.failed},
         )
-    return request.answer_path
 
 
 @dataclass

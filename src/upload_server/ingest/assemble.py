@@ -4,17 +4,20 @@ Merging a large upload's results (tens of thousands of actors) and rendering its
 done in the event loop it held every health check for 100 ms and more (py-spy on the server under
 load). So it runs in a worker too:
 
-* each job writes its full results to a file (msgpack) and hands back only whether a file proved to be a
-  decompression bomb;
-* one final task reads those files, merges, and renders the answer (the JSON document, or the NDJSON
-  tail: actor, file and summary lines) into a file, handing back only the failed files.
+* each job writes its full results to a file (msgpack) and hands back whether a file proved to be a
+  decompression bomb, and where its actor runs lie (with each chunk's first id);
+* the render is cut by actor id into parts (``partition``), one per worker, rendered side by side
+  (``render_part``): each merges the chunks of its id range and writes their actors to a part file; one of
+  them also reads the jobs' trailers and renders what surrounds the actors (``frame_answer``: files,
+  summary, failed files) with holes for the actors' count, the actors and the timing (``results.Frame``).
 
-The serving process then sends that file as it is.
+The serving process then sends the frame filled in (``results.fill``) with the part files as they are. A
+small upload does all of it in one call into one file (``merge_and_render``).
 
 A results file holds the job's actors as sorted runs (``runs.JobRuns``: written while the job's files are
 extracted, each time ``Job.spill_actors`` actors are held or ``Job.memory_budget`` bytes were read), then a
 trailer (the per-file results without their actors, and the runs' chunk lengths), then the trailer's
-length. The final task merges the runs as streams (``runs.bounded_runs``, ``results.merge_runs``) and
+length. A part merges its runs as streams (``runs.bounded_runs``, ``results.merge_chunks``) and
 writes the answer as it goes, so it holds one chunk per run and a bounded number of runs, never every
 actor: for 3 million distinct actors it peaked at 3,860 MiB when it decoded, merged and rendered them all
 in memory (BENCH_NOTES.md, issue 12).
@@ -23,29 +26,31 @@ in memory (BENCH_NOTES.md, issue 12).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import shutil
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 import msgspec
 
 from ..codes import FileErrorCode
 from ..errors import ZipBomb
-from .extract import Actor, FileResult, gc_paused
+from .extract import FileResult, gc_paused
 from .results import (
-    Merged,
+    Frame,
     Merger,
     UploadReceipt,
-    actor_lines,
-    file_line,
-    merge_rows,
-    merge_runs,
-    summary_line,
-    write_answer,
+    actor_pairs,
+    fill,
+    json_frame,
+    merge_chunks,
+    ndjson_tail_frame,
+    write_actors,
 )
-from .runs import JobRuns, Run, bounded_runs, read_run, runs_of
+from .runs import JobRuns, Run, bounded_runs, read_chunks, runs_of
 from .worker import Job, run_job
 
 WRITE_BUFFER_BYTES = 1 << 20
@@ -75,6 +80,8 @@ class JobOutcome:
     bomb: ZipBomb | None = None
     #: Events the job's files held (for progress lines).
     events: int = 0
+    #: The job's actor runs in its results file, with their chunks' first ids (``partition``).
+    runs: list[Run] = field(default_factory=list)
 
 
 def run_job_to_file(job: Job, results_path: str) -> JobOutcome:
@@ -86,6 +93,7 @@ def run_job_to_file(job: Job, results_path: str) -> JobOutcome:
         out.write(trailer + len(trailer).to_bytes(_TRAILER_LENGTH, "little"))
     produced = sum(result.size_bytes for result in results)
     events = sum(result.events for result in results if result.error is None)
+    job_runs = runs_of(results_path, runs.runs, runs.firsts)
     for result in results:
         if result.error is not None and result.error.get("code") == FileErrorCode.ZIP_BOMB:
             detail = {k: v for k, v in result.error.items() if k not in ("code", "message")}
@@ -93,7 +101,7 @@ def run_job_to_file(job: Job, results_path: str) -> JobOutcome:
             # upload (a plain gzip upload has no archive headers to speak of).
             bomb = ZipBomb(result.error["message"], detail={"file": result.name, **detail})
             return JobOutcome(results_path, produced, bomb, events)
-    return JobOutcome(results_path, produced, None, events)
+    return JobOutcome(results_path, produced, None, events, job_runs)
 
 
 def read_trailer(path: str) -> JobResults:
@@ -104,17 +112,18 @@ def read_trailer(path: str) -> JobResults:
         return _TRAILER_DECODER.decode(results.read(length))
 
 
-class _Counted:
-    """Passes ``(id, record)`` pairs through and counts them."""
+@dataclass(frozen=True)
+class PartFiles:
+    """Where one part of a render writes: its actors, and two scratch files for merge passes, used when
+    its runs are more than one merge reads (``runs.bounded_runs``)."""
 
-    def __init__(self, pairs: Iterable[tuple[int, Actor]]) -> None:
-        self.pairs = pairs
-        self.count = 0
+    actors: str
+    scratch: tuple[str, str]
 
-    def __iter__(self) -> Iterator[tuple[int, Actor]]:
-        for pair in self.pairs:
-            self.count += 1
-            yield pair
+    @classmethod
+    def named(cls, name: Callable[[str], str], count: int) -> list[PartFiles]:
+        """``count`` parts' files, each path ``name(suffix)`` (a spool's sibling in the server)."""
+        return [cls(name(f"part-{n}"), (name(f"merge-{n}-a"), name(f"merge-{n}-b"))) for n in range(count)]
 
 
 @dataclass(frozen=True)
@@ -122,8 +131,8 @@ class RenderRequest:
     receipt: UploadReceipt
     result_paths: list[str]
     answer_path: str
-    #: Two files for merge passes, when the jobs wrote more runs than one merge reads (``runs.bounded_runs``).
-    scratch_paths: tuple[str, str]
+    #: The parts' files: as many as parts may be rendered side by side (the workers), one at least.
+    parts: list[PartFiles]
     ndjson: bool
     strict: bool
     include_actors: bool
@@ -155,74 +164,113 @@ class RenderOutcome:
     actors: int = 0
 
 
-def merge_and_render(request: RenderRequest) -> RenderOutcome:
-    # Without the cyclic collector's passes over its hundreds of thousands of small containers:
-    # 1.28 s -> 0.87 s on large.zip's 126,000 actors.
-    with gc_paused():
-        return _merge_and_render(request)
+@dataclass(frozen=True)
+class Framed:
+    """The upload's files and counts merged from the jobs' trailers: what the answer says around its
+    actors (``frame``; None when strict mode refuses the upload), and the runs the trailers list."""
+
+    outcome: RenderOutcome
+    frame: Frame | None
+    runs: list[Run]
 
 
-def _merge_and_render(request: RenderRequest) -> RenderOutcome:
+def frame_answer(request: RenderRequest) -> Framed:
+    """Read the jobs' trailers; merge their files, counts and event types; render what surrounds the
+    actors."""
     merger = Merger()
     merger.extend(request.failed_up_front)
-    jobs: list[tuple[str, JobResults]] = []
+    runs: list[Run] = []
     for path in request.result_paths:
         job = read_trailer(path)
         merger.extend(job.files)
         merger.add_event_types(job.event_types)  # raises TooManyEventTypes past the bound
-        job.event_types = {}  # summed: not held once per job (a thousand jobs' sets would be)
-        jobs.append((path, job))
+        runs += runs_of(path, job.runs)
     merged = merger.result()  # files and counts; the actors come from the runs
-
     failed = [{"name": result.name, "error": result.error} for result in merged.files if result.error]
     if request.strict and failed:  # refused: nothing was extracted for the metrics to count
-        return RenderOutcome(failed=failed, rendered=False)
+        return Framed(RenderOutcome(failed=failed, rendered=False), None, runs)
+    outcome = RenderOutcome(failed=failed, rendered=True, events=merged.events)
+    if request.ndjson:
+        return Framed(outcome, ndjson_tail_frame(merged, request.receipt, ignored=request.ignored), runs)
+    frame = json_frame(
+        merged, request.receipt, ignored=request.ignored, include_actors=request.include_actors
+    )
+    return Framed(outcome, frame, runs)
+
+
+@dataclass(frozen=True)
+class PartRequest:
+    """One part of a render: the actors of ``runs`` (bounded to the part's id range, ``partition``)."""
+
+    runs: list[Run]
+    files: PartFiles
+    ndjson: bool
+    #: Whether the actors are written (an NDJSON tail, or a JSON answer with its actors) or only counted.
+    write: bool
+    #: Given to one part: it frames the answer too (``frame_answer``), and merges nothing when strict mode
+    #: refuses the upload.
+    frame: RenderRequest | None = None
+
+
+@dataclass(frozen=True)
+class PartOutcome:
+    actors: int
+    framed: Framed | None = None
+
+
+def render_part(request: PartRequest) -> PartOutcome:
+    # Without the cyclic collector's passes over its hundreds of thousands of small containers:
+    # 1.28 s -> 0.87 s on large.zip's 126,000 actors.
+    with gc_paused():
+        framed = frame_answer(request.frame) if request.frame is not None else None
+        if framed is not None and framed.frame is None:
+            return PartOutcome(0, framed)
+        return PartOutcome(merge_part(request.runs, request.files, request.ndjson, request.write), framed)
+
+
+def merge_part(runs: list[Run], files: PartFiles, ndjson: bool, write: bool) -> int:
+    """Merge ``runs`` (in passes first, if there are many) and write their actors to ``files.actors``, or
+    only count them; how many there were."""
     try:
-        _render(request, merged, [run for path, job in jobs for run in runs_of(path, job.runs)])
+        bounded = bounded_runs(runs, files.scratch)
+        if not write:
+            return sum(1 for _ in merge_chunks(map(read_chunks, bounded)))
+        with open(files.actors, "wb", buffering=WRITE_BUFFER_BYTES) as out:
+            merged = actor_pairs(merge_chunks(map(read_chunks, bounded)))
+            return write_actors(out, merged, ndjson=ndjson)
     finally:
-        # Each as large as all the runs: gone once the answer is written, not when the upload ends
+        # Each as large as all the runs: gone once the part is written, not when the upload ends
         # (its answer may take minutes to reach a slow client).
-        for scratch in request.scratch_paths:
+        for scratch in files.scratch:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(scratch)
-    return RenderOutcome(failed=failed, rendered=True, events=merged.events, actors=merged.unique_actors)
 
 
-def _render(request: RenderRequest, merged: Merged, job_runs: list[Run]) -> None:
-    """Write the answer file: the actors merged from the jobs' runs (in passes first, if there are many)."""
-    runs = bounded_runs(job_runs, request.scratch_paths)
-
-    def actors() -> Iterator[tuple[int, Actor]]:
-        return merge_runs(map(read_run, runs))
-
-    timing_ms = request.timing_ms()
-    with open(request.answer_path, "wb", buffering=WRITE_BUFFER_BYTES) as out:
-        if request.ndjson:
-            _write_ndjson_tail(out, merged, actors(), request, timing_ms)
-        else:
-            # The summary, which comes first, counts the actors: one pass to count, one to write.
-            merged.unique_actors = sum(1 for _ in merge_rows(map(read_run, runs)))
-            write_answer(
-                out,
-                merged,
-                request.receipt,
-                ignored=request.ignored,
-                timing_ms=timing_ms,
-                actors=actors() if request.include_actors else None,
-            )
+def merge_and_render(request: RenderRequest) -> RenderOutcome:
+    """The whole answer in one call, into ``request.answer_path`` (a small upload's: ``small.py``): the same
+    frame and part as a render in parts, its one part's file removed once copied into the answer."""
+    with gc_paused():
+        framed = frame_answer(request)
+        if framed.frame is None:
+            return framed.outcome
+        files = request.parts[0]
+        try:
+            write = request.ndjson or request.include_actors
+            count = merge_part(framed.runs, files, request.ndjson, write)
+            pieces = fill(framed.frame, count, [(files.actors, count)], request.timing_ms())
+            with open(request.answer_path, "wb", buffering=WRITE_BUFFER_BYTES) as out:
+                write_pieces(out, pieces)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(files.actors)
+    return dataclasses.replace(framed.outcome, actors=count)
 
 
-def _write_ndjson_tail(
-    out: Any,
-    merged: Merged,
-    actors: Iterable[tuple[int, Actor]],
-    request: RenderRequest,
-    timing_ms: dict[str, float],
-) -> None:
-    counted = _Counted(actors)
-    for lines in actor_lines(counted):
-        out.write(lines)
-    merged.unique_actors = counted.count
-    for result in merged.files:
-        out.write(file_line(result))
-    out.write(summary_line(merged, request.receipt, ignored=request.ignored, timing_ms=timing_ms))
+def write_pieces(out: BinaryIO, pieces: Iterable[bytes | str]) -> None:
+    """Write an answer's pieces (``results.fill``): bytes as they are, a path as its file's bytes."""
+    for piece in pieces:
+        if isinstance(piece, bytes):
+            out.write(piece)
+            continue
+        with open(piece, "rb") as part:
+            shutil.copyfileobj(part, out, WRITE_BUFFER_BYTES)

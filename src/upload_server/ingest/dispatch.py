@@ -29,9 +29,18 @@ from ..errors import WorkerCrashed
 from ..receive.sniff import ContentKind
 from . import worker_process
 from .archive import ArchiveLimits, ArchivePlan, EntryPlan, plan_zip, work_bytes
-from .assemble import JobOutcome, RenderRequest, run_job_to_file
+from .assemble import (
+    JobOutcome,
+    PartOutcome,
+    PartRequest,
+    RenderOutcome,
+    RenderRequest,
+    render_part,
+    run_job_to_file,
+)
 from .extract import FileResult
 from .fair import FairLimiter, Ticket
+from .partition import assembled, part_requests
 from .runs import spill_threshold
 from .small import SmallUpload, plan_and_run_small, small_file
 from .worker import Job
@@ -334,3 +343,22 @@ async def _run_one(
     async with send:
         outcome = await pool.run(run_job_to_file, job, results_path, ticket=ticket)
         await send.send((index, outcome))
+
+
+async def render_in_parts(
+    pool: WorkerPool, request: RenderRequest, outcomes: Sequence[JobOutcome], ticket: Ticket | None = None
+) -> tuple[RenderOutcome, list[bytes | str]]:
+    """Render the answer as parts cut by actor id, one per worker, side by side (``partition``); the
+    outcome, and the answer's pieces in order (``results.fill``: bytes, or a part file's path)."""
+    parts = part_requests(request, outcomes, pool.count)
+    done: dict[int, PartOutcome] = {}
+    async with trio.open_nursery() as nursery:
+        for number, part in enumerate(parts):
+            nursery.start_soon(_render_one, pool, part, ticket, done, number)
+    return assembled(request, parts, [done[number] for number in range(len(parts))])
+
+
+async def _render_one(
+    pool: WorkerPool, part: PartRequest, ticket: Ticket | None, done: dict[int, PartOutcome], number: int
+) -> None:
+    done[number] = await pool.run(render_part, part, ticket=ticket)

@@ -1,7 +1,7 @@
 """Sorted actor runs on disk: how a worker keeps an upload's actors out of its memory (issue 12).
 
 A run is a job's actors (or part of them) as ``ActorRow``s sorted by id, each id once, written in msgpack
-chunks of ``ACTOR_CHUNK_ROWS`` rows (fewer when that passes ``CHUNK_BYTES``). ``results.merge_rows``
+chunks of ``ACTOR_CHUNK_ROWS`` rows (fewer when that passes ``CHUNK_BYTES``). ``results.merge_chunks``
 merges runs into one stream by ``Merger``'s rule.
 
 * **While a file is extracted** (``JobRuns``, given to ``extract`` as its ``ActorSpill``): when the file's
@@ -14,19 +14,20 @@ merges runs into one stream by ``Merger``'s rule.
   scratch files first.
 
 Ties: two rows of one id and one file order come from one file's runs, and the earlier run holds the
-earlier occurrence. ``heapq.merge`` is stable (it orders like ``sorted(itertools.chain(...))``), so runs
+earlier occurrence. The merge sorts stably (like ``sorted(itertools.chain(...))``), so runs
 are always passed in the order they were written, and a pass merges consecutive runs only.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable, Iterator, Sequence
 from typing import BinaryIO
 
 import msgspec
 
 from .extract import Actor, FileResult, rewind
-from .results import ActorRow, Merger, add_event_types, merge_rows
+from .results import ActorRow, Merger, add_event_types, merge_chunks
 
 __all__ = [
     "ACTOR_BYTES",
@@ -37,6 +38,7 @@ __all__ = [
     "JobRuns",
     "Run",
     "bounded_runs",
+    "read_chunks",
     "read_run",
     "spill_threshold",
     "write_run",
@@ -72,33 +74,45 @@ def spill_threshold(memory_budget: int) -> int:
 
 
 class Run(msgspec.Struct, frozen=True):
-    """Where a run lies: the file, the offset of its first chunk, and its chunks' lengths."""
+    """Where a run lies: the file, the offset of its first chunk, and its chunks' lengths; the first id of
+    each chunk, when known (``JobRuns.firsts``: what ``partition`` cuts an upload's actors by). Only its
+    rows with ``low <= id < high`` are read, where those are given (a part of a partitioned render)."""
 
     path: str
     offset: int
     chunks: list[int]
+    firsts: list[int] = msgspec.field(default_factory=list)
+    low: int | None = None
+    high: int | None = None
 
 
-def write_run(out: BinaryIO, rows: Iterable[ActorRow]) -> list[int]:
-    """Write ``rows`` (sorted by id, each id once) at ``out``'s position; the lengths of its chunks."""
+def write_run(out: BinaryIO, rows: Iterable[ActorRow]) -> tuple[list[int], list[int]]:
+    """Write ``rows`` (sorted by id, each id once) at ``out``'s position; the lengths of its chunks and the
+    first id of each."""
     chunks: list[int] = []
+    firsts: list[int] = []
     batch: list[ActorRow] = []
     for row in rows:
         batch.append(row)
         if len(batch) >= ACTOR_CHUNK_ROWS:
-            chunks += (out.write(chunk) for chunk in _encoded(batch))
+            for first, chunk in _encoded(batch):
+                chunks.append(out.write(chunk))
+                firsts.append(first)
             batch = []
     if batch:
-        chunks += (out.write(chunk) for chunk in _encoded(batch))
-    return chunks
+        for first, chunk in _encoded(batch):
+            chunks.append(out.write(chunk))
+            firsts.append(first)
+    return chunks, firsts
 
 
-def _encoded(batch: list[ActorRow]) -> Iterator[bytes]:
-    """``batch`` as chunks of at most ``CHUNK_BYTES`` each, or of one row: cut into as many rows as fit
-    at the batch's average row size, each piece cut again if its rows are larger than the average."""
+def _encoded(batch: list[ActorRow]) -> Iterator[tuple[int, bytes]]:
+    """``batch`` as chunks (with their first ids) of at most ``CHUNK_BYTES`` each, or of one row: cut into
+    as many rows as fit at the batch's average row size, each piece cut again if its rows are larger than
+    the average."""
     data = _ENCODER.encode(batch)
     if len(data) <= CHUNK_BYTES or len(batch) == 1:
-        yield data
+        yield batch[0].id, data
         return
     step = max(1, len(batch) * CHUNK_BYTES // len(data))
     del data  # not held while the pieces are encoded
@@ -107,23 +121,43 @@ def _encoded(batch: list[ActorRow]) -> Iterator[bytes]:
 
 
 def read_run(run: Run) -> Iterator[ActorRow]:
-    """A run's rows, a chunk at a time. The file is opened per chunk, so a merge of many runs holds no
-    descriptor between reads (issue 12: descriptors run out before memory does)."""
+    """A run's rows (those within its bounds), a chunk at a time (``read_chunks``)."""
+    for rows in read_chunks(run):
+        yield from rows
+
+
+def read_chunks(run: Run) -> Iterator[list[ActorRow]]:
+    """A run's chunks (their rows within its bounds). The file is opened per chunk, so a merge of many runs
+    holds no descriptor between reads (issue 12: descriptors run out before memory does)."""
     offset = run.offset
     for length in run.chunks:
         with open(run.path, "rb") as source:
             source.seek(offset)
             rows = _ROWS_DECODER.decode(source.read(length))
         offset += length
-        yield from rows
+        if run.low is not None or run.high is not None:
+            rows = _within(rows, run.low, run.high)
+        yield rows
 
 
-def runs_of(path: str, lengths: Sequence[list[int]]) -> list[Run]:
-    """The runs a job wrote one after another from the start of ``path`` (``JobRuns.runs``)."""
+def _within(rows: list[ActorRow], low: int | None, high: int | None) -> list[ActorRow]:
+    """The rows (sorted by id) with ``low <= id < high``: all of them but in a bounded run's end chunks."""
+    start = 0 if low is None or rows[0].id >= low else bisect.bisect_left(rows, low, key=_row_id)
+    end = len(rows) if high is None or rows[-1].id < high else bisect.bisect_left(rows, high, key=_row_id)
+    return rows if start == 0 and end == len(rows) else rows[start:end]
+
+
+def _row_id(row: ActorRow) -> int:
+    return row.id
+
+
+def runs_of(path: str, lengths: Sequence[list[int]], firsts: Sequence[list[int]] = ()) -> list[Run]:
+    """The runs a job wrote one after another from the start of ``path`` (``JobRuns.runs``, and
+    ``JobRuns.firsts`` when given)."""
     runs: list[Run] = []
     offset = 0
-    for chunks in lengths:
-        runs.append(Run(path, offset, chunks))
+    for number, chunks in enumerate(lengths):
+        runs.append(Run(path, offset, chunks, list(firsts[number]) if firsts else []))
         offset += sum(chunks)
     return runs
 
@@ -142,7 +176,8 @@ def bounded_runs(
         with open(path, "wb", buffering=1 << 20) as out:
             for group in _groups(runs, fan_in, merge_bytes):
                 offset = out.tell()
-                merged.append(Run(path, offset, write_run(out, merge_rows(map(read_run, group)))))
+                chunks, firsts = write_run(out, merge_chunks(map(read_chunks, group)))
+                merged.append(Run(path, offset, chunks, firsts))
         runs, passes = merged, passes + 1
     return runs
 
@@ -185,6 +220,8 @@ class JobRuns:
         self.limit = limit
         self.byte_limit = byte_limit
         self.runs: list[list[int]] = []
+        #: The first id of each chunk of each run.
+        self.firsts: list[list[int]] = []
         self._out = out
         self._pending = Merger()
         self.event_types: dict[str, int] = {}
@@ -197,25 +234,28 @@ class JobRuns:
 
     def spill(self, actors: dict[int, Actor]) -> None:
         """The current file's actors so far, as a run (the caller then starts a new set)."""
-        order = self._order
-        rows = (ActorRow.of(aid, order, actors[aid]) for aid in sorted(actors))
-        self.runs.append(write_run(self._out, rows))
+        self._written(write_run(self._out, ActorRow.sorted_rows(actors, self._order)))
+
+    def _written(self, run: tuple[list[int], list[int]]) -> None:
+        chunks, firsts = run
+        self.runs.append(chunks)
+        self.firsts.append(firsts)
 
     def end_file(self, result: FileResult) -> None:
         """A failed file's runs are cut off again; a good file's remaining actors join the pending set."""
         if result.error is not None:
             position, count = self._mark
             rewind(self._out, position)
-            del self.runs[count:]
+            del self.runs[count:], self.firsts[count:]
             return
         add_event_types(self.event_types, result.event_types)
         result.event_types = {}
         if self._pending.actor_count + len(result.actors) >= self.limit:
             self.finish()
-        self._pending.add(result)
-        result.actors = {}  # the pending set holds its own copies
+        self._pending.add(result, take=True)
+        result.actors = {}  # the pending set holds them now
 
     def finish(self) -> None:
         if self._pending.actor_count:
-            self.runs.append(write_run(self._out, self._pending.actor_run()))
+            self._written(write_run(self._out, self._pending.actor_run()))
         self._pending = Merger()
