@@ -7,6 +7,7 @@ import dataclasses
 import importlib.util
 import os
 import subprocess
+import sys
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,14 @@ from upload_server.ingest import dispatch
 from upload_server.ingest.inflate import Inflater, available
 from upload_server.server import serve
 from upload_server.state import ServerState
+
+# Bytecode caches on, even where PYTHONDONTWRITEBYTECODE is set (as on this machine): this process's later
+# imports, the xdist workers (started after this file is read) and every interpreter a test starts (servers,
+# their workers, locust, the rolling-restart script) keep and reuse compiled modules, and pytest keeps its
+# rewritten test and plugin modules. Without caches each of them compiled everything it imported again:
+# collecting the suite took 8 s of CPU instead of 3 s in each xdist worker (loadtest/suite_cpu.py).
+sys.dont_write_bytecode = False
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
 # Every new worker process re-runs the parent's main script, which here is pytest's: with pytest preloaded
 # in the forkserver that costs nothing, otherwise each worker of each test server imports pytest again
@@ -135,3 +144,4 @@ def spool_dir(tmp_path: Path) -> Path:
     path = tmp_path / "spool"
     path.mkdir()
     return path
+
