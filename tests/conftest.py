@@ -16,6 +16,7 @@ import pytest
 import trio
 from hypothesis import settings
 
+from browser import CHROMIUM, BrowserThread
 from server_process import Spawn, kill_all, spawner
 from upload_server.config import Config
 from upload_server.ingest import dispatch
@@ -145,3 +146,13 @@ def spool_dir(tmp_path: Path) -> Path:
     path.mkdir()
     return path
 
+
+@pytest.fixture(scope="session")
+def chromium() -> Iterator[BrowserThread]:
+    """The page tests' headless Chromium: one per test process, on a thread of its own (tests/browser.py)."""
+    assert CHROMIUM.exists(), (
+        f"{CHROMIUM} is missing: apt-get install chromium chromium-driver (.ci/run does)"
+    )
+    browser = BrowserThread()
+    yield browser
+    browser.close()

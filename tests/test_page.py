@@ -1,9 +1,10 @@
 """The upload page in a real browser: Debian's headless Chromium, driven by Playwright, against the real
 server on a real socket.
 
-Playwright's sync API runs in a thread of its own (``in_browser``) while the server keeps serving in the
-test's Trio loop; the browser side reads server state through ``trio.from_thread``. A missing browser fails
-these tests: CI installs it (.ci/run), and a skipped browser test would pass for nothing.
+Playwright's sync API runs on the browser's own thread (``in_browser``, the ``chromium`` fixture: one browser
+per test process, a new context per test) while the server keeps serving in the test's Trio loop; the
+browser side reads server state through ``on_server``. A missing browser fails these tests: CI installs it
+(.ci/run), and a skipped browser test would pass for nothing.
 """
 
 from __future__ import annotations
@@ -14,17 +15,18 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import zipfile
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
 import pytest
 import trio
-from playwright.sync_api import ConsoleMessage, Locator, Page, expect, sync_playwright
+from playwright.sync_api import Browser, ConsoleMessage, Locator, Page, expect
 
-from browser import CHROMIUM, launch
+from browser import BrowserThread
 from conftest import RunningServer, StartServer, wait_until
 from events_factory import as_ndjson, make_events, make_zip
 from raw_http import RawClient, assert_no_leftovers, assert_still_serving, upload_head
@@ -41,14 +43,16 @@ expect.set_options(timeout=WAIT_MS)
 T = TypeVar("T")
 
 
-@pytest.fixture(autouse=True)
-def chromium_is_installed() -> None:
-    assert CHROMIUM.exists(), (
-        f"{CHROMIUM} is missing: apt-get install chromium chromium-driver (.ci/run does)"
-    )
+#: The running test's Trio token, for the browser thread's calls into the test's loop (``on_server``).
+_test_loop = threading.local()
 
 
-def _run_browser(script: Callable[[Page], T], context_options: dict[str, Any]) -> T:
+def _run_browser(
+    browser: Browser,
+    script: Callable[[Page], T],
+    context_options: dict[str, Any],
+    token: trio.lowlevel.TrioToken,
+) -> T:
     problems: list[str] = []
 
     def on_console(message: ConsoleMessage) -> None:
@@ -57,24 +61,37 @@ def _run_browser(script: Callable[[Page], T], context_options: dict[str, Any]) -
         if message.type == "error" and not message.text.startswith("Failed to load resource"):
             problems.append(message.text)
 
-    with sync_playwright() as playwright:
-        browser = launch(playwright)
-        try:
-            context = browser.new_context(**{"locale": "en-US", **context_options})
-            page = context.new_page()
-            page.set_default_timeout(WAIT_MS)
-            page.on("console", on_console)
-            page.on("pageerror", lambda error: problems.append(f"uncaught: {error}"))
-            result = script(page)
-        finally:
-            browser.close()
+    _test_loop.token = token
+    context = browser.new_context(**{"locale": "en-US", **context_options})
+    try:
+        page = context.new_page()
+        page.set_default_timeout(WAIT_MS)
+        page.on("console", on_console)
+        page.on("pageerror", lambda error: problems.append(f"uncaught: {error}"))
+        result = script(page)
+    finally:
+        context.close()
+        _test_loop.token = None
     assert problems == [], problems
     return result
 
 
-async def in_browser(script: Callable[[Page], T], **context_options: Any) -> T:
-    """Run ``script(page)`` in a fresh headless Chromium (in a thread; the server keeps serving)."""
-    return await trio.to_thread.run_sync(functools.partial(_run_browser, script, context_options))
+async def in_browser(chromium: BrowserThread, script: Callable[[Page], T], **context_options: Any) -> T:
+    """Run ``script(page)`` in a new context of the process's headless Chromium, on the browser's thread
+    (the server keeps serving)."""
+    token = trio.lowlevel.current_trio_token()
+    job = functools.partial(_run_browser, script=script, context_options=context_options, token=token)
+    return await trio.to_thread.run_sync(chromium.run, job)
+
+
+def on_server(function: Callable[..., T], *args: Any) -> T:
+    """In a browser script: ``function(*args)`` in the test's Trio loop, where the server runs."""
+    return trio.from_thread.run_sync(function, *args, trio_token=_test_loop.token)
+
+
+def on_server_async(function: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """In a browser script: ``await function(*args)`` in the test's Trio loop."""
+    return trio.from_thread.run(function, *args, trio_token=_test_loop.token)
 
 
 def server_stats(server: RunningServer) -> dict[str, int]:
@@ -89,7 +106,7 @@ def server_stats(server: RunningServer) -> dict[str, int]:
             "jobs_running": server.state.workers.snapshot()["jobs_running"],
         }
 
-    return trio.from_thread.run_sync(read)
+    return on_server(read)
 
 
 def throttle(page: Page, *, up: int = -1, down: int = -1) -> None:
@@ -161,7 +178,7 @@ def upload_through_page(page: Page, server: RunningServer, path: Path, *, tap: b
 
 # ------------------------------------------------------------------------------------ the result
 async def test_a_zip_uploaded_through_the_page_shows_the_servers_answer(
-    start_server: StartServer, sample_zip: Path, shots: Path
+    chromium: BrowserThread, start_server: StartServer, sample_zip: Path, shots: Path
 ) -> None:
     server = await start_server()
     expected = await json_answer(server, sample_zip)
@@ -178,7 +195,7 @@ async def test_a_zip_uploaded_through_the_page_shows_the_servers_answer(
         shown["sorting"] = exercise_actor_table(card, expected["actors"])
         return shown
 
-    shown = await in_browser(script)
+    shown = await in_browser(chromium, script)
     summary = expected["summary"]
     skipped = sum(summary["skipped"].values())
     assert skipped > 0 and summary["files_failed"] == 1 and summary["files_ignored"] == 2
@@ -316,7 +333,7 @@ WATCH_PROGRESS = """() => {
 
 
 async def test_the_processing_bar_follows_the_progress_lines(
-    start_server: StartServer, sample_zip: Path
+    chromium: BrowserThread, start_server: StartServer, sample_zip: Path
 ) -> None:
     server = await start_server()
     expected = await json_answer(server, sample_zip)
@@ -329,7 +346,7 @@ async def test_the_processing_bar_follows_the_progress_lines(
         expect(page.locator("article.upload .result")).to_be_visible()
         return page.evaluate("() => window.progressSeen")
 
-    seen = await in_browser(script)
+    seen = await in_browser(chromium, script)
     pattern = re.compile(r"^(\d+) of (\d+) files · ([\d.]+ \S+) of ([\d.]+ \S+) · ([\d,]+) events$")
     states = [(pattern.match(text), value, top) for text, value, top in seen if pattern.match(text)]
     assert len(states) >= 3, seen  # the start, some jobs done, the end
@@ -345,7 +362,7 @@ async def test_the_processing_bar_follows_the_progress_lines(
 
 # ---------------------------------------------------------------------------- a phone, in German
 async def test_a_375_px_screen_in_german_fits_and_formats_numbers_for_its_reader(
-    start_server: StartServer, sample_zip: Path, shots: Path
+    chromium: BrowserThread, start_server: StartServer, sample_zip: Path, shots: Path
 ) -> None:
     server = await start_server()
     expected = await json_answer(server, sample_zip)
@@ -364,7 +381,12 @@ async def test_a_375_px_screen_in_german_fits_and_formats_numbers_for_its_reader
         return width, sticking_out, read_result(card)
 
     width, sticking_out, shown = await in_browser(
-        script, viewport={"width": 375, "height": 812}, locale="de-DE", is_mobile=True, has_touch=True
+        chromium,
+        script,
+        viewport={"width": 375, "height": 812},
+        locale="de-DE",
+        is_mobile=True,
+        has_touch=True,
     )
     assert width <= 375
     assert sticking_out == []
@@ -379,10 +401,10 @@ async def test_a_375_px_screen_in_german_fits_and_formats_numbers_for_its_reader
 # ----------------------------------------------------------------------------------------- cancel
 def poll(predicate: Callable[[], bool], within: float = 30.0) -> None:
     """In the browser thread: wait for server state to reach ``predicate``; fail after ``within``."""
-    deadline = trio.from_thread.run_sync(trio.current_time) + within
+    deadline = on_server(trio.current_time) + within
     while not predicate():
-        assert trio.from_thread.run_sync(trio.current_time) < deadline, "the server never got there"
-        trio.from_thread.run(trio.sleep, 0.02)
+        assert on_server(trio.current_time) < deadline, "the server never got there"
+        on_server_async(trio.sleep, 0.02)
 
 
 async def assert_let_go(server: RunningServer, *, work_may_be_done: bool = False) -> None:
@@ -402,7 +424,7 @@ async def assert_let_go(server: RunningServer, *, work_may_be_done: bool = False
 
 
 async def test_cancel_aborts_the_upload_and_the_server_lets_it_go(
-    start_server: StartServer, tmp_path: Path
+    chromium: BrowserThread, start_server: StartServer, tmp_path: Path
 ) -> None:
     server = await start_server()
     big = tmp_path / "big.zip"
@@ -423,7 +445,7 @@ async def test_cancel_aborts_the_upload_and_the_server_lets_it_go(
         expect(card.locator(".status")).to_contain_text("Cancelled")
         return during, sent, card.locator(".status").inner_text(), card.locator(".cancel").is_hidden()
 
-    during, sent, status, cancel_hidden = await in_browser(script)
+    during, sent, status, cancel_hidden = await in_browser(chromium, script)
     assert " of 6 MiB sent (" in during and "/s · " in during, during
     assert 0 < sent < 1
     assert status == "Cancelled. The server stops its work on this upload when the connection closes."
@@ -432,7 +454,7 @@ async def test_cancel_aborts_the_upload_and_the_server_lets_it_go(
 
 
 async def test_cancel_while_the_answer_streams_ends_the_servers_work_too(
-    start_server: StartServer, sample_zip: Path
+    chromium: BrowserThread, start_server: StartServer, sample_zip: Path
 ) -> None:
     server = await start_server()
 
@@ -446,13 +468,13 @@ async def test_cancel_while_the_answer_streams_ends_the_servers_work_too(
         card.get_by_role("button", name=f"Cancel {sample_zip.name}").press("Enter")
         expect(card.get_by_role("status")).to_contain_text("Cancelled")
 
-    await in_browser(script)
+    await in_browser(chromium, script)
     await assert_let_go(server, work_may_be_done=True)
 
 
 # ----------------------------------------------------------------------------------------- refusals
 async def test_a_name_not_accepted_is_refused_before_upload_and_unknown_content_gets_415(
-    server: RunningServer, tmp_path: Path
+    chromium: BrowserThread, server: RunningServer, tmp_path: Path
 ) -> None:
     notes = tmp_path / "notes.txt"
     notes.write_text("not events")
@@ -474,7 +496,7 @@ async def test_a_name_not_accepted_is_refused_before_upload_and_unknown_content_
         seen["refused_after"] = refused.inner_text()
         return seen
 
-    seen = await in_browser(script)
+    seen = await in_browser(chromium, script)
     assert (
         seen["refused"]
         == "Not uploaded: “notes.txt”. Only .zip, .gz, .json, .ndjson or .jsonl files are accepted."
@@ -492,7 +514,7 @@ async def test_a_name_not_accepted_is_refused_before_upload_and_unknown_content_
 
 
 async def test_a_file_over_the_limit_gets_413_with_the_limit_in_words(
-    start_server: StartServer, tmp_path: Path
+    chromium: BrowserThread, start_server: StartServer, tmp_path: Path
 ) -> None:
     server = await start_server(max_upload_bytes=64 * 1024)
     big = tmp_path / "hour.json"
@@ -506,7 +528,7 @@ async def test_a_file_over_the_limit_gets_413_with_the_limit_in_words(
         expect(error).not_to_be_empty()
         return error.inner_text(), page.locator("#accepted").inner_text()
 
-    error, accepted = await in_browser(script)
+    error, accepted = await in_browser(chromium, script)
     assert error == "This file is 256 KiB; the server accepts at most 64 KiB in one upload."
     assert accepted == "Accepted: .zip, .gz, .json, .ndjson, .jsonl, up to 64 KiB each."
     await assert_no_leftovers(server)
@@ -514,7 +536,7 @@ async def test_a_file_over_the_limit_gets_413_with_the_limit_in_words(
 
 
 async def test_a_busy_server_gets_a_countdown_from_retry_after_then_a_retry(
-    start_server: StartServer, tmp_path: Path
+    chromium: BrowserThread, start_server: StartServer, tmp_path: Path
 ) -> None:
     events, truth = make_events(20, seed=1)
     body = as_ndjson(events)
@@ -536,18 +558,20 @@ async def test_a_busy_server_gets_a_countdown_from_retry_after_then_a_retry(
         expect(alert).to_contain_text("Retrying in")
         busy = alert.inner_text()
         expect(card.get_by_role("button", name="Retry now")).to_be_visible()
-        trio.from_thread.run(holder.send, holding[10:])  # the budget frees once that upload is answered
+        on_server_async(holder.send, holding[10:])  # the budget frees once that upload is answered
         expect(card.locator(".result")).to_be_visible()
         return busy, card.locator("dd[data-count=events]").inner_text()
 
-    busy, shown_events = await in_browser(script)
+    busy, shown_events = await in_browser(chromium, script)
     assert busy == "The server's storage for uploads is taken by uploads in progress. Retrying in 1 second…"
     assert shown_events == en(truth.events)
     assert (await holder.read_response()).status == 200
     await holder.aclose()
 
 
-async def test_files_dropped_on_the_page_are_sorted_into_uploads_and_refusals(server: RunningServer) -> None:
+async def test_files_dropped_on_the_page_are_sorted_into_uploads_and_refusals(
+    chromium: BrowserThread, server: RunningServer
+) -> None:
     events, truth = make_events(30, seed=2)
 
     def script(page: Page) -> dict[str, Any]:
@@ -577,7 +601,7 @@ async def test_files_dropped_on_the_page_are_sorted_into_uploads_and_refusals(se
             "refused": page.locator("#refused").inner_text(),
         }
 
-    seen = await in_browser(script)
+    seen = await in_browser(chromium, script)
     assert seen["dragging"] and seen["after_drop"] == "drop-zone"
     assert (seen["cards"], seen["name"], seen["events"]) == (1, "hour.ndjson", en(truth.events))
     assert (

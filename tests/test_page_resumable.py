@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import trio
 from playwright.sync_api import Page, Request, Route, expect
 
+from browser import BrowserThread
 from conftest import RunningServer, StartServer, wait_until
-from test_page import WAIT_MS, en, in_browser, read_downloads, read_result
+from test_page import WAIT_MS, en, in_browser, on_server, read_downloads, read_result
 from test_tus import FILES, TUS, dataset
 
 APP_JS = Path(__file__).resolve().parent.parent / "src" / "upload_server" / "static" / "app.js"
@@ -58,7 +58,7 @@ def incomplete_uploads(server: RunningServer) -> dict[str, int]:
         assert server.state.resumable is not None
         return dict(server.state.resumable.incomplete)
 
-    return trio.from_thread.run_sync(read)
+    return on_server(read)
 
 
 Hold = Callable[[Request], bool]
@@ -113,7 +113,7 @@ def reload(page: Page, requests: list[Request], loads: list[int]) -> None:
 
 
 async def test_a_large_file_goes_through_tus_and_resumes_after_a_reload(
-    start_server: StartServer, tmp_path: Path
+    chromium: BrowserThread, start_server: StartServer, tmp_path: Path
 ) -> None:
     """Reloaded between its two chunks, the file chosen again sends only the second; reloaded again
     between its last byte and its result, chosen again it sends no byte and shows the result."""
@@ -150,7 +150,7 @@ async def test_a_large_file_goes_through_tus_and_resumes_after_a_reload(
         ]
         return seen
 
-    seen = await in_browser(script)
+    seen = await in_browser(chromium, script)
     # Before the reload the server held exactly the first chunk, and said so to the resuming page.
     [(upload_id, offset)] = seen["before_reload"].items()
     assert offset == CHUNK
@@ -202,9 +202,9 @@ def _mib(n: int) -> str:
 
 
 async def test_the_resumable_paths_errors_in_words_and_cancel_leave_nothing_behind(
-    start_server: StartServer, tmp_path: Path
+    chromium: BrowserThread, start_server: StartServer, tmp_path: Path
 ) -> None:
-    """One browser for three files (a browser's start is most of a test's time): two refused as the
+    """One page for three files (a page's start is much of a test's time): two refused as the
     server's JSON errors say, in the POST path's words; the third cancelled with a chunk on the server."""
     server = await start_server(max_upload_bytes=RESUMABLE_FROM + (2 << 20))
     too_large = tmp_path / "big.zip"  # refused at creation, before a byte is sent
@@ -233,7 +233,7 @@ async def test_the_resumable_paths_errors_in_words_and_cancel_leave_nothing_behi
         page.wait_for_function(f"() => ({STORED_UPLOADS})().length === 0")
         return seen | {"requests": requests}
 
-    seen = await in_browser(script)
+    seen = await in_browser(chromium, script)
     _assert_the_errors_went_through_tus(seen.pop("requests"))
     [(upload_id, offset)] = seen.pop("held").items()
     assert offset == CHUNK  # the server held the cancelled file's first chunk when Cancel was pressed
