@@ -16,7 +16,7 @@ DRAIN = 1.0
 
 def test_a_rolling_restart_behind_haproxy_fails_no_request() -> None:
     assert shutil.which("haproxy"), "haproxy is not on PATH: .ci/run installs it (apt-get install haproxy)"
-    command = [sys.executable, str(SCRIPT), "--phase", "1.5", "--drain-delay", str(DRAIN)]
+    command = [sys.executable, str(SCRIPT), "--phase", "0.5", "--drain-delay", str(DRAIN)]
     command += ["--check-inter", "100ms", "--dataset", "tiny", "--max-seconds", "100"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     output = result.stdout + result.stderr
