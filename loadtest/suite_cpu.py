@@ -8,7 +8,8 @@ started, grandchildren included, and what pytest costs before the first test (pl
 This script makes itself a child subreaper (Linux ``PR_SET_CHILD_SUBREAPER``): a process orphaned below
 pytest (a forkserver, a worker of a server run as a subprocess, a browser's helpers) is re-parented here, not
 to init, so waiting for it adds its CPU to ``RUSAGE_CHILDREN`` like every other descendant's. A process still
-alive ``--linger`` seconds after pytest exited is reported (something a test left running).
+alive ``--linger`` seconds after pytest exited is reported (something a test left running). Orphans are
+reaped as they exit, so that a test waiting for a process to leave /proc does not see a zombie.
 
 ``cpu`` is user + sys of the whole tree; ``over`` is ``cpu`` minus the CPU of collecting that file alone
 (``--collect-only``): what its tests themselves cost. The CPU of one whole-suite collection (what each xdist
@@ -77,12 +78,18 @@ def measure(args: list[str], linger: float) -> Cost:
     """Run pytest with ``args``; its wall time and the CPU of its whole process tree."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.monotonic()
-    code = subprocess.run(
+    process = subprocess.Popen(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        check=False,
-    ).returncode
+    )
+    # Reap every orphan as it exits, not only pytest: a test that waits for a process to disappear from
+    # /proc (a killed supervisor's children) would otherwise see a zombie waiting for this script.
+    while True:
+        pid, status = os.waitpid(-1, 0)
+        if pid == process.pid:
+            process.returncode = code = os.waitstatus_to_exitcode(status)
+            break
     wall = time.monotonic() - started
     lingered = reap_orphans(linger)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
