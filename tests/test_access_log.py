@@ -48,7 +48,7 @@ def raw_exchange(port: int, request: bytes) -> bytes:
 def test_json_lines_carry_the_request_id_echoed_in_the_answer(spawn: Spawn, tmp_path: Path) -> None:
     server = spawn(server_command(tmp_path, "--workers", "1", "--access-log-format", "json"))
     sane = "req-42_a.b:c"
-    with httpx.Client(base_url=server.url, timeout=30) as client:
+    with httpx.Client(base_url=server.url, timeout=30, verify=False) as client:
         kept = client.get(HEALTH, headers={"x-request-id": sane}).headers["x-request-id"]
         spaced = client.get(HEALTH, headers={"x-request-id": "two words"}).headers["x-request-id"]
         too_long = client.get(HEALTH, headers={"x-request-id": "a" * 129}).headers["x-request-id"]
@@ -123,7 +123,7 @@ def test_no_log_line_carries_upload_content(spawn: Spawn, tmp_path: Path, log_fo
     flags = ("--workers", "1", "--log-level", "debug", "--access-log-format", log_format)
     server = spawn(server_command(tmp_path, *flags, "--max-upload-bytes", "4K", "--body-idle-timeout", "0.5"))
     statuses = []
-    with httpx.Client(base_url=server.url, timeout=30) as client:
+    with httpx.Client(base_url=server.url, timeout=30, verify=False) as client:
         for target, headers, body in _uploads():
             statuses.append(client.post(target, headers=headers, content=body).status_code)
     # Over the size limit mid-stream, and a body that stops arriving.

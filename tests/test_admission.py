@@ -95,7 +95,7 @@ async def test_a_client_leaving_while_queued_leaves_the_queue_at_once(start_serv
     events, _ = make_events(50, seed=4)
     queued = await raw_upload(server, as_ndjson(events))
     await wait_until(lambda: server.state.backlog.queued_uploads == 1)
-    async with httpx.AsyncClient(base_url=server.url) as client:
+    async with httpx.AsyncClient(base_url=server.url, verify=False) as client:
         assert (await client.get("/api/v1/health")).json()["queue"]["length"] == 1
     await queued.aclose()
     # Out of the queue and its spool file gone while the first upload still holds the worker.
@@ -134,7 +134,7 @@ async def test_busy_only_when_the_estimated_wait_exceeds_the_queue_timeout(
     server = await start_server(queue_timeout=0.5, **SLOW_WORK)
     holder = await raw_upload(server, SLOW_BODY)
     await wait_until(lambda: server.state.workers.running == 1)
-    async with httpx.AsyncClient(base_url=server.url) as client:
+    async with httpx.AsyncClient(base_url=server.url, verify=False) as client:
         health = (await client.get("/api/v1/health")).json()["queue"]
         assert health["estimated_wait_s"] < 0.5  # a small backlog: the next upload would be queued
         server.state.backlog.rate = 1024.0  # as if the workers had proved slow: 2 MB is ~2,000 s of work
@@ -158,7 +158,7 @@ async def test_budget_exceeded_mid_stream_is_507_and_leaves_nothing(start_server
         for start in range(0, len(body), 8192):
             yield body[start : start + 8192]
 
-    async with httpx.AsyncClient(base_url=server.url) as client:
+    async with httpx.AsyncClient(base_url=server.url, verify=False) as client:
         response = await client.post(UPLOAD, content=pieces())  # chunked: no declared size
         assert response.status_code == 507
         assert response.json()["error"]["detail"]["reason"] == "spool_budget"
@@ -226,7 +226,7 @@ async def test_shutdown_ends_a_running_stream_with_an_error_line(start_server: S
     body = make_zip({"spaces.json.gz": SLOW_BODY})
     lines: list[dict] = []
     async with (
-        httpx.AsyncClient(base_url=server.url, timeout=30) as client,
+        httpx.AsyncClient(base_url=server.url, timeout=30, verify=False) as client,
         client.stream("POST", UPLOAD, content=body, headers={"accept": "application/x-ndjson"}) as response,
     ):
         assert response.status_code == 200

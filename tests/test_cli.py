@@ -85,7 +85,7 @@ def test_console_script_serves_real_clients_and_stops_on_sigterm(
         status, body = fetch(f"{server.url}/api/v1/upload", "-F", f"file=@{events}")
         assert status == 200 and json.loads(body)["sha256"] == hashlib.sha256(EVENTS).hexdigest()
     else:
-        with httpx.Client(base_url=server.url) as client:
+        with httpx.Client(base_url=server.url, verify=False) as client:
             assert client.get("/api/v1/health").json()["status"] == "ok"
             receipt = client.post("/api/v1/upload", content=EVENTS).json()
             assert receipt["sha256"] == hashlib.sha256(EVENTS).hexdigest()
@@ -208,7 +208,7 @@ def test_sigterm_does_not_wait_for_idle_keep_alive_connections(spawn: Spawn, spo
     """Load balancers and client pools hold idle connections open; shutdown closes them at once."""
     wait = str(LONG_WAIT)  # idle connections held open this long, or in flight for the grace: not waited for
     server = spawn(server_command(spool_dir, "--keepalive-timeout", wait, "--shutdown-grace", wait))
-    with httpx.Client(base_url=server.url) as client:
+    with httpx.Client(base_url=server.url, verify=False) as client:
         assert client.get("/api/v1/health").status_code == 200  # the connection stays in the pool
         code, took = stop(server)
     assert code == 0, server.stderr_text()
@@ -247,7 +247,7 @@ def test_a_temp_dir_that_fills_up_is_507(
     upload still works."""
     server = spawn(with_file_size_limit(1 << 20, server_command(spool_dir, "--workers", "1")))
     body, content_type = make_upload()
-    with httpx.Client(base_url=server.url, timeout=60) as client:
+    with httpx.Client(base_url=server.url, timeout=60, verify=False) as client:
         response = client.post("/api/v1/upload", content=body, headers={"content-type": content_type})
         assert response.status_code == 507, response.text
         assert response.json()["error"]["code"] == "INSUFFICIENT_STORAGE"

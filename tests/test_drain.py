@@ -22,7 +22,7 @@ DRAIN = 5.0  # the default; the checks below took up to 3 s on this machine at l
 
 def health(port: int) -> tuple[int, dict[str, object], str]:
     """Health on a new connection: status, body, and the Connection header."""
-    with httpx.Client(timeout=15) as client:
+    with httpx.Client(timeout=15, verify=False) as client:
         answer = client.get(f"http://127.0.0.1:{port}/api/v1/health")
     return answer.status_code, answer.json(), answer.headers.get("connection", "")
 
@@ -97,7 +97,7 @@ def wait_for_workers(server: ServerProcess, count: int, within: float = 15.0) ->
 
 def test_sigterm_drains_health_first_then_closes_the_listener(spawn: Spawn, spool_dir: Path) -> None:
     server = spawn(server_command(spool_dir, "--drain-delay", str(DRAIN), "--workers", "1"))
-    with httpx.Client(base_url=server.url, timeout=10) as kept_alive:
+    with httpx.Client(base_url=server.url, timeout=10, verify=False) as kept_alive:
         assert kept_alive.get("/api/v1/health").status_code == 200  # an idle keep-alive connection now
         signalled = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
@@ -110,7 +110,7 @@ def test_sigterm_drains_health_first_then_closes_the_listener(spawn: Spawn, spoo
         answer = kept_alive.get("/api/v1/health")
         assert answer.status_code == 503 and answer.headers["connection"] == "close"
         # The server still accepts and serves: an upload on a new connection is processed in full.
-        upload = httpx.post(f"{server.url}/api/v1/upload", content=EVENTS, timeout=10)
+        upload = httpx.post(f"{server.url}/api/v1/upload", content=EVENTS, timeout=10, verify=False)
         assert upload.status_code == 200, upload.text
         assert upload.json()["sha256"] == hashlib.sha256(EVENTS).hexdigest()
         assert time.monotonic() - signalled < DRAIN, "the checks above overran the drain delay"

@@ -36,7 +36,7 @@ async def post(
     headers = {"content-type": content_type}
     if accept:
         headers["accept"] = accept
-    async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+    async with httpx.AsyncClient(base_url=server.url, timeout=60, verify=False) as client:
         return await client.post(UPLOAD, content=body, headers=headers, params=params)
 
 
@@ -44,7 +44,7 @@ async def ndjson_lines(
     server: RunningServer, body: bytes, params: dict[str, str] | None = None
 ) -> list[dict]:
     async with (
-        httpx.AsyncClient(base_url=server.url, timeout=60) as client,
+        httpx.AsyncClient(base_url=server.url, timeout=60, verify=False) as client,
         client.stream(
             "POST",
             UPLOAD,
@@ -130,7 +130,7 @@ async def test_strict_mode_turns_a_failed_file_into_422(server: RunningServer) -
 async def test_gzip_upload_through_multipart(server: RunningServer) -> None:
     events, truth = make_events(500, seed=7)
     body = gzip.compress(as_ndjson(events))
-    async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+    async with httpx.AsyncClient(base_url=server.url, timeout=60, verify=False) as client:
         response = await client.post(
             UPLOAD, files={"file": ("2015-01-01-15.json.gz", body, "application/gzip")}
         )
@@ -563,11 +563,11 @@ async def test_a_half_close_during_processing_cancels_the_work(start_server: Sta
 async def test_health_answers_while_the_workers_are_busy(start_server: StartServer) -> None:
     server = await start_server(**SLOW_WORK)
     stream, workers = await _slow_upload_being_processed(server)
-    async with httpx.AsyncClient(base_url=server.url) as client:
+    async with httpx.AsyncClient(base_url=server.url, verify=False) as client:
         for method in ("GET", "HEAD"):
             health = await client.request(method, "/api/v1/health")
             assert health.status_code == 200
-    document = (await httpx.AsyncClient(base_url=server.url).get("/api/v1/health")).json()
+    document = (await httpx.AsyncClient(base_url=server.url, verify=False).get("/api/v1/health")).json()
     assert document["status"] == "ok"
     assert document["workers"]["jobs_running"] == 1 == document["workers"]["count"]
     assert document["uploads"]["in_flight"] == 1
@@ -621,7 +621,7 @@ async def test_a_stream_that_ends_in_an_error_counts_as_failed(server: RunningSe
 async def _ndjson_answer(server: RunningServer, body: bytes, content_type: str) -> httpx.Response:
     """The whole answer to an upload that asks for NDJSON, read to its end."""
     headers = {"accept": "application/x-ndjson", "content-type": content_type}
-    async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+    async with httpx.AsyncClient(base_url=server.url, timeout=60, verify=False) as client:
         return await client.post(UPLOAD, content=body, headers=headers)
 
 
@@ -667,7 +667,7 @@ async def test_ndjson_stream_ends_with_an_error_line_when_a_worker_crashes(start
     server = await start_server(**SLOW_WORK)
     headers = {"accept": "application/x-ndjson", "content-type": "application/gzip"}
     async with (
-        httpx.AsyncClient(base_url=server.url, timeout=60) as client,
+        httpx.AsyncClient(base_url=server.url, timeout=60, verify=False) as client,
         client.stream("POST", UPLOAD, content=_gzip_of_spaces(2 << 30), headers=headers) as response,
     ):
         assert response.status_code == 200  # the stream has started; the worker is still at work

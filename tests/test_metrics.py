@@ -38,7 +38,7 @@ def parse(page: str) -> dict[Sample, float]:
 
 
 async def scrape(server: RunningServer) -> dict[Sample, float]:
-    async with httpx.AsyncClient(base_url=server.url) as client:
+    async with httpx.AsyncClient(base_url=server.url, verify=False) as client:
         response = await client.get("/metrics")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
@@ -66,7 +66,7 @@ def zip_with_a_bad_file() -> bytes:
 async def test_counters_move_with_real_requests(start_server: StartServer) -> None:
     server = await start_server(max_upload_bytes=1 << 20)
     before = await scrape(server)
-    async with httpx.AsyncClient(base_url=server.url) as client:
+    async with httpx.AsyncClient(base_url=server.url, verify=False) as client:
         for _ in range(3):
             assert (await client.get(HEALTH)).status_code == 200
         assert (await client.get("/nowhere")).status_code == 404
@@ -161,7 +161,10 @@ async def test_queued_gauge_and_draining(start_server: StartServer) -> None:
         answer = await client.post(UPLOAD, content=EVENTS)
         assert answer.status_code == 200
 
-    async with httpx.AsyncClient(base_url=server.url, timeout=10) as client, trio.open_nursery() as nursery:
+    async with (
+        httpx.AsyncClient(base_url=server.url, timeout=10, verify=False) as client,
+        trio.open_nursery() as nursery,
+    ):
         # Occupy the only worker, so that the upload's first job waits for it.
         nursery.start_soon(workers.run, time.sleep, 1.5)
         assert await eventually(lambda: workers.running == 1)

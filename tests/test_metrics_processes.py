@@ -18,7 +18,7 @@ GAUGE_WAIT = 5.0
 
 
 def scrape(url: str) -> dict[Sample, float]:
-    response = httpx.get(f"{url}/metrics")
+    response = httpx.get(f"{url}/metrics", verify=False)
     assert response.status_code == 200
     return parse(response.text)
 
@@ -33,7 +33,7 @@ def test_two_processes_are_summed(spawn: Spawn, tmp_path: Path) -> None:
         spool.mkdir()
         servers.append(spawn(server_command(spool, "--workers", "1"), env=env))
     first, second = servers
-    with httpx.Client() as client:
+    with httpx.Client(verify=False) as client:
         for _ in range(3):
             assert client.get(f"{first.url}{HEALTH}").status_code == 200
         for _ in range(5):

@@ -30,7 +30,7 @@ def packaged(name: str) -> bytes:
 async def test_each_page_file_is_served_with_its_type_and_security_headers(
     server: RunningServer, path: str, content_type: str
 ) -> None:
-    async with httpx.AsyncClient(base_url=server.url) as client:
+    async with httpx.AsyncClient(base_url=server.url, verify=False) as client:
         response = await client.get(path)
     assert response.status_code == 200
     assert response.headers["content-type"] == content_type
@@ -49,7 +49,7 @@ async def test_each_page_file_is_served_with_its_type_and_security_headers(
 
 
 async def test_the_page_has_no_inline_script_or_style_nor_another_origin(server: RunningServer) -> None:
-    async with httpx.AsyncClient(base_url=server.url) as client:
+    async with httpx.AsyncClient(base_url=server.url, verify=False) as client:
         html = (await client.get("/")).text
     assert f'<script src="/static/vendor/{TUS_JS_CLIENT}.min.js" defer></script>' in html
     assert '<script src="/static/app.js" defer></script>' in html
@@ -60,7 +60,7 @@ async def test_the_page_has_no_inline_script_or_style_nor_another_origin(server:
 
 
 async def test_a_known_etag_gets_304_without_a_body(server: RunningServer) -> None:
-    async with httpx.AsyncClient(base_url=server.url) as client:
+    async with httpx.AsyncClient(base_url=server.url, verify=False) as client:
         first = await client.get("/static/app.js")
         again = await client.get("/static/app.js", headers={"if-none-match": first.headers["etag"]})
         listed = f'"x", W/{first.headers["etag"]}'
@@ -109,7 +109,7 @@ async def test_nothing_outside_the_allow_list_is_served(server: RunningServer, p
 
 
 async def test_other_methods_are_405_with_allow(server: RunningServer) -> None:
-    async with httpx.AsyncClient(base_url=server.url) as client:
+    async with httpx.AsyncClient(base_url=server.url, verify=False) as client:
         response = await client.post("/", content=b"{}")
     assert response.status_code == 405
     assert response.headers["allow"] == "GET, HEAD"

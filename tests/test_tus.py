@@ -69,7 +69,7 @@ async def result_when_ready(
 
 
 async def test_options_advertises_the_protocol(server: RunningServer) -> None:
-    async with httpx.AsyncClient(base_url=server.url) as client:
+    async with httpx.AsyncClient(base_url=server.url, verify=False) as client:
         response = await client.options(FILES)
     assert response.status_code == 204
     assert response.headers["tus-version"] == "1.0.0"
@@ -86,7 +86,7 @@ async def test_options_advertises_the_protocol(server: RunningServer) -> None:
 
 async def test_an_upload_in_pieces_is_processed_like_a_post(server: RunningServer) -> None:
     body, truth = dataset()
-    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+    async with httpx.AsyncClient(base_url=server.url, timeout=30, verify=False) as client:
         url = await create(
             client, len(body), **{"Upload-Metadata": "filename " + base64.b64encode(b"day.zip").decode()}
         )
@@ -122,7 +122,7 @@ async def test_creation_with_upload_and_a_checksum(server: RunningServer) -> Non
     events, truth = make_events(30, seed=3)
     body = as_ndjson(events)
     digest = base64.b64encode(hashlib.sha1(body).digest()).decode()
-    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+    async with httpx.AsyncClient(base_url=server.url, timeout=30, verify=False) as client:
         response = await client.post(
             FILES,
             content=body,
@@ -140,7 +140,7 @@ async def test_creation_with_upload_and_a_checksum(server: RunningServer) -> Non
 
 async def test_protocol_errors_are_answered_as_tusd_does(start_server: StartServer) -> None:
     server = await start_server(max_upload_bytes=1 << 20)
-    async with httpx.AsyncClient(base_url=server.url) as client:
+    async with httpx.AsyncClient(base_url=server.url, verify=False) as client:
         url = await create(client, 100)
         missing = await client.head(url)
         assert missing.status_code == 412 and missing.headers["tus-version"] == "1.0.0"
@@ -175,7 +175,7 @@ async def create_status(client: httpx.AsyncClient, length: int, **headers: str) 
 
 
 async def test_two_writers_at_once_get_423(server: RunningServer) -> None:
-    async with httpx.AsyncClient(base_url=server.url) as client:
+    async with httpx.AsyncClient(base_url=server.url, verify=False) as client:
         url = await create(client, 1000)
         path = url.encode()
         first = await trio.open_tcp_stream("127.0.0.1", server.port)
@@ -198,7 +198,7 @@ async def test_a_delete_while_processing_stops_it_and_removes_everything(
     caplog.set_level(logging.INFO, logger="upload_server")
     server = await start_server(**SLOW_WORK)  # a gzip of spaces: seconds of processing
     body = _gzip_of_spaces(2 << 30)
-    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+    async with httpx.AsyncClient(base_url=server.url, timeout=30, verify=False) as client:
         url = await create(client, len(body))
         assert (await patch(client, url, 0, body)).status_code == 204
         the_id = url.rsplit("/", 1)[1]
@@ -213,7 +213,7 @@ async def test_a_delete_while_processing_stops_it_and_removes_everything(
 
 
 async def test_an_interrupted_patch_keeps_what_arrived(server: RunningServer) -> None:
-    async with httpx.AsyncClient(base_url=server.url) as client:
+    async with httpx.AsyncClient(base_url=server.url, verify=False) as client:
         url = await create(client, 1000)
         stream = await trio.open_tcp_stream("127.0.0.1", server.port)
         head = b"PATCH %s HTTP/1.1\r\nHost: x\r\nTus-Resumable: 1.0.0\r\nUpload-Offset: 0\r\n" % url.encode()
@@ -231,7 +231,7 @@ async def test_an_interrupted_patch_keeps_what_arrived(server: RunningServer) ->
 
 async def test_expired_uploads_answer_410_and_are_removed(start_server: StartServer) -> None:
     server = await start_server(resumable_expiry=0.5)
-    async with httpx.AsyncClient(base_url=server.url) as client:
+    async with httpx.AsyncClient(base_url=server.url, verify=False) as client:
         url = await create(client, 100)
         await trio.sleep(0.6)
         assert (await client.head(url, headers=TUS)).status_code == 410
@@ -265,7 +265,7 @@ def test_tuspy_resumes_after_the_server_is_killed(spawn: Spawn, spool_dir: Path,
     assert resumer.offset == uploader.offset  # the server's durable offset, asked with HEAD
     resumer.upload()
     deadline = time.monotonic() + 60
-    with httpx.Client(base_url=restarted.url) as client:
+    with httpx.Client(base_url=restarted.url, verify=False) as client:
         while (answer := client.get(f"{resumed_url}/result")).status_code == 202:
             assert time.monotonic() < deadline
             time.sleep(0.1)
@@ -288,7 +288,7 @@ async def test_concurrent_uploads_cut_at_random_points_arrive_whole(server: Runn
     async def one(n: int, results: dict[int, tuple[Truth, bytes, httpx.Response]]) -> None:
         made, truth = make_events(300 + n, seed=500 + n)
         body = as_ndjson(made)
-        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30, verify=False) as client:
             url = await create(client, len(body))
             offset = 0
             while offset < len(body):
@@ -336,7 +336,7 @@ async def _patch_then_cut(server: RunningServer, url: str, offset: int, piece: b
 
 
 async def test_health_and_metrics_count_incomplete_uploads_and_their_bytes(server: RunningServer) -> None:
-    async with httpx.AsyncClient(base_url=server.url) as client:
+    async with httpx.AsyncClient(base_url=server.url, verify=False) as client:
         url = await create(client, 1000)
         assert (await patch(client, url, 0, b"x" * 300)).status_code == 204
         await create(client, 50)
@@ -363,7 +363,7 @@ async def test_an_unexpected_failure_in_background_processing_becomes_the_answer
     store.data_path(record.id).unlink()
     with caplog.at_level(logging.ERROR, logger="upload_server"):
         server = await start_server()
-        async with httpx.AsyncClient(base_url=server.url) as client:
+        async with httpx.AsyncClient(base_url=server.url, verify=False) as client:
             answer = await result_when_ready(client, f"{FILES}/{record.id}")
             assert answer.status_code == 500
             assert answer.json()["error"]["code"] == "INTERNAL_ERROR"
@@ -375,7 +375,7 @@ async def test_a_result_removed_after_its_record_was_read_is_404(server: Running
     """Expiry or a DELETE in another process can remove the result files between the record's read and
     their opening: the answer is the removed upload's 404, not a 500."""
     body, _ = dataset(files=1, events=50)
-    async with httpx.AsyncClient(base_url=server.url) as client:
+    async with httpx.AsyncClient(base_url=server.url, verify=False) as client:
         url = await create(client, len(body))
         assert (await patch(client, url, 0, body)).status_code == 204
         assert (await result_when_ready(client, url)).status_code == 200

@@ -45,14 +45,16 @@ def padded_dataset(padding_mib: int) -> tuple[bytes, Truth]:
 
 
 def create_upload(url: str, length: int) -> str:
-    created = httpx.post(f"{url}{FILES}", headers={**TUS, "Upload-Length": str(length)}, timeout=10)
+    created = httpx.post(
+        f"{url}{FILES}", headers={**TUS, "Upload-Length": str(length)}, timeout=10, verify=False
+    )
     assert created.status_code == 201, created.text
     return created.headers["location"]
 
 
 def result_of(url: str, location: str, within: float = 30) -> httpx.Response:
     deadline = time.monotonic() + within
-    with httpx.Client(base_url=url, timeout=10) as client:
+    with httpx.Client(base_url=url, timeout=10, verify=False) as client:
         while (answer := client.get(f"{location}/result")).status_code == 202:
             assert time.monotonic() < deadline, "the upload was never processed"
             time.sleep(0.05)
@@ -199,8 +201,11 @@ def test_an_upload_cut_by_killing_every_process_is_processed_once_after_a_restar
     location = create_upload(server.url, len(body))
     headers = {**TUS, "Upload-Offset": "0", "Content-Type": "application/offset+octet-stream"}
     partial = create_upload(server.url, 1000)
-    assert httpx.patch(f"{server.url}{partial}", content=b"x" * 300, headers=headers).status_code == 204
-    whole = httpx.patch(f"{server.url}{location}", content=body, headers=headers, timeout=30)
+    assert (
+        httpx.patch(f"{server.url}{partial}", content=b"x" * 300, headers=headers, verify=False).status_code
+        == 204
+    )
+    whole = httpx.patch(f"{server.url}{location}", content=body, headers=headers, timeout=30, verify=False)
     assert whole.status_code == 204
     # kill -9 of the whole group while the last byte's process has the upload queued or processing: the
     # serving processes first, so the supervisor cannot pass a gentler signal on.
@@ -225,7 +230,7 @@ def test_an_upload_cut_by_killing_every_process_is_processed_once_after_a_restar
     assert resumable_health(restarted.port, new_pids) == {pid: (1, 300) for pid in new_pids}
     deadline = time.monotonic() + 5
     while "upload_server_resumable_held_bytes 300.0" not in (
-        page := httpx.get(f"{restarted.url}/metrics").text
+        page := httpx.get(f"{restarted.url}/metrics", verify=False).text
     ):
         assert time.monotonic() < deadline, page
         time.sleep(0.1)
@@ -236,7 +241,7 @@ def resumable_health(port: int, pids: set[int]) -> dict[int, tuple[int, int]]:
     """Health's resumable (incomplete, held_bytes) from each serving process (fresh connections)."""
     seen: dict[int, tuple[int, int]] = {}
     for _ in range(400):
-        health = httpx.get(f"http://127.0.0.1:{port}/api/v1/health", timeout=5).json()
+        health = httpx.get(f"http://127.0.0.1:{port}/api/v1/health", timeout=5, verify=False).json()
         seen[health["pid"]] = (health["resumable"]["incomplete"], health["resumable"]["held_bytes"])
         if set(seen) == pids:
             break

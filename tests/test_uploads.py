@@ -122,7 +122,7 @@ def error_code(response: httpx.Response) -> str:
 async def settled_health(server: RunningServer) -> dict:
     """The health document once no upload is in flight (the counters move just after an answer)."""
     assert await eventually(lambda: server.state.stats.uploads_in_flight == 0)
-    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT) as client:
+    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT, verify=False) as client:
         return (await client.get("/api/v1/health")).json()
 
 
@@ -160,7 +160,7 @@ def endless_json(piece_bytes: int, total: int) -> Iterator[bytes]:
 
 # ------------------------------------------------------------------------------------ byte-exact uploads
 async def test_multipart_upload_is_byte_exact(server: RunningServer) -> None:
-    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT) as client:
+    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT, verify=False) as client:
         response = await client.post(
             UPLOAD, data={"note": "first"}, files={"file": ("events.json", LARGE, "application/json")}
         )
@@ -184,7 +184,7 @@ async def test_multipart_upload_is_byte_exact(server: RunningServer) -> None:
 async def test_raw_upload_is_byte_exact(
     server: RunningServer, content_type: str, data: bytes, kind: str
 ) -> None:
-    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT) as client:
+    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT, verify=False) as client:
         response = await client.post(UPLOAD, content=data, headers={"content-type": content_type})
     assert_receipt(response, data, kind)
     await assert_no_leftovers(server)
@@ -204,7 +204,7 @@ async def test_streamed_chunked_upload_is_byte_exact(server: RunningServer) -> N
         for i in range(0, len(data), 10_000):
             yield data[i : i + 10_000]
 
-    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT) as client:
+    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT, verify=False) as client:
         response = await client.post(UPLOAD, content=body(), headers={"content-type": "application/gzip"})
     assert_receipt(response, data, "gzip")
 
@@ -269,7 +269,7 @@ async def test_upload_in_one_byte_chunks_is_exact_and_health_answers_throughout(
 
 
 async def test_uploads_are_counted(server: RunningServer) -> None:
-    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT) as client:
+    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT, verify=False) as client:
         assert (await client.post(UPLOAD, content=SMALL)).status_code == 200
         assert (await client.post(UPLOAD, content=b"not json")).status_code == 415
     uploads = (await settled_health(server))["uploads"]
@@ -291,7 +291,7 @@ async def test_oversize_content_length_is_413_before_any_body_byte(start_server:
 
 async def test_oversize_content_length_through_httpx(start_server: StartServer) -> None:
     server = await start_server(max_upload_bytes=1000)
-    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT) as client:
+    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT, verify=False) as client:
         response = await client.post(UPLOAD, content=events_json(30))
         assert response.status_code == 413 and error_code(response) == "PAYLOAD_TOO_LARGE"
         exactly = events_of_exactly(1000)
@@ -375,13 +375,13 @@ async def test_early_415_inside_a_multipart_body(server: RunningServer) -> None:
 
 
 async def test_declared_content_type_not_accepted_is_415(server: RunningServer) -> None:
-    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT) as client:
+    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT, verify=False) as client:
         response = await client.post(UPLOAD, content=SMALL, headers={"content-type": "text/plain"})
     assert response.status_code == 415 and error_code(response) == "UNSUPPORTED_MEDIA_TYPE"
 
 
 async def test_empty_body_is_400(server: RunningServer) -> None:
-    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT) as client:
+    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT, verify=False) as client:
         response = await client.post(UPLOAD, content=b"", headers={"content-type": "application/json"})
         assert response.status_code == 400 and error_code(response) == "EMPTY_UPLOAD"
         response = await client.post(UPLOAD, files={"file": ("empty.json", b"", "application/json")})
@@ -390,7 +390,7 @@ async def test_empty_body_is_400(server: RunningServer) -> None:
 
 
 async def test_multipart_without_file_part_is_400(server: RunningServer) -> None:
-    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT) as client:
+    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT, verify=False) as client:
         response = await client.post(UPLOAD, files={"document": ("a.json", SMALL, "application/json")})
     assert response.status_code == 400 and error_code(response) == "MISSING_FILE_FIELD"
 
@@ -404,7 +404,7 @@ async def test_multipart_without_file_part_is_400(server: RunningServer) -> None
     ],
 )
 async def test_malformed_multipart_is_400(server: RunningServer, content_type: str, body: bytes) -> None:
-    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT) as client:
+    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT, verify=False) as client:
         response = await client.post(UPLOAD, content=body, headers={"content-type": content_type})
     assert response.status_code == 400 and error_code(response) == "BAD_MULTIPART"
     await assert_no_leftovers(server)
@@ -430,7 +430,7 @@ async def test_disconnect_mid_body_leaves_no_file(server: RunningServer, how: st
     assert await eventually(lambda: server.state.stats.uploads_in_flight == 0)
     await assert_no_leftovers(server)
     assert (await settled_health(server))["uploads"]["failed"] == 1
-    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT) as http:
+    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT, verify=False) as http:
         assert_receipt(await http.post(UPLOAD, content=SMALL), SMALL, "json")
 
 
@@ -465,7 +465,7 @@ async def test_a_full_spool_budget_answers_503_with_retry_after(start_server: St
     await holder.send(upload_head(len(SMALL)) + SMALL[:50])
     assert await eventually(lambda: server.state.stats.uploads_in_flight == 1)
 
-    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT) as client:
+    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT, verify=False) as client:
         response = await client.post(UPLOAD, content=SMALL)
         assert response.status_code == 503 and error_code(response) == "SERVER_BUSY"
         assert response.json()["error"]["detail"]["reason"] == "spool_budget"
@@ -492,7 +492,7 @@ async def test_server_busy_is_logged_at_info_not_warning(
     holder = await RawClient.connect(server)
     await holder.send(upload_head(len(SMALL)) + SMALL[:50])
     assert await eventually(lambda: server.state.stats.uploads_in_flight == 1)
-    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT) as client:
+    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT, verify=False) as client:
         assert (await client.post(UPLOAD, content=SMALL)).status_code == 503
     records = [record for record in caplog.records if record.name == "upload_server.http"]
     busy = [record for record in records if "SERVER_BUSY" in record.getMessage()]
@@ -504,7 +504,7 @@ async def test_server_busy_is_logged_at_info_not_warning(
 
 async def test_a_refused_upload_does_not_hold_its_spool_budget(start_server: StartServer) -> None:
     server = await start_server(spool_budget=len(SMALL))
-    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT) as client:
+    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT, verify=False) as client:
         for _ in range(3):
             assert (await client.post(UPLOAD, content=b"GIF89a")).status_code == 415
             assert (await client.post(UPLOAD, content=b"")).status_code == 400
@@ -527,7 +527,7 @@ async def test_health_answers_while_an_upload_streams(server: RunningServer) -> 
 
         nursery.start_soon(stream_upload)
         assert await eventually(lambda: server.state.stats.uploads_in_flight == 1)
-        async with httpx.AsyncClient(base_url=server.url, timeout=WAIT) as http:
+        async with httpx.AsyncClient(base_url=server.url, timeout=WAIT, verify=False) as http:
             for _ in range(10):
                 response = await http.get("/api/v1/health")
                 assert response.status_code == 200
@@ -554,7 +554,7 @@ async def test_an_ndjson_answer_nobody_reads_frees_its_budget_after_the_send_tim
     assert trio.current_time() - started >= SEND_TIMEOUT / 2
     health = await settled_health(server)
     assert health["uploads"]["in_flight"] == 0 and health["uploads"]["failed"] == 1
-    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT) as client:
+    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT, verify=False) as client:
         assert_receipt(await client.post(UPLOAD, content=SMALL), SMALL, "json")
     await assert_no_leftovers(server)
     await stuck.aclose()
@@ -567,7 +567,7 @@ NEVER_READ_EVENTS = 20_000
 
 async def test_health_reports_degraded_when_disk_is_short(start_server: StartServer) -> None:
     server = await start_server(min_free_bytes=1 << 60)
-    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT) as client:
+    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT, verify=False) as client:
         response = await client.get("/api/v1/health")
         assert response.status_code == 503
         body = response.json()
@@ -578,7 +578,7 @@ async def test_health_reports_degraded_when_disk_is_short(start_server: StartSer
 
 
 async def test_health_document(server: RunningServer) -> None:
-    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT) as client:
+    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT, verify=False) as client:
         response = await client.get("/api/v1/health")
     assert response.status_code == 200
     body = response.json()
@@ -626,7 +626,7 @@ async def test_stale_temp_files_are_removed_at_start(
 
 
 async def test_many_uploads_on_one_connection_leave_nothing(server: RunningServer) -> None:
-    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT) as client:
+    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT, verify=False) as client:
         for kind, data in [
             ("json", SMALL),
             ("gzip", gzip.compress(SMALL)),
@@ -658,7 +658,7 @@ async def test_multipart_epilogue_counts_towards_the_limit(start_server: StartSe
 
 
 async def test_oversized_form_fields_besides_file_are_413(server: RunningServer) -> None:
-    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT) as client:
+    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT, verify=False) as client:
         response = await client.post(
             UPLOAD, data={"note": "n" * (2 << 20)}, files={"file": ("a.json", SMALL, "application/json")}
         )
@@ -690,7 +690,7 @@ async def test_accept_and_its_q_values_choose_the_answer(
     server: RunningServer, accept: str | None, answer: str | int
 ) -> None:
     headers = {"content-type": "application/json", **({"accept": accept} if accept is not None else {})}
-    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT) as client:
+    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT, verify=False) as client:
         response = await client.post(UPLOAD, content=SMALL, headers=headers)
     if answer == 406:
         assert response.status_code == 406 and error_code(response) == "NOT_ACCEPTABLE"
@@ -733,7 +733,7 @@ async def test_query_flags_reach_the_upload(server: RunningServer) -> None:
     """Both flags, read as above, steer a real upload: one spelling of each kind, a bare flag, and the
     defaults (every spelling through the server took 34 uploads, 26 s with the suite in parallel)."""
     one_bad_file = zipped({"good.json": SMALL, "bad.json": b"[1, 2"})
-    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT) as client:
+    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT, verify=False) as client:
 
         async def status_with(query: str) -> int:
             return (await client.post(f"{UPLOAD}?{query}", content=one_bad_file)).status_code
@@ -755,7 +755,7 @@ async def test_an_unexpected_failure_is_a_500_internal_error_in_json(
     500 INTERNAL_ERROR without internals; the traceback goes to the log; the server keeps serving."""
     server = await start_server()
     shutil.rmtree(server_tmp)  # its resumable/ folder too
-    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT) as client:
+    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT, verify=False) as client:
         response = await client.post(UPLOAD, content=SMALL)
         assert response.status_code == 500
         assert response.headers["content-type"].startswith("application/json")
@@ -776,7 +776,7 @@ async def test_a_value_over_the_worker_memory_budget_fails_its_file(start_server
     fits = events_json(400, pad=400)  # ~200 KB: over the budget as a file, each event well under it
     too_big = events_json(2, pad=(1 << 20) + budget)  # one value over the budget and over a 1 MiB read
     assert len(fits) > budget
-    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT) as client:
+    async with httpx.AsyncClient(base_url=server.url, timeout=WAIT, verify=False) as client:
         streamed = (await client.post(UPLOAD, content=fits)).json()
         failed = (await client.post(UPLOAD, content=too_big)).json()
         strict = await client.post(f"{UPLOAD}?strict=true", content=too_big)
