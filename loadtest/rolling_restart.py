@@ -1,7 +1,7 @@
 """A rolling restart behind HAProxy, under load, with zero failed requests as the target.
 
     uv run python loadtest/rolling_restart.py                  # ~40 s: 8 s phases, checks every 200 ms
-    uv run python loadtest/rolling_restart.py --phase 2 --check-inter 100ms --drain-delay 1   # CI's short run
+    uv run python loadtest/rolling_restart.py --phase 0.5 --check-inter 100ms --drain-delay 1   # the test
 
 Installs nothing: ``haproxy`` must be on PATH (Debian package ``haproxy``; ``.ci/run`` installs it). On
 127.0.0.1 and free ports it runs HAProxy with ``deploy/haproxy.cfg`` (addresses and check timing given

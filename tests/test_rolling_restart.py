@@ -16,6 +16,8 @@ DRAIN = 1.0
 
 def test_a_rolling_restart_behind_haproxy_fails_no_request() -> None:
     assert shutil.which("haproxy"), "haproxy is not on PATH: .ci/run installs it (apt-get install haproxy)"
+    # 0.5 s of load before, between and after the restarts: uploads run back to back and a slow upload is
+    # always in flight, so every SIGTERM meets load either way; longer phases only added requests (and CPU).
     command = [sys.executable, str(SCRIPT), "--phase", "0.5", "--drain-delay", str(DRAIN)]
     command += ["--check-inter", "100ms", "--dataset", "tiny", "--max-seconds", "100"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
