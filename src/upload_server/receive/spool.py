@@ -1,12 +1,12 @@
 """The temporary file an upload streams into: batched writes off the event loop, a size cap, a sha256,
 and removal in every outcome.
 
-Body chunks are gathered into batches of about ``BATCH_BYTES`` and queued for the upload's two threads,
-one hashing and one writing (``os.writev``, no joining copy), while the connection keeps reading; chunks
-under ``SMALL_PIECE_BYTES`` are copied together, so a batch holds few objects. At most ``QUEUED_BATCHES``
-batches may be queued and not yet both hashed and written: past that, ``write`` waits, the connection
-stops reading and TCP slows the client. That bounds memory per upload to the queued batches, the one being
-gathered and the piece being read (``admission.BUFFERS_PER_UPLOAD``).
+Body chunks are gathered into batches of about ``BATCH_BYTES`` and queued for the upload's thread, which
+hashes each batch and then writes it (``os.writev``, no joining copy), while the connection keeps
+reading; chunks under ``SMALL_PIECE_BYTES`` are copied together, so a batch holds few objects. At most
+``QUEUED_BATCHES`` batches may be queued and not yet hashed and written: past that, ``write`` waits, the
+connection stops reading and TCP slows the client. That bounds memory per upload to the queued batches,
+the one being gathered and the piece being read (``admission.BUFFERS_PER_UPLOAD``).
 
 Every file this module creates is named ``upload-server-<pid>-<token>...`` so that files left behind by a
 killed process can be recognised and removed at the next start.
@@ -25,7 +25,6 @@ import secrets
 import shutil
 import threading
 from collections.abc import AsyncIterator, Callable
-from functools import partial
 from pathlib import Path
 
 import trio
@@ -54,14 +53,19 @@ _OWNED_NAME = re.compile(rf"^{re.escape(FILE_PREFIX)}(\d+)-[0-9a-f]+")
 
 
 class _Stage:
-    """One step of an upload (hashing, or writing) and the batches queued for it, worked through by one
-    thread at a time that goes on from batch to batch while there are any.
+    """The batches queued for an upload's thread, which hashes and then writes each, going on from batch
+    to batch while there are any.
 
     The event loop queues a batch without waiting, and a thread busy with the previous one takes it without
     a round trip through the loop. A ``to_thread.run_sync`` per batch cost ~3 ms of thread and loop
     wake-ups per 1 MiB batch on this loaded machine, four times the hashing itself, and the loop sat
     blocked behind it for 70% of the upload (measured, BENCH_NOTES.md issue 2). The thread ends when the
     queue is empty, so a slow client's upload holds no thread between its batches.
+
+    One thread does both steps, not one thread each: the writing thread (0.3 s/GiB against hashing's 0.6)
+    ran dry after nearly every batch and was started again through the loop, ~500 thread starts and loop
+    wake-ups per GiB; the write also reads the batch while the hash has just left it in the cache
+    (BENCH_NOTES.md, issue 14, branch ``recv``).
     """
 
     def __init__(self, work: Callable[[list[Chunk]], None], progress: Callable[[], None]) -> None:
@@ -122,8 +126,7 @@ class Spool:
         self._batch: list[Chunk] = []
         self._batch_bytes = 0
         self._small: bytearray | None = None  # the batch's buffer that small pieces are gathered into
-        self._hashing = _Stage(self._hash_blocking, self._progress)
-        self._writing = _Stage(self._write_blocking, self._progress)
+        self._stage = _Stage(self._hash_and_write_blocking, self._progress)
         self._queued = 0  # bytes handed to the threads
         self._nursery: trio.Nursery | None = None
         self._limiter: trio.CapacityLimiter | None = None
@@ -190,18 +193,15 @@ class Spool:
             return
         bound = QUEUED_BATCHES * self._batch_size()
         if self._queued + size - self._done() > bound:
-            # Wait until half the bound is free, so the threads wake the loop once per few batches; or
-            # until nothing is queued, for a batch larger than that (pieces of a larger piece_size).
-            await self._until_done(min(self._queued, self._queued + size - bound // 2))
+            # Wait only until this batch fits (or nothing is queued, for a batch larger than the bound):
+            # the thread still has a batch to work on while the loop reads the next one. Waiting until half
+            # the bound was free drained the queue at every wait (a batch is half the bound), and the
+            # thread ended and was started again each time.
+            await self._until_done(min(self._queued, self._queued + size - bound))
         self._queued += size
         assert self._nursery is not None and self._limiter is not None, "written outside open_spool"
-        if self._hashing.put((batch, size)):
-            hashing = partial(
-                trio.to_thread.run_sync, self._hashing.run, thread_name=self._thread_name("hashing")
-            )
-            self._nursery.start_soon(partial(hashing, limiter=self._limiter))
-        if self._writing.put((batch, size)):
-            self._nursery.start_soon(self._run_writing, self._limiter)
+        if self._stage.put((batch, size)):
+            self._nursery.start_soon(self._run_stage, self._limiter)
 
     def _thread_name(self, step: str) -> str:
         """Named for profiles (py-spy --threads) and for telling a spool's busy threads apart."""
@@ -209,7 +209,7 @@ class Spool:
 
     def _done(self) -> int:
         """Bytes both hashed and written."""
-        return min(self._hashing.done, self._writing.done)
+        return self._stage.done
 
     async def _until_done(self, target: int) -> None:
         """Wait until the first ``target`` bytes handed over are hashed and written."""
@@ -229,19 +229,19 @@ class Spool:
             token.run_sync_soon(waiter[1].set)  # a second call for the same waiter sets it again: harmless
 
     def run_threads_in(self, nursery: trio.Nursery) -> None:
-        """Where the hashing and writing threads run (started as batches come); it waits for them."""
+        """Where the hashing and writing thread runs (started as batches come); it waits for it."""
         self._token = trio.lowlevel.current_trio_token()
         self._nursery = nursery
         self._limiter = _stage_threads()
 
     def abandon(self) -> None:
-        """The upload failed: what is still queued is dropped; the threads end after their batch."""
-        self._hashing.skip = self._writing.skip = True
+        """The upload failed: what is still queued is dropped; the thread ends after its batch."""
+        self._stage.skip = True
 
-    async def _run_writing(self, limiter: trio.CapacityLimiter) -> None:
+    async def _run_stage(self, limiter: trio.CapacityLimiter) -> None:
         try:
             await trio.to_thread.run_sync(
-                self._writing.run, limiter=limiter, thread_name=self._thread_name("writing")
+                self._stage.run, limiter=limiter, thread_name=self._thread_name("hashing+writing")
             )
         except OSError as error:
             # EFBIG: the file system's (or the process's RLIMIT_FSIZE) largest file: storage, not the client.
@@ -252,9 +252,10 @@ class Spool:
                 ) from error
             raise
 
-    def _hash_blocking(self, batch: list[Chunk]) -> None:
+    def _hash_and_write_blocking(self, batch: list[Chunk]) -> None:
         for piece in batch:
             self._hasher.update(piece)
+        self._write_blocking(batch)
 
     def _write_blocking(self, batch: list[Chunk]) -> None:
         view = memoryview(b"".join(batch)) if len(batch) > 1000 else None  # writev's IOV_MAX is 1024
@@ -285,9 +286,9 @@ class Spool:
 
 #: The hashing and writing threads of all spools together, at most. Their own limiter: threads busy for a
 #: whole fast upload must not hold trio's default one, which the server's other blocking calls (fsync,
-#: unlink) wait on. And one for the process, not per upload: each receiving upload runs up to two, so 1,024
-#: fast uploads would otherwise start 2,048 threads taking turns on the GIL and 2 cores. A stage never waits
-#: on another, and ends when its queue is empty, so a slot is held only while a batch is being worked on.
+#: unlink) wait on. And one for the process, not per upload: each receiving upload runs one, so 1,024 fast
+#: uploads would otherwise start 1,024 threads taking turns on the GIL and 2 cores. A thread never waits on
+#: another, and ends when its queue is empty, so a slot is held only while a batch is being worked on.
 STAGE_THREADS = 16
 _stage_limiter: RunVar[trio.CapacityLimiter] = RunVar("spool_stage_threads")
 
