@@ -71,7 +71,9 @@ def _patch() -> None:
     stage_put = spool._Stage.put
     stage_run = spool._Stage.run
 
-    def init(self: Any, work: Callable[[list[Any]], None], *args: Any, **kwargs: Any) -> None:
+    def init(self: Any, *args: Any) -> None:
+        # (name, work, progress) since the stages have names; (work, progress) before
+        work = args[-2]
         name = getattr(work, "__name__", "stage").strip("_").removesuffix("_blocking")
 
         def timed(batch: list[Any]) -> None:
@@ -85,7 +87,7 @@ def _patch() -> None:
                 time.thread_time_ns() - cpu,
             )
 
-        stage_init(self, timed, *args, **kwargs)
+        stage_init(self, *args[:-2], timed, args[-1])
         self.probe_name = name
 
     def put(self: Any, batch: Any) -> bool:

@@ -6,12 +6,21 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
 import trio
 
-from upload_server.receive.spool import STAGE_THREADS, THREAD_NAME_PREFIX, open_append, open_spool
+from upload_server.receive import spool as spool_module
+from upload_server.receive.spool import (
+    BATCH_BYTES,
+    STAGE_THREADS,
+    THREAD_NAME_PREFIX,
+    _Stage,
+    open_append,
+    open_spool,
+)
 
 
 def pieces(sizes: list[int]) -> list[bytes]:
@@ -79,17 +88,17 @@ def spool_threads() -> list[str]:
 
 
 async def test_an_upload_between_batches_holds_no_thread(tmp_path: Path) -> None:
-    """A slow client's upload (here: between two batches) keeps no hashing and writing thread: 1,024 of them
-    would otherwise hold 1,024 idle threads. The thread is back as soon as a batch comes."""
+    """A slow client's upload (here: between two batches) keeps no hashing or writing thread: 1,024 of them
+    would otherwise hold 2,048 idle threads. The threads are back as soon as a batch comes."""
     with trio.fail_after(30):
         async with open_spool(tmp_path, 1 << 30, batch_size=lambda: 64 << 10) as spool:
             await spool.write(bytes(64 << 20))  # ~40 ms of hashing: the threads are seen at work
             seen: set[str] = set()
             with trio.move_on_after(5):
-                while not seen:
+                while len(seen) < 2:
                     seen.update(name.split()[1] for name in spool_threads())
                     await trio.sleep(0.0005)
-            assert seen == {"hashing+writing"}
+            assert seen == {"hashing", "writing"}
             for round_no in range(3):
                 await spool.write(os.urandom(100_000))
                 await spool.finish()  # every byte so far hashed and written
@@ -102,8 +111,8 @@ async def test_an_upload_between_batches_holds_no_thread(tmp_path: Path) -> None
 
 
 async def test_the_stage_threads_of_all_uploads_are_bounded_together(tmp_path: Path) -> None:
-    """Many uploads receiving at once share STAGE_THREADS hashing and writing threads; one per upload each
-    would be 1,024 threads at the connection cap. Every byte still arrives."""
+    """Many uploads receiving at once share STAGE_THREADS hashing and writing threads; two per upload each
+    would be 2,048 threads at the connection cap. Every byte still arrives."""
     uploads, most_seen = 24, 0
     data = pieces([16 << 20] * 2)  # ~10 ms of hashing a batch: long enough for the threads to meet
 
@@ -130,3 +139,39 @@ async def test_the_stage_threads_of_all_uploads_are_bounded_together(tmp_path: P
             done.set()
     assert 2 < most_seen <= STAGE_THREADS
     assert not os.listdir(tmp_path)
+
+
+def test_a_stage_thread_waits_for_the_next_full_batch_and_ends_when_closed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After a full batch the thread takes the next one itself (the loop starts no thread again: ~250 starts
+    per GiB when the writing thread ended at every empty queue); close() ends the wait at once."""
+    monkeypatch.setattr(spool_module, "LINGER_SECONDS", 60.0)  # a wait that ran out would fail the join
+    worked: list[int] = []
+    stage = _Stage("writing", lambda batch: worked.append(sum(map(len, batch))), lambda: None)
+    full = ([bytes(BATCH_BYTES)], BATCH_BYTES)
+    assert stage.put(full)  # no thread yet: the caller starts one
+    thread = threading.Thread(target=stage.run)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while stage.done < BATCH_BYTES and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert not stage.put(full)  # the thread is waiting for it: none to start
+    while stage.done < 2 * BATCH_BYTES and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert worked == [BATCH_BYTES, BATCH_BYTES]
+    stage.close()
+    thread.join(10)
+    assert not thread.is_alive()  # woken by close(), not by the 60 s wait running out
+
+
+def test_a_stage_thread_ends_at_once_after_a_small_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A small batch (a slow client, or one of many uploads) does not keep its thread or its slot."""
+    monkeypatch.setattr(spool_module, "LINGER_SECONDS", 60.0)
+    stage = _Stage("hashing", lambda batch: None, lambda: None)
+    assert stage.put(([b"x" * 1000], 1000))
+    thread = threading.Thread(target=stage.run)
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive() and stage.done == 1000
+    assert stage.put(([b"y"], 1))  # the queue has no thread again: the caller starts one

@@ -42,6 +42,9 @@ Reserve = Callable[[int], int]
 Batch = tuple[list[Chunk], int]
 
 BATCH_BYTES = 1 << 20
+#: How long a stage thread waits for the next batch after a full one. A fast client's next batch comes
+#: within ~1-3 ms (2 MiB read and handed over); this covers the loop waiting for a core on a busy machine.
+LINGER_SECONDS = 0.02
 #: Pieces smaller than this are gathered into one buffer per run (so a batch holds few objects).
 SMALL_PIECE_BYTES = 16 << 10
 FILE_PREFIX = "upload-server-"
@@ -53,27 +56,29 @@ _OWNED_NAME = re.compile(rf"^{re.escape(FILE_PREFIX)}(\d+)-[0-9a-f]+")
 
 
 class _Stage:
-    """The batches queued for an upload's thread, which hashes and then writes each, going on from batch
-    to batch while there are any.
+    """One step of an upload (hashing, or writing) and the batches queued for it, worked through by one
+    thread that goes on from batch to batch while there are any.
 
     The event loop queues a batch without waiting, and a thread busy with the previous one takes it without
     a round trip through the loop. A ``to_thread.run_sync`` per batch cost ~3 ms of thread and loop
     wake-ups per 1 MiB batch on this loaded machine, four times the hashing itself, and the loop sat
-    blocked behind it for 70% of the upload (measured, BENCH_NOTES.md issue 2). The thread ends when the
-    queue is empty, so a slow client's upload holds no thread between its batches.
+    blocked behind it for 70% of the upload (measured, BENCH_NOTES.md issue 2).
 
-    One thread does both steps, not one thread each: the writing thread (0.3 s/GiB against hashing's 0.6)
-    ran dry after nearly every batch and was started again through the loop, ~500 thread starts and loop
-    wake-ups per GiB; the write also reads the batch while the hash has just left it in the cache
-    (BENCH_NOTES.md, issue 14, branch ``recv``).
+    After a full batch (``BATCH_BYTES`` or more) the thread waits up to ``LINGER_SECONDS`` for the next
+    one before it ends: the writing thread (0.3 s/GiB against hashing's 0.6) ran dry after nearly every
+    batch and was started again through the loop, ~250 starts per GiB (BENCH_NOTES.md, issue 14, branch
+    ``recv``). After a smaller batch it ends at once, so a slow client's upload holds no thread between its
+    batches, and many uploads (whose batches are smaller, ``admission.piece_size``) hold no slot idle.
     """
 
-    def __init__(self, work: Callable[[list[Chunk]], None], progress: Callable[[], None]) -> None:
+    def __init__(self, name: str, work: Callable[[list[Chunk]], None], progress: Callable[[], None]) -> None:
+        self.name = name
         self.work = work
         self.progress = progress
         self._queue: collections.deque[Batch] = collections.deque()
-        self._lock = threading.Lock()  # the queue and ``_running`` change together
+        self._ready = threading.Condition()  # the queue, ``_running`` and ``_closed`` change together
         self._running = False
+        self._closed = False  # no batch is coming soon: the thread ends when the queue is empty
         #: Bytes finished; written by the thread only, read by the loop.
         self.done = 0
         #: The upload failed: what is still queued is dropped, not worked on.
@@ -81,15 +86,25 @@ class _Stage:
 
     def put(self, batch: Batch) -> bool:
         """Queue a batch; True when no thread is going through the queue: the caller starts one."""
-        with self._lock:
+        with self._ready:
             self._queue.append(batch)
-            idle, self._running = not self._running, True
+            idle, self._running, self._closed = not self._running, True, False
+            self._ready.notify()
         return idle
 
+    def close(self) -> None:
+        """No more batches for now: a waiting thread ends at once."""
+        with self._ready:
+            self._closed = True
+            self._ready.notify()
+
     def run(self) -> None:
-        """A thread's body: the queued batches in order, until there are none."""
+        """A thread's body: the queued batches in order, until there are none (for a while)."""
+        linger = False
         while True:
-            with self._lock:
+            with self._ready:
+                if not self._queue and linger and not self._closed:
+                    self._ready.wait(LINGER_SECONDS)
                 if not self._queue:
                     self._running = False
                     return
@@ -97,6 +112,7 @@ class _Stage:
             if not self.skip:
                 self.work(batch)
             self.done += size
+            linger = size >= BATCH_BYTES
             self.progress()
 
 
@@ -126,7 +142,10 @@ class Spool:
         self._batch: list[Chunk] = []
         self._batch_bytes = 0
         self._small: bytearray | None = None  # the batch's buffer that small pieces are gathered into
-        self._stage = _Stage(self._hash_and_write_blocking, self._progress)
+        self._stages = (
+            _Stage("hashing", self._hash_blocking, self._progress),
+            _Stage("writing", self._write_blocking, self._progress),
+        )
         self._queued = 0  # bytes handed to the threads
         self._nursery: trio.Nursery | None = None
         self._limiter: trio.CapacityLimiter | None = None
@@ -179,6 +198,8 @@ class Spool:
         """Flush the last batch and wait until every byte is written; then ``sha256`` is set."""
         await self._hand_over()
         await self._until_done(self._queued)
+        for stage in self._stages:
+            stage.close()
         self.digest = self._hasher.digest()
         self.sha256 = self.digest.hex() if self._hasher.name == "sha256" else ""
 
@@ -200,8 +221,9 @@ class Spool:
             await self._until_done(min(self._queued, self._queued + size - bound))
         self._queued += size
         assert self._nursery is not None and self._limiter is not None, "written outside open_spool"
-        if self._stage.put((batch, size)):
-            self._nursery.start_soon(self._run_stage, self._limiter)
+        for stage in self._stages:
+            if stage.put((batch, size)):
+                self._nursery.start_soon(self._run_stage, stage, self._limiter)
 
     def _thread_name(self, step: str) -> str:
         """Named for profiles (py-spy --threads) and for telling a spool's busy threads apart."""
@@ -209,7 +231,7 @@ class Spool:
 
     def _done(self) -> int:
         """Bytes both hashed and written."""
-        return self._stage.done
+        return min(stage.done for stage in self._stages)
 
     async def _until_done(self, target: int) -> None:
         """Wait until the first ``target`` bytes handed over are hashed and written."""
@@ -236,12 +258,14 @@ class Spool:
 
     def abandon(self) -> None:
         """The upload failed: what is still queued is dropped; the thread ends after its batch."""
-        self._stage.skip = True
+        for stage in self._stages:
+            stage.skip = True
+            stage.close()
 
-    async def _run_stage(self, limiter: trio.CapacityLimiter) -> None:
+    async def _run_stage(self, stage: _Stage, limiter: trio.CapacityLimiter) -> None:
         try:
             await trio.to_thread.run_sync(
-                self._stage.run, limiter=limiter, thread_name=self._thread_name("hashing+writing")
+                stage.run, limiter=limiter, thread_name=self._thread_name(stage.name)
             )
         except OSError as error:
             # EFBIG: the file system's (or the process's RLIMIT_FSIZE) largest file: storage, not the client.
@@ -252,10 +276,9 @@ class Spool:
                 ) from error
             raise
 
-    def _hash_and_write_blocking(self, batch: list[Chunk]) -> None:
+    def _hash_blocking(self, batch: list[Chunk]) -> None:
         for piece in batch:
             self._hasher.update(piece)
-        self._write_blocking(batch)
 
     def _write_blocking(self, batch: list[Chunk]) -> None:
         view = memoryview(b"".join(batch)) if len(batch) > 1000 else None  # writev's IOV_MAX is 1024
