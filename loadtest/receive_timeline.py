@@ -142,15 +142,19 @@ def _stage_report(name: str, events: list[tuple[str, int, int, int, int]]) -> li
         return []
     busy = sum(e[2] - e[1] for e in batches)
     cpu = sum(e[4] for e in batches)
-    waited = starved = 0
+    woken = went_on = starved = 0  # a batch waiting for an idle thread; for a busy one to take it
     previous_end = puts[0][1]
     for put, batch in zip(puts, batches, strict=False):
-        waited += batch[1] - max(put[1], previous_end)
-        starved += max(0, put[1] - previous_end)
+        if put[1] > previous_end:
+            woken += batch[1] - put[1]
+            starved += put[1] - previous_end
+        else:
+            went_on += batch[1] - previous_end
         previous_end = batch[2]
     return [
         f"  {name:<6} {len(batches):5d} batches  busy {_ms(busy)} ms (CPU {_ms(cpu)})  thread starts "
-        f"{len(threads):4d}  queued but not worked on {_ms(waited)} ms  nothing queued {_ms(starved)} ms"
+        f"{len(threads):4d}  queued but not worked on {_ms(woken + went_on)} ms (waking the thread "
+        f"{_ms(woken)}, between batches {_ms(went_on)})  nothing queued {_ms(starved)} ms"
     ]
 
 

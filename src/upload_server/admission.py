@@ -29,12 +29,15 @@ MAX_RETRY_AFTER_S = 3600
 
 
 #: Bytes of body buffers the serving process lets all receiving uploads hold together (the piece being
-#: read, the spool's gathering batch, the batches queued for its hashing and writing threads).
-RECEIVE_MEMORY = 24 << 20
+#: read, the spool's gathering batch, the batches queued for its hashing and writing threads). 20 MiB, not
+#: 24: since the spool keeps its queue full (branch ``recv``), the last few of 64 uploads (whose pieces
+#: grow back to 1-2 MiB as the others finish) took the serving VmHWM to 64.7-64.8 MiB, and to 57.9 MiB
+#: with 20 (``loadtest/bench_many_uploads.py``, BENCH_NOTES.md issue 14).
+RECEIVE_MEMORY = 20 << 20
 BUFFERS_PER_UPLOAD = 4
 #: Batches an upload's spool may have queued for its hashing and writing threads (of the four above).
 QUEUED_BATCHES = BUFFERS_PER_UPLOAD - 2
-#: One upload alone (up to three) reads and writes 2 MiB at a time: the loop's CPU per GiB is mostly per
+#: One upload alone (or two) reads and writes 2 MiB at a time: the loop's CPU per GiB is mostly per
 #: piece, and 2 MiB instead of 1 MiB took it from 0.47-0.77 to 0.43-0.49 s/GiB for ~8 MiB more peak RSS
 #: (BENCH_NOTES.md, issue 14). Many uploads at once share RECEIVE_MEMORY, down to 64 KiB each (64 x 20 MB
 #: uploads: 233 MiB serving RSS with 1 MiB each).

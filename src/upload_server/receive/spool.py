@@ -111,6 +111,7 @@ class _Stage:
                 batch, size = self._queue.popleft()
             if not self.skip:
                 self.work(batch)
+            del batch  # not held while the thread waits for the next one: it counts as freed
             self.done += size
             linger = size >= BATCH_BYTES
             self.progress()
