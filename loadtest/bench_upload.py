@@ -4,6 +4,7 @@
     uv run python loadtest/bench_upload.py --size 128M --rounds 2
     uv run python loadtest/bench_upload.py --client curl --body multipart
     uv run python loadtest/bench_upload.py --targets server --py-spy /tmp/server.svg   # profile the server
+    uv run python loadtest/bench_upload.py --base-src /tmp/main/src   # also main's server, same rotation
 
 What it does, all on 127.0.0.1 and every step under a deadline:
 
@@ -232,7 +233,14 @@ def build_commands(args: argparse.Namespace, work: Path) -> dict[str, list[str]]
     if args.sink_sha256:
         sink_flags.append("--sha256")
     sink = harness.server_command("sink", sink_tmp, extra=[*sink_flags, *args.sink_arg])
-    return {"server": server, "sink": sink}
+    commands = {"server": server, "sink": sink}
+    if args.base_src:
+        base_tmp = work / "base-tmp"
+        base_tmp.mkdir()
+        commands["base"] = harness.server_command(
+            "ours", base_tmp, extra=["--max-upload-bytes", "4G", *args.server_arg]
+        )
+    return commands
 
 
 def summarise(results: list[Result], server_hwm_kib: int) -> bool:
@@ -263,6 +271,12 @@ def summarise(results: list[Result], server_hwm_kib: int) -> bool:
         (server_wall, server_rx), (sink_wall, sink_rx) = medians["server"], medians["sink"]
         wall_ratio, rx_ratio = server_wall / sink_wall, server_rx / sink_rx
         print(f"  ratio server/sink: end-to-end {wall_ratio:.2f}, receive phase {rx_ratio:.2f}")
+        if "base" in medians:
+            base_ratio = medians["base"][0] / sink_wall
+            print(
+                f"  ratio base/sink: end-to-end {base_ratio:.2f}; "
+                f"server/base {server_wall / medians['base'][0]:.2f}"
+            )
         ok = wall_ratio >= THROUGHPUT_TARGET
         passed &= ok
         print(
@@ -310,7 +324,8 @@ def run(args: argparse.Namespace) -> int:
         server_hwm_kib = 0
         try:
             for name in args.targets:
-                targets[name] = start_server(name, commands[name])
+                env = {**os.environ, "PYTHONPATH": args.base_src} if name == "base" else None
+                targets[name] = start_server(name, commands[name], env=env)
                 print(f"  {name}: pid {targets[name].pid}, port {targets[name].port}", flush=True)
             for target in targets.values():
                 upload_once(args, target, warm, 0)  # warm-up: imports, thread cache, first allocations
@@ -332,7 +347,8 @@ def run(args: argparse.Namespace) -> int:
         finally:
             for target in targets.values():
                 stop_server(target)
-        leftovers = [p.name for d in ("server-tmp", "sink-tmp") for p in (work / d).iterdir()]
+        temp_dirs = [work / d for d in ("server-tmp", "sink-tmp", "base-tmp") if (work / d).exists()]
+        leftovers = [p.name for d in temp_dirs for p in d.iterdir()]
         if leftovers:
             print(f"  warning: files left in the temp dirs: {leftovers}")
     print(f"  load average after: {load_average()}")
@@ -371,8 +387,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="extra sink flag (repeatable), e.g. --sink-arg=--buffer=4M",
     )
     parser.add_argument("--py-spy", default=None, metavar="OUT", help="record the server with py-spy to OUT")
+    parser.add_argument(
+        "--base-src",
+        default=None,
+        metavar="DIR",
+        help="also run the server from DIR (PYTHONPATH; e.g. an export of main's src) as target 'base', "
+        "in the same rotation: before/after under the same noise",
+    )
     args = parser.parse_args(argv)
-    unknown = set(args.targets) - {"server", "sink"}
+    if args.base_src and "base" not in args.targets:
+        args.targets.append("base")
+    unknown = set(args.targets) - {"server", "sink", "base"}
     if unknown or not args.targets:
         parser.error(f"--targets takes server and/or sink, not {sorted(unknown)}")
     if args.rounds < 1:
