@@ -76,7 +76,8 @@ class _Stage:
         self.work = work
         self.progress = progress
         self._queue: collections.deque[Batch] = collections.deque()
-        self._ready = threading.Condition()  # the queue, ``_running`` and ``_closed`` change together
+        # The queue, ``_running`` and ``_closed`` change together under it.
+        self._ready = threading.Condition(threading.Lock())
         self._running = False
         self._closed = False  # no batch is coming soon: the thread ends when the queue is empty
         #: Bytes finished; written by the thread only, read by the loop.
