@@ -303,6 +303,22 @@ class Spool:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(self._remove_files_blocking)
 
+    async def close(self) -> None:
+        """Close the file and remove the upload's files, in one call off the event loop. Shielded.
+
+        The session removes the file before it answers, so this close is often the inode's last reference,
+        and the kernel frees the file's page cache in it: ~95 ms for 1 GiB, which held the event loop
+        (every connection, health too) when the close ran on it (measured, BENCH_NOTES.md, issue 14).
+        """
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(self._close_blocking)
+
+    def _close_blocking(self) -> None:
+        try:
+            os.close(self._fd)
+        finally:
+            self._remove_files_blocking()
+
     def _remove_files_blocking(self) -> None:
         for leftover in (*([] if self._keep_file else [self.path]), *self._siblings):
             with contextlib.suppress(FileNotFoundError):
@@ -352,8 +368,7 @@ async def open_spool(
         async with _writing(spool):
             yield spool
     finally:
-        os.close(fd)
-        await spool.remove_files()
+        await spool.close()
 
 
 @contextlib.asynccontextmanager
