@@ -14,7 +14,7 @@ import pytest
 
 from server_process import Spawn, server_command, stop
 from upload_server.config import Config
-from upload_server.scheduling import request_slice, slice_ns
+from upload_server.scheduling import default_slice_for_this_thread, request_slice, slice_ns
 
 T = TypeVar("T")
 
@@ -80,3 +80,20 @@ def test_loop_slice_0_leaves_the_kernels_slice(spawn: Spawn, spool_dir: Path) ->
         assert slice_ns(server.process.pid) == in_a_thread(slice_ns)
     finally:
         assert stop(server)[0] == 0
+
+
+def test_a_thread_started_by_the_loop_goes_back_to_the_default_slice() -> None:
+    """Threads inherit the slice of the thread that starts them; the spool's hashing and writing threads give
+    the event loop's short one back (``receive/spool._Stage.run``)."""
+
+    def loop_thread() -> tuple[int, int, int]:
+        default = slice_ns()
+        request_slice(0.0001)
+        # A thread the "loop" starts: inherits the short slice, then asks for the default once.
+        seen = in_a_thread(lambda: (slice_ns(), default_slice_for_this_thread(), slice_ns()))
+        return default, seen[0], seen[2]
+
+    default, inherited, after = in_a_thread(loop_thread)
+    if kernel_has_custom_slices():
+        assert inherited == 100_000
+    assert after == default

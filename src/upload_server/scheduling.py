@@ -18,6 +18,7 @@ import ctypes
 import os
 import platform
 import struct
+import threading
 
 #: ``sched_setattr`` and ``sched_getattr`` system call numbers.
 _SYSCALLS = {"x86_64": (314, 315), "aarch64": (274, 275)}
@@ -71,3 +72,16 @@ def request_slice(seconds: float) -> bool:
         return runtime == 0 or slice_ns() == runtime
     except OSError:
         return False
+
+
+_thread_state = threading.local()
+
+
+def default_slice_for_this_thread() -> None:
+    """Give the calling thread back the kernel's default slice, once per thread: the threads the event loop
+    starts (trio's thread cache) inherit its short slice, and hashing a batch for an upload must not
+    preempt others as the loop does."""
+    if getattr(_thread_state, "defaulted", False):
+        return
+    _thread_state.defaulted = True
+    request_slice(0)

@@ -33,6 +33,7 @@ from trio.lowlevel import RunVar
 
 from ..admission import QUEUED_BATCHES
 from ..errors import InsufficientStorage, PayloadTooLarge
+from ..scheduling import default_slice_for_this_thread
 
 log = logging.getLogger("upload_server.spool")
 
@@ -84,6 +85,7 @@ class _Stage:
 
     def run(self) -> None:
         """A thread's body: the queued batches in order, until there are none."""
+        default_slice_for_this_thread()
         while True:
             with self._lock:
                 if not self._queue:
