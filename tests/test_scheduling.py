@@ -61,7 +61,7 @@ def test_a_slice_out_of_the_kernels_range_is_refused_and_changes_nothing() -> No
         return before, refused, slice_ns()
 
     before, refused, after = in_a_thread(ask)
-    assert refused == ["a time slice is 0 or from 0.0001 to 0.1 seconds"] * 3
+    assert refused == ["a time slice must be 0 (the kernel's default) or from 0.0001 to 0.1 seconds"] * 3
     assert after == before
 
 

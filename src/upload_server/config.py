@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from .ingest.inflate import resolve
-from .scheduling import MAX_SLICE_SECONDS, MIN_SLICE_SECONDS
+from .scheduling import slice_complaint
 
 ENV_PREFIX = "UPLOAD_SERVER_"
 
@@ -149,12 +149,6 @@ def _inflater(value: str) -> str | None:
     return None
 
 
-def _slice(value: float) -> str | None:
-    if value == 0 or MIN_SLICE_SECONDS <= value <= MAX_SLICE_SECONDS:
-        return None
-    return f"must be 0 (the kernel's default) or from {MIN_SLICE_SECONDS:g} to {MAX_SLICE_SECONDS:g} seconds"
-
-
 def _ratio(value: float) -> str | None:
     return None if value >= 1 else "must be at least 1 (a ratio of uncompressed to compressed size)"
 
@@ -274,7 +268,7 @@ SETTINGS: tuple[Setting, ...] = (
         parse_float,
         "seconds of CPU the serving processes ask Linux (6.12+) for at a time: a short slice lets the event "
         "loop preempt busy threads the moment it wakes (0: the kernel's default slice)",
-        _slice,
+        slice_complaint,
     ),
     Setting("log_level", lambda text: text.strip().lower(), "debug, info, warning or error", _log_level),
     Setting(

@@ -49,6 +49,13 @@ def _get_attr(thread_id: int) -> tuple[int, ...]:
     return _SCHED_ATTR.unpack(buffer.raw)
 
 
+def slice_complaint(seconds: float) -> str | None:
+    """Why ``seconds`` cannot be asked for as a slice, or None when it can (0 asks for the default)."""
+    if seconds == 0 or MIN_SLICE_SECONDS <= seconds <= MAX_SLICE_SECONDS:
+        return None
+    return f"must be 0 (the kernel's default) or from {MIN_SLICE_SECONDS:g} to {MAX_SLICE_SECONDS:g} seconds"
+
+
 def slice_ns(thread_id: int = 0) -> int:
     """The time slice a thread (0: the caller) runs with, in nanoseconds: its own, or the kernel's default."""
     return int(_get_attr(thread_id)[5])
@@ -58,8 +65,8 @@ def request_slice(seconds: float) -> bool:
     """Ask for a time slice of ``seconds`` (0: back to the kernel's default) for the calling thread, keeping
     its policy and niceness. False where the kernel cannot hold a slice of its own for it (another system,
     a kernel before 6.12, a policy without slices), after which nothing has changed."""
-    if seconds != 0 and not MIN_SLICE_SECONDS <= seconds <= MAX_SLICE_SECONDS:
-        raise ValueError(f"a time slice is 0 or from {MIN_SLICE_SECONDS:g} to {MAX_SLICE_SECONDS:g} seconds")
+    if (complaint := slice_complaint(seconds)) is not None:
+        raise ValueError(f"a time slice {complaint}")
     try:
         _, policy, _, nice, priority, *_ = _get_attr(0)
         runtime = round(seconds * 1e9)
