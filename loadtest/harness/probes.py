@@ -60,6 +60,8 @@ def poll_health(port: int, duration: float, interval: float, timeout: float) -> 
     A failed request (timeout, non-200, closed connection) is counted and the connection reopened.
     """
     latencies: list[float] = []
+    #: Each poll's time less the probe's own wait for a CPU within it: what the server and the network took.
+    less_own_wait: list[float] = []
     slow: list[tuple[float, float]] = []  # (time.monotonic() at the send, ms) of polls over SLOW_POLL_MS
     errors: Counter[str] = Counter()
     reconnects = 0
@@ -73,12 +75,15 @@ def poll_health(port: int, duration: float, interval: float, timeout: float) -> 
                 sock = socket.create_connection((HOST, port), timeout=timeout)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 reconnects += 1
+            own_wait = -run_queue_wait_seconds(os.getpid())
             started = time.perf_counter()
             sock.sendall(HEALTH_REQUEST)
             status, headers, _ = read_response(sock)
             elapsed = time.perf_counter() - started
+            own_wait += run_queue_wait_seconds(os.getpid())
             if status == 200:
                 latencies.append(elapsed)
+                less_own_wait.append(max(0.0, elapsed - own_wait))
                 if elapsed * 1000 > SLOW_POLL_MS:
                     slow.append((time.monotonic() - elapsed, round(elapsed * 1000, 3)))
             else:
@@ -100,6 +105,7 @@ def poll_health(port: int, duration: float, interval: float, timeout: float) -> 
         "errors": dict(errors),
         "connections_opened": reconnects,
         "slow": slow,
+        "less_own_wait": latency_summary(less_own_wait),
         # The probe's own wait for a CPU: a slow poll may be the probe scheduled late, not the server.
         "probe_wait_s": run_queue_wait_seconds(os.getpid()) - waited_before,
     }
