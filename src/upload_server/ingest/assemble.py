@@ -235,7 +235,8 @@ def merge_part(runs: list[Run], files: PartFiles, ndjson: bool, write: bool) -> 
         if not write:
             return sum(1 for _ in merge_chunks(map(read_chunks, bounded)))
         with open(files.actors, "wb", buffering=WRITE_BUFFER_BYTES) as out:
-            # A row is rendered as the Actor it extends: no Actor made per row (0.321 -> 0.295 s CPU for large24's actors, medians of 7 alternating).
+            # A row is rendered as the Actor it extends: no Actor made per row (0.321 -> 0.295 s CPU for
+            # large24's actors, medians of 7 alternating).
             merged = ((row.id, row) for row in merge_chunks(map(read_chunks, bounded)))
             return write_actors(out, merged, ndjson=ndjson)
     finally:
