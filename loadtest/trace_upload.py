@@ -9,7 +9,10 @@ as an already received upload (a symlink in a temp dir, so the jobs' files go th
 wrapped (``harness.timeline.timed_call``) to record when it ran, on which worker, and its CPU seconds.
 
 Prints, per round, each call's start and end (ms from the plan's start) and CPU, then: wall time, the
-workers' busy CPU, and the idle core-time (cores × wall − worker CPU) before the last job ended and after.
+workers' CPU by function, and the idle core-time (cores × time − time spent in worker calls) until the last
+job ended and after it. The receive comes before all of this and is not in it: ``bench_compare.py`` gives
+it per upload (``sent``, ``receive``). On a busy machine the idle figures say little: the workers are
+SCHED_IDLE and wait for other processes' work.
 """
 
 from __future__ import annotations

@@ -22,12 +22,13 @@ from tusclient import client as tus_client
 from conftest import RunningServer, StartServer, wait_until
 from events_factory import Truth, as_ndjson, make_events, make_zip
 from server_process import Spawn, server_command
-from test_ingest_server import SLOW_WORK, _gzip_of_spaces
+from test_ingest_server import SLOW_WORK, SPILL_OFTEN, _gzip_of_spaces, _many_actors
 from upload_server.resumable import ResumableStore, UploadState
 
 FILES = "/api/v1/files"
 TUS = {"Tus-Resumable": "1.0.0"}
 OFFSET_STREAM = {"Content-Type": "application/offset+octet-stream"}
+NDJSON_TYPE = "application/x-ndjson"
 
 
 def dataset(files: int = 4, events: int = 800) -> tuple[bytes, Truth]:
@@ -384,3 +385,36 @@ async def test_a_result_removed_after_its_record_was_read_is_404(server: Running
         answer = await client.get(f"{url}/result")
     assert answer.status_code == 404
     assert answer.json()["error"]["code"] == "UPLOAD_NOT_FOUND"
+
+
+async def test_a_result_rendered_in_parts_is_what_a_post_answers(start_server: StartServer) -> None:
+    """Actors spilled in small runs, so that two workers render the results in parts by actor id: the kept
+    JSON result and NDJSON result hold what a POST of the same bytes answers (but the ids and timing)."""
+    server = await start_server(workers=2, **SPILL_OFTEN)
+    body, truth = _many_actors(5000, seed=44)
+    async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+        url = await create(client, len(body))
+        assert (await patch(client, url, 0, body)).status_code == 204
+        kept = await result_when_ready(client, url)
+        kept_lines = await result_when_ready(client, url, "application/x-ndjson")
+        posted = await client.post(
+            "/api/v1/upload", content=body, headers={"Content-Type": "application/zip"}
+        )
+        posted_lines = await client.post(
+            "/api/v1/upload",
+            content=body,
+            headers={"Content-Type": "application/gzip", "Accept": NDJSON_TYPE},
+        )
+    assert kept.status_code == posted.status_code == 200, (kept.text, posted.text)
+    document, answer = kept.json(), posted.json()
+    assert [(a["id"], a["login"], a["events"]) for a in document["actors"]] == [
+        (aid, login, events) for aid, (login, events) in sorted(truth.items())
+    ]
+    for key in ("summary", "files", "actors", "sha256"):
+        assert document[key] == answer[key]
+
+    def actors(text: str) -> list[str]:
+        return [line for line in text.splitlines() if '"kind":"actor"' in line]
+
+    assert actors(kept_lines.text) == actors(posted_lines.text)
+    assert len(actors(kept_lines.text)) == len(truth)

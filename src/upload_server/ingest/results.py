@@ -34,7 +34,6 @@ __all__ = [
     "UploadReceipt",
     "actor_line",
     "actor_lines",
-    "actor_pairs",
     "add_event_types",
     "error_line",
     "file_line",
@@ -235,12 +234,7 @@ def _folded(batch: list[ActorRow]) -> Iterator[ActorRow]:
 
 def merge_runs(runs: Iterable[Iterable[ActorRow]]) -> Iterator[tuple[int, Actor]]:
     """``merge_rows`` as ``(id, Actor)`` pairs, the form the answer is rendered from."""
-    return actor_pairs(merge_rows(runs))
-
-
-def actor_pairs(rows: Iterable[ActorRow]) -> Iterator[tuple[int, Actor]]:
-    """Merged rows as ``(id, Actor)`` pairs."""
-    for row in rows:
+    for row in merge_rows(runs):
         yield row.id, row.actor(row.events)
 
 

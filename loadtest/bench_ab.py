@@ -1,0 +1,64 @@
+"""Two builds of upload-server side by side: this checkout against another (a baseline), uploads alternating.
+
+    git archive main | tar -x -C /tmp/base && (cd /tmp/base && uv sync --locked)
+    uv run --group loadtest python loadtest/bench_ab.py --baseline-python /tmp/base/.venv/bin/python
+
+Both servers run at once with their default settings, each in its own temp dir; ``--rounds`` uploads of the
+dataset to each, alternating which goes first, every answer checked (``harness.timed_upload``). Prints each
+upload's line, then each build's median wall time and events/s and the ratio. On a shared machine the noise
+falls on both builds alike, which two separate runs of ``bench_compare.py`` cannot promise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+
+import harness
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--baseline-python", required=True, help="the interpreter of the baseline's venv")
+    parser.add_argument("--dataset", default="large24", choices=sorted(harness.DATASETS))
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--pause", type=float, default=1.0, help="seconds of rest before each upload")
+    parser.add_argument("--query", default="", help="query string for every upload, e.g. actors=false")
+    args = parser.parse_args()
+    dataset = harness.ensure_dataset(args.dataset)
+    with tempfile.TemporaryDirectory() as base_dir, tempfile.TemporaryDirectory() as this_dir:
+        commands = {
+            "baseline": [args.baseline_python, "-m", "upload_server", "--tmp-dir", base_dir, "--port", "0"],
+            "this": [sys.executable, "-m", "upload_server", "--tmp-dir", this_dir, "--port", "0"],
+        }
+        walls: dict[str, list[float]] = {name: [] for name in commands}
+        with (
+            harness.running_server("baseline", commands["baseline"]) as baseline,
+            harness.running_server("this", commands["this"]) as this,
+        ):
+            for server in (baseline, this):
+                harness.timed_upload(server, dataset, label="warm-up", query=args.query)
+            for round_no in range(1, args.rounds + 1):
+                for server in (baseline, this) if round_no % 2 else (this, baseline):
+                    harness.warm_page_cache(dataset.path)
+                    time.sleep(args.pause)
+                    run = harness.timed_upload(
+                        server, dataset, label=server.name, round_no=round_no, query=args.query
+                    )
+                    walls[server.name].append(run.wall_s)
+                    print(run.line(), flush=True)
+    for name, seconds in walls.items():
+        wall, rounds = statistics.median(seconds), [round(s, 2) for s in seconds]
+        print(f"{name:<8} median {wall:.3f} s, {dataset.events / wall:,.0f} events/s; rounds {rounds}")
+    ratio = statistics.median(walls["baseline"]) / statistics.median(walls["this"])
+    print(f"this build is {ratio:.2f}x the baseline's events/s (load average now {harness.load_average()})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
