@@ -293,7 +293,7 @@ async def _plan_zip(
     if render is None:
         return await pool.run(plan_zip, str(spool.path), limits, ticket=ticket)
     small = await _run_small(pool, spool, limits, job, render, ticket)
-    return small if small.done else small.plan
+    return small if small.plan is None else small.plan
 
 
 async def _run_small(
