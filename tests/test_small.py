@@ -4,6 +4,7 @@ server: the small path is the one a small upload takes, and its answer's timing 
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import re
@@ -84,6 +85,23 @@ def test_the_answer_is_that_of_the_three_steps(tmp_path: Path, archive: str) -> 
     usual, small = usual_way(path, tmp_path), small_way(path, tmp_path)
     assert TIMING.sub(b"", small) == TIMING.sub(b"", usual)
     assert len(TIMING.findall(small)) == 1
+
+
+@pytest.mark.parametrize("limit", [0, 100, 1 << 20])
+def test_an_answer_within_its_limit_comes_back_in_memory(tmp_path: Path, limit: int) -> None:
+    """Over the limit (100 bytes: the bytes held so far go to the file first) or with none, the answer
+    is in its file, as before; within it, it comes back whole and no file is made."""
+    path = many_files(tmp_path / "many.zip")
+    usual = TIMING.sub(b"", usual_way(path, tmp_path))
+    render = dataclasses.replace(request(tmp_path / "answer"), answer_in_memory=limit)
+    done = plan_and_run_small(str(path), LIMITS, Job(str(path), "zip"), str(tmp_path / "r"), render, 0.0)
+    assert done.rendered is not None and done.rendered.rendered
+    if limit >= len(usual):
+        assert done.rendered.answer is not None and TIMING.sub(b"", done.rendered.answer) == usual
+        assert not (tmp_path / "answer").exists()
+    else:
+        assert done.rendered.answer is None
+        assert TIMING.sub(b"", (tmp_path / "answer").read_bytes()) == usual
 
 
 @pytest.mark.parametrize("kind", ["gzip", "json"])

@@ -138,6 +138,9 @@ class RenderRequest:
     ignored: list[tuple[str, str]] = field(default_factory=list)
     failed_up_front: list[FileResult] = field(default_factory=list)
     receive_ms: float = 0.0
+    #: An answer of at most this many bytes is handed back in memory (``RenderOutcome.answer``) instead of
+    #: written to ``answer_path``; 0: always the file.
+    answer_in_memory: int = 0
     #: Time between the upload arriving whole and its first job getting a worker.
     queue_ms: float = 0.0
     #: ``time.monotonic()`` when processing began: one clock for every process of the machine, so the
@@ -161,6 +164,9 @@ class RenderOutcome:
     #: Events and unique actors of the upload (for the metrics).
     events: int = 0
     actors: int = 0
+    #: The answer itself, when it was rendered in memory (``RenderRequest.answer_in_memory``); else None
+    #: and the answer is in ``answer_path``.
+    answer: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -248,8 +254,9 @@ def merge_part(runs: list[Run], files: PartFiles, ndjson: bool, write: bool) -> 
 
 
 def merge_and_render(request: RenderRequest) -> RenderOutcome:
-    """The whole answer in one call, into ``request.answer_path`` (a small upload's: ``small.py``): the same
-    frame and part as a render in parts, its one part's file removed once copied into the answer."""
+    """The whole answer in one call, into ``request.answer_path`` or, within ``request.answer_in_memory``,
+    handed back (a small upload's: ``small.py``): the same frame and part as a render in parts, its one
+    part's file removed once copied into the answer."""
     with gc_paused():
         framed = frame_answer(request)
         if framed.frame is None:
@@ -259,15 +266,52 @@ def merge_and_render(request: RenderRequest) -> RenderOutcome:
             write = request.ndjson or request.include_actors
             count = merge_part(framed.runs, files, request.ndjson, write)
             pieces = fill(framed.frame, count, [(files.actors, count)], request.timing_ms())
-            with open(request.answer_path, "wb", buffering=WRITE_BUFFER_BYTES) as out:
+            with _AnswerOut(request.answer_path, request.answer_in_memory) as out:
                 write_pieces(out, pieces)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(files.actors)
-    return dataclasses.replace(framed.outcome, actors=count)
+    return dataclasses.replace(framed.outcome, actors=count, answer=out.answer())
 
 
-def write_pieces(out: BinaryIO, pieces: Iterable[bytes | str]) -> None:
+class _AnswerOut:
+    """Where the answer is written: memory while it stays within ``limit`` bytes, then its file (the bytes
+    held so far first). A small answer so skips creating, reading back and removing a file, and the
+    serving process's thread hops to read it (BENCH_NOTES.md, small uploads)."""
+
+    def __init__(self, path: str, limit: int) -> None:
+        self.path = path
+        self.limit = limit
+        self.held: bytearray | None = bytearray() if limit > 0 else None
+        self.file: BinaryIO | None = None if limit > 0 else self._open()
+
+    def _open(self) -> BinaryIO:
+        return open(self.path, "wb", buffering=WRITE_BUFFER_BYTES)
+
+    def write(self, data: bytes) -> None:
+        if self.held is not None:
+            if len(self.held) + len(data) <= self.limit:
+                self.held += data
+                return
+            self.file = self._open()
+            self.file.write(self.held)
+            self.held = None
+        assert self.file is not None
+        self.file.write(data)
+
+    def __enter__(self) -> _AnswerOut:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.file is not None:
+            self.file.close()
+
+    def answer(self) -> bytes | None:
+        """The answer, when it stayed in memory; None when it is in its file."""
+        return bytes(self.held) if self.held is not None else None
+
+
+def write_pieces(out: BinaryIO | _AnswerOut, pieces: Iterable[bytes | str]) -> None:
     """Write an answer's pieces (``results.fill``): bytes as they are, a path as its file's bytes."""
     for piece in pieces:
         if isinstance(piece, bytes):
