@@ -13,11 +13,15 @@ from pathlib import Path
 import pytest
 import trio
 
+from upload_server.errors import InsufficientStorage, root_cause
 from upload_server.receive import spool as spool_module
 from upload_server.receive.spool import (
     BATCH_BYTES,
+    INLINE_BYTES,
+    INLINE_REMOVE_BYTES,
     STAGE_THREADS,
     THREAD_NAME_PREFIX,
+    Spool,
     _Stage,
     open_append,
     open_spool,
@@ -53,6 +57,77 @@ async def test_every_byte_is_written_and_hashed_in_order(
     assert spool.size == len(whole)
     assert spool.sha256 == hashlib.sha256(whole).hexdigest()
     assert not os.listdir(tmp_path)
+
+
+@pytest.fixture
+def thread_hops(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """The functions run through ``trio.to_thread.run_sync`` from now on (they still run)."""
+    hops: list[object] = []
+    run_sync = trio.to_thread.run_sync
+
+    async def counted(function: object, *args: object, **kwargs: object) -> object:
+        hops.append(function)
+        return await run_sync(function, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", counted)
+    return hops
+
+
+@pytest.mark.parametrize("size", [0, 100, INLINE_BYTES, INLINE_BYTES + 1])
+async def test_a_body_of_one_small_batch_is_written_without_a_thread(
+    tmp_path: Path, size: int, thread_hops: list[object]
+) -> None:
+    """A body within INLINE_BYTES, all of it still in its first batch when it ends, is hashed and written
+    on the loop: no thread hop for a small upload. One byte more takes the threads, as any batch does."""
+    hops = thread_hops
+    data = pieces([size // 2, size - size // 2])
+    with trio.fail_after(30):
+        async with open_spool(tmp_path, 1 << 30, batch_size=lambda: 1 << 20) as spool:
+            for piece in data:
+                await spool.write(piece)
+            await spool.finish()
+            written, threads = spool.path.read_bytes(), len(hops)
+    assert written == b"".join(data)
+    assert spool.sha256 == hashlib.sha256(written).hexdigest()
+    assert threads == (0 if size <= INLINE_BYTES else 2)  # hashing and writing
+    assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("sibling_size", [1000, INLINE_REMOVE_BYTES])
+async def test_small_files_are_removed_on_the_loop_and_each_once(
+    tmp_path: Path, sibling_size: int, thread_hops: list[object]
+) -> None:
+    """An upload's files are unlinked on the loop while they total at most INLINE_REMOVE_BYTES, else in a
+    thread; a second removal does nothing, and the spool's own on exit removes a sibling named since."""
+    async with open_spool(tmp_path, 1 << 30) as spool:
+        await spool.write(os.urandom(1000))
+        await spool.finish()
+        spool.sibling("results").write_bytes(bytes(sibling_size))
+        await spool.remove_files()
+        assert not os.listdir(tmp_path)
+        hops = len(thread_hops)
+        assert hops == (0 if sibling_size + 1000 <= INLINE_REMOVE_BYTES else 1)
+        await spool.remove_files()
+        assert len(thread_hops) == hops  # nothing left to remove: no hop
+        late = spool.sibling("late")
+        late.write_bytes(b"x")
+    assert not late.exists() and not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("size", [100, INLINE_BYTES + 1])
+async def test_a_body_that_cannot_be_stored_is_insufficient_storage(tmp_path: Path, size: int) -> None:
+    """A write that fails for want of space is 507, on the loop (a small body) as in the writing thread."""
+    fd = os.open("/dev/full", os.O_WRONLY)  # every write: ENOSPC
+    try:
+        with trio.fail_after(30), pytest.raises(BaseException) as raised:  # the root cause is checked below
+            async with trio.open_nursery() as nursery:
+                spool = Spool(tmp_path / "upload", 1 << 30, fd, batch_size=lambda: 1 << 20)
+                spool.run_threads_in(nursery)
+                await spool.write(os.urandom(size))
+                await spool.finish()
+    finally:
+        os.close(fd)
+    assert isinstance(root_cause(raised.value), InsufficientStorage)
 
 
 async def test_an_append_uses_the_named_digest(tmp_path: Path) -> None:

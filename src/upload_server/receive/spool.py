@@ -6,7 +6,9 @@ hashes each batch and then writes it (``os.writev``, no joining copy), while the
 reading; chunks under ``SMALL_PIECE_BYTES`` are copied together, so a batch holds few objects. At most
 ``QUEUED_BATCHES`` batches may be queued and not yet hashed and written: past that, ``write`` waits, the
 connection stops reading and TCP slows the client. That bounds memory per upload to the queued batches,
-the one being gathered and the piece being read (``admission.BUFFERS_PER_UPLOAD``).
+the one being gathered and the piece being read (``admission.BUFFERS_PER_UPLOAD``). A body that ends
+within its first batch and ``INLINE_BYTES`` is hashed and written on the loop instead, and an upload's
+small files are unlinked there: for a small upload the thread hops cost more than the work.
 
 Every file this module creates is named ``upload-server-<pid>-<token>...`` so that files left behind by a
 killed process can be recognised and removed at the next start.
@@ -46,6 +48,11 @@ BATCH_BYTES = 1 << 20
 #: How long a stage thread waits for the next batch after a full one. A fast client's next batch comes
 #: within ~1-3 ms (2 MiB read and handed over); this covers the loop waiting for a core on a busy machine.
 LINGER_SECONDS = 0.02
+#: A body that ends before its first batch was handed over, and is at most this large, is hashed and
+#: written on the event loop when it ends: ~0.25 ms for 320 KB here (sha256 0.17 ms, the write 0.09 ms),
+#: where handing it to the stage threads and waiting for them took 1.2-1.9 ms (a small upload's
+#: time, BENCH_NOTES.md). 512 KiB is ~0.45 ms: a short step of the loop, not a stall.
+INLINE_BYTES = 512 << 10
 #: Pieces smaller than this are gathered into one buffer per run (so a batch holds few objects).
 SMALL_PIECE_BYTES = 16 << 10
 FILE_PREFIX = "upload-server-"
@@ -158,6 +165,7 @@ class Spool:
         self._token: trio.lowlevel.TrioToken | None = None
         self._siblings: list[Path] = []
         self._keep_file = False
+        self._file_removed = False
         #: Bytes gathered before a batch goes to the writer (``admission.piece_size`` in the server).
         self._batch_size = batch_size or _full_batch
 
@@ -200,8 +208,11 @@ class Spool:
 
     async def finish(self) -> None:
         """Flush the last batch and wait until every byte is written; then ``sha256`` is set."""
-        await self._hand_over()
-        await self._until_done(self._queued)
+        if self._queued == 0 and self._batch_bytes <= INLINE_BYTES:
+            self._write_inline()
+        else:
+            await self._hand_over()
+            await self._until_done(self._queued)
         for stage in self._stages:
             stage.close()
         self.digest = self._hasher.digest()
@@ -266,19 +277,34 @@ class Spool:
             stage.skip = True
             stage.close()
 
+    def _write_inline(self) -> None:
+        """The whole body, one small batch, hashed and written here on the loop (``INLINE_BYTES``)."""
+        batch = self._batch
+        self._batch, self._batch_bytes, self._small = [], 0, None
+        self._hash_blocking(batch)
+        try:
+            self._write_blocking(batch)
+        except OSError as error:
+            self._raise_storage_error(error)
+            raise
+
     async def _run_stage(self, stage: _Stage, limiter: trio.CapacityLimiter) -> None:
         try:
             await trio.to_thread.run_sync(
                 stage.run, limiter=limiter, thread_name=self._thread_name(stage.name)
             )
         except OSError as error:
-            # EFBIG: the file system's (or the process's RLIMIT_FSIZE) largest file: storage, not the client.
-            if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                raise InsufficientStorage(
-                    "The server ran out of temporary disk space while receiving the upload.",
-                    detail={"tmp_dir": str(self.path.parent)},
-                ) from error
+            self._raise_storage_error(error)
             raise
+
+    def _raise_storage_error(self, error: OSError) -> None:
+        """A write that failed for want of storage is the server's 507, not the client's fault."""
+        # EFBIG: the file system's (or the process's RLIMIT_FSIZE) largest file: storage, not the client.
+        if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise InsufficientStorage(
+                "The server ran out of temporary disk space while receiving the upload.",
+                detail={"tmp_dir": str(self.path.parent)},
+            ) from error
 
     def _hash_blocking(self, batch: list[Chunk]) -> None:
         for piece in batch:
@@ -298,12 +324,25 @@ class Spool:
                 rest = rest[os.write(self._fd, rest) :]
 
     async def remove_files(self) -> None:
-        """Remove the upload's files, off the event loop (unlinking a file of gigabytes takes a while).
+        """Remove the upload's files (each once: a second call removes only siblings named since), off the
+        event loop unless they are small (``INLINE_REMOVE_BYTES``).
 
         Shielded: this is cleanup, and it runs on the way out of cancellations too.
         """
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(self._remove_files_blocking)
+        paths = self._leftovers()
+        if not paths:
+            return
+        if _total_size(paths) <= INLINE_REMOVE_BYTES:
+            _unlink_all(paths)
+        else:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(_unlink_all, paths)
+        self._file_removed = True
+        self._siblings = [path for path in self._siblings if path not in paths]
+
+    def _leftovers(self) -> list[Path]:
+        """The upload's files not removed yet: its own (unless kept), and its siblings."""
+        return [*([] if self._keep_file or self._file_removed else [self.path]), *self._siblings]
 
     async def close(self) -> None:
         """Close the file and remove the upload's files, in one call off the event loop. Shielded.
@@ -322,9 +361,27 @@ class Spool:
             self._remove_files_blocking()
 
     def _remove_files_blocking(self) -> None:
-        for leftover in (*([] if self._keep_file else [self.path]), *self._siblings):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(leftover)
+        _unlink_all(self._leftovers())
+
+
+#: An upload's files totalling at most this many bytes are unlinked on the event loop (~25 us a small file
+#: here, where a thread hop cost a small upload 0.1-0.4 ms, twice); larger ones in a thread (a 64 MiB file
+#: took 3.5 ms to unlink, 14 ms once written back to disk).
+INLINE_REMOVE_BYTES = 4 << 20
+
+
+def _total_size(paths: list[Path]) -> int:
+    total = 0
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            total += os.lstat(path).st_size
+    return total
+
+
+def _unlink_all(paths: list[Path]) -> None:
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 #: The hashing and writing threads of all spools together, at most. Their own limiter: threads busy for a
