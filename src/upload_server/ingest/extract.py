@@ -547,8 +547,11 @@ _UTF8_SLICE = 1 << 20
 def _check_utf8(region: memoryview, base: int) -> None:
     """Reject invalid UTF-8 anywhere in ``region``: msgspec skips unknown fields (the payload) without
     validating them. Cache-sized slices through an incremental decoder run at ~10 GB/s."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
     try:
+        if len(region) <= _UTF8_SLICE:  # one call, no decoder object: once per file of many small ones
+            codecs.utf_8_decode(region, "strict", True)
+            return
+        decoder = codecs.getincrementaldecoder("utf-8")()
         for i in range(0, len(region), _UTF8_SLICE):
             decoder.decode(region[i : i + _UTF8_SLICE])
         decoder.decode(b"", True)
@@ -574,6 +577,8 @@ def extract_bytes(
 ) -> FileResult:
     """Extract a whole file held in memory (the fast path; use for files under the memory budget).
     With ``actors_out``, the result holds only the actors not spilled to it."""
+    if not gc.isenabled():  # paused by the caller already (a job: ``assemble.run_job_to_file``)
+        return _extract_bytes(name, data, events_out, actors_out)
     with gc_paused():
         return _extract_bytes(name, data, events_out, actors_out)
 
