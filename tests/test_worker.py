@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import orjson
 import pytest
 
@@ -306,7 +307,7 @@ def test_encrypted_entry_fails_in_the_worker_too(tmp_path: Path) -> None:
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("a.json", b"{}")
     job = zip_job(path)
-    job = replace(job, entries=(replace(job.entries[0], flag_bits=1),))
+    job = replace(job, entries=(msgspec.structs.replace(job.entries[0], flag_bits=1),))
     (res,) = run_job(job)
     assert res.error is not None and res.error["code"] == "ENCRYPTED_ENTRY"
 
