@@ -335,7 +335,8 @@ class _Acc:
             if lines is not None:
                 lines.append(_event_line(self.file, ev, aid))
         self.events += events
-        self._count_skipped(not_an_object=not_object, no_actor=no_actor, invalid_actor=invalid_actor)
+        if not_object or no_actor or invalid_actor:
+            self._count_skipped(not_an_object=not_object, no_actor=no_actor, invalid_actor=invalid_actor)
         if lines:
             assert self.out is not None
             self.out.write(_LINE_ENCODER.encode_lines(lines))
