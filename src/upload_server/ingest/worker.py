@@ -321,6 +321,8 @@ def _zip_lzma(header: bytes) -> tuple[_Decompressor, int]:
         raise DecompressionFailure(FileErrorCode.BAD_COMPRESSED_DATA, "bad LZMA properties") from None
 
 
+#: Decompressors that take all the input they are given (``_OPAQUE_FEED``).
+_OPAQUE = (bz2.BZ2Decompressor, lzma.LZMADecompressor)
 #: bz2 and LZMA take all the input they are given and say nothing of how much they used; fed in pieces
 #: this small, the bytes counted as consumed run at most this far ahead of the truth, so the ratio guard
 #: trips within max_ratio x 16 KiB (3.2 MB at 200:1) of output rather than max_ratio x one read (51 MB).
@@ -343,8 +345,8 @@ def _pump(
     entry's) may end without its end marker: zipfile reads such an entry when its CRC-32 is right, and
     the caller checks it."""
     pending = first
-    opaque = isinstance(d, bz2.BZ2Decompressor | lzma.LZMADecompressor)
-    feed = _OPAQUE_FEED if opaque else len(first) + _IN_CHUNK
+    feed = _OPAQUE_FEED if isinstance(d, _OPAQUE) else len(first) + _IN_CHUNK
+    inflate = isinstance(d, _Inflate)
     base, given = meter.consumed, 0
     while not d.eof:
         hungry = d.needs_input
@@ -355,7 +357,7 @@ def _pump(
             piece, pending = pending[:feed], pending[feed:]
             given += len(piece)
         data = _step(d, piece, what)
-        meter.consumed = base + given - (d.held if isinstance(d, _Inflate) else 0)
+        meter.consumed = base + given - (d.held if inflate else 0)
         if hungry and not piece and not data and not d.eof:  # drained, and still not at the end
             if sized:  # a ZIP entry: its CRC-32 judges it, as zipfile judges it
                 return
