@@ -87,6 +87,19 @@ def test_the_answer_is_that_of_the_three_steps(tmp_path: Path, archive: str) -> 
     assert len(TIMING.findall(small)) == 1
 
 
+@pytest.mark.parametrize("spill_actors", [10, 1000])
+def test_results_are_held_in_memory_unless_a_run_was_spilled(tmp_path: Path, spill_actors: int) -> None:
+    """The job's results stay in memory when all its 37 actors stay under the spill threshold (the results
+    file is left empty); past it (10), they go through the file as any job's do. The same answer both ways."""
+    path = many_files(tmp_path / "many.zip")
+    usual = TIMING.sub(b"", usual_way(path, tmp_path))
+    job = Job(str(path), "zip", spill_actors=spill_actors)
+    done = plan_and_run_small(str(path), LIMITS, job, str(tmp_path / "r"), request(tmp_path / "a"), 0.0)
+    assert done.rendered is not None and done.rendered.actors == 37
+    assert TIMING.sub(b"", (tmp_path / "a").read_bytes()) == usual
+    assert ((tmp_path / "r").stat().st_size == 0) == (spill_actors > 37)
+
+
 @pytest.mark.parametrize("limit", [0, 100, 1 << 20])
 def test_an_answer_within_its_limit_comes_back_in_memory(tmp_path: Path, limit: int) -> None:
     """Over the limit (100 bytes: the bytes held so far go to the file first) or with none, the answer

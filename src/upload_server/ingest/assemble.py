@@ -38,7 +38,7 @@ import msgspec
 
 from ..codes import FileErrorCode
 from ..errors import ZipBomb
-from .extract import FileResult, gc_paused
+from .extract import Actor, FileResult, gc_paused
 from .results import (
     Frame,
     Merger,
@@ -83,16 +83,42 @@ class JobOutcome:
     runs: list[Run] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class HeldResults:
+    """A job's results kept in memory (``run_job_held``): its files, their event types summed, and its
+    actors merged, by id."""
+
+    files: list[FileResult]
+    event_types: dict[str, int]
+    actors: dict[int, Actor]
+
+
 def run_job_to_file(job: Job, results_path: str) -> JobOutcome:
+    return run_job_held(job, results_path, hold=False)[0]
+
+
+def run_job_held(job: Job, results_path: str, *, hold: bool = True) -> tuple[JobOutcome, HeldResults | None]:
+    """Run ``job``, its results to ``results_path``. With ``hold``, a job that wrote no actor run (its
+    actors stayed under ``Job.spill_actors``, and no file of it passed ``Job.memory_budget`` bytes) keeps
+    its results in memory instead, for the same call to render (``small.py``), and the file stays empty:
+    no trailer and run written, read back and merged. Memory is bounded as for any job, by the spill
+    threshold."""
     with gc_paused(), open(results_path, "wb", buffering=WRITE_BUFFER_BYTES) as out:
         runs = JobRuns(out, job.spill_actors, job.memory_budget)
         results = run_job(job, runs)
+        actors = runs.held_actors() if hold else None
+        if actors is not None:
+            held = HeldResults(results, runs.event_types, actors)
+            return _outcome(results, results_path, []), held
         runs.finish()
         trailer = _ENCODER.encode(JobResults(files=results, runs=runs.runs, event_types=runs.event_types))
         out.write(trailer + len(trailer).to_bytes(_TRAILER_LENGTH, "little"))
+    return _outcome(results, results_path, runs_of(results_path, runs.runs, runs.firsts)), None
+
+
+def _outcome(results: list[FileResult], results_path: str, job_runs: list[Run]) -> JobOutcome:
     produced = sum(result.size_bytes for result in results)
     events = sum(result.events for result in results if result.error is None)
-    job_runs = runs_of(results_path, runs.runs, runs.firsts)
     for result in results:
         if result.error is not None and result.error.get("code") == FileErrorCode.ZIP_BOMB:
             detail = {k: v for k, v in result.error.items() if k not in ("code", "message")}
@@ -179,11 +205,14 @@ class Framed:
     runs: list[Run]
 
 
-def frame_answer(request: RenderRequest) -> Framed:
-    """Read the jobs' trailers; merge their files, counts and event types; render what surrounds the
-    actors."""
+def frame_answer(request: RenderRequest, held: HeldResults | None = None) -> Framed:
+    """Read the jobs' trailers (and take ``held``'s results); merge their files, counts and event types;
+    render what surrounds the actors."""
     merger = Merger()
     merger.extend(request.failed_up_front)
+    if held is not None:
+        merger.extend(held.files)
+        merger.add_event_types(held.event_types)
     runs: list[Run] = []
     for path in request.result_paths:
         job = read_trailer(path)
@@ -253,18 +282,22 @@ def merge_part(runs: list[Run], files: PartFiles, ndjson: bool, write: bool) -> 
                 os.unlink(scratch)
 
 
-def merge_and_render(request: RenderRequest) -> RenderOutcome:
+def merge_and_render(request: RenderRequest, held: HeldResults | None = None) -> RenderOutcome:
     """The whole answer in one call, into ``request.answer_path`` or, within ``request.answer_in_memory``,
     handed back (a small upload's: ``small.py``): the same frame and part as a render in parts, its one
-    part's file removed once copied into the answer."""
+    part's file removed once copied into the answer. Given ``held`` (``run_job_held``), its results are
+    merged with the files' and its actors are the part's."""
     with gc_paused():
-        framed = frame_answer(request)
+        framed = frame_answer(request, held)
         if framed.frame is None:
             return framed.outcome
         files = request.parts[0]
         try:
             write = request.ndjson or request.include_actors
-            count = merge_part(framed.runs, files, request.ndjson, write)
+            if held is None:
+                count = merge_part(framed.runs, files, request.ndjson, write)
+            else:
+                count = _write_held(held.actors, files.actors, request.ndjson, write)
             pieces = fill(framed.frame, count, [(files.actors, count)], request.timing_ms())
             with _AnswerOut(request.answer_path, request.answer_in_memory) as out:
                 write_pieces(out, pieces)
@@ -272,6 +305,14 @@ def merge_and_render(request: RenderRequest) -> RenderOutcome:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(files.actors)
     return dataclasses.replace(framed.outcome, actors=count, answer=out.answer())
+
+
+def _write_held(actors: dict[int, Actor], path: str, ndjson: bool, write: bool) -> int:
+    """``merge_part`` for actors held in memory, by id."""
+    if not write:
+        return len(actors)
+    with open(path, "wb", buffering=WRITE_BUFFER_BYTES) as out:
+        return write_actors(out, actors.items(), ndjson=ndjson)
 
 
 class _AnswerOut:

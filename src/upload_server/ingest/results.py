@@ -160,9 +160,13 @@ class Merger:
             events=self._events,
             skipped=dict(sorted(self._skipped.items())),
             event_types=dict(sorted(self._types.items())),
-            actors=dict(sorted(self._actors.items())),
+            actors=self.sorted_actors(),
             unique_actors=len(self._actors),
         )
+
+    def sorted_actors(self) -> dict[int, Actor]:
+        """The actors merged so far, by id."""
+        return dict(sorted(self._actors.items()))
 
     @property
     def actor_count(self) -> int:

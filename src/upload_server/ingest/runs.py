@@ -255,6 +255,11 @@ class JobRuns:
         self._pending.add(result, take=True)
         result.actors = {}  # the pending set holds them now
 
+    def held_actors(self) -> dict[int, Actor] | None:
+        """The job's actors merged, by id, when none was written as a run: all of them are in the pending
+        set, under ``limit``. None once a run was written (the actors are in the runs then)."""
+        return None if self.runs else self._pending.sorted_actors()
+
     def finish(self) -> None:
         if self._pending.actor_count:
             self._written(write_run(self._out, self._pending.actor_run()))

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from ..receive.sniff import ContentKind
 from .archive import GZIP_WORK_FACTOR, ArchiveLimits, ArchivePlan, plan_zip, work_bytes
-from .assemble import JobOutcome, RenderOutcome, RenderRequest, merge_and_render, run_job_to_file
+from .assemble import HeldResults, JobOutcome, RenderOutcome, RenderRequest, merge_and_render, run_job_held
 from .worker import Job
 
 #: Work (``archive.work_bytes``) up to which a ZIP is done in the planning call: ~20 ms of one worker's
@@ -60,9 +60,9 @@ def plan_and_run_small(
     queued_at: float,
 ) -> SmallUpload:
     """Plan the ZIP at ``path``; when its work is at most ``SMALL_WORK_BYTES``, also run all its entries
-    as ``job`` (its entries filled in here) into ``results_path`` and render ``render`` from that. Without
-    ``limits``, the upload is a gzip or JSON file the caller found small (``small_file``): ``job`` is run
-    as it is.
+    as ``job`` (its entries filled in here) and render ``render`` from its results: held in memory when
+    no actor run had to be written (``run_job_held``), else through ``results_path``. Without ``limits``,
+    the upload is a gzip or JSON file the caller found small (``small_file``): ``job`` is run as it is.
 
     ``queued_at`` is ``time.monotonic()`` when the upload joined the queue (one clock for every process of
     the machine): the answer's queue time runs to this call's start, its processing time from it."""
@@ -71,11 +71,13 @@ def plan_and_run_small(
     if sum(map(work_bytes, plan.entries)) > SMALL_WORK_BYTES:
         return SmallUpload(plan)
     outcome: JobOutcome | None = None
+    held: HeldResults | None = None
     results_paths: list[str] = []
     if plan.entries or limits is None:
         entries = tuple(plan.entries) if limits is not None else job.entries
-        outcome = run_job_to_file(dataclasses.replace(job, entries=entries), results_path)
-        results_paths.append(results_path)
+        outcome, held = run_job_held(dataclasses.replace(job, entries=entries), results_path)
+        if held is None:
+            results_paths.append(results_path)
         if outcome.bomb is not None:
             return SmallUpload(job=outcome)
     request = dataclasses.replace(
@@ -86,4 +88,4 @@ def plan_and_run_small(
         queue_ms=(started - queued_at) * 1000,
         process_started=started,
     )
-    return SmallUpload(job=outcome, rendered=merge_and_render(request))
+    return SmallUpload(job=outcome, rendered=merge_and_render(request, held))
