@@ -24,6 +24,7 @@ Readings of the rules:
 
 from __future__ import annotations
 
+import io
 import itertools
 import os
 import zipfile
@@ -131,13 +132,14 @@ def ignore_reason(name: str) -> str | None:
     return "unsupported_name"
 
 
-def plan_zip(path: str | os.PathLike[str], limits: ArchiveLimits) -> ArchivePlan:
-    """Check the archive at ``path`` against ``limits`` and choose the entries to process.
+def plan_zip(path: str | os.PathLike[str], limits: ArchiveLimits, data: bytes | None = None) -> ArchivePlan:
+    """Check the archive at ``path`` (or its bytes, ``data``, read already) against ``limits`` and choose
+    the entries to process.
 
     Every failure is an UploadServerError naming the entry and the reason: reading errors of the file
     itself included (their OS text is not passed on)."""
     try:
-        with open(path, "rb") as f:
+        with io.BytesIO(data) if data is not None else open(path, "rb") as f:
             directory = read_directory(f, limits.max_entries)
             starts = _check_layout(f, directory)
     except OSError as exc:

@@ -97,15 +97,17 @@ def run_job_to_file(job: Job, results_path: str) -> JobOutcome:
     return run_job_held(job, results_path, hold=False)[0]
 
 
-def run_job_held(job: Job, results_path: str, *, hold: bool = True) -> tuple[JobOutcome, HeldResults | None]:
+def run_job_held(
+    job: Job, results_path: str, *, hold: bool = True, data: bytes | None = None
+) -> tuple[JobOutcome, HeldResults | None]:
     """Run ``job``, its results to ``results_path``. With ``hold``, a job that wrote no actor run (its
     actors stayed under ``Job.spill_actors``, and no file of it passed ``Job.memory_budget`` bytes) keeps
     its results in memory instead, for the same call to render (``small.py``), and the file stays empty:
     no trailer and run written, read back and merged. Memory is bounded as for any job, by the spill
-    threshold."""
+    threshold. ``data``: a ZIP upload's bytes, read already (``run_job``)."""
     with gc_paused(), open(results_path, "wb", buffering=WRITE_BUFFER_BYTES) as out:
         runs = JobRuns(out, job.spill_actors, job.memory_budget)
-        results = run_job(job, runs)
+        results = run_job(job, runs, data)
         actors = runs.held_actors() if hold else None
         if actors is not None:
             held = HeldResults(results, runs.event_types, actors)

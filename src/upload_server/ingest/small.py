@@ -15,6 +15,7 @@ worker: queue time up to this call's start, processing time from it.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from dataclasses import dataclass
 
@@ -67,7 +68,8 @@ def plan_and_run_small(
     ``queued_at`` is ``time.monotonic()`` when the upload joined the queue (one clock for every process of
     the machine): the answer's queue time runs to this call's start, its processing time from it."""
     started = time.monotonic()
-    plan = ArchivePlan() if limits is None else plan_zip(path, limits)
+    data = _read_small(path) if limits is not None else None
+    plan = ArchivePlan() if limits is None else plan_zip(path, limits, data)
     if sum(map(work_bytes, plan.entries)) > SMALL_WORK_BYTES:
         return SmallUpload(plan)
     outcome: JobOutcome | None = None
@@ -75,7 +77,7 @@ def plan_and_run_small(
     results_paths: list[str] = []
     if plan.entries or limits is None:
         entries = tuple(plan.entries) if limits is not None else job.entries
-        outcome, held = run_job_held(dataclasses.replace(job, entries=entries), results_path)
+        outcome, held = run_job_held(dataclasses.replace(job, entries=entries), results_path, data=data)
         if held is None:
             results_paths.append(results_path)
         if outcome.bomb is not None:
@@ -89,3 +91,18 @@ def plan_and_run_small(
         process_started=started,
     )
     return SmallUpload(job=outcome, rendered=merge_and_render(request, held))
+
+
+def _read_small(path: str) -> bytes | None:
+    """A ZIP upload of at most ``SMALL_WORK_BYTES``, read whole once: its plan and its job then read
+    directory records, local headers and entries from memory, not through a seek and a read each (two
+    per entry; files400.zip: ~0.3 ms of CPU in one process). None for a larger file (its work may still
+    be small: entries that are not JSON are skipped), or when it cannot be read (``plan_zip`` then says
+    so as it says it for any upload)."""
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size > SMALL_WORK_BYTES:
+                return None
+            return f.read()
+    except OSError:
+        return None
