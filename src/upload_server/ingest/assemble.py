@@ -296,11 +296,12 @@ def merge_and_render(request: RenderRequest, held: HeldResults | None = None) ->
         files = request.parts[0]
         try:
             write = request.ndjson or request.include_actors
+            part: str | bytes = files.actors
             if held is None:
                 count = merge_part(framed.runs, files, request.ndjson, write)
             else:
-                count = _write_held(held.actors, files.actors, request.ndjson, write)
-            pieces = fill(framed.frame, count, [(files.actors, count)], request.timing_ms())
+                count, part = _held_part(held.actors, files.actors, request, write)
+            pieces = fill(framed.frame, count, [(part, count)], request.timing_ms())
             with _AnswerOut(request.answer_path, request.answer_in_memory) as out:
                 write_pieces(out, pieces)
         finally:
@@ -309,18 +310,23 @@ def merge_and_render(request: RenderRequest, held: HeldResults | None = None) ->
     return dataclasses.replace(framed.outcome, actors=count, answer=out.answer())
 
 
-def _write_held(actors: dict[int, Actor], path: str, ndjson: bool, write: bool) -> int:
-    """``merge_part`` for actors held in memory, by id."""
+def _held_part(
+    actors: dict[int, Actor], path: str, request: RenderRequest, write: bool
+) -> tuple[int, str | bytes]:
+    """``merge_part`` for actors held in memory, by id: their count, and the part itself within
+    ``request.answer_in_memory`` bytes (a file fewer to write and read back) or else its file."""
     if not write:
-        return len(actors)
-    with open(path, "wb", buffering=WRITE_BUFFER_BYTES) as out:
-        return write_actors(out, actors.items(), ndjson=ndjson)
+        return len(actors), path
+    with _AnswerOut(path, request.answer_in_memory) as out:
+        count = write_actors(out, actors.items(), ndjson=request.ndjson)
+    held = out.answer()
+    return count, held if held is not None else path
 
 
 class _AnswerOut:
-    """Where the answer is written: memory while it stays within ``limit`` bytes, then its file (the bytes
-    held so far first). A small answer so skips creating, reading back and removing a file, and the
-    serving process's thread hops to read it (BENCH_NOTES.md, small uploads)."""
+    """Where the answer (or a part of it) is written: memory while it stays within ``limit`` bytes, then
+    its file (the bytes held so far first). A small answer so skips creating, reading back and removing a
+    file, and the serving process's thread hops to read it (BENCH_NOTES.md, small uploads)."""
 
     def __init__(self, path: str, limit: int) -> None:
         self.path = path

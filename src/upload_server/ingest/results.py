@@ -17,7 +17,7 @@ import itertools
 import operator
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import Any, Protocol
 
 import msgspec
 import orjson
@@ -437,7 +437,13 @@ def ndjson_tail_frame(merged: Merged, receipt: UploadReceipt, *, ignored: Sequen
     return Frame([Hole.ACTORS, files, *_cut_at_count(line[: -len(end)]), Hole.TIMING, b"}\n"])
 
 
-def write_actors(out: BinaryIO, actors: Iterable[tuple[int, Actor]], *, ndjson: bool) -> int:
+class Writable(Protocol):
+    """Where bytes are written: a binary file, or anything with its ``write``."""
+
+    def write(self, data: bytes, /) -> object: ...
+
+
+def write_actors(out: Writable, actors: Iterable[tuple[int, Actor]], *, ndjson: bool) -> int:
     """Write the actors as NDJSON lines, or as the JSON answer's list items (comma-separated, without the
     brackets), 1,000 (or ``BATCH_BYTES``' worth) per write; how many there were."""
     if ndjson:
@@ -474,10 +480,10 @@ class _Counted:
 
 
 def fill(
-    frame: Frame, count: int, parts: Sequence[tuple[str, int]], timing_ms: Mapping[str, float]
+    frame: Frame, count: int, parts: Sequence[tuple[str | bytes, int]], timing_ms: Mapping[str, float]
 ) -> list[bytes | str]:
     """The answer in order: bytes, or the path of a part file to be sent as it is. ``parts`` are the part
-    files with the actors each holds, in id order; adjacent bytes come as one piece."""
+    files (or a part's bytes) with the actors each holds, in id order; adjacent bytes come as one piece."""
     pieces: list[bytes | str] = []
     for piece in frame.pieces:
         if piece is Hole.ACTORS:
