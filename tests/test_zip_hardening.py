@@ -64,6 +64,8 @@ OUT_OF_RANGE = {
     "offset into the directory": dict(central={"csize": 0}, zip64_offset=0xFFFFFFF0),
     "compressed size past the file": dict(central={"csize": 0xFFFFFFF0}, local={"csize": 0xFFFFFFF0}),
     "name of 65535 bytes": dict(central={"name": b"x" * 65535}),
+    # Two fields are 0xFFFFFFFF (the size, and the offset the extra field holds), one value given.
+    "zip64 extra field too short": dict(central={"usize": 0xFFFFFFFF}, zip64_offset=0),
 }
 
 

@@ -188,6 +188,8 @@ def _central_record(
 
 
 def decode_name(raw: bytes, flags: int, index: int) -> str:
+    if raw.isascii():  # what cp437 and UTF-8 both read as ASCII, through the fast codec (2 names an entry)
+        return raw.decode("ascii")
     if not flags & FLAG_UTF8:
         return raw.decode("cp437")
     try:
@@ -213,16 +215,19 @@ def _apply_zip64(extra: bytes, usize: int, csize: int, offset: int, name: str) -
 
 
 def _zip64_values(body: bytes, usize: int, csize: int, offset: int, name: str) -> tuple[int, int, int]:
-    """Whichever of the three are 0xFFFFFFFF, in this order, from the zip64 extra field's 8-byte values."""
-    values = [v for (v,) in struct.iter_unpack("<Q", body[: len(body) // 8 * 8])]
-    wanted = [usize == _MASK32, csize == _MASK32, offset == _MASK32]
-    if sum(wanted) > len(values):
-        raise _bad(f"entry {name!r}: its zip64 extra field is too short", "bad_extra_field", entry=name)
+    """Whichever of the three are 0xFFFFFFFF, in this order, from the zip64 extra field's 8-byte values
+    (zipfile's own local headers have both sizes so: this runs for each of their entries)."""
+    values = _VALUES[min(len(body) // 8, 3)].unpack_from(body)  # three at most are ever taken
     fields = [usize, csize, offset]
-    for i, needed in enumerate(wanted):
-        if needed:
-            fields[i] = values.pop(0)
-    return fields[0], fields[1], fields[2]
+    if fields.count(_MASK32) > len(values):
+        raise _bad(f"entry {name!r}: its zip64 extra field is too short", "bad_extra_field", entry=name)
+    taken = iter(values)
+    usize, csize, offset = (next(taken) if field == _MASK32 else field for field in fields)
+    return usize, csize, offset
+
+
+#: The zip64 extra field's first 0, 1, 2 or 3 8-byte values.
+_VALUES = [struct.Struct(f"<{count}Q") for count in range(4)]
 
 
 def read_local_header(f: BinaryIO, entry: CentralEntry) -> tuple[int, errors.ZipBomb | None]:
