@@ -588,17 +588,16 @@ def _extract_bytes(
     name: str, data: bytes, events_out: BinaryIO | None, actors_out: ActorSpill | None
 ) -> FileResult:
     size = len(data)
-    start = 3 if data[:3] == _BOM else 0
+    start = 3 if data.startswith(_BOM) else 0
     m = _NON_WS.search(data, start)
     acc = _Acc(name, events_out, actors_out)
     if m is None:
         return acc.result(name, "ndjson", size)
-    mv = memoryview(data)[start:]
     layout = "array" if data[m.start()] == 0x5B else "ndjson"  # b"["
     pos = _tell(events_out)
     try:
         if layout == "array":
-            _decode_whole(_ARRAY_DECODER.decode, mv, start, acc)
+            _decode_whole(_ARRAY_DECODER.decode, memoryview(data)[start:], start, acc)
         else:
             p = _decode_lines_sliced(data, start, size, 0, acc)
             if p < size:  # a value spans lines (pretty-printed): the rest in one call, which allows that

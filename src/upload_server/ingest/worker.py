@@ -433,23 +433,10 @@ def _process_entry(
 def _zip_entry_chunks(f: BinaryIO, entry: EntryPlan, meter: _Meter, lib: ModuleType) -> Iterator[bytes]:
     """The entry's decompressed bytes, read by offset from the upload (the plan checked the local
     header), checked against the declared size and CRC."""
-
-    def raw() -> Iterator[bytes]:
-        # Seek before every read: the file object is shared by the entries of one job.
-        pos, left = entry.data_offset, entry.compressed_size
-        while left > 0:
-            f.seek(pos)
-            data = f.read(min(_IN_CHUNK, left))
-            if not data:
-                raise DecompressionFailure(
-                    FileErrorCode.BAD_COMPRESSED_DATA, "entry data runs past the end of the file"
-                )
-            pos += len(data)
-            left -= len(data)
-            yield data
-
-    source = raw()
+    whole = _whole_entry(f, entry)
+    source = iter(()) if whole is not None else _raw_chunks(f, entry)
     d, first = _zip_decompressor(entry, source, meter, lib)
+    first = whole or first
     running = 0
     for chunk in _pump(d, source, meter, entry.name, first, sized=True):
         running = lib.crc32(chunk, running)
@@ -462,6 +449,33 @@ def _zip_entry_chunks(f: BinaryIO, entry: EntryPlan, meter: _Meter, lib: ModuleT
         raise DecompressionFailure(
             FileErrorCode.BAD_COMPRESSED_DATA, f"{entry.name}: CRC-32 mismatch{sizes if short else ''}"
         )
+
+
+def _raw_chunks(f: BinaryIO, entry: EntryPlan) -> Iterator[bytes]:
+    """The entry's compressed bytes, ``_IN_CHUNK`` at a time."""
+    # Seek before every read: the file object is shared by the entries of one job.
+    pos, left = entry.data_offset, entry.compressed_size
+    while left > 0:
+        f.seek(pos)
+        data = f.read(min(_IN_CHUNK, left))
+        if not data:
+            raise DecompressionFailure(
+                FileErrorCode.BAD_COMPRESSED_DATA, "entry data runs past the end of the file"
+            )
+        pos += len(data)
+        left -= len(data)
+        yield data
+
+
+def _whole_entry(f: BinaryIO, entry: EntryPlan) -> bytes | None:
+    """A stored or deflated entry's compressed bytes when one read gets them all: the one piece
+    ``_raw_chunks`` would give, handed to ``_pump`` as its first without a generator between (the many
+    tiny entries of an upload like files400.zip). None otherwise (the reads then go as usual)."""
+    if entry.method not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) or entry.compressed_size > _IN_CHUNK:
+        return None
+    f.seek(entry.data_offset)
+    data = f.read(entry.compressed_size)
+    return data if len(data) == entry.compressed_size else None
 
 
 def _zip_decompressor(
