@@ -93,6 +93,24 @@ async def test_a_cancelled_waiter_leaves_the_rotation(autojump_clock: trio.testi
 
 
 @pytest.mark.trio
+async def test_a_free_slot_asked_for_under_a_cancelled_scope_is_not_kept() -> None:
+    """Acquiring a free slot is a checkpoint; cancelled there, the slot is not taken (it was, and never given
+    back: the workers' ``running`` count stayed at 1 after a processing timeout that fell on a part's
+    acquire, and the server never counted itself idle)."""
+    limiter = FairLimiter(2)
+    entered = False
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        async with limiter.slot(Ticket()):
+            entered = True
+    assert not entered
+    assert limiter.running == 0
+    async with limiter.slot(Ticket()), limiter.slot(Ticket()):  # the slots are all there
+        assert limiter.running == 2
+    assert limiter.running == 0
+
+
+@pytest.mark.trio
 async def test_first_slot_callback_fires_once(autojump_clock: trio.testing.MockClock) -> None:
     calls: list[float] = []
     limiter = FairLimiter(1)

@@ -57,9 +57,13 @@ class FairLimiter:
 
     async def _acquire(self, ticket: Ticket) -> None:
         if self.running < self.slots and not self._turns:
+            # Cancelled here, nothing is taken; once taken, the slot is the caller's (trio's own pattern for
+            # an acquire that need not wait). A plain checkpoint after taking it raised Cancelled with the
+            # slot held and no ``finally`` yet to give it back.
+            await trio.lowlevel.checkpoint_if_cancelled()
             self.running += 1
             ticket._granted()
-            await trio.lowlevel.checkpoint()
+            await trio.lowlevel.cancel_shielded_checkpoint()
             return
         granted = trio.Event()
         ticket._waiters.append(granted)
