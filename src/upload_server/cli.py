@@ -22,7 +22,6 @@ from .config import Config, ConfigError, load_config
 from .fdlimit import DescriptorLimitError, fit_connections, raise_soft_limit
 from .listen import describe_startup_failure
 from .logs import configure_logging
-from .scheduling import request_slice
 from .server import serve
 from .state import ServerState
 from .supervisor import supervise
@@ -65,12 +64,6 @@ def tune_collector() -> None:
     """
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
-
-
-def ask_for_slice(seconds: float) -> None:
-    """Ask for a short time slice for the event loop (``scheduling`` says why; ``--loop-slice``)."""
-    if seconds and not request_slice(seconds):
-        log.info("the kernel keeps its own time slice for the event loop (only Linux 6.12+ can shorten it)")
 
 
 async def run(config: Config, ready: Callable[[], None] | None = None) -> None:
@@ -148,7 +141,6 @@ def serve_process(config: Config, ready: Callable[[], None] | None = None) -> in
         return 1
     tune_allocator()
     tune_collector()
-    ask_for_slice(config.loop_slice)
     try:
         trio.run(run, config, ready)
     except StartupError as error:

@@ -16,7 +16,6 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from .ingest.inflate import resolve
-from .scheduling import slice_complaint
 
 ENV_PREFIX = "UPLOAD_SERVER_"
 
@@ -96,7 +95,6 @@ class Config:
     result_ttl: float = 3600.0
     drain_delay: float = 5.0
     processes: int = 1
-    loop_slice: float = 0.0001
     log_level: str = "info"
     access_log_format: str = "text"
 
@@ -262,13 +260,6 @@ SETTINGS: tuple[Setting, ...] = (
         parse_processes,
         "serving processes sharing the port (auto: one per CPU); each has its own --workers",
         _positive,
-    ),
-    Setting(
-        "loop_slice",
-        parse_float,
-        "seconds of CPU the serving processes ask Linux (6.12+) for at a time: a short slice lets the event "
-        "loop preempt busy threads the moment it wakes (0: the kernel's default slice)",
-        slice_complaint,
     ),
     Setting("log_level", lambda text: text.strip().lower(), "debug, info, warning or error", _log_level),
     Setting(

@@ -34,7 +34,6 @@ from trio.lowlevel import RunVar
 
 from ..admission import QUEUED_BATCHES
 from ..errors import InsufficientStorage, PayloadTooLarge
-from ..scheduling import default_slice_for_this_thread
 
 log = logging.getLogger("upload_server.spool")
 
@@ -109,7 +108,6 @@ class _Stage:
 
     def run(self) -> None:
         """A thread's body: the queued batches in order, until there are none (for a while)."""
-        default_slice_for_this_thread()
         linger = False
         while True:
             with self._ready:
