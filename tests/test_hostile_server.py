@@ -4,6 +4,8 @@ nothing was left behind and that the server still serves."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -168,4 +170,45 @@ async def test_too_many_event_types_ends_an_ndjson_stream_with_its_error_line(se
         )
         assert good.status_code == 200 and good.json()["summary"]["event_types"] == {"PushEvent": 1}
     await wait_until(lambda: not server.state.stats.uploads_in_flight, within=5)
+    assert server.leftover_files() == []
+
+
+def _worker_pids() -> set[int]:
+    """This test process's worker processes (the servers' pools run SCHED_IDLE, and only they do)."""
+    found: set[int] = set()
+    pending = [os.getpid()]
+    while pending:
+        pid = pending.pop()
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{tid}/children") as listed:
+                    pending += [int(child) for child in listed.read().split()]
+            if pid != os.getpid() and os.sched_getscheduler(pid) == os.SCHED_IDLE:
+                found.add(pid)
+    return found
+
+
+async def test_too_many_event_types_in_a_render_in_parts_kills_no_worker(start_server: StartServer) -> None:
+    """The refusal is found by the part that frames the answer while the other part merges its actors: it
+    waits for that part instead of cancelling it, which would kill (and respawn) its worker."""
+    server = await start_server(workers=2)
+    await server.state.workers.warm_up()
+    before = _worker_pids()
+    assert len(before) == 2
+    # Two jobs of 501 types each, and 40,000 distinct actors each: 80 chunks of 1,024 rows, two parts, the
+    # second merging for tens of milliseconds after the first has found the refusal.
+    halves = [
+        b"".join(
+            b'{"type":"%s%d","actor":{"id":%d}}\n' % (side.encode(), n % (MAX_EVENT_TYPES // 2 + 1), base + n)
+            for n in range(40_000)
+        ).ljust(3 << 20, b" ")  # past the small path's 4 MiB of work together
+        for side, base in (("A", 0), ("B", 40_000))
+    ]
+    body = build([entry(f"{side}.json", half, STORED) for side, half in zip("ab", halves, strict=True)])
+    async with httpx.AsyncClient(base_url=server.url, timeout=60, verify=False) as client:
+        response = await client.post(UPLOAD, content=body, headers={"content-type": "application/zip"})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["code"] == "TOO_MANY_EVENT_TYPES"
+    await wait_until(lambda: not server.state.stats.uploads_in_flight and not server.state.workers.running)
+    assert _worker_pids() == before
     assert server.leftover_files() == []

@@ -87,6 +87,8 @@ def assembled(
 ) -> tuple[RenderOutcome, list[bytes | str]]:
     """The render's outcome from its parts' (``done[i]`` of ``parts[i]``), and the answer's pieces: the
     first part's frame filled in with the actors' count, the part files in id order and the timing."""
+    if done[0].refused is not None:
+        raise done[0].refused
     framed = done[0].framed
     assert framed is not None
     if framed.frame is None:  # strict mode refused the upload
