@@ -1,8 +1,8 @@
 """The temporary file an upload streams into: batched writes off the event loop, a size cap, a sha256,
 and removal in every outcome.
 
-Body chunks are gathered into batches of about ``BATCH_BYTES`` and queued for the upload's thread, which
-hashes each batch and then writes it (``os.writev``, no joining copy), while the connection keeps
+Body chunks are gathered into batches of about ``BATCH_BYTES`` and queued for the upload's two threads,
+one hashing each batch and one writing it (``os.writev``, no joining copy), while the connection keeps
 reading; chunks under ``SMALL_PIECE_BYTES`` are copied together, so a batch holds few objects. At most
 ``QUEUED_BATCHES`` batches may be queued and not yet hashed and written: past that, ``write`` waits, the
 connection stops reading and TCP slows the client. That bounds memory per upload to the queued batches,
@@ -384,9 +384,10 @@ def _unlink_all(paths: list[Path]) -> None:
 
 #: The hashing and writing threads of all spools together, at most. Their own limiter: threads busy for a
 #: whole fast upload must not hold trio's default one, which the server's other blocking calls (fsync,
-#: unlink) wait on. And one for the process, not per upload: each receiving upload runs one, so 1,024 fast
-#: uploads would otherwise start 1,024 threads taking turns on the GIL and 2 cores. A thread never waits on
-#: another, and ends when its queue is empty, so a slot is held only while a batch is being worked on.
+#: unlink) wait on. And one for the process, not per upload: each receiving upload runs two, so 1,024 fast
+#: uploads would otherwise start 2,048 threads taking turns on the GIL and 2 cores. A thread never waits on
+#: another, and ends when its queue is empty (after ``LINGER_SECONDS`` for a next batch following a full
+#: one), so a slot is held only while a batch is being worked on or is about to come.
 STAGE_THREADS = 16
 _stage_limiter: RunVar[trio.CapacityLimiter] = RunVar("spool_stage_threads")
 
