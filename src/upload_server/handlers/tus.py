@@ -536,9 +536,10 @@ def _sniff_and_hash(path: Path) -> tuple[ContentKind, str]:
 def _keep_results(
     store: ResumableStore, the_id: str, json_pieces: list[bytes | str], ndjson_pieces: list[bytes | str]
 ) -> None:
-    for kind, pieces in (("json", json_pieces), ("ndjson", ndjson_pieces)):
+    # The JSON answer's part files all exist once rendered: one missing is an error, not a shorter answer.
+    for kind, pieces in (("json", iter(json_pieces)), ("ndjson", _existing(ndjson_pieces))):
         with open(store.result_path(the_id, kind), "wb") as out:
-            write_pieces(out, _existing(pieces))
+            write_pieces(out, pieces)
 
 
 def _existing(pieces: list[bytes | str]) -> Iterator[bytes | str]:
