@@ -186,6 +186,7 @@ def section_throughput(args: argparse.Namespace, work: Path, report: Report) -> 
                         label="throughput",
                         round_no=round_no,
                         query=args.query,
+                        body_kind=args.body,
                         timeout=args.timeout,
                     )
                     runs[name].append(run)
@@ -648,6 +649,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=None, help="workers for both servers (their defaults)")
     parser.add_argument("--rounds", type=int, default=3, help="throughput rounds per server (3)")
     parser.add_argument("--throughput-dataset", default="large", choices=sorted(harness.DATASETS))
+    parser.add_argument(
+        "--body", choices=("raw", "multipart"), default="raw", help="throughput uploads' body (raw)"
+    )
     parser.add_argument("--query", default="", help="query string for every upload, e.g. actors=false")
     parser.add_argument("--rss-size", type=harness.parse_size, default=harness.GIB, help="NDJSON size (1G)")
     parser.add_argument("--rss-rounds", type=int, default=1, help="1 GiB uploads per server (1)")
