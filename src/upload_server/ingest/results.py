@@ -45,6 +45,7 @@ __all__ = [
     "merge_runs",
     "ndjson_tail_frame",
     "render_answer",
+    "row_id",
     "summary_line",
     "write_actors",
 ]
@@ -211,7 +212,7 @@ def merge_chunks(runs: Iterable[Iterable[list[ActorRow]]]) -> Iterator[ActorRow]
                 if following := _next_chunk(source):
                     kept.append((following, 0, source))
                 continue
-            cut = bisect.bisect_right(chunk, frontier, lo=start, key=_row_id)
+            cut = bisect.bisect_right(chunk, frontier, lo=start, key=row_id)
             batch += chunk[start:cut]
             kept.append((chunk, cut, source))
         batch.sort(key=_run_key)
@@ -246,7 +247,8 @@ def merge_runs(runs: Iterable[Iterable[ActorRow]]) -> Iterator[tuple[int, Actor]
         yield row.id, row.actor(row.events)
 
 
-def _row_id(row: ActorRow) -> int:
+def row_id(row: ActorRow) -> int:
+    """A row's actor id: the key runs are sorted and cut by."""
     return row.id
 
 

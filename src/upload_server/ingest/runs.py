@@ -27,7 +27,7 @@ from typing import BinaryIO
 import msgspec
 
 from .extract import Actor, FileResult, rewind
-from .results import ActorRow, Merger, add_event_types, merge_chunks
+from .results import ActorRow, Merger, add_event_types, merge_chunks, row_id
 
 __all__ = [
     "ACTOR_BYTES",
@@ -142,13 +142,9 @@ def read_chunks(run: Run) -> Iterator[list[ActorRow]]:
 
 def _within(rows: list[ActorRow], low: int | None, high: int | None) -> list[ActorRow]:
     """The rows (sorted by id) with ``low <= id < high``: all of them but in a bounded run's end chunks."""
-    start = 0 if low is None or rows[0].id >= low else bisect.bisect_left(rows, low, key=_row_id)
-    end = len(rows) if high is None or rows[-1].id < high else bisect.bisect_left(rows, high, key=_row_id)
+    start = 0 if low is None or rows[0].id >= low else bisect.bisect_left(rows, low, key=row_id)
+    end = len(rows) if high is None or rows[-1].id < high else bisect.bisect_left(rows, high, key=row_id)
     return rows if start == 0 and end == len(rows) else rows[start:end]
-
-
-def _row_id(row: ActorRow) -> int:
-    return row.id
 
 
 def runs_of(path: str, lengths: Sequence[list[int]], firsts: Sequence[list[int]] = ()) -> list[Run]:
