@@ -23,6 +23,7 @@ from upload_server.receive.spool import (
     THREAD_NAME_PREFIX,
     Spool,
     _Stage,
+    _stage_threads,
     open_append,
     open_spool,
 )
@@ -91,6 +92,23 @@ async def test_a_body_of_one_small_batch_is_written_without_a_thread(
     assert spool.sha256 == hashlib.sha256(written).hexdigest()
     assert threads == (0 if size <= INLINE_BYTES else 2)  # hashing and writing
     assert not os.listdir(tmp_path)
+
+
+async def test_a_small_body_takes_the_threads_while_another_upload_is_writing(
+    tmp_path: Path, thread_hops: list[object]
+) -> None:
+    """While any upload's hashing or writing thread is at work (a token of the stage threads' limiter is
+    held), a small body is not written on the loop: its write could wait in the kernel's dirty-page
+    throttling there."""
+    data = pieces([1000])
+    # A token held: another upload's thread at work.
+    with trio.fail_after(30):
+        async with _stage_threads(), open_spool(tmp_path, 1 << 30, batch_size=lambda: 1 << 20) as spool:
+            await spool.write(data[0])
+            await spool.finish()
+            hops = len(thread_hops)
+    assert hops == 2  # hashing and writing, as for any batch
+    assert spool.sha256 == hashlib.sha256(data[0]).hexdigest()
 
 
 @pytest.mark.parametrize("sibling_size", [1000, INLINE_REMOVE_BYTES])

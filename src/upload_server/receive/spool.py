@@ -50,7 +50,8 @@ LINGER_SECONDS = 0.02
 #: A body that ends before its first batch was handed over, and is at most this large, is hashed and
 #: written on the event loop when it ends: ~0.25 ms for 320 KB here (sha256 0.17 ms, the write 0.09 ms),
 #: where handing it to the stage threads and waiting for them took 1.2-1.9 ms (a small upload's
-#: time, BENCH_NOTES.md). 512 KiB is ~0.45 ms: a short step of the loop, not a stall.
+#: time, BENCH_NOTES.md). 512 KiB is ~0.45 ms: a short step of the loop, not a stall. Only while no other
+#: upload's threads are writing (``Spool._others_writing``).
 INLINE_BYTES = 512 << 10
 #: Pieces smaller than this are gathered into one buffer per run (so a batch holds few objects).
 SMALL_PIECE_BYTES = 16 << 10
@@ -206,7 +207,7 @@ class Spool:
 
     async def finish(self) -> None:
         """Flush the last batch and wait until every byte is written; then ``sha256`` is set."""
-        if self._queued == 0 and self._batch_bytes <= INLINE_BYTES:
+        if self._queued == 0 and self._batch_bytes <= INLINE_BYTES and not self._others_writing():
             self._write_inline()
         else:
             await self._hand_over()
@@ -274,6 +275,11 @@ class Spool:
         for stage in self._stages:
             stage.skip = True
             stage.close()
+
+    def _others_writing(self) -> bool:
+        """Whether any upload's hashing or writing thread is at work: then a write can wait in the kernel's
+        dirty-page throttling, which must not happen on the loop, so a small body takes the threads too."""
+        return self._limiter is not None and self._limiter.borrowed_tokens > 0
 
     def _write_inline(self) -> None:
         """The whole body, one small batch, hashed and written here on the loop (``INLINE_BYTES``)."""
