@@ -65,14 +65,17 @@ async def test_a_small_upload_is_not_held_behind_a_big_one(start_server: StartSe
     slots = server.state.workers.slots
     async with trio.open_nursery() as nursery:
         nursery.start_soon(upload, "big", big)
-        # Big's jobs queued (at least three behind the one running): the small upload comes in now. The
-        # worker is held (SIGSTOP) until the small upload's job is queued too: on a loaded machine the small
-        # upload's way in took longer than the big one's last jobs, and the order it was testing never arose.
-        await wait_until(lambda: slots.waiting >= 3 and bool(_workers_reading(server.tmp_dir)))
+        # Big's jobs queued behind the one running: the worker is held (SIGSTOP) at once, so that they stay
+        # queued (at least three), and until the small upload's job is queued too: on a loaded machine the
+        # small upload's way in took longer than the big one's last jobs, and the order it was testing never
+        # arose. (Waiting for three queued jobs and a reading worker at one poll's instant timed out under
+        # load: the jobs went by between polls.)
+        await wait_until(lambda: slots.waiting >= 1 and bool(_workers_reading(server.tmp_dir)))
         (worker,) = _workers_reading(server.tmp_dir)
         os.kill(worker, signal.SIGSTOP)
         try:
             big_waiting = slots.waiting
+            assert big_waiting >= 3, f"held too late: {big_waiting} of the big upload's jobs still queued"
             nursery.start_soon(upload, "small", as_ndjson(small_events))
             await wait_until(lambda: slots.waiting == big_waiting + 1)
         finally:
