@@ -136,3 +136,19 @@ def kill_all(started: list[subprocess.Popen[str]]) -> None:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (a server's forkserver and workers, a supervisor's children...)."""
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                children = {int(child) for child in (task / "children").read_text().split()}
+            except OSError:
+                continue
+            found |= children
+            todo.extend(children)
+    return found

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server_process import EVENTS, ServerProcess, Spawn, leftovers, server_command, stop
+from server_process import EVENTS, ServerProcess, Spawn, descendants, leftovers, server_command, stop
 
 DRAIN = 5.0  # the default; the checks below took up to 3 s on this machine at load 10 (2 cores)
 
@@ -56,22 +56,6 @@ def listening(pid: int) -> bool:
             if fields[3] == "0A" and fields[9] in inodes:  # 0A: TCP_LISTEN
                 return True
     return False
-
-
-def descendants(pid: int) -> set[int]:
-    """Every live process below ``pid`` (the serving processes' workers, a forkserver...)."""
-    found: set[int] = set()
-    todo = [pid]
-    while todo:
-        parent = todo.pop()
-        for task in Path(f"/proc/{parent}/task").glob("*"):
-            try:
-                children = {int(child) for child in (task / "children").read_text().split()}
-            except OSError:
-                continue
-            found |= children
-            todo.extend(children)
-    return found
 
 
 def alive(pids: set[int]) -> set[int]:

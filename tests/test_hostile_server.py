@@ -16,6 +16,7 @@ import trio
 
 import test_zip_hardening as samples
 from conftest import RunningServer, StartServer, wait_until
+from server_process import descendants
 from upload_server.ingest.extract import MAX_EVENT_TYPES
 from zipcraft import STORED, build, entry
 
@@ -175,17 +176,12 @@ async def test_too_many_event_types_ends_an_ndjson_stream_with_its_error_line(se
 
 def _worker_pids() -> set[int]:
     """This test process's worker processes (the servers' pools run SCHED_IDLE, and only they do)."""
-    found: set[int] = set()
-    pending = [os.getpid()]
-    while pending:
-        pid = pending.pop()
+    workers = set()
+    for pid in descendants(os.getpid()):
         with contextlib.suppress(OSError):
-            for tid in os.listdir(f"/proc/{pid}/task"):
-                with open(f"/proc/{pid}/task/{tid}/children") as listed:
-                    pending += [int(child) for child in listed.read().split()]
-            if pid != os.getpid() and os.sched_getscheduler(pid) == os.SCHED_IDLE:
-                found.add(pid)
-    return found
+            if os.sched_getscheduler(pid) == os.SCHED_IDLE:
+                workers.add(pid)
+    return workers
 
 
 async def test_too_many_event_types_in_a_render_in_parts_kills_no_worker(start_server: StartServer) -> None:

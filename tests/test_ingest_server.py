@@ -24,6 +24,7 @@ import trio
 
 from conftest import RunningServer, StartServer, wait_until
 from events_factory import Truth, as_array, as_ndjson, make_events, make_zip
+from server_process import descendants
 
 UPLOAD = "/api/v1/upload"
 
@@ -423,21 +424,10 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid``: the workers are children of the forkserver, a child of the server."""
-    found: list[int] = []
-    with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as listing:
-                for child in map(int, listing.read().split()):
-                    found += [child, *_descendants(child)]
-    return found
-
-
 def _workers_reading(directory: Path) -> list[int]:
     """Processes below this test process (the server's workers) that hold a file of ``directory`` open."""
     readers = []
-    for worker in _descendants(os.getpid()):
+    for worker in descendants(os.getpid()):
         with contextlib.suppress(FileNotFoundError, ProcessLookupError):
             targets = [os.readlink(f"/proc/{worker}/fd/{fd}") for fd in os.listdir(f"/proc/{worker}/fd")]
             if any(target.startswith(str(directory)) for target in targets):
