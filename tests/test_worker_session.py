@@ -1,8 +1,10 @@
-"""Workers run in a session of their own, all in the same one, and the serving process stays in its own.
+"""Workers run in a session of their own, all in the same one, at the lowest autogroup priority, and the
+serving process stays in its own.
 
 Why it matters (``ingest/worker_session.py``): with Linux's autogroup scheduling the CPU is shared between
 sessions first, so workers in the serving process's session made the event loop wait for a CPU whenever
-they were busy. Checked in real worker processes of the real pool.
+they were busy; and groups are weighed by their autogroup nice value, not by the workers' own. Checked in
+real worker processes of the real pool.
 """
 
 from __future__ import annotations
@@ -16,13 +18,23 @@ from upload_server.config import Config
 from upload_server.ingest.dispatch import WorkerPool, open_worker_pool
 
 #: Run in a worker (eval is pickled by reference): hold the worker a moment so that concurrent calls land
-#: on different workers, then say which session and process it is.
-WHERE = "__import__('time').sleep(0.3) or (__import__('os').getsid(0), __import__('os').getpid())"
+#: on different workers, then say which session and process it is, and its autogroup's line.
+WHERE = (
+    "__import__('time').sleep(0.3) or (__import__('os').getsid(0), __import__('os').getpid(),"
+    " __import__('pathlib').Path('/proc/self/autogroup').read_text())"
+)
+AUTOGROUP = "/proc/self/autogroup"
+
+
+def own_autogroup() -> str:
+    with open(AUTOGROUP) as autogroup:
+        return autogroup.read()
 
 
 async def test_workers_share_one_session_apart_from_the_serving_process(tmp_path: Path) -> None:
     ours = os.getsid(0)
-    seen: list[tuple[int, int]] = []
+    our_autogroup = own_autogroup()
+    seen: list[tuple[int, int, str]] = []
 
     async def ask(pool: WorkerPool) -> None:
         seen.append(await pool.run(eval, WHERE))
@@ -33,8 +45,15 @@ async def test_workers_share_one_session_apart_from_the_serving_process(tmp_path
     ):
         for _ in range(2):
             nursery.start_soon(ask, pool)
-    sessions = {session for session, _ in seen}
-    assert len({pid for _, pid in seen}) == 2  # both workers answered
+    sessions = {session for session, _, _ in seen}
+    assert len({pid for _, pid, _ in seen}) == 2  # both workers answered
     assert len(sessions) == 1  # one session for the pool, as one process pool would be
     assert ours not in sessions
     assert os.getsid(0) == ours  # the serving process did not move
+    # One autogroup for the pool (e.g. "/autogroup-7067 nice 19"), not the serving process's, at nice 19.
+    groups = {group for _, _, group in seen}
+    assert len(groups) == 1
+    (group,) = groups
+    assert group.split()[0] != our_autogroup.split()[0]
+    assert group.split()[-2:] == ["nice", "19"]
+    assert own_autogroup() == our_autogroup  # the serving process's own group unchanged
