@@ -3,6 +3,7 @@ batch sizes, and no thread or file left behind when the upload fails midway. Rea
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -19,6 +20,7 @@ from upload_server.receive.spool import (
     BATCH_BYTES,
     INLINE_BYTES,
     INLINE_REMOVE_BYTES,
+    STAGE_THREAD_NICENESS,
     STAGE_THREADS,
     THREAD_NAME_PREFIX,
     Spool,
@@ -202,6 +204,27 @@ async def test_an_upload_between_batches_holds_no_thread(tmp_path: Path) -> None
                     await trio.sleep(0.005)
                 assert spool_threads() == [], round_no
             assert spool.size == (64 << 20) + 300_000
+
+
+async def test_the_stage_threads_run_below_the_event_loop(tmp_path: Path) -> None:
+    """A spool's hashing and writing threads take the lowest nice value, so that on a busy core the event
+    loop of the same process comes first; the loop's own is untouched."""
+    loop_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    seen: dict[str, int] = {}
+    with trio.fail_after(30):
+        async with open_spool(tmp_path, 1 << 30, batch_size=lambda: 1 << 20) as spool:
+            await spool.write(bytes(64 << 20))
+            with trio.move_on_after(5):
+                while len(seen) < 2 or set(seen.values()) != {STAGE_THREAD_NICENESS}:
+                    for thread in threading.enumerate():
+                        if thread.name.startswith(THREAD_NAME_PREFIX) and thread.native_id is not None:
+                            with contextlib.suppress(OSError):  # the thread ended meanwhile
+                                nice = os.getpriority(os.PRIO_PROCESS, thread.native_id)
+                                seen[thread.name.split()[1]] = nice
+                    await trio.sleep(0.0005)
+            await spool.finish()
+    assert seen == {"hashing": STAGE_THREAD_NICENESS, "writing": STAGE_THREAD_NICENESS}
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == loop_nice
 
 
 async def test_the_stage_threads_of_all_uploads_are_bounded_together(tmp_path: Path) -> None:
