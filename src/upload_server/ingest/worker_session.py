@@ -20,6 +20,11 @@ as the serving process's group did, and the event loop, runnable, waited out its
 loop waiting ~4 ms for a CPU; with the group at nice 19 they went from 87-107 to 16-17 of ~1,650, p95
 5.2-5.3 -> 2.2-2.3 ms, p99 8.0-8.6 -> 4.7-5.0 ms, with the same uploads done (14-16 -> 14-18).
 
+The price: started from a shell beside other busy programs (other sessions), the workers get only the CPU
+those leave. The alternative tried, the workers in the serving process's own session (SCHED_IDLE keeping
+them below the loop inside it), was worse for the loop: p99 12.0-12.6 against 4.8-7.1 ms, polls over 5 ms
+88-89 against 10-26 of ~1,200 (same probe, alternating runs, on a machine that a test suite kept busy).
+
 Where autogroups do not apply (a systemd service, a container's cgroup), this changes nothing, and the
 workers' nice 19 (``worker_process.WORKER_NICENESS``) is what keeps the loop first.
 
