@@ -10,6 +10,7 @@ import struct
 import time
 import tracemalloc
 import zipfile
+import zlib
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -19,6 +20,8 @@ import msgspec
 import orjson
 import pytest
 
+import zipcraft
+from upload_server.ingest import worker as worker_module
 from upload_server.ingest.archive import ArchiveLimits, EntryPlan, plan_zip
 from upload_server.ingest.extract import FileResult
 from upload_server.ingest.worker import Job, run_job
@@ -320,3 +323,60 @@ def test_deep_nesting_fails_only_its_file(tmp_path: Path) -> None:
     deep, ok = run_job(zip_job(path))
     assert deep.error is not None and deep.error["code"] == "JSON_TOO_DEEP"
     check(ok, events(7, 1))
+
+
+# ------------------------------------------------------------------------- small entries inflated at once
+
+
+def one_shot_cases() -> list[zipcraft.Raw]:
+    """Small entries, honest and not, each one the fast path must judge as the usual way does."""
+    payload = ndjson(events(20, 7))
+    deflated = zipcraft.compress(payload, zipcraft.DEFLATED)
+    crc = zlib.crc32(payload)
+    zeros = bytes(60_000)  # ~100 bytes deflated: 600:1
+    return [
+        zipcraft.entry("honest.json", payload),
+        zipcraft.entry("stored.json", payload, zipcraft.STORED),
+        zipcraft.entry("empty.json", b""),
+        zipcraft.Raw(b"truncated.json", deflated[:-9], zipcraft.DEFLATED, crc, len(payload)),
+        zipcraft.Raw(b"bad-crc.json", deflated, zipcraft.DEFLATED, crc ^ 1, len(payload)),
+        zipcraft.Raw(b"stored-bad-crc.json", payload, zipcraft.STORED, crc ^ 1, len(payload)),
+        zipcraft.Raw(b"short-declared.json", deflated, zipcraft.DEFLATED, crc, len(payload) - 10),
+        zipcraft.Raw(b"trailing.json", deflated + b"junk", zipcraft.DEFLATED, crc, len(payload)),
+        zipcraft.Raw(b"garbage.json", b"\xff" * 64, zipcraft.DEFLATED, crc, len(payload)),
+        zipcraft.entry("ratio.json", zeros),
+    ]
+
+
+def test_a_small_entry_inflated_at_once_is_judged_as_the_usual_way(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``worker._inflated_at_once`` (one read, one inflate for a small stored or deflated entry) gives each
+    entry the result, or the error, that the chunked way gives it: the chunked way is the oracle. The ratio
+    guard is set low enough (10:1 past 1 KB) that the zeros entry is a bomb."""
+    taken: list[str] = []
+    one_shot = worker_module._inflated_at_once
+
+    def counted(f: Any, entry: EntryPlan, meter: Any, lib: Any) -> bytes | None:
+        whole = one_shot(f, entry, meter, lib)
+        if whole is not None:
+            taken.append(entry.name)
+        return whole
+
+    codes: dict[str, str | None] = {}
+    for number, case in enumerate(one_shot_cases()):  # one archive each: a bomb ends its job
+        path = tmp_path / f"case-{number}.zip"
+        path.write_bytes(zipcraft.build([case]))
+        job = zip_job(path, max_ratio=10.0, ratio_floor_bytes=1000)
+        monkeypatch.setattr(worker_module, "_inflated_at_once", counted)
+        (fast,) = run_job(job)
+        monkeypatch.setattr(worker_module, "_inflated_at_once", lambda *args: None)
+        (usual,) = run_job(job)
+        assert pickle.dumps(fast) == pickle.dumps(usual), case.name
+        codes[usual.name] = usual.error and usual.error["code"]
+    assert codes["honest.json"] is None and codes["stored.json"] is None and codes["empty.json"] is None
+    assert codes["short-declared.json"] == codes["ratio.json"] == "ZIP_BOMB"
+    assert codes["bad-crc.json"] == codes["stored-bad-crc.json"] == "BAD_COMPRESSED_DATA"
+    assert codes["truncated.json"] is not None and codes["garbage.json"] is not None
+    # The honest small entries went the short way (the bombs were stopped on it, by the meter's check).
+    assert taken == ["honest.json", "stored.json", "empty.json", "trailing.json"]
