@@ -33,7 +33,7 @@ from ..errors import (
     root_cause,
 )
 from ..http.exchange import Exchange
-from ..http.messages import Request
+from ..http.messages import Request, Response
 from ..ingest.assemble import JobOutcome, PartFiles, RenderOutcome, RenderRequest
 from ..ingest.dispatch import IngestPlan, outcomes_as_completed, plan_ingest, render_in_parts
 from ..ingest.results import error_line
@@ -195,6 +195,11 @@ async def _answer_json(exchange: Exchange, session: UploadSession, admission: Ad
                 pieces = _small_answered(session, render, plan.small)
             else:
                 pieces = await _process(session, admission, plan, stream=None)
+    in_memory = [piece for piece in pieces if isinstance(piece, bytes)]
+    if len(in_memory) == len(pieces):  # an answer in memory: one send, head and all
+        await session.finish(succeeded=True)
+        await exchange.send_response(Response(status=200, body=b"".join(in_memory)))
+        return
     async with _opened(pieces) as opened:
         # The open files outlive their names: finish (which removes them) before sending.
         size = sum(

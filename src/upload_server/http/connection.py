@@ -115,8 +115,10 @@ class HttpConnection:
     async def checkpoint(self) -> None:
         await trio.lowlevel.checkpoint()
 
-    async def send_event(self, event: h11.Event) -> None:
-        data = self.protocol.send(event)
+    async def send_event(self, *events: h11.Event) -> None:
+        """Send ``events`` in one ``send_all``: a whole response (head, body, end) is one system call and
+        one turn of the loop, not three; each turn of a busy loop waits behind every task that is ready."""
+        data = b"".join(self.protocol.send(event) or b"" for event in events)
         if not data:
             return
         self.bytes_sent += len(data)

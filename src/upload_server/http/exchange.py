@@ -49,7 +49,7 @@ class Transport(Protocol):
     async def receive(self, max_bytes: int = ..., *, give_up_after: float = ...) -> bool: ...
     def next_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]: ...
     async def checkpoint(self) -> None: ...
-    async def send_event(self, event: h11.Event) -> None: ...
+    async def send_event(self, *events: h11.Event) -> None: ...
     def discard_buffered_body(self) -> None: ...
     async def wait_for_disconnect(self) -> None: ...
 
@@ -88,12 +88,13 @@ class Responder:
         if response.status != 204:  # RFC 9110 §8.6: a 204 carries no Content-Length
             headers.append((b"content-length", str(len(response.body)).encode()))
         self.status = response.status
-        await self._conn.send_event(
+        events: list[h11.Event] = [
             h11.Response(status_code=response.status, headers=headers, reason=reason_phrase(response.status))
-        )
+        ]
         if response.body and not head_only:
-            await self._conn.send_event(h11.Data(data=response.body))
-        await self._conn.send_event(h11.EndOfMessage())
+            events.append(h11.Data(data=response.body))
+        events.append(h11.EndOfMessage())
+        await self._conn.send_event(*events)
 
     async def start_stream(self, status: int, content_type: str, extra: Headers | None = None) -> None:
         """Begin a response whose length is not known: chunked for HTTP/1.1, close-delimited for 1.0."""
