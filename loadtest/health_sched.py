@@ -42,13 +42,7 @@ def loop_counters(pid: int) -> tuple[float, float, int, int]:
 
 def poll(client: socket.socket) -> None:
     client.sendall(REQUEST)
-    data = b""
-    while b"\r\n\r\n" not in data:
-        data += client.recv(65536)
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = int(re.search(rb"content-length: *(\d+)", head, re.I).group(1))  # type: ignore[union-attr]
-    while len(body) < length:
-        body += client.recv(65536)
+    harness.read_response(client)
 
 
 def upload_loop(port: int, dataset: Path, until: float, done: list[str]) -> None:
