@@ -816,3 +816,28 @@ async def test_spill_files_go_when_processing_times_out(start_server: StartServe
     assert response.json()["error"]["code"] == "PROCESSING_TIMEOUT"
     await wait_until(lambda: not server.state.stats.uploads_in_flight and not server.state.workers.running)
     assert server.leftover_files() == []
+
+
+async def test_an_upload_leaves_no_reference_cycle_behind(start_server: StartServer) -> None:
+    """An upload's session, spool, budget hold and queue ticket are freed when it ends, not left to the
+    cyclic collector: bound methods held across them (a spool's stages, the ticket's callback) had made
+    ~50 objects of every upload cyclic garbage, and the serving loop's collections took up to 9 ms."""
+    server = await start_server()
+    events, truth = make_events(30, seed=5)
+    body = make_zip({"a.json": as_ndjson(events), "b.json": as_array(events)})
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)  # what the collector finds unreachable is kept in gc.garbage, to look at
+    try:
+        answered = await post(server, body, content_type="application/zip")
+        lines = await ndjson_lines(server, body)
+        await wait_until(lambda: server.state.stats.uploads_in_flight == 0)
+        gc.collect()
+        ours = sorted(
+            {type(o).__qualname__ for o in gc.garbage if type(o).__module__.startswith("upload_server")}
+        )
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert answered.status_code == 200 and answered.json()["summary"]["events"] == 2 * truth.events
+    assert lines[-1]["kind"] == "summary"
+    assert ours == []

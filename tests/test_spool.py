@@ -265,10 +265,12 @@ def test_a_stage_thread_waits_for_the_next_full_batch_and_ends_when_closed(
     per GiB when the writing thread ended at every empty queue); close() ends the wait at once."""
     monkeypatch.setattr(spool_module, "LINGER_SECONDS", 60.0)  # a wait that ran out would fail the join
     worked: list[int] = []
-    stage = _Stage("writing", lambda batch: worked.append(sum(map(len, batch))), lambda: None)
+    stage = _Stage("writing")
     full = ([bytes(BATCH_BYTES)], BATCH_BYTES)
     assert stage.put(full)  # no thread yet: the caller starts one
-    thread = threading.Thread(target=stage.run)
+    thread = threading.Thread(
+        target=stage.run, args=(lambda batch: worked.append(sum(map(len, batch))), lambda: None)
+    )
     thread.start()
     deadline = time.monotonic() + 10
     while stage.done < BATCH_BYTES and time.monotonic() < deadline:
@@ -285,9 +287,9 @@ def test_a_stage_thread_waits_for_the_next_full_batch_and_ends_when_closed(
 def test_a_stage_thread_ends_at_once_after_a_small_batch(monkeypatch: pytest.MonkeyPatch) -> None:
     """A small batch (a slow client, or one of many uploads) does not keep its thread or its slot."""
     monkeypatch.setattr(spool_module, "LINGER_SECONDS", 60.0)
-    stage = _Stage("hashing", lambda batch: None, lambda: None)
+    stage = _Stage("hashing")
     assert stage.put(([b"x" * 1000], 1000))
-    thread = threading.Thread(target=stage.run)
+    thread = threading.Thread(target=stage.run, args=(lambda batch: None, lambda: None))
     thread.start()
     thread.join(10)
     assert not thread.is_alive() and stage.done == 1000

@@ -28,8 +28,11 @@ class Ticket:
     def _granted(self) -> None:
         if not self.started.is_set():
             self.started.set()
-            if self._on_first_slot is not None:
-                self._on_first_slot()
+            # Called once, then dropped: a callback bound to the ticket's owner (an upload's session, which
+            # holds the ticket) is a reference cycle, left to the cyclic collector until it is broken.
+            on_first_slot, self._on_first_slot = self._on_first_slot, None
+            if on_first_slot is not None:
+                on_first_slot()
 
 
 class FairLimiter:
