@@ -118,10 +118,12 @@ def ignore_reason(name: str) -> str | None:
     """Why an entry with this name is not processed, or None when it is selected (from the name alone)."""
     if name.endswith(("/", "\\")):
         return "directory"
-    parts = name.replace("\\", "/").split("/")
-    if "__MACOSX" in parts:
+    if "\\" in name:
+        name = name.replace("\\", "/")
+    # The substring test first: one scan of the name, where splitting it cost a list per entry.
+    if "__MACOSX" in name and "__MACOSX" in name.split("/"):
         return "macos_metadata"
-    base = parts[-1]
+    base = name.rpartition("/")[2]
     if base.startswith("."):
         return "hidden_file"
     lower = base.lower()

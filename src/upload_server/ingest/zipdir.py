@@ -218,11 +218,16 @@ def _zip64_values(body: bytes, usize: int, csize: int, offset: int, name: str) -
     """Whichever of the three are 0xFFFFFFFF, in this order, from the zip64 extra field's 8-byte values
     (zipfile's own local headers have both sizes so: this runs for each of their entries)."""
     values = _VALUES[min(len(body) // 8, 3)].unpack_from(body)  # three at most are ever taken
-    fields = [usize, csize, offset]
-    if fields.count(_MASK32) > len(values):
+    wanted = (usize == _MASK32) + (csize == _MASK32) + (offset == _MASK32)
+    if wanted > len(values):
         raise _bad(f"entry {name!r}: its zip64 extra field is too short", "bad_extra_field", entry=name)
-    taken = iter(values)
-    usize, csize, offset = (next(taken) if field == _MASK32 else field for field in fields)
+    taken = 0
+    if usize == _MASK32:
+        usize, taken = values[0], 1
+    if csize == _MASK32:
+        csize, taken = values[taken], taken + 1
+    if offset == _MASK32:
+        offset = values[taken]
     return usize, csize, offset
 
 
