@@ -3,18 +3,20 @@ that could not wait are dropped and counted, and what was queued is written at e
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import signal
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import httpx
 
 from server_process import clean_env, server_command
-from upload_server.logs import LogWriter
+from upload_server.logs import STOP_SECONDS, LogWriter
 
 #: More access lines (~110 bytes each) than a pipe holds (64 KiB): a loop that wrote them itself would block.
 POLLS = 1000
@@ -81,3 +83,25 @@ def test_a_full_queue_drops_lines_counts_them_and_says_so() -> None:
     assert numbers == sorted(set(numbers))  # in order, none twice
     assert counted == writer.dropped  # every drop said, once
     assert len(numbers) + counted == sent  # each line either written or counted as dropped
+
+
+def test_the_exit_does_not_hang_on_an_output_that_takes_nothing() -> None:
+    """``stop`` (run at exit) gives up after ``STOP_SECONDS`` when the output stays blocked and the queue
+    full, rather than hang the process or raise from its exit handler."""
+    reading, writing = os.pipe()
+    os.set_blocking(writing, False)
+    with contextlib.suppress(BlockingIOError):
+        while True:  # the pipe full before the writer starts: its first write blocks
+            os.write(writing, bytes(65536))
+    os.set_blocking(writing, True)
+    output = os.fdopen(writing, "w")
+    writer = LogWriter(records=4)
+    target = logging.StreamHandler(output)
+    for number in range(100):  # the thread blocked on the first, the queue full after the next four
+        writer.put(target, record(number))
+    started = time.monotonic()
+    writer.stop()
+    waited = time.monotonic() - started
+    assert STOP_SECONDS * 0.9 <= waited < 3 * STOP_SECONDS  # it waited for the output, then gave up
+    assert writer.dropped > 0
+    os.close(reading)  # the blocked write fails (EPIPE), and the daemon thread can end

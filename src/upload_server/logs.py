@@ -15,6 +15,7 @@ are dropped and counted, and the next line written says how many, as HAProxy cou
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import queue
 import sys
@@ -78,10 +79,12 @@ class LogWriter:
                 self.dropped += 1
 
     def stop(self) -> None:
-        """Write what is queued (waiting at most ``STOP_SECONDS``), then end the thread."""
+        """Write what is queued (waiting at most ``STOP_SECONDS``), then end the thread. An output that
+        still takes nothing keeps its lines: the process exits without them rather than hang."""
         if self._thread.is_alive():
-            self._queue.put(None, timeout=STOP_SECONDS)
-            self._thread.join(STOP_SECONDS)
+            with contextlib.suppress(queue.Full):
+                self._queue.put(None, timeout=STOP_SECONDS)
+                self._thread.join(STOP_SECONDS)
 
     def _run(self) -> None:
         """Each record in turn, after a note of the lines dropped since the last one (and at the end)."""
