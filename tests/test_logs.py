@@ -3,7 +3,7 @@ that could not wait are dropped and counted, and what was queued is written at e
 
 from __future__ import annotations
 
-import contextlib
+import io
 import logging
 import os
 import re
@@ -11,12 +11,13 @@ import signal
 import subprocess
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import httpx
 
 from server_process import clean_env, server_command
-from upload_server.logs import STOP_SECONDS, LogWriter
+from upload_server.logs import STOP_SECONDS, LogWriter, ToWriter
 
 #: More access lines (~110 bytes each) than a pipe holds (64 KiB): a loop that wrote them itself would block.
 POLLS = 1000
@@ -55,8 +56,8 @@ def record(number: int) -> logging.LogRecord:
 def test_a_full_queue_drops_lines_counts_them_and_says_so() -> None:
     reading, writing = os.pipe()
     output = os.fdopen(writing, "w")
-    target = logging.StreamHandler(output)
     writer = LogWriter(records=8)
+    target = ToWriter(output, writer)
     sent = 3000  # ~300 KB: the pipe (64 KiB) fills, the thread blocks on it, the queue fills, the rest drop
 
     emitter = threading.Thread(target=lambda: [writer.put(target, record(n)) for n in range(sent)])
@@ -85,23 +86,34 @@ def test_a_full_queue_drops_lines_counts_them_and_says_so() -> None:
     assert len(numbers) + counted == sent  # each line either written or counted as dropped
 
 
+class StuckOutput(io.StringIO):
+    """An output that takes nothing until released; says when the writer is stuck in it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stuck = threading.Event()
+        self.release = threading.Event()
+
+    def write(self, text: str) -> int:
+        self.stuck.set()
+        self.release.wait(30)
+        return len(text)
+
+
 def test_the_exit_does_not_hang_on_an_output_that_takes_nothing() -> None:
     """``stop`` (run at exit) gives up after ``STOP_SECONDS`` when the output stays blocked and the queue
-    full, rather than hang the process or raise from its exit handler."""
-    reading, writing = os.pipe()
-    os.set_blocking(writing, False)
-    with contextlib.suppress(BlockingIOError):
-        while True:  # the pipe full before the writer starts: its first write blocks
-            os.write(writing, bytes(65536))
-    os.set_blocking(writing, True)
-    output = os.fdopen(writing, "w")
-    writer = LogWriter(records=4)
-    target = logging.StreamHandler(output)
-    for number in range(100):  # the thread blocked on the first, the queue full after the next four
+    full, rather than hang the process or raise from its exit handler; and ``logging.shutdown`` (after
+    it at exit) does not wait for the stuck thread either."""
+    writer, output = LogWriter(records=4), StuckOutput()
+    target = ToWriter(output, writer)
+    writer.put(target, record(0))
+    assert output.stuck.wait(10)  # the writer holds line 0 and takes no more
+    for number in range(1, 10):
         writer.put(target, record(number))
+    assert writer.dropped == 5  # four wait in the queue
     started = time.monotonic()
     writer.stop()
+    logging.shutdown([weakref.ref(target)])
     waited = time.monotonic() - started
+    output.release.set()
     assert STOP_SECONDS * 0.9 <= waited < 3 * STOP_SECONDS  # it waited for the output, then gave up
-    assert writer.dropped > 0
-    os.close(reading)  # the blocked write fails (EPIPE), and the daemon thread can end

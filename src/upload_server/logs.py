@@ -21,7 +21,7 @@ import queue
 import sys
 import threading
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TextIO
 
 import orjson
 
@@ -54,7 +54,32 @@ class JsonAccessFormatter(logging.Formatter):
 QUEUE_RECORDS = 4096
 #: How long the exit waits for the writing thread to write what is queued.
 STOP_SECONDS = 2.0
-_Item = tuple[logging.Handler, logging.LogRecord] | None
+
+
+class ToWriter(logging.Handler):
+    """A handler that hands each record, unformatted, to ``writer``'s thread, which formats it with this
+    handler's formatter and writes it to ``stream``.
+
+    The thread writes outside the handler's lock: ``logging.shutdown`` (at exit) takes every handler's
+    lock, and would wait forever for a thread stuck in a write to an output that takes nothing."""
+
+    def __init__(self, stream: TextIO, writer: LogWriter) -> None:
+        super().__init__()
+        self.stream, self.writer = stream, writer
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.writer.put(self, record)
+
+    def write_out(self, record: logging.LogRecord) -> None:
+        """In the writing thread (or at exit, once it stopped)."""
+        try:
+            self.stream.write(self.format(record) + "\n")
+            self.stream.flush()
+        except Exception:
+            self.handleError(record)
+
+
+_Item = tuple[ToWriter, logging.LogRecord] | None
 
 
 class LogWriter:
@@ -68,9 +93,9 @@ class LogWriter:
         self._thread = threading.Thread(target=self._run, name="log writer", daemon=True)
         self._thread.start()
 
-    def put(self, target: logging.Handler, record: logging.LogRecord) -> None:
+    def put(self, target: ToWriter, record: logging.LogRecord) -> None:
         if not self._thread.is_alive():  # stopped (the interpreter is exiting): write it here
-            target.handle(record)
+            target.write_out(record)
             return
         try:
             self._queue.put_nowait((target, record))
@@ -88,15 +113,15 @@ class LogWriter:
 
     def _run(self) -> None:
         """Each record in turn, after a note of the lines dropped since the last one (and at the end)."""
-        target: logging.Handler | None = None
+        target: ToWriter | None = None
         while (item := self._queue.get()) is not None:
             target, record = item
             self._report_dropped(target)
-            target.handle(record)
+            target.write_out(record)
         if target is not None:
             self._report_dropped(target)
 
-    def _report_dropped(self, target: logging.Handler) -> None:
+    def _report_dropped(self, target: ToWriter) -> None:
         if self.dropped == self._reported:
             return
         dropped, self._reported = self.dropped - self._reported, self.dropped
@@ -109,18 +134,7 @@ class LogWriter:
                 "args": (dropped,),
             }
         )
-        target.handle(note)
-
-
-class ToWriter(logging.Handler):
-    """Hands each record, unformatted, to the writing thread, which passes it to ``target``."""
-
-    def __init__(self, target: logging.Handler, writer: LogWriter) -> None:
-        super().__init__()
-        self.target, self.writer = target, writer
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.writer.put(self.target, record)
+        target.write_out(note)
 
 
 _writer: LogWriter | None = None
@@ -138,16 +152,16 @@ def log_writer() -> LogWriter:
 def configure_logging(config: Config) -> None:
     # With several serving processes, each text line says which one wrote it.
     pid = "[%(process)d]" if config.processes > 1 else ""
-    text = logging.StreamHandler(sys.stderr)
-    text.setFormatter(logging.Formatter(TEXT_FORMAT.replace("%(name)s:", f"%(name)s{pid}:")))
     root = logging.getLogger()
     if not root.handlers:  # as logging.basicConfig: a process that has its own handlers keeps them
-        root.addHandler(ToWriter(text, log_writer()))
+        text = ToWriter(sys.stderr, log_writer())
+        text.setFormatter(logging.Formatter(TEXT_FORMAT.replace("%(name)s:", f"%(name)s{pid}:")))
+        root.addHandler(text)
     root.setLevel(getattr(logging, config.log_level.upper()))
     logging.getLogger("upload_server.lifecycle").setLevel(logging.INFO)
     access = logging.getLogger(ACCESS_LOGGER)
     if config.access_log_format == "json":
-        handler = logging.StreamHandler(sys.stderr)
+        handler = ToWriter(sys.stderr, log_writer())
         handler.setFormatter(JsonAccessFormatter())
-        access.addHandler(ToWriter(handler, log_writer()))
+        access.addHandler(handler)
         access.propagate = False  # not a second, text copy through the root logger
