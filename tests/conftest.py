@@ -4,6 +4,7 @@ started from the command line as subprocesses (``spawn``, see server_process.py)
 from __future__ import annotations
 
 import dataclasses
+import gc
 import importlib.util
 import os
 import subprocess
@@ -36,6 +37,18 @@ os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 # in the forkserver that costs nothing, otherwise each worker of each test server imports pytest again
 # (~0.2 s of CPU per worker).
 dispatch.FORKSERVER_PRELOAD.append("pytest")
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Everything imported and collected so far (pytest, hypothesis, schemathesis, Playwright, every test
+    module and item: ~170,000 objects) lives as long as the test process: out of the collector's sight.
+    Every full collection walked all of it, ~0.1 s of CPU each, and the servers in this process collect
+    after each killed worker (``WorkerPool.run``): test_ingest_server, test_uploads and test_tus spent 1.84 s
+    of CPU in 20 full collections, 0.39 s in 23 with these objects frozen. What a test creates is collected
+    as before."""
+    gc.collect()
+    gc.freeze()
+
 
 #: Hypothesis: the suite (and CI) runs derandomized, so a run is reproducible and a failure shows up again on
 #: the next run; ``HYPOTHESIS_PROFILE=thorough uv run pytest -m hypothesis`` runs every property with

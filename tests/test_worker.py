@@ -131,12 +131,18 @@ def test_job_pickles() -> None:
     assert pickle.loads(pickle.dumps(job)) == job
 
 
-def test_twenty_thousand_tiny_entries_in_one_job(tmp_path: Path, inflater: str) -> None:
-    path = tmp_path / "many.zip"
+@pytest.fixture(scope="module")
+def twenty_thousand_entries(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Built once for both inflaters (read only): writing 20,000 entries is ~0.9 s of CPU."""
+    path = tmp_path_factory.mktemp("many") / "many.zip"
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
         for i in range(20_000):
             zf.writestr(f"d/{i}.json", b'{"type":"T","actor":{"id":%d}}' % (i % 100))
-    job = zip_job(path, inflater=inflater)
+    return path
+
+
+def test_twenty_thousand_tiny_entries_in_one_job(twenty_thousand_entries: Path, inflater: str) -> None:
+    job = zip_job(twenty_thousand_entries, inflater=inflater)
     t0 = time.perf_counter()
     results = run_job(job)
     elapsed = time.perf_counter() - t0
