@@ -467,6 +467,15 @@ def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def _fd_targets() -> dict[str, str]:
+    """What each open descriptor is (for a failure's message: which ones a leak left)."""
+    targets = {}
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            targets[fd] = os.readlink(f"/proc/self/fd/{fd}")
+    return targets
+
+
 #: Each costs a worker spawn (~1 s of CPU); five show a leak of 3-4 fds each plainly.
 FAILED_JOBS = 5
 #: How long descriptors of a request just answered may take to close on a loaded machine.
@@ -492,6 +501,7 @@ async def test_failed_jobs_leak_no_descriptor(start_server: StartServer, failure
         return _open_fds()
 
     baseline = await fds_with_one_idle_worker()
+    before = _fd_targets()
     gc.disable()
     try:
         for _ in range(FAILED_JOBS):
@@ -511,7 +521,9 @@ async def test_failed_jobs_leak_no_descriptor(start_server: StartServer, failure
         await fds_with_one_idle_worker()
         with contextlib.suppress(trio.TooSlowError):
             await wait_until(lambda: _open_fds() <= baseline, within=SETTLE_SECONDS)
-        assert _open_fds() <= baseline
+        after = _fd_targets()
+        new_fds = {fd: target for fd, target in after.items() if before.get(fd) != target}
+        assert _open_fds() <= baseline, new_fds
     finally:
         gc.enable()
 
