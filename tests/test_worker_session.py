@@ -10,6 +10,8 @@ real worker processes of the real pool.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import trio
@@ -57,3 +59,18 @@ async def test_workers_share_one_session_apart_from_the_serving_process(tmp_path
     assert group.split()[0] != our_autogroup.split()[0]
     assert group.split()[-2:] == ["nice", "19"]
     assert own_autogroup() == our_autogroup  # the serving process's own group unchanged
+
+
+def test_a_process_that_cannot_leave_its_session_keeps_its_autogroup_priority() -> None:
+    """Where setsid fails (the process leads a process group already), the process is still in the session
+    it was started in, the serving process's: its autogroup, the event loop's own, is left as it was."""
+    script = (
+        "import upload_server.ingest.worker_session, pathlib; "  # leaves the session at import
+        "print(pathlib.Path('/proc/self/autogroup').read_text())"
+    )
+    # A session leader already (start_new_session): setsid fails with EPERM.
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, start_new_session=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-2:] == ["nice", "0"]

@@ -458,8 +458,8 @@ def _inflated_at_once(f: BinaryIO, entry: EntryPlan, meter: _Meter, lib: ModuleT
     ``_zip_entry_chunks`` makes (the meter after its one step, the CRC-32, which also judges a stream cut
     short, as the usual way's does); None whenever the entry is not that simple (more than one step of
     output, data that will not inflate, a wrong CRC), and the usual way then reads it again and says what
-    is wrong. For the 400 one-event files of
-    files400.zip, the generators, the wrapper and the steps between cost more than the inflating."""
+    is wrong. For the 400 one-event files of files400.zip, the generators, the wrapper and the steps
+    between cost more than the inflating."""
     if entry.declared_size >= _OUT_CHUNK or (data := _whole_entry(f, entry)) is None:
         return None
     if entry.method == zipfile.ZIP_STORED:

@@ -43,8 +43,10 @@ AUTOGROUP_NICENESS = 19
 def leave_session() -> None:
     """Start a new session (and process group) with this process as its leader, in an autogroup of the
     lowest priority."""
-    with contextlib.suppress(OSError):  # a process-group leader cannot: then it stays where it is
+    try:
         os.setsid()
+    except OSError:  # a process-group leader cannot: then it stays where it is, in the serving process's
+        return  # session, whose autogroup is the event loop's own and must keep its priority
     # OSError: no autogroups in this kernel (no such file), or a kernel that refuses the write.
     with contextlib.suppress(OSError), open("/proc/self/autogroup", "w") as autogroup:
         autogroup.write(str(AUTOGROUP_NICENESS))
