@@ -5,10 +5,11 @@
 
 Starts upload-server (``--workers``, default 2) on a free port on 127.0.0.1, then, round by round, uploads
 the dataset with ``harness.upload`` asking for the NDJSON answer (connect to its last byte) and through the
-page (Debian's ``/usr/bin/chromium`` driven by Playwright: the file chosen, then the result view shown). The
-page's event count is checked against the dataset's. The page sends files of 8 MiB and more through tus
-(``medium``, 9.4 MB, and ``large`` both), smaller ones with one POST. Prints each round, the medians, the
-ratio of the two, and the page's JS heap once the result is shown. ``--max-seconds`` bounds the whole run.
+page (Debian's ``chromium-headless-shell`` driven by Playwright: the file chosen, then the result view
+shown). The page's event count is checked against the dataset's. The page sends files of 8 MiB and more
+through tus (``medium``, 9.4 MB, and ``large`` both), smaller ones with one POST. Prints each round, the
+medians, the ratio of the two, and the page's JS heap once the result is shown. ``--max-seconds`` bounds
+the whole run.
 """
 
 from __future__ import annotations

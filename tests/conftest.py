@@ -163,9 +163,7 @@ def spool_dir(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def chromium() -> Iterator[BrowserThread]:
     """The page tests' headless Chromium: one per test process, on a thread of its own (tests/browser.py)."""
-    assert CHROMIUM.exists(), (
-        f"{CHROMIUM} is missing: apt-get install chromium chromium-driver (.ci/run does)"
-    )
+    assert CHROMIUM.exists(), f"{CHROMIUM} is missing: apt-get install chromium-headless-shell (.ci/run does)"
     browser = BrowserThread()
     yield browser
     browser.close()
