@@ -153,8 +153,10 @@ def running_haproxy(env: dict[str, str], log_path: Path) -> Iterator[subprocess.
 
 
 # -------------------------------------------------------------------------------------------- load
-def upload_loop(port: int, dataset: harness.Dataset, tally: Tally, stop: threading.Event) -> None:
-    while not stop.is_set():
+def upload_loop(
+    port: int, dataset: harness.Dataset, pause: float, tally: Tally, stop: threading.Event
+) -> None:
+    while not stop.wait(pause):
         try:
             exchange = harness.upload(port, dataset.path, content_type=dataset.content_type, timeout=60)
         except (OSError, ValueError) as error:
@@ -238,7 +240,7 @@ def health_loop(port: int, interval: float, tally: Tally, stop: threading.Event)
 def load(args: argparse.Namespace, port: int, dataset: harness.Dataset, tally: Tally) -> Iterator[None]:
     stop = threading.Event()
     jobs: list[tuple[Callable[..., None], tuple[Any, ...]]] = [
-        (upload_loop, (port, dataset, tally, stop)) for _ in range(args.uploaders)
+        (upload_loop, (port, dataset, args.upload_pause, tally, stop)) for _ in range(args.uploaders)
     ]
     jobs.append((slow_upload_loop, (port, dataset, args.drain_delay + 1.0, tally, stop)))
     jobs += [(health_loop, (port, args.health_interval, tally, stop)) for _ in range(args.pollers)]
@@ -353,7 +355,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--processes", type=int, default=1, help="each instance's --processes")
     parser.add_argument("--workers", type=int, default=1, help="each serving process's --workers")
-    parser.add_argument("--uploaders", type=int, default=2, help="threads uploading back to back")
+    parser.add_argument("--uploaders", type=int, default=2, help="threads uploading one upload after another")
+    parser.add_argument(
+        "--upload-pause", type=float, default=0.0, help="seconds an uploader rests between its uploads"
+    )
     parser.add_argument("--pollers", type=int, default=2, help="threads polling health")
     parser.add_argument("--health-interval", type=float, default=0.02)
     parser.add_argument("--dataset", default="small", choices=sorted(harness.DATASETS))

@@ -16,9 +16,21 @@ DRAIN = 1.0
 
 def test_a_rolling_restart_behind_haproxy_fails_no_request() -> None:
     assert shutil.which("haproxy"), "haproxy is not on PATH: .ci/run installs it (apt-get install haproxy)"
-    # 0.5 s of load before, between and after the restarts: uploads run back to back and a slow upload is
-    # always in flight, so every SIGTERM meets load either way; longer phases only added requests (and CPU).
-    command = [sys.executable, str(SCRIPT), "--phase", "0.5", "--drain-delay", str(DRAIN)]
+    # 0.5 s of load before, between and after the restarts: a slow upload is always in flight and each
+    # uploader sends one every ~25 ms (a 20 ms rest after each), so every SIGTERM meets load either way, and
+    # ~6 uploads per uploader arrive in the ~0.17 s between a SIGTERM and HAProxy taking the instance out.
+    # Longer phases, or uploads back to back, only added requests and CPU: back to back, 1,157 uploads and
+    # 9.4 s of CPU; with the rest, 350 uploads and 5.6 s (the run in a cpuacct cgroup, HAProxy included).
+    command = [
+        sys.executable,
+        str(SCRIPT),
+        "--phase",
+        "0.5",
+        "--drain-delay",
+        str(DRAIN),
+        "--upload-pause",
+        "0.02",
+    ]
     command += ["--check-inter", "100ms", "--dataset", "tiny", "--max-seconds", "100"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     output = result.stdout + result.stderr
