@@ -9,7 +9,6 @@ way. With ``--processes`` > 1, ``supervisor`` runs the serving processes instead
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import logging
 import signal
@@ -18,6 +17,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 
 import trio
 
+from .allocator import tune_allocator
 from .config import Config, ConfigError, load_config
 from .fdlimit import DescriptorLimitError, fit_connections, raise_soft_limit
 from .listen import describe_startup_failure
@@ -27,27 +27,6 @@ from .state import ServerState
 from .supervisor import supervise
 
 log = logging.getLogger("upload_server.lifecycle")
-
-
-# glibc mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-
-
-def tune_allocator() -> None:
-    """Keep freed body buffers in the heap instead of returning them to the OS after every piece.
-
-    Each received piece allocates fresh buffers of a few hundred KiB (the socket read, h11's buffer and
-    slices); with glibc's defaults they come from and go back to the kernel each time, and the page faults
-    cost about a third of the receive path's CPU (loadtest/bench_upload.py with py-spy, BENCH_NOTES.md).
-    Peak RSS stays the same. A no-op where the C library is not glibc.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, 16 << 20)
-        libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
-    except (OSError, AttributeError):
-        log.debug("not glibc: allocator left as it is")
 
 
 #: Collector thresholds for the serving process (CPython's default is 700, 10, 10).
@@ -133,13 +112,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def serve_process(config: Config, ready: Callable[[], None] | None = None) -> int:
     """One serving process, from logging set-up to exit code (the whole server unless --processes > 1)."""
+    tune_allocator()  # first: the log writer is a thread
     configure_logging(config)
     try:
         config = fit_connections(config, raise_soft_limit())
     except DescriptorLimitError as error:
         print(f"upload-server: {error}", file=sys.stderr)
         return 1
-    tune_allocator()
     tune_collector()
     try:
         trio.run(run, config, ready)
