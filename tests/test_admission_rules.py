@@ -12,13 +12,16 @@ import trio.testing
 
 from raw_http import ECHO_PATH, ECHO_PROCESSING_S, RawResponse, get, memory_servers
 from upload_server.admission import (
+    ANSWER_MEMORY,
     BUFFERS_PER_UPLOAD,
+    MAX_ANSWER_PIECE_BYTES,
     MAX_PIECE_BYTES,
     MIN_PIECE_BYTES,
     PRIOR_BYTES_PER_SECOND_PER_WORKER,
     RECEIVE_MEMORY,
     Backlog,
     SpoolBudget,
+    answer_piece_size,
     piece_size,
     retry_after,
 )
@@ -252,4 +255,13 @@ def test_body_buffers_shrink_while_many_uploads_arrive() -> None:
     assert piece_size(64) * BUFFERS_PER_UPLOAD * 64 <= RECEIVE_MEMORY
     assert piece_size(10_000) == MIN_PIECE_BYTES
     sizes = [piece_size(n) for n in range(1, 200)]
+    assert sizes == sorted(sizes, reverse=True) and all(size % MIN_PIECE_BYTES == 0 for size in sizes)
+
+
+def test_answer_reads_shrink_while_many_uploads_are_in_flight() -> None:
+    """An answer alone is read 256 KiB at a time; 64 uploads answered at once share ANSWER_MEMORY."""
+    assert answer_piece_size(0) == answer_piece_size(16) == MAX_ANSWER_PIECE_BYTES
+    assert answer_piece_size(64) * 64 <= ANSWER_MEMORY
+    assert answer_piece_size(10_000) == MIN_PIECE_BYTES
+    sizes = [answer_piece_size(n) for n in range(1, 200)]
     assert sizes == sorted(sizes, reverse=True) and all(size % MIN_PIECE_BYTES == 0 for size in sizes)

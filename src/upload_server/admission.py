@@ -45,10 +45,31 @@ MAX_PIECE_BYTES = 2 << 20
 MIN_PIECE_BYTES = 64 << 10
 
 
+#: Bytes of answer-file reads the serving process lets all answers in flight hold together: each answer
+#: sent from a file holds one read until the client has taken it. At 256 KiB each, 64 uploads of 20 MB
+#: answered at once took the serving VmHWM to 67.2-79.8 MiB (the first round of two 61.8-68.6); at 64 KiB,
+#: 58.6-60.0 MiB (``loadtest/bench_many_uploads.py``, BENCH_NOTES.md, the fourth 2026-12-02 session).
+ANSWER_MEMORY = 4 << 20
+#: An answer alone (up to 16 at once) is read and sent 256 KiB at a time, as before the share.
+MAX_ANSWER_PIECE_BYTES = 256 << 10
+
+
+def _share(memory: int, holders: int, most: int) -> int:
+    """``memory`` shared by ``holders``: a multiple of ``MIN_PIECE_BYTES``, at least that and at most
+    ``most``."""
+    share = memory // max(1, holders)
+    return max(MIN_PIECE_BYTES, min(most, share - share % MIN_PIECE_BYTES))
+
+
 def piece_size(receiving: int) -> int:
     """How large a body read and a spool batch may be while ``receiving`` uploads arrive at once."""
-    share = RECEIVE_MEMORY // (BUFFERS_PER_UPLOAD * max(1, receiving))
-    return max(MIN_PIECE_BYTES, min(MAX_PIECE_BYTES, share - share % MIN_PIECE_BYTES))
+    return _share(RECEIVE_MEMORY // BUFFERS_PER_UPLOAD, receiving, MAX_PIECE_BYTES)
+
+
+def answer_piece_size(sending: int) -> int:
+    """How much of an answer file to read and send at a time, and the largest answer a worker hands back
+    in memory, while ``sending`` answers go out from files at once."""
+    return _share(ANSWER_MEMORY, sending, MAX_ANSWER_PIECE_BYTES)
 
 
 def retry_after(seconds: float) -> bytes:

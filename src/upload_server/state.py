@@ -6,14 +6,16 @@ passes the router to each connection.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import trio
 
-from .admission import Backlog, SpoolBudget, piece_size
+from .admission import Backlog, SpoolBudget, answer_piece_size, piece_size
 from .config import Config
 from .ingest.dispatch import WorkerPool
 from .resumable import ResumableUploads
@@ -42,6 +44,8 @@ class Stats:
     tmp_free_bytes: int = 0
     #: Connections closed while waiting for a head because the connection cap was full.
     connections_reclaimed: int = 0
+    #: Answers being sent from files (``ServerState.sending_answer``): they share ``ANSWER_MEMORY``.
+    answers_sending: int = 0
 
     @property
     def uptime_s(self) -> float:
@@ -90,6 +94,20 @@ class ServerState:
     def receive_piece_size(self) -> int:
         """Body read and spool batch size now: smaller while many uploads arrive at once."""
         return piece_size(self.stats.uploads_receiving)
+
+    def answer_piece_size(self) -> int:
+        """Answer-file read size now, and the largest answer handed back in memory: smaller while many
+        answers go out at once."""
+        return answer_piece_size(self.stats.answers_sending)
+
+    @contextlib.contextmanager
+    def sending_answer(self) -> Iterator[None]:
+        """Count an answer being sent from a file for as long as the block runs."""
+        self.stats.answers_sending += 1
+        try:
+            yield
+        finally:
+            self.stats.answers_sending -= 1
 
     def live_figures(self) -> LiveFigures:
         workers = self.workers.snapshot()

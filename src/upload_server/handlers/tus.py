@@ -64,7 +64,7 @@ from ..resumable import (
 )
 from ..state import ServerState
 from .session import BudgetHold, UploadSession
-from .upload import NDJSON, STREAM_CHUNK_BYTES, Admission, ingest_to_files, wants_ndjson
+from .upload import NDJSON, Admission, ingest_to_files, send_file, wants_ndjson
 
 TUS_VERSION = "1.0.0"
 EXTENSIONS = "creation,creation-with-upload,termination,expiration,checksum"
@@ -279,8 +279,7 @@ async def handle_result(exchange: Exchange, state: ServerState) -> None:
         content_type = NDJSON if ndjson else "application/json"
         await exchange.start_stream(200, content_type, [(b"content-length", str(size).encode())])
         if exchange.request.method != "HEAD":
-            while chunk := await answer.read(STREAM_CHUNK_BYTES):
-                await exchange.send_chunk(chunk)
+            await send_file(exchange, answer, state)
         await exchange.end_stream()
 
 

@@ -56,11 +56,6 @@ RAW_CONTENT_TYPES = frozenset(
     }
 )
 NDJSON = "application/x-ndjson"
-STREAM_CHUNK_BYTES = 256 * 1024
-#: A small upload's JSON answer up to this size comes back from its worker in memory and is sent as it is,
-#: not through a file: what sending the file holds anyway (one read), for one file, three thread hops
-#: and an unlink fewer.
-ANSWER_IN_MEMORY_BYTES = STREAM_CHUNK_BYTES
 #: NDJSON answers carry a progress line at least this often while the workers run.
 PROGRESS_INTERVAL_S = 0.5
 
@@ -189,7 +184,10 @@ async def _answer_json(exchange: Exchange, session: UploadSession, admission: Ad
     """Process and render the JSON answer into files; finish the session; then send them."""
     with session.processing():
         async with _watching_client(exchange, session):
-            render = _render_request(session, admission, answer_in_memory=ANSWER_IN_MEMORY_BYTES)
+            # A small upload's JSON answer up to one answer-file read (what sending the file would hold
+            # anyway) comes back from its worker in memory and is sent as it is: one file, three thread
+            # hops and an unlink fewer.
+            render = _render_request(session, admission, answer_in_memory=session.state.answer_piece_size())
             plan = await _plan(session, with_event_lines=False, render=render)
             if plan.small is not None:  # done in the planning call (ingest/small.py)
                 pieces = _small_answered(session, render, plan.small)
@@ -210,9 +208,8 @@ async def _answer_json(exchange: Exchange, session: UploadSession, admission: Ad
         for piece in opened:
             if isinstance(piece, bytes):
                 await exchange.send_chunk(piece)
-                continue
-            while chunk := await piece.read(STREAM_CHUNK_BYTES):
-                await exchange.send_chunk(chunk)
+            else:
+                await send_file(exchange, piece, session.state)
         await exchange.end_stream()
 
 
@@ -474,16 +471,24 @@ def _shutting_down(state: ServerState) -> ShuttingDown:
     )
 
 
+async def send_file(exchange: Exchange, file: ReadableFile, state: ServerState) -> None:
+    """Send an open file's bytes as they are, read in pieces sized for the answers going out at once."""
+    with state.sending_answer():
+        while chunk := await file.read(state.answer_piece_size()):
+            await exchange.send_chunk(chunk)
+
+
 async def _send_lines(exchange: Exchange, file: ReadableFile, state: ServerState) -> bool:
     """Send a file of NDJSON lines; False when shutdown cut it short (at a line boundary)."""
     carried = b""
-    while chunk := await file.read(STREAM_CHUNK_BYTES):
-        if state.aborting:
-            return False
-        data = carried + chunk
-        cut = data.rfind(b"\n") + 1
-        carried = data[cut:]
-        await exchange.send_chunk(data[:cut])
+    with state.sending_answer():
+        while chunk := await file.read(state.answer_piece_size()):
+            if state.aborting:
+                return False
+            data = carried + chunk
+            cut = data.rfind(b"\n") + 1
+            carried = data[cut:]
+            await exchange.send_chunk(data[:cut])
     await exchange.send_chunk(carried)  # a file always ends with a newline: nothing is left here
     return True
 
