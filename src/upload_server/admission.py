@@ -46,9 +46,10 @@ MIN_PIECE_BYTES = 64 << 10
 
 
 #: Bytes of answer-file reads the serving process lets all answers in flight hold together: each answer
-#: sent from a file holds one read until the client has taken it. At 256 KiB each, 64 uploads of 20 MB
-#: answered at once took the serving VmHWM to 67.2-79.8 MiB (the first round of two 61.8-68.6); at 64 KiB,
-#: 58.6-60.0 MiB (``loadtest/bench_many_uploads.py``, BENCH_NOTES.md, the fourth 2026-12-02 session).
+#: sent from a file holds one read until the client has taken it, so 64 answers read 256 KiB at a time
+#: held 16 MiB. A bound by design, as RECEIVE_MEMORY is for bodies: in ``loadtest/bench_many_uploads.py``
+#: its effect on the serving VmHWM was within that benchmark's noise, next to the allocator's arenas
+#: (``allocator``; BENCH_NOTES.md, the fourth 2026-12-02 session).
 ANSWER_MEMORY = 4 << 20
 #: An answer alone (up to 16 at once) is read and sent 256 KiB at a time, as before the share.
 MAX_ANSWER_PIECE_BYTES = 256 << 10
