@@ -309,6 +309,8 @@ async def test_concurrent_uploads_cut_at_random_points_arrive_whole(server: Runn
         assert answer.status_code == 200, answer.text
         assert answer.json()["sha256"] == hashlib.sha256(body).hexdigest()
         assert answer.json()["summary"]["events"] == truth.events
+    # The result is served once its record says so; the data file goes just after, as processing ends.
+    await wait_until(lambda: not server.state.resumable.processing, 5)
     leftovers = sorted(path.name for path in (server.tmp_dir / "resumable").iterdir())
     # What a finished upload keeps until its result expires: results, record and lock file; no data.
     assert all(name.endswith((".result.ndjson", ".json", ".lock")) for name in leftovers), leftovers
