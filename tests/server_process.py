@@ -73,6 +73,15 @@ class ServerProcess:
             if match := pattern.search(line):
                 return match
 
+    def find(self, pattern: re.Pattern[str], timeout: float) -> re.Match[str]:
+        """The first stderr line matching ``pattern``, among those read already or from now on: the lines
+        of several processes (a supervisor and its children) come in any order, so an earlier wait for
+        another line may have read this one."""
+        for line in self.seen:
+            if match := pattern.search(line):
+                return match
+        return self.wait_for(pattern, timeout)
+
     def stderr_text(self) -> str:
         """Everything written to stderr (call after the process ended)."""
         while not self.lines.empty():

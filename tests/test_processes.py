@@ -30,7 +30,7 @@ TESTS = Path(__file__).resolve().parent
 def start_supervised(spawn: Spawn, spool_dir: Path, *flags: str) -> tuple[ServerProcess, set[int]]:
     """A server with --processes 2; its children's pids, once the supervisor says both listen."""
     server = spawn(server_command(spool_dir, "--processes", "2", "--workers", "1", *flags))
-    match = server.wait_for(SUPERVISOR_READY, 30)
+    match = server.find(SUPERVISOR_READY, 30)
     assert int(match.group(3)) == server.port
     return server, {int(pid) for pid in match.group(2).split(", ")}
 
