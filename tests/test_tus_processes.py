@@ -93,6 +93,14 @@ async def connection(port: int, pid: int | None = None) -> RawClient:
     raise AssertionError(f"no connection reached serving process {pid}")
 
 
+async def what_happened(answer: RawResponse, first: RawClient, server: ServerProcess) -> str:
+    """For a failure's message: an answer, what the first connection answered, and the server's log."""
+    with trio.move_on_after(2):
+        first_answer = await first.read_response()
+        return f"{answer}\nfirst connection: {first_answer}\nlog:\n{server.stderr_text()}"
+    return f"{answer}\nfirst connection: no answer\nlog:\n{server.stderr_text()}"
+
+
 async def racing_patches(port: int, location: str, offset: int, piece: bytes) -> list[RawResponse]:
     """The same PATCH sent at once on two fresh connections (to whichever processes the kernel picks)."""
     clients = [await connection(port), await connection(port)]
@@ -125,7 +133,9 @@ async def test_two_patches_at_once_never_write_together(spawn: Spawn, spool_dir:
     await wait_until(lambda: lock_holders(lock_file) == {writer_pid}, 5)
     await second.send(patch_head(location, 0, half) + b"x" * half)
     refused = await second.read_response()
-    assert refused.status == 423 and refused.error_code() == "UPLOAD_LOCKED"
+    # (Not refused once in CI, on 3.13 under the full suite, and never since: the message says why next time.)
+    assert refused.status == 423, await what_happened(refused, first, server)
+    assert refused.error_code() == "UPLOAD_LOCKED"
     await first.send(body[100:half])
     assert (await first.read_response()).status == 204
     assert lock_holders(lock_file) == set()  # given back when the PATCH ended
