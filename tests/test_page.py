@@ -453,8 +453,7 @@ def long_answer_zip(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     Many times what the kernel's socket buffers and the browser's read-ahead take from a reader throttled to
     32 KiB/s: the server is still sending the lines, so still processing and in flight, when Cancel comes.
-    With 1 MB of lines (``sample_zip``) the buffers took them all on the CI machine, and the work ended
-    before Cancel.
+    With ``sample_zip``'s 1 MB of lines, CI once found the work ended (nothing in flight) before Cancel.
     """
     out = tmp_path_factory.mktemp("page") / "2024-01-02.zip"
     hours = {f"2024-01-02-{hour}.json": as_ndjson(make_events(7200, seed=hour)[0]) for hour in range(5)}
