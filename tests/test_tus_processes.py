@@ -133,7 +133,7 @@ async def test_two_patches_at_once_never_write_together(spawn: Spawn, spool_dir:
     await wait_until(lambda: lock_holders(lock_file) == {writer_pid}, 5)
     await second.send(patch_head(location, 0, half) + b"x" * half)
     refused = await second.read_response()
-    # Answered 204 once (3.13, the full suite, this machine), never in 40 runs since: the message says why.
+    # Answered 204 once (3.13, the full suite, this machine), never in ~150 runs since: the message says why.
     assert refused.status == 423, await what_happened(refused, first, server)
     assert refused.error_code() == "UPLOAD_LOCKED"
     await first.send(body[100:half])
