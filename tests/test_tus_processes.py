@@ -95,10 +95,10 @@ async def connection(port: int, pid: int | None = None) -> RawClient:
 
 async def what_happened(answer: RawResponse, first: RawClient, server: ServerProcess) -> str:
     """For a failure's message: an answer, what the first connection answered, and the server's log."""
+    first_answer: RawResponse | str = "no answer"
     with trio.move_on_after(2):
         first_answer = await first.read_response()
-        return f"{answer}\nfirst connection: {first_answer}\nlog:\n{server.stderr_text()}"
-    return f"{answer}\nfirst connection: no answer\nlog:\n{server.stderr_text()}"
+    return f"{answer}\nfirst connection: {first_answer}\nlog:\n{server.stderr_text()}"
 
 
 async def racing_patches(port: int, location: str, offset: int, piece: bytes) -> list[RawResponse]:
@@ -169,8 +169,7 @@ def processing_steps(server: ServerProcess, the_id: str) -> dict[str, list[int]]
     ``start_supervised`` waited for), or a minute later; and the one that processed it logs "done"."""
     done = re.compile(rf"resumable upload {the_id}: done")
     # It may be done before the second process listens, so already among the lines start_supervised read.
-    if not any(done.search(line) for line in server.seen):
-        server.wait_for(done, 10)
+    server.find(done, 10)
     steps: dict[str, list[int]] = {"processing": [], "done": [], "taken up again": []}
     for pid, step in re.findall(rf"\[(\d+)\]: resumable upload {the_id}: (\w[\w ]*)", server.stderr_text()):
         for name in steps:
