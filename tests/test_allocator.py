@@ -21,8 +21,8 @@ libc = ctypes.CDLL("libc.so.6")
 if sys.argv[1] == "limited":
     allocator.tune_allocator()
 else:  # the same thresholds, glibc's arena limit
-    libc.mallopt(allocator.M_MMAP_THRESHOLD, 16 << 20)
-    libc.mallopt(allocator.M_TRIM_THRESHOLD, 64 << 20)
+    libc.mallopt(allocator.M_MMAP_THRESHOLD, allocator.MMAP_THRESHOLD_BYTES)
+    libc.mallopt(allocator.M_TRIM_THRESHOLD, allocator.TRIM_THRESHOLD_BYTES)
 together = threading.Barrier(8)
 def allocate():
     together.wait()

@@ -15,6 +15,10 @@ M_MMAP_THRESHOLD = -3
 M_ARENA_MAX = -8
 #: malloc arenas the serving process's threads share (glibc's default: 8 per core).
 MALLOC_ARENAS = 2
+#: Blocks at least this large are mapped on their own (glibc's default: 128 KiB, then adjusted).
+MMAP_THRESHOLD_BYTES = 16 << 20
+#: Freed memory an arena keeps before it trims (glibc's default: 128 KiB).
+TRIM_THRESHOLD_BYTES = 64 << 20
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -48,8 +52,8 @@ def tune_allocator() -> None:
         log.debug("not glibc: allocator left as it is")
         return
     _LIBC.mallopt(M_ARENA_MAX, MALLOC_ARENAS)
-    _LIBC.mallopt(M_MMAP_THRESHOLD, 16 << 20)
-    _LIBC.mallopt(M_TRIM_THRESHOLD, 64 << 20)
+    _LIBC.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    _LIBC.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
 
 
 def return_free_memory() -> None:
