@@ -31,7 +31,9 @@ async def assert_idle(server: RunningServer) -> None:
     """Counters back at zero, nothing reserved or queued, no temp file."""
     state = server.state
     stats = state.stats
-    await wait_until(lambda: stats.uploads_in_flight == stats.answers_sending == state.workers.running == 0)
+    await wait_until(
+        lambda: stats.uploads_in_flight == stats.answers_sending == state.workers.running == 0, 15
+    )
     assert state.stats.uploads_receiving == 0
     assert state.spool_budget.reserved == 0
     assert state.backlog.bytes == 0 and state.backlog.queued_uploads == 0
