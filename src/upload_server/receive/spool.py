@@ -367,12 +367,18 @@ class Spool:
         return [*([] if self._keep_file or self._file_removed else [self.path]), *self._siblings]
 
     async def close(self) -> None:
-        """Close the file and remove the upload's files, in one call off the event loop. Shielded.
+        """Close the file and remove the upload's files, in one call off the event loop unless they are
+        small (``INLINE_REMOVE_BYTES``, as for ``remove_files``). Shielded.
 
         The session removes the file before it answers, so this close is often the inode's last reference,
         and the kernel frees the file's page cache in it: ~95 ms for 1 GiB, which held the event loop
-        (every connection, health too) when the close ran on it (measured, BENCH_NOTES.md, issue 14).
+        (every connection, health too) when the close ran on it (measured, BENCH_NOTES.md, issue 14). For
+        a small upload the thread hop cost more than the close: ~0.45 ms of the loop's time a files400.zip
+        upload, of ~5 ms (py-spy, BENCH_NOTES.md).
         """
+        if self.size + _total_size(self._leftovers()) <= INLINE_REMOVE_BYTES:
+            self._close_blocking()
+            return
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(self._close_blocking)
 
