@@ -59,9 +59,9 @@ STOP_SECONDS = 2.0
 #: next round. Woken for each line (every request's access line, each health poll's too), it took the GIL
 #: from the event loop once a request: in a py-spy ``--gil`` profile of back-to-back files400.zip uploads,
 #: the thread held the GIL 0.44 ms an upload (waking it, ``Condition.notify``, 0.1 ms more on the loop),
-#: where formatting and writing a line takes ~3 us. Health polled on two servers alternately (5,000 each,
-#: twice): 738-764 against 794-828 us of CPU a poll, p99 1.25-1.42 against 1.45-1.59 ms. Like nginx's
-#: buffered access log, at a delay no reader of a log notices.
+#: where formatting and writing a line takes ~3 us. Health, ``bench_ab.py --health-polls 5000``, twice:
+#: 748 and 646 against 838 and 708 us of CPU a poll, p99 1.38 and 1.09 against 1.45 and 1.14 ms. Like
+#: nginx's buffered access log, at a delay no reader of a log notices.
 REST_SECONDS = 0.02
 
 

@@ -373,8 +373,8 @@ class Spool:
         The session removes the file before it answers, so this close is often the inode's last reference,
         and the kernel frees the file's page cache in it: ~95 ms for 1 GiB, which held the event loop
         (every connection, health too) when the close ran on it (measured, BENCH_NOTES.md, issue 14). For
-        a small upload the thread hop cost more than the close: ~0.45 ms of the loop's time a files400.zip
-        upload, of ~5 ms (py-spy, BENCH_NOTES.md).
+        a small upload the thread hop cost more than the close: ~0.3 ms of the loop's GIL time, of ~2.9 ms
+        for an upload of files400.zip (py-spy ``--gil``, BENCH_NOTES.md).
         """
         if self.size + _total_size(self._leftovers()) <= INLINE_REMOVE_BYTES:
             self._close_blocking()
