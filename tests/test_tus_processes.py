@@ -26,7 +26,7 @@ from raw_http import RawClient, RawResponse, get
 from server_process import ServerProcess, Spawn
 from test_ingest_server import SLOW_WORK, _gzip_of_spaces
 from test_processes import start_supervised
-from test_tus import FILES, TUS
+from test_tus import FILES, TUS, lock_holders
 from upload_server.errors import UploadNotFound
 from upload_server.resumable import ResumableStore, UploadState
 
@@ -59,18 +59,6 @@ def result_of(url: str, location: str, within: float = 30) -> httpx.Response:
             assert time.monotonic() < deadline, "the upload was never processed"
             time.sleep(0.05)
     return answer
-
-
-def lock_holders(lock_file: Path) -> set[int]:
-    """The pids holding a flock on ``lock_file``, from the kernel's own list (/proc/locks)."""
-    status = lock_file.stat()
-    key = f"{os.major(status.st_dev):02x}:{os.minor(status.st_dev):02x}:{status.st_ino}"
-    holders = set()
-    for line in Path("/proc/locks").read_text().splitlines():
-        fields = line.split()  # "1: FLOCK  ADVISORY  WRITE 4242 fe:00:2146853 0 EOF"
-        if fields[1] == "FLOCK" and fields[5] == key:
-            holders.add(int(fields[4]))
-    return holders
 
 
 def patch_head(location: str, offset: int, length: int) -> bytes:
