@@ -46,22 +46,31 @@ def test_two_processes_are_summed(spawn: Spawn, tmp_path: Path) -> None:
         assert value(page, "upload_server_requests_total", route="unmatched", status="404") == 1
         assert value(page, "upload_server_request_duration_seconds_count", route=HEALTH) == 8
 
-    # Live gauges: an idle connection to each process, seen from either (each refreshes its own).
+    # Live gauges: an idle connection to each process, seen from either (each refreshes its own). Two idle
+    # connections and the scrape's own.
     with (
         socket.create_connection(("127.0.0.1", first.port)),
         socket.create_connection(("127.0.0.1", second.port)),
     ):
-        deadline = time.monotonic() + GAUGE_WAIT
-        while value(scrape(first.url), "upload_server_connections_open") < 3 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        # Two idle connections and the scrape's own.
-        assert value(scrape(first.url), "upload_server_connections_open") == 3
+        assert open_connections_settle_at(first.url, 3) == 3
 
     # A process that stops leaves its counts but no longer its live gauges.
     assert stop(second)[0] == 0
     page = scrape(first.url)
     assert value(page, "upload_server_requests_total", route=HEALTH, status="200") == 8
-    assert value(page, "upload_server_connections_open") == 1
+    assert open_connections_settle_at(first.url, 1) == 1
+
+
+def open_connections_settle_at(url: str, expected: int) -> float:
+    """The summed ``connections_open`` gauge, scraped until it reads ``expected`` or ``GAUGE_WAIT`` runs
+    out: the other process refreshes its share once a second, and the previous scrape's connection, closed
+    by this client, may still be counted until the server has read its end (it was, once in CI: 4 for 3)."""
+    deadline = time.monotonic() + GAUGE_WAIT
+    while (seen := value(scrape(url), "upload_server_connections_open")) != expected:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    return seen
 
 
 def test_a_missing_multiprocess_directory_stops_the_start(tmp_path: Path) -> None:
