@@ -124,19 +124,12 @@ class LogWriter:
         """Each record in turn, after a note of the lines dropped since the last one (and at the end);
         after each round of what was queued, a rest of ``REST_SECONDS``."""
         target: ToWriter | None = None
-        while True:
-            item = self._queue.get()
-            while item is not None:
-                target, record = item
-                self._report_dropped(target)
-                target.write_out(record)
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-            if item is None:
-                break
-            time.sleep(REST_SECONDS)
+        while (item := self._queue.get()) is not None:
+            target, record = item
+            self._report_dropped(target)
+            target.write_out(record)
+            if self._queue.empty():
+                time.sleep(REST_SECONDS)
         if target is not None:
             self._report_dropped(target)
 
