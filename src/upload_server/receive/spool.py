@@ -376,7 +376,7 @@ class Spool:
         a small upload the thread hop cost more than the close: ~0.3 ms of the loop's GIL time, of ~2.9 ms
         for an upload of files400.zip (py-spy ``--gil``, BENCH_NOTES.md).
         """
-        if self.size + _total_size(self._leftovers()) <= INLINE_REMOVE_BYTES:
+        if self.size + _total_size(self._siblings) <= INLINE_REMOVE_BYTES:
             self._close_blocking()
             return
         with trio.CancelScope(shield=True):
