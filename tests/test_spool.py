@@ -23,13 +23,11 @@ from upload_server.receive.spool import (
     STAGE_THREAD_NICENESS,
     STAGE_THREADS,
     THREAD_NAME_PREFIX,
-    WRITE_CALL_BYTES,
     Spool,
     _Stage,
     _stage_threads,
     open_append,
     open_spool,
-    write_in_calls,
 )
 
 
@@ -62,39 +60,6 @@ async def test_every_byte_is_written_and_hashed_in_order(
     assert spool.size == len(whole)
     assert spool.sha256 == hashlib.sha256(whole).hexdigest()
     assert not os.listdir(tmp_path)
-
-
-@pytest.mark.parametrize(
-    "sizes",
-    [
-        [1 << 20],  # one batch's piece: cut into 16 calls
-        [200 << 10, 7, 64 << 10, (64 << 10) - 7, 1],  # pieces crossing the calls' edges
-        [1] * 2500,  # more pieces than writev takes in one call
-        [],
-    ],
-)
-def test_a_batch_is_written_in_calls_of_at_most_write_call_bytes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sizes: list[int]
-) -> None:
-    calls: list[tuple[int, int]] = []
-    writev = os.writev
-
-    def recorded(fd: int, parts: list[memoryview]) -> int:
-        calls.append((len(parts), sum(len(part) for part in parts)))
-        return writev(fd, parts)
-
-    monkeypatch.setattr(os, "writev", recorded)
-    data = pieces(sizes)
-    path = tmp_path / "out"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
-    try:
-        write_in_calls(fd, [bytearray(piece) for piece in data])
-    finally:
-        os.close(fd)
-    assert path.read_bytes() == b"".join(data)
-    assert all(0 < size <= WRITE_CALL_BYTES and count <= 1024 for count, size in calls), calls
-    # Each call filled to the cap before the next (or to writev's 1,024 pieces): no call wasted.
-    assert len(calls) == max(-(-sum(sizes) // WRITE_CALL_BYTES), -(-len(sizes) // 1024))
 
 
 @pytest.fixture

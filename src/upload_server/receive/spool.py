@@ -2,13 +2,13 @@
 and removal in every outcome.
 
 Body chunks are gathered into batches of about ``BATCH_BYTES`` and queued for the upload's two threads, one
-hashing each batch and one writing it (``os.writev``, ``WRITE_CALL_BYTES`` a call, no joining copy), while
-the connection keeps reading; chunks under ``SMALL_PIECE_BYTES`` are copied together, so a batch holds few
-objects. At most ``QUEUED_BATCHES`` batches may be queued and not yet hashed and written: past that,
-``write`` waits, the connection stops reading and TCP slows the client. That bounds memory per upload to the
-queued batches, the one being gathered and the piece being read (``admission.BUFFERS_PER_UPLOAD``). A body
-that ends within its first batch and ``INLINE_BYTES`` is hashed and written on the loop instead, and an
-upload's small files are unlinked there: for a small upload the thread hops cost more than the work.
+hashing each batch and one writing it (``filewrites.write_in_calls``: no joining copy), while the connection
+keeps reading; chunks under ``SMALL_PIECE_BYTES`` are copied together, so a batch holds few objects. At most
+``QUEUED_BATCHES`` batches may be queued and not yet hashed and written: past that, ``write`` waits, the
+connection stops reading and TCP slows the client. That bounds memory per upload to the queued batches, the
+one being gathered and the piece being read (``admission.BUFFERS_PER_UPLOAD``). A body that ends within its
+first batch and ``INLINE_BYTES`` is hashed and written on the loop instead, and an upload's small files are
+unlinked there: for a small upload the thread hops cost more than the work.
 
 Every file this module creates is named ``upload-server-<pid>-<token>...`` so that files left behind by a
 killed process can be recognised and removed at the next start.
@@ -34,6 +34,7 @@ from trio.lowlevel import RunVar
 
 from ..admission import QUEUED_BATCHES
 from ..errors import InsufficientStorage, PayloadTooLarge
+from ..filewrites import write_in_calls
 
 log = logging.getLogger("upload_server.spool")
 
@@ -53,14 +54,6 @@ LINGER_SECONDS = 0.02
 #: time, BENCH_NOTES.md). 512 KiB is ~0.45 ms: a short step of the loop, not a stall. Only while no other
 #: upload's threads are writing (``Spool._others_writing``).
 INLINE_BYTES = 512 << 10
-#: The most one write(2) of a stage thread carries. The kernel sizes the page cache's folios by the write:
-#: on this VM a 1 MiB write took large folios, whose memory the host had taken back (free page reporting)
-#: and faulted in again at 2.3-2.5 CPU s per GiB, where 64 KiB writes cost 0.27-0.32 (a plain write loop
-#: of 1 GiB to ext4, 8 s after the last: 256 KiB 0.81, 512 KiB 1.49; BENCH_NOTES.md, seventh session).
-#: 16,384 calls per GiB cost far less than that.
-WRITE_CALL_BYTES = 64 << 10
-#: writev's limit on the pieces of one call (Linux).
-_IOV_MAX = 1024
 #: Pieces smaller than this are gathered into one buffer per run (so a batch holds few objects).
 SMALL_PIECE_BYTES = 16 << 10
 FILE_PREFIX = "upload-server-"
@@ -75,33 +68,6 @@ _OWNED_NAME = re.compile(rf"^{re.escape(FILE_PREFIX)}(\d+)-[0-9a-f]+")
 #: uploaders of large.zip (quiet machine, 3 runs each, alternating): polls over 5 ms 8-10 against 14-18 of
 #: ~1,280, p99 4.2-4.4 against 5.2-5.8 ms, the same 14 uploads done.
 STAGE_THREAD_NICENESS = 19
-
-
-def write_in_calls(fd: int, batch: list[Chunk]) -> None:
-    """Write ``batch`` to ``fd`` in ``os.writev`` calls of at most ``WRITE_CALL_BYTES`` each (slices of the
-    pieces, no joining copy), finishing any short write."""
-    calls: list[memoryview] = []
-    gathered = 0
-    for piece in batch:
-        view = memoryview(piece)
-        while view:
-            part = view[: WRITE_CALL_BYTES - gathered]
-            view = view[len(part) :]
-            calls.append(part)
-            gathered += len(part)
-            if gathered == WRITE_CALL_BYTES or len(calls) == _IOV_MAX:
-                _writev_all(fd, calls, gathered)
-                calls, gathered = [], 0
-    if calls:
-        _writev_all(fd, calls, gathered)
-
-
-def _writev_all(fd: int, parts: list[memoryview], size: int) -> None:
-    written = os.writev(fd, parts)
-    if written < size:  # a short write: finish it the plain way
-        rest = memoryview(b"".join(parts))[written:]
-        while rest:
-            rest = rest[os.write(fd, rest) :]
 
 
 def _lower_this_threads_priority() -> None:
