@@ -1,5 +1,5 @@
-"""The serving process's C allocator (glibc's malloc): how much freed memory it keeps, and when it gives
-that back. A no-op where the C library is not glibc.
+"""The C allocator (glibc's malloc) of the serving process and of the workers: how much freed memory it
+keeps, and when it gives that back. A no-op where the C library is not glibc.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import os
 
+from ..allocator import tune_allocator
+
 #: The lowest priority: on 2 cores, nice 10 still let busy workers delay the event loop (health p99 under
 #: upload load 4.3-5.3 ms over five runs of bench_compare --only health; at 19: 2.8-4.4 ms over three),
 #: while the workers keep the same 1.5-1.6 cores busy on an otherwise idle machine.
@@ -22,6 +24,12 @@ def init_worker(retire_above_bytes: int) -> None:
     """Runs once in each new worker process."""
     global _retire_above_bytes
     _retire_above_bytes = retire_above_bytes
+    # The serving process's allocator settings: a job's buffers (1 MiB of inflated bytes at a time, the
+    # pieces cut from them) then come back from the heap instead of from the kernel. With glibc's defaults
+    # each worker took ~93,000 page faults per large24.zip upload (perf: in memmove and the inflater
+    # writing into fresh pages), with these 0-700 after its first upload, and 10-25% less CPU
+    # (BENCH_NOTES.md, seventh session). The freed memory a worker keeps is bounded by the trim threshold.
+    tune_allocator()
     with contextlib.suppress(OSError):
         os.nice(WORKER_NICENESS)
     # SCHED_IDLE (no privilege needed): the kernel preempts a SCHED_IDLE task at once for any other that
