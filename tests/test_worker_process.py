@@ -33,3 +33,23 @@ async def test_a_worker_yields_the_cpu_to_the_serving_process(tmp_path) -> None:
         niceness = await pool.run(eval, "__import__('os').nice(0)")
     assert policy == os.SCHED_IDLE
     assert niceness == WORKER_NICENESS
+
+
+#: In a worker: the bytes malloc holds in blocks mapped on their own (glibc's ``mallinfo2().hblkhd``) while
+#: an 8 MiB buffer is alive. Below ``allocator.MMAP_THRESHOLD_BYTES`` it comes from the heap; under glibc's
+#: defaults (128 KiB at first) it is mapped on its own, and given back to the kernel when freed.
+MAPPED_WHILE_AN_8_MIB_BUFFER_LIVES = (
+    "(lambda ctypes, buffer: (lambda info, mallinfo2: "
+    "(setattr(mallinfo2, 'restype', info), mallinfo2().hblkhd)[1])("
+    "type('Info', (ctypes.Structure,), {'_fields_': [(name, ctypes.c_size_t) for name in "
+    "'arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost'.split()]}), "
+    "ctypes.CDLL('libc.so.6').mallinfo2))(__import__('ctypes'), bytearray(8 << 20))"
+)
+
+
+async def test_a_worker_keeps_its_freed_buffers_in_the_heap(tmp_path) -> None:
+    """Workers tune their allocator as the serving process does (``worker_process.init_worker``): a job's
+    1 MiB buffers then come from the heap, not from fresh pages of the kernel each time."""
+    async with open_worker_pool(Config(tmp_dir=str(tmp_path), workers=1)) as pool:
+        mapped = await pool.run(eval, MAPPED_WHILE_AN_8_MIB_BUFFER_LIVES)
+    assert mapped < 8 << 20
