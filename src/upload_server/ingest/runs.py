@@ -26,7 +26,6 @@ from typing import BinaryIO
 
 import msgspec
 
-from ..filewrites import open_for_writing
 from .extract import Actor, FileResult, rewind
 from .results import ActorRow, Merger, add_event_types, merge_chunks, row_id
 
@@ -170,7 +169,7 @@ def bounded_runs(
     while len(runs) > 1 and (len(runs) > fan_in or _held(runs) > merge_bytes):
         path = scratch[passes % 2]
         merged: list[Run] = []
-        with open_for_writing(path) as out:
+        with open(path, "wb", buffering=1 << 20) as out:
             for group in _groups(runs, fan_in, merge_bytes):
                 offset = out.tell()
                 chunks, firsts = write_run(out, merge_chunks(map(read_chunks, group)))

@@ -37,7 +37,6 @@ from types import ModuleType
 from typing import Any, BinaryIO, Protocol
 
 from upload_server.codes import FileErrorCode
-from upload_server.filewrites import open_for_writing
 from upload_server.ingest.archive import ArchiveLimits, EntryPlan, upload_budget
 from upload_server.ingest.extract import FileResult, extract_bytes, extract_stream, rewind
 from upload_server.ingest.inflate import AUTO, errors, library
@@ -91,7 +90,7 @@ def run_job(job: Job, runs: JobRuns | None = None, data: bytes | None = None) ->
     out: BinaryIO | None = None
     try:
         if job.events_path is not None:
-            out = open_for_writing(job.events_path, append=True)
+            out = open(job.events_path, "ab", buffering=1 << 20)  # noqa: SIM115 - closed in finally
         kind = ContentKind(job.content_kind)
         if kind is ContentKind.ZIP:
             return _run_zip(job, out, runs, data)

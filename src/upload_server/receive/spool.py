@@ -1,14 +1,14 @@
 """The temporary file an upload streams into: batched writes off the event loop, a size cap, a sha256,
 and removal in every outcome.
 
-Body chunks are gathered into batches of about ``BATCH_BYTES`` and queued for the upload's two threads, one
-hashing each batch and one writing it (``filewrites.write_in_calls``: no joining copy), while the connection
-keeps reading; chunks under ``SMALL_PIECE_BYTES`` are copied together, so a batch holds few objects. At most
+Body chunks are gathered into batches of about ``BATCH_BYTES`` and queued for the upload's two threads,
+one hashing each batch and one writing it (``os.writev``, no joining copy), while the connection keeps
+reading; chunks under ``SMALL_PIECE_BYTES`` are copied together, so a batch holds few objects. At most
 ``QUEUED_BATCHES`` batches may be queued and not yet hashed and written: past that, ``write`` waits, the
-connection stops reading and TCP slows the client. That bounds memory per upload to the queued batches, the
-one being gathered and the piece being read (``admission.BUFFERS_PER_UPLOAD``). A body that ends within its
-first batch and ``INLINE_BYTES`` is hashed and written on the loop instead, and an upload's small files are
-unlinked there: for a small upload the thread hops cost more than the work.
+connection stops reading and TCP slows the client. That bounds memory per upload to the queued batches,
+the one being gathered and the piece being read (``admission.BUFFERS_PER_UPLOAD``). A body that ends
+within its first batch and ``INLINE_BYTES`` is hashed and written on the loop instead, and an upload's
+small files are unlinked there: for a small upload the thread hops cost more than the work.
 
 Every file this module creates is named ``upload-server-<pid>-<token>...`` so that files left behind by a
 killed process can be recognised and removed at the next start.
@@ -34,7 +34,6 @@ from trio.lowlevel import RunVar
 
 from ..admission import QUEUED_BATCHES
 from ..errors import InsufficientStorage, PayloadTooLarge
-from ..filewrites import write_in_calls
 
 log = logging.getLogger("upload_server.spool")
 
@@ -334,7 +333,17 @@ class Spool:
             self._hasher.update(piece)
 
     def _write_blocking(self, batch: list[Chunk]) -> None:
-        write_in_calls(self._fd, batch)
+        view = memoryview(b"".join(batch)) if len(batch) > 1000 else None  # writev's IOV_MAX is 1024
+        if view is not None:
+            while view:
+                view = view[os.write(self._fd, view) :]
+            return
+        pending = sum(len(piece) for piece in batch)
+        written = os.writev(self._fd, batch)
+        if written < pending:  # a short write: finish it the plain way
+            rest = memoryview(b"".join(batch))[written:]
+            while rest:
+                rest = rest[os.write(self._fd, rest) :]
 
     async def remove_files(self) -> None:
         """Remove the upload's files (each once: a second call removes only siblings named since), off the
