@@ -11,6 +11,11 @@ GH-like NDJSON entries (made by ``gen_dataset.py``, cached like the other benchm
 * inflate + extract: ``worker.run_job`` on all the entries, one job per entry, exactly as a worker runs
   them (guards, CRC, msgspec extraction, the default 64 MiB memory budget).
 
+This process first takes the workers' allocator settings (``allocator.tune_allocator``, as
+``worker_process.init_worker`` does), unless ``--allocator glibc``: with glibc's defaults every 1 MiB buffer
+is new pages from the kernel, which on a VM whose host takes freed memory back costs more than the work
+(BENCH_NOTES.md, seventh session).
+
 Figures are per CPU second (``time.process_time``, median of ``--runs``), so that other processes on a
 shared machine do not count against them. The limit is the inflate + extract rate times ``--cores`` (the
 CPU count): the most events/s the server could reach end to end if every core did nothing but that.
@@ -33,6 +38,7 @@ from pathlib import Path
 import orjson
 
 import harness
+from upload_server.allocator import tune_allocator
 from upload_server.ingest.archive import ArchiveLimits, EntryPlan, plan_zip
 from upload_server.ingest.inflate import AUTO, available, library, resolve
 from upload_server.ingest.worker import Job, run_job
@@ -126,11 +132,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=harness.DATA_DIR, help="dataset cache")
     parser.add_argument("--compare", type=Path, default=None, help="a bench_compare.py --json file")
     parser.add_argument("--compare-inflater", default=None, help="the inflater that run used (its flag)")
+    parser.add_argument(
+        "--allocator",
+        choices=["workers", "glibc"],
+        default="workers",
+        help="malloc settings: the workers' (default) or glibc's defaults",
+    )
     args = parser.parse_args(argv)
+    if args.allocator == "workers":
+        tune_allocator()
     dataset = harness.ensure_dataset(args.dataset, args.data_dir)
     print(
         f"{dataset.path.name}: {dataset.json_bytes / harness.MB:.1f} MB of JSON, {dataset.events:,} events; "
-        f"per CPU second, median of {args.runs}; {args.cores} cores; load {harness.load_average()}"
+        f"per CPU second, median of {args.runs}; {args.cores} cores; {args.allocator}'s malloc settings; "
+        f"load {harness.load_average()}"
     )
     figures = measure(dataset, args.runs)
     columns = ("inflate MB/s", "+extract MB/s", "events/s", "limit events/s")
