@@ -27,8 +27,9 @@ def init_worker(retire_above_bytes: int) -> None:
     # The serving process's allocator settings: a job's buffers (1 MiB of inflated bytes at a time, the
     # pieces cut from them) then come back from the heap instead of from the kernel. With glibc's defaults
     # each worker took ~93,000 page faults per large24.zip upload (perf: in memmove and the inflater
-    # writing into fresh pages), with these 0-700 after its first upload, and 10-25% less CPU
-    # (BENCH_NOTES.md, seventh session). The freed memory a worker keeps is bounded by the trim threshold.
+    # writing into fresh pages), with these 15-700 after its first upload; the workers' CPU per upload
+    # 2.6-3.2 s against 3.2-4.0, 1.17x the events/s (BENCH_NOTES.md, seventh session). The freed memory
+    # a worker keeps is bounded by the trim threshold; its peak is unchanged.
     tune_allocator()
     with contextlib.suppress(OSError):
         os.nice(WORKER_NICENESS)
