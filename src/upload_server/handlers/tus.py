@@ -63,6 +63,7 @@ from ..resumable import (
     upload_not_found,
 )
 from ..state import ServerState
+from .answer_file import AnswerFile
 from .session import BudgetHold, UploadSession
 from .upload import NDJSON, Admission, ingest_to_files, send_file, wants_ndjson
 
@@ -271,7 +272,7 @@ async def handle_result(exchange: Exchange, state: ServerState) -> None:
         return
     path = _resumables(state).store.result_path(the_id, "ndjson" if ndjson else "json")
     try:
-        opened = await trio.open_file(path, "rb")
+        opened = await AnswerFile.open(path)
     except FileNotFoundError:
         raise upload_not_found(the_id) from None  # removed (DELETE, expiry) since the record was read
     async with opened as answer:

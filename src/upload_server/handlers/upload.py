@@ -15,7 +15,6 @@ import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Protocol
 
 import orjson
 import trio
@@ -41,6 +40,7 @@ from ..ingest.small import SmallUpload
 from ..ingest.worker import Job
 from ..receive.multipart import multipart_boundary
 from ..state import ServerState
+from .answer_file import AnswerFile
 from .session import UploadSession
 
 RAW_CONTENT_TYPES = frozenset(
@@ -130,14 +130,6 @@ def wants_ndjson(accept: str) -> bool:
     return ndjson_q > json_q
 
 
-class ReadableFile(Protocol):
-    """An open file as ``trio.open_file`` gives it."""
-
-    async def read(self, size: int = -1, /) -> bytes: ...
-    async def aclose(self) -> None: ...
-    def fileno(self) -> int: ...
-
-
 def check_backlog(state: ServerState) -> None:
     """503 when the uploads already waiting would keep this one in the queue past ``--queue-timeout``."""
     backlog, limit = state.backlog, state.config.queue_timeout
@@ -214,15 +206,15 @@ async def _answer_json(exchange: Exchange, session: UploadSession, admission: Ad
 
 
 @contextlib.asynccontextmanager
-async def _opened(pieces: list[bytes | str]) -> AsyncIterator[list[bytes | ReadableFile]]:
+async def _opened(pieces: list[bytes | str]) -> AsyncIterator[list[bytes | AnswerFile]]:
     """An answer's pieces (``results.fill``) with each path opened, closed on leaving."""
     async with contextlib.AsyncExitStack() as stack:
-        opened: list[bytes | ReadableFile] = []
+        opened: list[bytes | AnswerFile] = []
         for piece in pieces:
             if isinstance(piece, bytes):
                 opened.append(piece)
             else:
-                opened.append(await stack.enter_async_context(await trio.open_file(piece, "rb")))
+                opened.append(await stack.enter_async_context(await AnswerFile.open(piece)))
         yield opened
 
 
@@ -258,7 +250,7 @@ async def _answer_ndjson(exchange: Exchange, session: UploadSession, admission: 
     await exchange.end_stream()
 
 
-async def _send_pieces(exchange: Exchange, pieces: list[bytes | ReadableFile], state: ServerState) -> bool:
+async def _send_pieces(exchange: Exchange, pieces: list[bytes | AnswerFile], state: ServerState) -> bool:
     """Send an NDJSON answer's pieces (each bytes piece whole lines); False when shutdown cut it short."""
     for piece in pieces:
         if isinstance(piece, bytes):
@@ -471,14 +463,14 @@ def _shutting_down(state: ServerState) -> ShuttingDown:
     )
 
 
-async def send_file(exchange: Exchange, file: ReadableFile, state: ServerState) -> None:
+async def send_file(exchange: Exchange, file: AnswerFile, state: ServerState) -> None:
     """Send an open file's bytes as they are, read in pieces sized for the answers going out at once."""
     with state.sending_answer():
         while chunk := await file.read(state.answer_piece_size()):
             await exchange.send_chunk(chunk)
 
 
-async def _send_lines(exchange: Exchange, file: ReadableFile, state: ServerState) -> bool:
+async def _send_lines(exchange: Exchange, file: AnswerFile, state: ServerState) -> bool:
     """Send a file of NDJSON lines; False when shutdown cut it short (at a line boundary)."""
     carried = b""
     with state.sending_answer():
@@ -498,7 +490,7 @@ async def _send_events_file(exchange: Exchange, path: str | None, state: ServerS
     if path is None:
         return
     try:
-        async with await trio.open_file(path, "rb") as lines:
+        async with await AnswerFile.open(path) as lines:
             await _send_lines(exchange, lines, state)
     except FileNotFoundError:
         return  # a job with no successful file writes nothing

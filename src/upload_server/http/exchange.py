@@ -104,7 +104,7 @@ class Responder:
             h11.Response(status_code=status, headers=headers, reason=reason_phrase(status))
         )
 
-    async def send_chunk(self, data: bytes) -> None:
+    async def send_chunk(self, data: bytes | bytearray) -> None:
         if data:
             await self._conn.send_event(h11.Data(data=data))
 

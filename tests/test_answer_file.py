@@ -1,0 +1,128 @@
+"""Answer files are read from the page cache on the event loop and from a thread only for what the cache does
+not hold (``handlers.answer_file``): every byte in order either way. Real files in a temp dir; the page
+cache is bypassed for real (a file written with ``O_DIRECT``), and the kernel's other answers to
+``RWF_NOWAIT`` (a short read, a refusal) are stood in for by wrapping ``os.preadv``."""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import trio
+
+from upload_server.handlers.answer_file import AnswerFile
+
+PIECE = 256 << 10
+
+
+@pytest.fixture
+def thread_calls(monkeypatch: pytest.MonkeyPatch) -> list[Callable[..., object]]:
+    """The functions run through ``trio.to_thread.run_sync`` from now on (they still run)."""
+    calls: list[Callable[..., object]] = []
+    run_sync = trio.to_thread.run_sync
+
+    async def counted(function: Callable[..., object], *args: object, **kwargs: object) -> object:
+        calls.append(function)
+        return await run_sync(function, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", counted)
+    return calls
+
+
+def written(path: Path, size: int) -> bytes:
+    data = os.urandom(size)
+    path.write_bytes(data)
+    return data
+
+
+async def read_all(path: Path) -> bytes:
+    pieces = []
+    async with await AnswerFile.open(path) as answer:
+        while piece := await answer.read(PIECE):
+            pieces.append(bytes(piece))
+    return b"".join(pieces)
+
+
+@pytest.mark.parametrize("size", [0, 1, PIECE, 10 * PIECE + 17])
+async def test_a_cached_file_is_read_on_the_loop(
+    tmp_path: Path, thread_calls: list[Callable[..., object]], size: int
+) -> None:
+    data = written(tmp_path / "answer", size)
+    assert await read_all(tmp_path / "answer") == data
+    assert thread_calls == [os.open]  # opening only: no read left the loop
+
+
+async def test_what_the_cache_does_not_hold_is_read_in_a_thread(
+    tmp_path: Path, thread_calls: list[Callable[..., object]]
+) -> None:
+    path = tmp_path / "answer"
+    data = os.urandom(8 * PIECE)
+    # Written past the page cache (O_DIRECT, from page-aligned memory), so none of it is cached. (fdatasync
+    # then POSIX_FADV_DONTNEED was tried first: it leaves pages still queued for another CPU's LRU.)
+    aligned = mmap.mmap(-1, len(data))
+    aligned.write(data)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_DIRECT)
+    try:
+        assert os.write(fd, aligned) == len(data)
+    finally:
+        os.close(fd)
+        aligned.close()
+    assert await read_all(path) == data
+    assert len(thread_calls) > 1, thread_calls  # at least the first piece came from the disk, in a thread
+
+
+def preadv_answering(answer: Callable[[int, list[bytearray], int], int]) -> Callable[..., int]:
+    """``os.preadv`` whose reads with flags (``RWF_NOWAIT``) get ``answer`` instead."""
+    preadv = os.preadv
+
+    def wrapped(fd: int, buffers: list[bytearray], offset: int, *flags: int) -> int:
+        return answer(fd, buffers, offset) if flags else preadv(fd, buffers, offset)
+
+    return wrapped
+
+
+async def test_a_short_cached_read_is_finished_in_a_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, thread_calls: list[Callable[..., object]]
+) -> None:
+    data = written(tmp_path / "answer", 3 * PIECE)
+    preadv = os.preadv
+
+    def half(fd: int, buffers: list[bytearray], offset: int) -> int:
+        return preadv(fd, [memoryview(buffers[0])[: len(buffers[0]) // 2]], offset)
+
+    monkeypatch.setattr(os, "preadv", preadv_answering(half))
+    assert await read_all(tmp_path / "answer") == data
+    assert len(thread_calls) == 1 + 3  # the open, and the second half of each piece
+
+
+@pytest.mark.parametrize("refusal", [errno.EOPNOTSUPP, errno.EINVAL])
+async def test_a_file_system_that_refuses_the_flag_is_read_in_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, thread_calls: list[Callable[..., object]], refusal: int
+) -> None:
+    data = written(tmp_path / "answer", 3 * PIECE)
+    asked: list[int] = []
+
+    def refuse(fd: int, buffers: list[bytearray], offset: int) -> int:
+        asked.append(offset)
+        raise OSError(refusal, os.strerror(refusal))
+
+    monkeypatch.setattr(os, "preadv", preadv_answering(refuse))
+    assert await read_all(tmp_path / "answer") == data
+    assert asked == [0]  # asked once, then never again for this file
+    assert len(thread_calls) == 1 + 4  # the open, three pieces and the empty read at the end
+
+
+async def test_another_read_error_is_raised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    written(tmp_path / "answer", PIECE)
+
+    def failing(fd: int, buffers: list[bytearray], offset: int) -> int:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "preadv", preadv_answering(failing))
+    with pytest.raises(OSError, match="Input/output") as raised:
+        await read_all(tmp_path / "answer")
+    assert raised.value.errno == errno.EIO
