@@ -23,7 +23,7 @@ SOURCE = Path(upload_server.__file__).parent
 DOCUMENT: dict[str, Any] = json.loads(resources.files(upload_server).joinpath("openapi.json").read_text())
 CODE = re.compile(r"[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+")
 #: Upper-snake strings passed to calls in the source that are not error codes (names of OS constants).
-NOT_ERROR_CODES = frozenset({"SC_PAGE_SIZE", "O_CLOEXEC"})
+NOT_ERROR_CODES = frozenset({"SC_PAGE_SIZE", "O_CLOEXEC", "RWF_NOWAIT"})
 METHODS = frozenset({"get", "put", "post", "delete", "options", "head", "patch", "trace"})
 
 
