@@ -38,7 +38,11 @@ class AnswerFile:
     async def open(cls, path: str | Path) -> AnswerFile:
         """Open ``path`` (in a thread: opening may wait for the disk, as a read may)."""
         fd = await trio.to_thread.run_sync(os.open, path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        return cls(fd)
+        try:
+            return cls(fd)
+        except BaseException:
+            os.close(fd)
+            raise
 
     def fileno(self) -> int:
         return self._fd
@@ -50,7 +54,11 @@ class AnswerFile:
         got = self._read_cached(piece)
         if got is None or (got < size and self._offset + got < self._size):
             got = got or 0
-            got += await trio.to_thread.run_sync(self._read_blocking, memoryview(piece)[got:], got)
+            rest = memoryview(piece)[got:]
+            try:
+                got += await trio.to_thread.run_sync(self._read_blocking, rest, got)
+            finally:
+                rest.release()  # so that the piece can be cut to what was read
         del piece[got:]
         self._offset += got
         return piece
