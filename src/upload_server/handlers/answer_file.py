@@ -13,13 +13,14 @@ Where the flag is missing or refused (another OS, a file system without it), eve
 from __future__ import annotations
 
 import errno
+import functools
 import os
 from pathlib import Path
 from types import TracebackType
 
 import trio
 
-from ..receive.spool import INLINE_REMOVE_BYTES
+from ..receive.spool import release_files
 
 _NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
 
@@ -81,16 +82,12 @@ class AnswerFile:
         return os.preadv(self._fd, [view], self._offset + skip)
 
     async def aclose(self) -> None:
-        """Close the file: on the loop when small, else in a thread (the last close of a removed file frees
-        its page cache, ~95 ms per GiB: the spool's rule, ``INLINE_REMOVE_BYTES``). Shielded."""
+        """Close the file by the spool's rule (``release_files``): the last close of a removed file frees its
+        page cache, ~95 ms per GiB."""
         if self._fd < 0:
             return
         fd, self._fd = self._fd, -1
-        if self._size <= INLINE_REMOVE_BYTES:
-            os.close(fd)
-        else:
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(os.close, fd)
+        await release_files(functools.partial(os.close, fd), self._size)
         await trio.lowlevel.checkpoint_if_cancelled()
 
     async def __aenter__(self) -> AnswerFile:

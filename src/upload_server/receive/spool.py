@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import functools
 import hashlib
 import logging
 import os
@@ -354,11 +355,7 @@ class Spool:
         paths = self._leftovers()
         if not paths:
             return
-        if _total_size(paths) <= INLINE_REMOVE_BYTES:
-            _unlink_all(paths)
-        else:
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(_unlink_all, paths)
+        await release_files(functools.partial(_unlink_all, paths), _total_size(paths))
         self._file_removed = True
         self._siblings = [path for path in self._siblings if path not in paths]
 
@@ -376,11 +373,7 @@ class Spool:
         a small upload the thread hop cost more than the close: ~0.3 ms of the loop's GIL time, of ~2.9 ms
         for an upload of files400.zip (py-spy ``--gil``, BENCH_NOTES.md).
         """
-        if self.size + _total_size(self._siblings) <= INLINE_REMOVE_BYTES:
-            self._close_blocking()
-            return
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(self._close_blocking)
+        await release_files(self._close_blocking, self.size + _total_size(self._siblings))
 
     def _close_blocking(self) -> None:
         try:
@@ -396,6 +389,17 @@ class Spool:
 #: here, where a thread hop cost a small upload 0.1-0.4 ms, twice); larger ones in a thread (a 64 MiB file
 #: took 3.5 ms to unlink, 14 ms once written back to disk).
 INLINE_REMOVE_BYTES = 4 << 20
+
+
+async def release_files(work: Callable[[], object], size: int) -> None:
+    """Run ``work``, which closes or unlinks files of ``size`` bytes in all: on the event loop when they are
+    small (``INLINE_REMOVE_BYTES``), else in a thread, shielded (this is cleanup, and it runs on the way out
+    of cancellations too)."""
+    if size <= INLINE_REMOVE_BYTES:
+        work()
+        return
+    with trio.CancelScope(shield=True):
+        await trio.to_thread.run_sync(work)
 
 
 def _total_size(paths: list[Path]) -> int:
