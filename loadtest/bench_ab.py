@@ -95,8 +95,7 @@ def compare_health(baseline: harness.Server, this: harness.Server, polls: int, p
             time.sleep(pause)
     for server in servers:
         cpu_us = (harness.process_cpu_seconds(server.pid) - cpu_before[server.name]) / polls * 1e6
-        ranked = sorted(seconds[server.name])
-        p50, p99 = ranked[len(ranked) // 2] * 1e3, ranked[int(len(ranked) * 0.99)] * 1e3
+        p50, p99 = (harness.percentile(seconds[server.name], q) * 1e3 for q in (50, 99))
         print(f"{server.name:<8} CPU a poll {cpu_us:.0f} us; p50 {p50:.3f} ms, p99 {p99:.3f} ms")
     for connection in connections.values():
         connection.close()
