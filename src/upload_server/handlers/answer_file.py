@@ -31,8 +31,9 @@ class AnswerFile:
     def __init__(self, fd: int) -> None:
         self._fd = fd
         self._offset = 0
-        #: The size when opened: a short read that ends there is the end of the file, not a cache miss.
-        self._size = os.fstat(fd).st_size
+        #: The size when opened (what the answer's Content-Length says); a short read that ends there is the
+        #: end of the file, not a cache miss.
+        self.size = os.fstat(fd).st_size
         self._nowait = _NOWAIT
 
     @classmethod
@@ -45,15 +46,12 @@ class AnswerFile:
             os.close(fd)
             raise
 
-    def fileno(self) -> int:
-        return self._fd
-
     async def read(self, size: int, /) -> bytearray:
         """The next ``size`` bytes at most; empty at the end of the file."""
         await trio.lowlevel.checkpoint()
         piece = bytearray(size)
         got = self._read_cached(piece)
-        if got is None or (got < size and self._offset + got < self._size):
+        if got is None or (got < size and self._offset + got < self.size):
             got = got or 0
             rest = memoryview(piece)[got:]
             try:
@@ -87,7 +85,7 @@ class AnswerFile:
         if self._fd < 0:
             return
         fd, self._fd = self._fd, -1
-        await release_files(functools.partial(os.close, fd), self._size)
+        await release_files(functools.partial(os.close, fd), self.size)
         await trio.lowlevel.checkpoint_if_cancelled()
 
     async def __aenter__(self) -> AnswerFile:

@@ -276,7 +276,7 @@ async def handle_result(exchange: Exchange, state: ServerState) -> None:
     except FileNotFoundError:
         raise upload_not_found(the_id) from None  # removed (DELETE, expiry) since the record was read
     async with opened as answer:
-        size = os.fstat(answer.fileno()).st_size
+        size = answer.size
         content_type = NDJSON if ndjson else "application/json"
         await exchange.start_stream(200, content_type, [(b"content-length", str(size).encode())])
         if exchange.request.method != "HEAD":

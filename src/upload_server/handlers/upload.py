@@ -192,9 +192,7 @@ async def _answer_json(exchange: Exchange, session: UploadSession, admission: Ad
         return
     async with _opened(pieces) as opened:
         # The open files outlive their names: finish (which removes them) before sending.
-        size = sum(
-            len(piece) if isinstance(piece, bytes) else os.fstat(piece.fileno()).st_size for piece in opened
-        )
+        size = sum(len(piece) if isinstance(piece, bytes) else piece.size for piece in opened)
         await session.finish(succeeded=True)
         await exchange.start_stream(200, "application/json", [(b"content-length", str(size).encode())])
         for piece in opened:
