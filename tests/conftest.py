@@ -104,6 +104,20 @@ class RunningServer:
 StartServer = Callable[..., Awaitable[RunningServer]]
 
 
+@pytest.fixture
+def thread_hops(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """The functions run through ``trio.to_thread.run_sync`` from now on (they still run)."""
+    hops: list[object] = []
+    run_sync = trio.to_thread.run_sync
+
+    async def counted(function: object, *args: object, **kwargs: object) -> object:
+        hops.append(function)
+        return await run_sync(function, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", counted)
+    return hops
+
+
 @pytest.fixture(params=list(Inflater), ids=str)
 def inflater(request: pytest.FixtureRequest) -> str:
     """Each deflate backend in turn, named as ``--inflater`` names it. zlib-ng is a locked dependency:

@@ -13,25 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import trio
 
 from upload_server.handlers.answer_file import AnswerFile
 
 PIECE = 256 << 10
-
-
-@pytest.fixture
-def thread_calls(monkeypatch: pytest.MonkeyPatch) -> list[Callable[..., object]]:
-    """The functions run through ``trio.to_thread.run_sync`` from now on (they still run)."""
-    calls: list[Callable[..., object]] = []
-    run_sync = trio.to_thread.run_sync
-
-    async def counted(function: Callable[..., object], *args: object, **kwargs: object) -> object:
-        calls.append(function)
-        return await run_sync(function, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(trio.to_thread, "run_sync", counted)
-    return calls
 
 
 def written(path: Path, size: int) -> bytes:
@@ -50,11 +35,11 @@ async def read_all(path: Path) -> bytes:
 
 @pytest.mark.parametrize("size", [0, 1, PIECE, 10 * PIECE + 17])
 async def test_a_cached_file_is_read_on_the_loop(
-    tmp_path: Path, thread_calls: list[Callable[..., object]], size: int
+    tmp_path: Path, thread_hops: list[object], size: int
 ) -> None:
     data = written(tmp_path / "answer", size)
     assert await read_all(tmp_path / "answer") == data
-    assert thread_calls == [os.open]  # opening only: no read left the loop
+    assert thread_hops == [os.open]  # opening only: no read left the loop
 
 
 def preadv_answering(answer: Callable[[int, list[bytearray], int], int]) -> Callable[..., int]:
@@ -68,7 +53,7 @@ def preadv_answering(answer: Callable[[int, list[bytearray], int], int]) -> Call
 
 
 async def test_what_the_cache_does_not_hold_is_read_in_a_thread(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, thread_calls: list[Callable[..., object]]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, thread_hops: list[object]
 ) -> None:
     data = written(tmp_path / "answer", 3 * PIECE + 5)
 
@@ -77,11 +62,11 @@ async def test_what_the_cache_does_not_hold_is_read_in_a_thread(
 
     monkeypatch.setattr(os, "preadv", preadv_answering(nothing_cached))
     assert await read_all(tmp_path / "answer") == data
-    assert len(thread_calls) == 1 + 5  # the open, four pieces and the empty read at the end
+    assert len(thread_hops) == 1 + 5  # the open, four pieces and the empty read at the end
 
 
 async def test_a_short_cached_read_is_finished_in_a_thread(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, thread_calls: list[Callable[..., object]]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, thread_hops: list[object]
 ) -> None:
     data = written(tmp_path / "answer", 3 * PIECE)
     preadv = os.preadv
@@ -91,12 +76,12 @@ async def test_a_short_cached_read_is_finished_in_a_thread(
 
     monkeypatch.setattr(os, "preadv", preadv_answering(half))
     assert await read_all(tmp_path / "answer") == data
-    assert len(thread_calls) == 1 + 3  # the open, and the second half of each piece
+    assert len(thread_hops) == 1 + 3  # the open, and the second half of each piece
 
 
 @pytest.mark.parametrize("refusal", [errno.EOPNOTSUPP, errno.EINVAL])
 async def test_a_file_system_that_refuses_the_flag_is_read_in_threads(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, thread_calls: list[Callable[..., object]], refusal: int
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, thread_hops: list[object], refusal: int
 ) -> None:
     data = written(tmp_path / "answer", 3 * PIECE)
     asked: list[int] = []
@@ -108,7 +93,7 @@ async def test_a_file_system_that_refuses_the_flag_is_read_in_threads(
     monkeypatch.setattr(os, "preadv", preadv_answering(refuse))
     assert await read_all(tmp_path / "answer") == data
     assert asked == [0]  # asked once, then never again for this file
-    assert len(thread_calls) == 1 + 4  # the open, three pieces and the empty read at the end
+    assert len(thread_hops) == 1 + 4  # the open, three pieces and the empty read at the end
 
 
 async def test_another_read_error_is_raised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

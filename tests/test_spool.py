@@ -62,20 +62,6 @@ async def test_every_byte_is_written_and_hashed_in_order(
     assert not os.listdir(tmp_path)
 
 
-@pytest.fixture
-def thread_hops(monkeypatch: pytest.MonkeyPatch) -> list[object]:
-    """The functions run through ``trio.to_thread.run_sync`` from now on (they still run)."""
-    hops: list[object] = []
-    run_sync = trio.to_thread.run_sync
-
-    async def counted(function: object, *args: object, **kwargs: object) -> object:
-        hops.append(function)
-        return await run_sync(function, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(trio.to_thread, "run_sync", counted)
-    return hops
-
-
 @pytest.mark.parametrize("size", [0, 100, INLINE_BYTES, INLINE_BYTES + 1])
 async def test_a_body_of_one_small_batch_is_written_without_a_thread(
     tmp_path: Path, size: int, thread_hops: list[object]
