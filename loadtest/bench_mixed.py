@@ -36,6 +36,9 @@ How, on 127.0.0.1 only, every step under a deadline (``--max-seconds`` bounds th
 4. Every request is recorded by ``locust_record.py``, with the server's own split of an upload's time
    (``timing_ms``); percentiles are pooled over the rounds.
 
+``--baseline-python PYTHON`` puts another build of ours (that interpreter's venv, e.g. a ``git worktree`` of
+an earlier commit) in the reference's place: the same rounds and figures, an A/B of two builds.
+
 ``--trace-steps PREFIX`` runs our server under ``step_trace.py`` (a Trio instrument: loop steps, batches,
 collections) and prints where the loop's time went and which slow health polls it explains.
 
@@ -150,7 +153,8 @@ def tree_cpu_seconds(pid: int) -> float:
 
 class WorkerMeter:
     """CPU seconds the server's workers used and seconds they waited for a CPU, while a block runs; the same
-    for the serving process (its CPU, and its event loop's wait for a CPU: what delays health answers).
+    for the serving process (its CPU, its event loop's wait for a CPU: what delays health answers, and its
+    page faults: each ~4 µs of CPU on this VM).
 
     Sampled every half second from /proc, per worker, because workers come and go: a job cancelled when its
     client leaves kills its worker (``kill_on_cancel``), and what a dead worker used is no longer readable.
@@ -167,6 +171,7 @@ class WorkerMeter:
         self.main_cpu_s = -harness.process_cpu_seconds(self.pid)
         self.main_wait_s = -harness.run_queue_wait_seconds(self.pid)
         self.main_wakeups = -harness.times_scheduled(self.pid)
+        self.main_faults = -harness.minor_faults(self.pid)
         self._sample()
         self._thread.start()
         return self
@@ -177,6 +182,7 @@ class WorkerMeter:
         self.main_cpu_s += harness.process_cpu_seconds(self.pid)
         self.main_wait_s += harness.run_queue_wait_seconds(self.pid)
         self.main_wakeups += harness.times_scheduled(self.pid)
+        self.main_faults += harness.minor_faults(self.pid)
 
     def _run(self) -> None:
         while not self._stop.wait(0.5):
@@ -205,7 +211,8 @@ class WorkerMeter:
         return (
             f"workers used {self.cpu_s:.1f} CPU s and waited {self.wait_s:.0f} s for a CPU "
             f"({len(self.last)} procs); the serving process used {self.main_cpu_s:.1f} CPU s, and its event "
-            f"loop waited {self.main_wait_s:.1f} s for a CPU ({self.wait_per_wakeup_ms:.2f} ms a wake-up)"
+            f"loop waited {self.main_wait_s:.1f} s for a CPU ({self.wait_per_wakeup_ms:.2f} ms a wake-up); "
+            f"{self.main_faults:,} page faults in the serving process"
         )
 
 
@@ -367,6 +374,9 @@ def run(args: argparse.Namespace) -> tuple[Tally, Tally]:
             # The reference's pool in a session of its own, like our workers (see --reference-as-built).
             extra = ["--workers-own-session"] if name == "reference" and not args.reference_as_built else []
             command = harness.server_command(name, tmp_dir, extra=extra)
+            if name == "reference" and args.baseline_python:
+                # Another build of ours in the reference's place: an A/B of two builds on the same load.
+                command = [args.baseline_python, "-m", "upload_server", "--tmp-dir", tmp_dir, "--port", "0"]
             env = None
             if name == "ours" and args.trace_steps:
                 # The same server, run by step_trace.py with an instrument timing its event loop.
@@ -410,6 +420,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="the reference's pool workers in its server's session (its original layout); by default they "
         "get a session of their own, as ours do, so that neither server gets more of a busy machine's CPU",
+    )
+    p.add_argument(
+        "--baseline-python",
+        default="",
+        metavar="PYTHON",
+        help="run our server from this interpreter (another build's venv) in the reference's place, to "
+        "compare two builds of ours round by round; the targets then compare against that build",
     )
     p.add_argument(
         "--trace-steps",
