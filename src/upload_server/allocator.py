@@ -38,8 +38,8 @@ def tune_allocator() -> None:
     Each received piece allocates fresh buffers of a few hundred KiB (the socket read, h11's buffer and
     slices); with glibc's defaults they come from and go back to the kernel each time, and the page faults
     cost about a third of the receive path's CPU (loadtest/bench_upload.py with py-spy, BENCH_NOTES.md).
-    Peak RSS stays the same; ``return_free_memory`` gives the kept memory back (the server calls it every
-    2 s in which uploads ended).
+    Peak RSS stays the same; ``return_free_memory`` gives the kept memory back (the server calls it when
+    the last upload in flight ends).
 
     And at most ``MALLOC_ARENAS`` arenas: glibc gives threads arenas of their own (up to 16 on 2 cores),
     and every arena keeps its freed memory up to that trim threshold. Trio's threads (answer-file reads,

@@ -42,7 +42,7 @@ log = logging.getLogger("upload_server")
 lifecycle = logging.getLogger("upload_server.lifecycle")
 
 DISK_WATCH_INTERVAL = 1.0
-#: How often the server gives back the freed memory the allocator kept, when uploads ended meanwhile.
+#: At most how often the server gives back the freed memory the allocator kept (when the uploads end).
 RETURN_MEMORY_INTERVAL = 2.0
 RESUMABLE_EXPIRY_INTERVAL = 60.0
 #: While accept fails for want of descriptors or memory: how often to retry, and to say so.
@@ -85,18 +85,21 @@ async def _watch_disk(state: ServerState) -> None:
 
 
 async def _return_freed_memory(state: ServerState) -> None:
-    """Every ``RETURN_MEMORY_INTERVAL`` s in which uploads ended, give back the freed memory the allocator
-    keeps (``allocator``): it stays resident, scattered between live blocks, and each batch of 64 uploads of
-    20 MB at once started where the last had peaked (61-64 MiB) and peaked higher. ~1 ms in a thread (a
-    60 MB heap); the pages given back cost a page fault each when used again, a few ms every 2 s at most."""
-    stats = state.stats
-    ended_before = 0
+    """Give back the freed memory the allocator keeps (``allocator``) when the last upload in flight ends, at
+    most once every ``RETURN_MEMORY_INTERVAL`` s.
+
+    Kept, it stays resident, scattered between live blocks: batches of 64 uploads of 20 MB at once, back to
+    back, each started where the last had peaked (57.7, 60.2, 63.9 MiB) unless it was given back between
+    them. ~1 ms in a thread (a 60 MB heap). Not while uploads are in flight: they use the same memory again
+    at once, and on a VM each page given back costs a page fault of ~4 µs when touched again. Given back
+    every 2 s under the mixed locust load, the event loop took 2,300-2,700 page faults a second, in bursts
+    after each trim; 33 in 20 s without (BENCH_NOTES.md)."""
     while True:
-        await trio.sleep(RETURN_MEMORY_INTERVAL)
-        ended = stats.uploads_completed + stats.uploads_failed
-        if ended != ended_before:
-            ended_before = ended
+        await state.uploads_idle.wait()
+        state.uploads_idle = trio.Event()
+        if state.stats.uploads_in_flight == 0:  # still: not busy again since
             await trio.to_thread.run_sync(return_free_memory)
+        await trio.sleep(RETURN_MEMORY_INTERVAL)
 
 
 def request_observer(state: ServerState) -> Observer:

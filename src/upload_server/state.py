@@ -86,6 +86,8 @@ class ServerState:
     #: Set by the first SIGTERM: health answers 503 "draining" so that load balancers stop sending here,
     #: while the listener stays open for --drain-delay seconds.
     draining: bool = False
+    #: Set when the last upload in flight ends (``upload_ended``); the memory returner waits on it.
+    uploads_idle: trio.Event = field(default_factory=trio.Event)
 
     def __post_init__(self) -> None:
         self.backlog = Backlog(workers=self.workers.count)
@@ -108,6 +110,17 @@ class ServerState:
             yield
         finally:
             self.stats.answers_sending -= 1
+
+    def upload_ended(self, *, succeeded: bool) -> None:
+        """Count an upload out of flight (``Stats``), and say so when it was the last one."""
+        stats = self.stats
+        stats.uploads_in_flight -= 1
+        if succeeded:
+            stats.uploads_completed += 1
+        else:
+            stats.uploads_failed += 1
+        if stats.uploads_in_flight == 0:
+            self.uploads_idle.set()
 
     def live_figures(self) -> LiveFigures:
         workers = self.workers.snapshot()

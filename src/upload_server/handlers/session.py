@@ -267,11 +267,7 @@ class UploadSession:
         if succeeded and self.processing_started is not None:
             sharing = (self._sharing + state.backlog.processing_uploads + 1) / 2
             state.backlog.measured(self._size, time.monotonic() - self.processing_started, round(sharing))
-        state.stats.uploads_in_flight -= 1
-        if succeeded:
-            state.stats.uploads_completed += 1
-        else:
-            state.stats.uploads_failed += 1
+        state.upload_ended(succeeded=succeeded)
 
 
 class ClientWatch(Protocol):
