@@ -54,3 +54,22 @@ async def test_memory_goes_back_when_the_last_upload_ends_not_before(
     await wait_until(lambda: len(returns) == 1, 5)
     assert stats.uploads_failed == 1 and stats.uploads_completed == 3
     await assert_idle(server)
+
+
+async def test_memory_goes_back_at_most_once_an_interval(
+    start_server: StartServer, returns: list[float], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Uploads one after another: each end leaves the server idle, but a trim (~1 ms, and page faults after
+    it) is not repeated within ``RETURN_MEMORY_INTERVAL``; the idle moment that came meanwhile still gets
+    one when the interval is over."""
+    interval = 1.0
+    monkeypatch.setattr(server_module, "RETURN_MEMORY_INTERVAL", interval)
+    server = await start_server()
+    body = as_ndjson(make_events(50, seed=2)[0])
+    for _ in range(2):
+        answer = await post(server, body, content_type="application/x-ndjson")
+        assert answer.status_code == 200, answer.text
+        await wait_until(lambda: server.state.stats.uploads_in_flight == 0, 5)
+    await wait_until(lambda: len(returns) == 2, 5)
+    assert returns[1] - returns[0] >= interval
+    await assert_idle(server)
