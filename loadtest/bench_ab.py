@@ -42,8 +42,8 @@ def main() -> int:
     dataset = harness.ensure_dataset(args.dataset)
     with tempfile.TemporaryDirectory() as base_dir, tempfile.TemporaryDirectory() as this_dir:
         commands = {
-            "baseline": [args.baseline_python, "-m", "upload_server", "--tmp-dir", base_dir, "--port", "0"],
-            "this": [sys.executable, "-m", "upload_server", "--tmp-dir", this_dir, "--port", "0"],
+            "baseline": [args.baseline_python, *harness.server_command("ours", base_dir)[1:]],
+            "this": harness.server_command("ours", this_dir),
         }
         walls: dict[str, list[float]] = {name: [] for name in commands}
         with (

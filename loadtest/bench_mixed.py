@@ -376,7 +376,7 @@ def run(args: argparse.Namespace) -> tuple[Tally, Tally]:
             command = harness.server_command(name, tmp_dir, extra=extra)
             if name == "reference" and args.baseline_python:
                 # Another build of ours in the reference's place: an A/B of two builds on the same load.
-                command = [args.baseline_python, "-m", "upload_server", "--tmp-dir", tmp_dir, "--port", "0"]
+                command = [args.baseline_python, *harness.server_command("ours", tmp_dir)[1:]]
             env = None
             if name == "ours" and args.trace_steps:
                 # The same server, run by step_trace.py with an instrument timing its event loop.
