@@ -39,6 +39,12 @@ How, on 127.0.0.1 only, every step under a deadline (``--max-seconds`` bounds th
 ``--baseline-python PYTHON`` puts another build of ours (that interpreter's venv, e.g. a ``git worktree`` of
 an earlier commit) in the reference's place: the same rounds and figures, an A/B of two builds.
 
+``--ours-autogroup-nice N`` and ``--probe-autogroup-nice N`` are for diagnosis only, never default settings:
+they give the session of our serving process (the event loop and its threads, not the workers) or the
+health probe's session that autogroup nice value (``/proc/<pid>/autogroup``; below 0 needs root). Run with
+``--baseline-python`` pointing at the same build, they show how much of the health tail is the event loop,
+or the probe, waiting for a core that locust and the probe (or locust and the loop) hold.
+
 ``--trace-steps PREFIX`` runs our server under ``step_trace.py`` (a Trio instrument: loop steps, batches,
 collections) and prints where the loop's time went and which slow health polls it explains.
 
@@ -227,6 +233,16 @@ def sessions(pid: int) -> str:
     return f"server in session {own}; descendants: {dict(others)}"
 
 
+def set_autogroup_nice(pid: int, nice: int | None) -> None:
+    """Give ``pid``'s session the autogroup nice value ``nice`` (diagnosis only; below 0 needs root)."""
+    if nice is None:
+        return
+    try:
+        Path(f"/proc/{pid}/autogroup").write_text(f"{nice}\n")
+    except OSError as error:
+        raise RuntimeError(f"cannot set the autogroup nice of {pid} to {nice}: {error}") from error
+
+
 def children_cpu_seconds() -> float:
     """CPU seconds of this process's children that have been waited for (locust, once it is done)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -259,6 +275,7 @@ def one_round(
     probe = harness.start_client_process(
         ["poll-health", "--port", str(server.port), "--duration", str(args.round_time), "--interval", "0.01"]
     )
+    set_autogroup_nice(probe.pid, args.probe_autogroup_nice)
     profile = Path(f"{args.py_spy}-{label}.txt") if args.py_spy and server.name == "ours" else None
     spying = harness.py_spy(server.pid, profile, args.round_time + args.stop_timeout, subprocesses=False)
     locust_cpu = -children_cpu_seconds()
@@ -385,6 +402,9 @@ def run(args: argparse.Namespace) -> tuple[Tally, Tally]:
             log = args.results_dir / f"mixed-{args.stamp}-{name}_server.log"
             servers[name] = stack.enter_context(harness.running_server(name, command, env=env, log_path=log))
             print(f"  {name}: pid {servers[name].pid}, port {servers[name].port}: {' '.join(command)}")
+            if name == "ours" and args.ours_autogroup_nice is not None:
+                set_autogroup_nice(servers[name].pid, args.ours_autogroup_nice)
+                print(f"    ours: diagnosis, its session's autogroup at nice {args.ours_autogroup_nice}")
             harness.timed_upload(servers[name], warm)
             print(f"    {name}: {sessions(servers[name].pid)}")
         for number in range(1, args.rounds + 1):
@@ -434,6 +454,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar="PREFIX",
         help="run our server under step_trace.py (loop steps, batches, collections) into PREFIX.json",
     )
+    for whose, what in (("ours", "our serving process"), ("probe", "the health probe")):
+        p.add_argument(
+            f"--{whose}-autogroup-nice",
+            type=int,
+            default=None,
+            metavar="N",
+            help=f"diagnosis only: the autogroup nice of {what}'s session (below 0 needs root)",
+        )
     run_locust.add_scenario_arguments(p)
     args = p.parse_args(argv)
     files, weights = run_locust.scenario_files(p, args)
