@@ -45,6 +45,11 @@ health probe's session that autogroup nice value (``/proc/<pid>/autogroup``; bel
 ``--baseline-python`` pointing at the same build, they show how much of the health tail is the event loop,
 or the probe, waiting for a core that locust and the probe (or locust and the loop) hold.
 
+``--floor h11`` (or ``haproxy``) also runs ``floor_server.py``, a server that does nothing but answer health
+(Trio and h11, or HAProxy), and polls it with a second probe beside the first in every round: its p99 is what
+the machine under this load costs a health answer from any server, ours being the rest. The second probe and
+server are load of their own (two cores), so a run with ``--floor`` is a diagnosis, not a result.
+
 ``--trace-steps PREFIX`` runs our server under ``step_trace.py`` (a Trio instrument: loop steps, batches,
 collections) and prints where the loop's time went and which slow health polls it explains.
 
@@ -57,6 +62,7 @@ import argparse
 import contextlib
 import os
 import resource
+import sys
 import tempfile
 import threading
 import time
@@ -93,6 +99,8 @@ class Tally:
     health_ms: list[float] = field(default_factory=list)
     health_failures: int = 0
     probe: list[dict[str, Any]] = field(default_factory=list)
+    #: ``--floor``: the same probe's figures against the floor server, during this server's rounds.
+    floor: list[dict[str, Any]] = field(default_factory=list)
     loads: list[str] = field(default_factory=list)
     idle_waits_s: list[float] = field(default_factory=list)
     seconds: float = 0.0  # the rounds' lengths, in-flight requests let finish included
@@ -276,6 +284,19 @@ def one_round(
         ["poll-health", "--port", str(server.port), "--duration", str(args.round_time), "--interval", "0.01"]
     )
     set_autogroup_nice(probe.pid, args.probe_autogroup_nice)
+    floor_probe = None
+    if args.floor_port:
+        floor_probe = harness.start_client_process(
+            [
+                "poll-health",
+                "--port",
+                str(args.floor_port),
+                "--duration",
+                str(args.round_time),
+                "--interval",
+                "0.01",
+            ]
+        )
     profile = Path(f"{args.py_spy}-{label}.txt") if args.py_spy and server.name == "ours" else None
     spying = harness.py_spy(server.pid, profile, args.round_time + args.stop_timeout, subprocesses=False)
     locust_cpu = -children_cpu_seconds()
@@ -299,6 +320,13 @@ def one_round(
     tally.workers_wait_s += meter.wait_s
     tally.main_cpu_s += meter.main_cpu_s
     tally.probe.append(harness.finish_client_process(probe, args.round_time + 60))
+    floor = ""
+    if floor_probe is not None:
+        tally.floor.append(harness.finish_client_process(floor_probe, args.round_time + 60))
+        floor = (
+            f"; the {args.floor} floor server's probe p99 {tally.floor[-1]['p99_ms']:.2f} ms (less its own "
+            f"wait {tally.floor[-1]['less_own_wait']['p99_ms']:.2f} ms)"
+        )
     if not record.exists():
         raise RuntimeError(f"locust wrote no record (exit {code}); see {prefix}_locust.log")
     before = len(tally.uploads_ok), tally.refused, sum(tally.upload_failures.values())
@@ -310,7 +338,7 @@ def one_round(
         f"failed {failed}; {workers}; probe {harness.describe_latency(tally.probe[-1])} (p99 less its own "
         f"wait for a CPU {tally.probe[-1]['less_own_wait']['p99_ms']:.2f} ms), the probe waited "
         f"{tally.probe[-1].get('probe_wait_s', 0):.2f} s for a CPU; locust used {locust_cpu:.1f} CPU s; "
-        f"waited {tally.idle_waits_s[-1]:.0f} s for idle before; load {load}"
+        f"waited {tally.idle_waits_s[-1]:.0f} s for idle before; load {load}{floor}"
     )
 
 
@@ -386,6 +414,13 @@ def run(args: argparse.Namespace) -> tuple[Tally, Tally]:
     warm = harness.ensure_dataset("medium")
     with ExitStack() as stack:
         servers = {}
+        args.floor_port = 0
+        if args.floor:
+            args.floor_port = harness.free_port()
+            command = [sys.executable, str(HERE / "floor_server.py"), "--port", str(args.floor_port)]
+            command += ["--haproxy"] if args.floor == "haproxy" else []
+            stack.enter_context(harness.running_server("floor", command))
+            print(f"  floor ({args.floor}): port {args.floor_port}: {' '.join(command)}")
         for name in TARGETS:
             tmp_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix=f"bench-mixed-{name}-"))
             # The reference's pool in a session of its own, like our workers (see --reference-as-built).
@@ -462,6 +497,12 @@ def main(argv: list[str] | None = None) -> int:
             metavar="N",
             help=f"diagnosis only: the autogroup nice of {what}'s session (below 0 needs root)",
         )
+    p.add_argument(
+        "--floor",
+        choices=["h11", "haproxy"],
+        default="",
+        help="diagnosis: also poll a server that does nothing but answer health, in every round",
+    )
     run_locust.add_scenario_arguments(p)
     args = p.parse_args(argv)
     files, weights = run_locust.scenario_files(p, args)
@@ -473,6 +514,9 @@ def main(argv: list[str] | None = None) -> int:
     ours, ref = run(args)
     for tally in (ours, ref):
         print_totals(tally)
+        if tally.floor:
+            floor = [round(figures["p99_ms"], 2) for figures in tally.floor]
+            print(f"    the {args.floor} floor server's probe p99 during {tally.name}'s rounds: {floor} ms")
     return report("Targets (issue 11: mixed scenario, 16 users)", verdicts(ours, ref, args.data_dir))
 
 
