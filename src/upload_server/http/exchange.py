@@ -57,14 +57,23 @@ class Transport(Protocol):
 class Responder:
     """The answer half of an exchange: what the connection needs to answer even a head it never parsed."""
 
-    def __init__(self, conn: Transport) -> None:
+    def __init__(self, conn: Transport, offered_id: str | None = None) -> None:
         self.status: int | None = None
-        #: Echoed in every answer and in the access log; the client's own when it sent a sane one.
-        self.request_id = new_request_id()
+        self._request_id = offered_id
         #: The error answered (or that cut the stream), for the access log and the metrics.
         self.error: UploadServerError | None = None
         self._conn = conn
         self._protocol = conn.protocol
+
+    @property
+    def request_id(self) -> str:
+        """Echoed in every answer and in the access log; the client's own when it sent a sane one.
+
+        Made on first use: the connection holds a responder for every head it waits for, and reads its id
+        only when it answers or logs a head it could not parse."""
+        if self._request_id is None:
+            self._request_id = new_request_id()
+        return self._request_id
 
     # ------------------------------------------------------------------------------------ answering
     def _response_headers(self, content_type: str | None, extra: Headers) -> Headers:
@@ -128,9 +137,8 @@ class Exchange(Responder):
     """One request: its head, its body (read on demand, so the consumer sets the pace), its answer."""
 
     def __init__(self, conn: Transport, request: Request) -> None:
-        super().__init__(conn)
+        super().__init__(conn, request_id(request.headers.get("x-request-id")))
         self.request = request
-        self.request_id = request_id(request.headers.get("x-request-id"))
         # The body's end was met while gathering a piece: the next receive_body_chunk returns b"".
         self._body_ended = False
         self._rate = BodyRateGuard(conn.limits.body_rate)
