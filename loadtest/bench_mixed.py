@@ -40,9 +40,9 @@ How, on 127.0.0.1 only, every step under a deadline (``--max-seconds`` bounds th
 an earlier commit) in the reference's place: the same rounds and figures, an A/B of two builds.
 
 ``--ours-autogroup-nice N`` and ``--probe-autogroup-nice N`` are for diagnosis only, never default settings:
-they give the session of our serving process (the event loop and its threads, not the workers) or the
-health probe's session that autogroup nice value (``/proc/<pid>/autogroup``; below 0 needs root). Run with
-``--baseline-python`` pointing at the same build, they show how much of the health tail is the event loop,
+they give the session of our serving process (the event loop and its threads, not the workers) or each
+health probe's session (the ``--floor`` one's too) that autogroup nice value (``/proc/<pid>/autogroup``;
+below 0 needs root). Run with ``--baseline-python`` pointing at the same build, they show how much of the health tail is the event loop,
 or the probe, waiting for a core that locust and the probe (or locust and the loop) hold.
 
 ``--floor h11`` (or ``haproxy``) also runs ``floor_server.py``, a server that does nothing but answer health
@@ -62,6 +62,7 @@ import argparse
 import contextlib
 import os
 import resource
+import subprocess
 import sys
 import tempfile
 import threading
@@ -251,6 +252,15 @@ def set_autogroup_nice(pid: int, nice: int | None) -> None:
         raise RuntimeError(f"cannot set the autogroup nice of {pid} to {nice}: {error}") from error
 
 
+def start_probe(port: int, args: argparse.Namespace) -> subprocess.Popen[bytes]:
+    """A health probe of ``port`` for the round: a poll every 10 ms, in a session of its own."""
+    probe = harness.start_client_process(
+        ["poll-health", "--port", str(port), "--duration", str(args.round_time), "--interval", "0.01"]
+    )
+    set_autogroup_nice(probe.pid, args.probe_autogroup_nice)
+    return probe
+
+
 def children_cpu_seconds() -> float:
     """CPU seconds of this process's children that have been waited for (locust, once it is done)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -280,23 +290,8 @@ def one_round(
     record = Path(f"{prefix}_record.json")
     env = {**args.env, "LOADTEST_RECORD": str(record)}
     load = harness.load_average()
-    probe = harness.start_client_process(
-        ["poll-health", "--port", str(server.port), "--duration", str(args.round_time), "--interval", "0.01"]
-    )
-    set_autogroup_nice(probe.pid, args.probe_autogroup_nice)
-    floor_probe = None
-    if args.floor_port:
-        floor_probe = harness.start_client_process(
-            [
-                "poll-health",
-                "--port",
-                str(args.floor_port),
-                "--duration",
-                str(args.round_time),
-                "--interval",
-                "0.01",
-            ]
-        )
+    probe = start_probe(server.port, args)
+    floor_probe = start_probe(args.floor_port, args) if args.floor_port else None
     profile = Path(f"{args.py_spy}-{label}.txt") if args.py_spy and server.name == "ours" else None
     spying = harness.py_spy(server.pid, profile, args.round_time + args.stop_timeout, subprocesses=False)
     locust_cpu = -children_cpu_seconds()

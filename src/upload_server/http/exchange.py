@@ -57,9 +57,9 @@ class Transport(Protocol):
 class Responder:
     """The answer half of an exchange: what the connection needs to answer even a head it never parsed."""
 
-    def __init__(self, conn: Transport, offered_id: str | None = None) -> None:
+    def __init__(self, conn: Transport, known_id: str | None = None) -> None:
         self.status: int | None = None
-        self._request_id = offered_id
+        self._request_id = known_id
         #: The error answered (or that cut the stream), for the access log and the metrics.
         self.error: UploadServerError | None = None
         self._conn = conn
