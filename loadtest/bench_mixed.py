@@ -42,8 +42,9 @@ an earlier commit) in the reference's place: the same rounds and figures, an A/B
 ``--ours-autogroup-nice N`` and ``--probe-autogroup-nice N`` are for diagnosis only, never default settings:
 they give the session of our serving process (the event loop and its threads, not the workers) or each
 health probe's session (the ``--floor`` one's too) that autogroup nice value (``/proc/<pid>/autogroup``;
-below 0 needs root). Run with ``--baseline-python`` pointing at the same build, they show how much of the health tail is the event loop,
-or the probe, waiting for a core that locust and the probe (or locust and the loop) hold.
+below 0 needs root). Run with ``--baseline-python`` pointing at the same build, they show how much of the
+health tail is the event loop, or the probe, waiting for a core that locust and the probe (or locust and the
+loop) hold.
 
 ``--floor h11`` (or ``haproxy``) also runs ``floor_server.py``, a server that does nothing but answer health
 (Trio and h11, or HAProxy), and polls it with a second probe beside the first in every round: its p99 is what
