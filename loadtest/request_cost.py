@@ -12,15 +12,15 @@ server thread's CPU per request (``/proc/<pid>/task/<pid>/schedstat``, nanosecon
 ``/proc/<pid>/stat``). The difference between the two servers is our request path; what the floor server
 costs is Trio's and h11's.
 
-``--slow-senders N`` then has N clients (one trio run in this process) each send a raw upload's body 512
-bytes every 0.5 s, as ``bench_slow_clients.py``'s 1 KB/s clients do, and prints our event loop's CPU per
-piece over ``--seconds``. All traffic on 127.0.0.1; bounded by the request counts and ``--seconds``.
+``--slow-senders N`` then runs N of ``bench_slow_clients.py``'s 1 KB/s clients (an NDJSON body, 512 bytes
+every 0.5 s; in this process) and prints our event loop's CPU per piece over ``--seconds``; then the clients
+send the rest at once and get their answers. All traffic on 127.0.0.1; bounded by the request counts and
+``--seconds``.
 """
 
 from __future__ import annotations
 
 import argparse
-import random
 import socket
 import sys
 import tempfile
@@ -29,21 +29,13 @@ from pathlib import Path
 
 import trio
 
+import bench_slow_clients
 import harness
 
 HERE = Path(__file__).resolve().parent
 REQUEST = b"GET /api/v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-SLOW_PIECE = b" " * 512
-SLOW_TICK = 0.5
-SLOW_HEAD = (
-    b"POST /api/v1/upload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-    b"Content-Length: 1000000\r\n\r\n"  # 1 MB: at 1 KB/s, far more than a run sends
-)
-
-
-def thread_cpu_ns(pid: int) -> int:
-    """The CPU time of the process's main thread (the event loop), in nanoseconds."""
-    return int(Path(f"/proc/{pid}/task/{pid}/schedstat").read_text().split()[0])
+#: As ``bench_slow_clients.py``'s steady clients: 1 KB/s, a piece every 0.5 s, a 160 KB body.
+SLOW_RATE, SLOW_TICK, SLOW_BODY = 1024, 0.5, 160_000
 
 
 def measure(server: harness.Server, requests: int, gap: float) -> str:
@@ -54,7 +46,7 @@ def measure(server: harness.Server, requests: int, gap: float) -> str:
         for _ in range(20):  # the connection and the first answers out of the way
             client.sendall(REQUEST)
             harness.read_response(client)
-        cpu_before = thread_cpu_ns(server.pid)
+        cpu_before = harness.time_on_cpu_seconds(server.pid)
         for _ in range(requests):
             if gap:
                 time.sleep(gap)
@@ -62,40 +54,30 @@ def measure(server: harness.Server, requests: int, gap: float) -> str:
             client.sendall(REQUEST)
             harness.read_response(client)
             times.append((time.perf_counter() - started) * 1e3)
-        cpu_us = (thread_cpu_ns(server.pid) - cpu_before) / requests / 1e3
+        cpu_us = (harness.time_on_cpu_seconds(server.pid) - cpu_before) / requests * 1e6
     return (
         f"round trip p50 {harness.median(times):.3f} ms, p99 {harness.percentile(times, 99):.3f} ms; "
         f"the server thread's CPU {cpu_us:.0f} us a request"
     )
 
 
-async def slow_sender(port: int, stop: trio.Event) -> None:
-    """One raw upload whose body comes ``SLOW_PIECE`` at a time, one every ``SLOW_TICK`` s, until ``stop``."""
-    await trio.sleep(random.uniform(0, SLOW_TICK))  # the senders spread over a tick, not all at once
-    stream = await trio.open_tcp_stream(harness.HOST, port)
-    async with stream:
-        await stream.send_all(SLOW_HEAD)
-        while not stop.is_set():
-            await stream.send_all(SLOW_PIECE)
-            await trio.sleep(SLOW_TICK)
-
-
 async def measure_slow_senders(server: harness.Server, senders: int, seconds: float) -> str:
     """The event loop's CPU per piece while ``senders`` slow senders send (after a few ticks to settle)."""
-    stop = trio.Event()
+    body, _ = bench_slow_clients.slow_body(harness.ensure_dataset("ndjson"), SLOW_BODY)
+    flush = trio.Event()
     async with trio.open_nursery() as nursery:
         for _ in range(senders):
-            nursery.start_soon(slow_sender, server.port, stop)
+            result = bench_slow_clients.SlowResult(SLOW_RATE)
+            send = bench_slow_clients.slow_client
+            nursery.start_soon(send, server.port, body, SLOW_RATE, SLOW_TICK, flush, result)
         await trio.sleep(4 * SLOW_TICK)
-        cpu_before, started = thread_cpu_ns(server.pid), time.monotonic()
+        cpu_before, started = harness.time_on_cpu_seconds(server.pid), time.monotonic()
         await trio.sleep(seconds)
-        cpu_ns, elapsed = thread_cpu_ns(server.pid) - cpu_before, time.monotonic() - started
-        stop.set()
-    pieces = senders * elapsed / SLOW_TICK
-    per_piece_us = cpu_ns / pieces / 1e3
-    return (
-        f"{senders} slow senders: the event loop's CPU {per_piece_us:.0f} us a {len(SLOW_PIECE)}-byte piece"
-    )
+        cpu_s, elapsed = harness.time_on_cpu_seconds(server.pid) - cpu_before, time.monotonic() - started
+        flush.set()  # the rest of each body at once, and the answers: the clients end
+    per_piece_us = cpu_s / (senders * elapsed / SLOW_TICK) * 1e6
+    piece = int(SLOW_RATE * SLOW_TICK)
+    return f"{senders} slow senders: the event loop's CPU {per_piece_us:.0f} us a {piece}-byte piece"
 
 
 def main() -> int:

@@ -99,6 +99,7 @@ from .sampling import (
     run_queue_wait_seconds,
     status_kib,
     thread_cpu_seconds,
+    time_on_cpu_seconds,
     times_scheduled,
     top_frames,
 )
@@ -176,6 +177,7 @@ __all__ = [
     "stop_server",
     "swarm",
     "thread_cpu_seconds",
+    "time_on_cpu_seconds",
     "timed_upload",
     "times_scheduled",
     "top_frames",

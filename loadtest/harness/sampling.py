@@ -80,6 +80,16 @@ def process_cpu_seconds(pid: int) -> float:
         return 0.0
 
 
+def time_on_cpu_seconds(pid: int) -> float:
+    """Seconds thread ``pid`` ran on a CPU (``/proc/<pid>/schedstat``, in nanoseconds: exact where the 10 ms
+    ticks of :func:`process_cpu_seconds` miss short wake-ups); 0 if gone. For a process, its main thread."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as schedstat:
+            return int(schedstat.read().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def run_queue_wait_seconds(pid: int) -> float:
     """Seconds thread ``pid`` spent runnable but waiting for a CPU (``/proc/<pid>/schedstat``); 0 if gone.
 
